@@ -1,0 +1,11 @@
+//! workerbus: an nginx module that lets worker processes and nodes work together.
+//!
+//! - `shm`: the nginx-independent core kept in shared zones;
+//! - `module`: the nginx glue (directives, zones, process hooks, status);
+//! - `ffi`: the C ABI for the Lua modules in lib/resty/.
+
+#[cfg(feature = "nginx")]
+pub mod ffi;
+#[cfg(feature = "nginx")]
+pub mod module;
+pub mod shm;

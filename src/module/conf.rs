@@ -1,0 +1,217 @@
+//! Main-context directives: `workerbus_zone`, `workerbus_heartbeat`,
+//! `workerbus_hang_timeout`. Each handler turns its raw arguments into typed
+//! values first and reports a bad value with the directive and the value.
+
+use core::ffi::{c_char, c_void};
+use core::ptr;
+
+use nginx_sys::{
+    NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t, ngx_conf_t,
+    ngx_cycle_t, ngx_msec_t, ngx_shm_zone_t, ngx_str_t,
+};
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+
+use super::{null_command, zone};
+
+/// Zone used when the configuration names none, so that `load_module` alone
+/// is enough for the Lua modules.
+pub const DEFAULT_ZONE_NAME: &str = "workerbus";
+pub const DEFAULT_ZONE_SIZE: usize = 16 * 1024 * 1024;
+/// Below this the zone cannot hold its header, lifecycle table and a ring worth having.
+pub const MIN_ZONE_SIZE: usize = 256 * 1024;
+pub const MAX_ZONES: usize = 16;
+const DEFAULT_HEARTBEAT_MS: ngx_msec_t = 1000;
+const DEFAULT_HANG_TIMEOUT_MS: ngx_msec_t = 5000;
+const UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+
+/// The core module's configuration, one per cycle, allocated in the cycle pool.
+#[repr(C)]
+pub struct CoreConf {
+    pub zones: [*mut ngx_shm_zone_t; MAX_ZONES],
+    pub nzones: usize,
+    pub heartbeat_ms: ngx_msec_t,
+    pub hang_timeout_ms: ngx_msec_t,
+}
+
+impl CoreConf {
+    pub fn zones(&self) -> &[*mut ngx_shm_zone_t] {
+        &self.zones[..self.nzones.min(MAX_ZONES)]
+    }
+}
+
+pub static mut CORE_COMMANDS: [ngx_command_t; 4] = [
+    ngx_command_t {
+        name: ngx::ngx_string!("workerbus_zone"),
+        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE2) as _,
+        set: Some(set_zone),
+        conf: 0,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx::ngx_string!("workerbus_heartbeat"),
+        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE1) as _,
+        set: Some(set_heartbeat),
+        conf: 0,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx::ngx_string!("workerbus_hang_timeout"),
+        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE1) as _,
+        set: Some(set_hang_timeout),
+        conf: 0,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    null_command(),
+];
+
+pub unsafe extern "C" fn create_conf(cycle: *mut ngx_cycle_t) -> *mut c_void {
+    // SAFETY: nginx passes the cycle being configured; its pool lives as long as the cycle.
+    let p = unsafe { nginx_sys::ngx_pcalloc((*cycle).pool, size_of::<CoreConf>()) } as *mut CoreConf;
+    if p.is_null() {
+        return ptr::null_mut();
+    }
+    // SAFETY: p is a fresh, zeroed, suitably aligned allocation of CoreConf's size.
+    unsafe {
+        (*p).heartbeat_ms = UNSET_MSEC;
+        (*p).hang_timeout_ms = UNSET_MSEC;
+    }
+    p.cast()
+}
+
+pub unsafe extern "C" fn init_conf(cycle: *mut ngx_cycle_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: conf is what create_conf returned for this cycle.
+    let cc = unsafe { &mut *(conf as *mut CoreConf) };
+    if cc.heartbeat_ms == UNSET_MSEC {
+        cc.heartbeat_ms = DEFAULT_HEARTBEAT_MS;
+    }
+    if cc.hang_timeout_ms == UNSET_MSEC {
+        cc.hang_timeout_ms = DEFAULT_HANG_TIMEOUT_MS;
+    }
+    if cc.nzones == 0 {
+        // SAFETY: a configuration context nginx accepts for ngx_shared_memory_add:
+        // it reads only cycle, pool, log and (when null) skips the file name.
+        let mut cf: ngx_conf_t = unsafe { core::mem::zeroed() };
+        // SAFETY: the cycle is valid for the duration of the call.
+        unsafe {
+            cf.cycle = cycle;
+            cf.pool = (*cycle).pool;
+            cf.log = (*cycle).log;
+        }
+        match zone::add(&mut cf, DEFAULT_ZONE_NAME.as_bytes(), DEFAULT_ZONE_SIZE) {
+            Some(z) => {
+                cc.zones[0] = z;
+                cc.nzones = 1;
+            }
+            None => return NGX_CONF_ERROR,
+        }
+    }
+    NGX_CONF_OK
+}
+
+/// The directive's arguments after its name.
+unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
+    // SAFETY: during a directive handler cf->args holds the directive's words.
+    unsafe {
+        let a = &*(*cf).args;
+        let words = core::slice::from_raw_parts(a.elts as *const ngx_str_t, a.nelts);
+        words.get(1..).unwrap_or(&[])
+    }
+}
+
+/// Logs `"directive" directive: msg` at the line being parsed.
+fn emerg(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t, msg: &str) -> *mut c_char {
+    // SAFETY: cmd is the command table entry nginx is running.
+    let name = unsafe { show(&(*cmd).name) };
+    ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"{}\" directive: {}", name, msg);
+    NGX_CONF_ERROR
+}
+
+fn show(s: &ngx_str_t) -> String {
+    String::from_utf8_lossy(s.as_bytes()).into_owned()
+}
+
+/// `workerbus_zone NAME SIZE;`
+unsafe extern "C" fn set_zone(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: NGX_DIRECT_CONF gives this module's CoreConf for the cycle.
+    let cc = unsafe { &mut *(conf as *mut CoreConf) };
+    // SAFETY: called by nginx as a directive handler.
+    let [name, size] = (unsafe { args(cf) }) else {
+        return emerg(cf, cmd, "takes a zone name and a size");
+    };
+    let name_s = show(name);
+    if name.is_empty() {
+        return emerg(cf, cmd, "invalid zone name \"\"");
+    }
+    if !name.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+        return emerg(cf, cmd, &format!("invalid zone name \"{name_s}\": use letters, digits, '_', '-' and '.'"));
+    }
+    let mut sv = *size;
+    // SAFETY: ngx_parse_size reads the string and does not keep it.
+    let bytes = unsafe { nginx_sys::ngx_parse_size(&mut sv) };
+    if bytes <= 0 {
+        return emerg(cf, cmd, &format!("invalid zone size \"{}\" for zone \"{name_s}\"", show(size)));
+    }
+    let bytes = bytes as usize;
+    if bytes < MIN_ZONE_SIZE {
+        return emerg(
+            cf,
+            cmd,
+            &format!("zone \"{name_s}\" is too small: \"{}\", the minimum is {}k", show(size), MIN_ZONE_SIZE / 1024),
+        );
+    }
+    for &z in cc.zones() {
+        // SAFETY: zones recorded earlier in this cycle's configuration.
+        if unsafe { (*z).shm.name.as_bytes() } == name.as_bytes() {
+            return emerg(cf, cmd, &format!("duplicate zone \"{name_s}\""));
+        }
+    }
+    if cc.nzones >= MAX_ZONES {
+        return emerg(cf, cmd, &format!("too many zones: at most {MAX_ZONES}"));
+    }
+    match zone::add(cf, name.as_bytes(), bytes) {
+        Some(z) => {
+            cc.zones[cc.nzones] = z;
+            cc.nzones += 1;
+            NGX_CONF_OK
+        }
+        None => NGX_CONF_ERROR,
+    }
+}
+
+fn parse_msec(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t, conf: *mut c_void, field: fn(&mut CoreConf) -> &mut ngx_msec_t) -> *mut c_char {
+    // SAFETY: NGX_DIRECT_CONF gives this module's CoreConf for the cycle.
+    let cc = unsafe { &mut *(conf as *mut CoreConf) };
+    // SAFETY: called by nginx as a directive handler.
+    let [value] = (unsafe { args(cf) }) else {
+        return emerg(cf, cmd, "takes one time value");
+    };
+    if *field(cc) != UNSET_MSEC {
+        return emerg(cf, cmd, "is duplicate");
+    }
+    let mut v = *value;
+    // SAFETY: ngx_parse_time reads the string and does not keep it.
+    let ms = unsafe { nginx_sys::ngx_parse_time(&mut v, 0) };
+    if ms < 100 {
+        let why = if ms < 0 { "invalid time" } else { "time below 100ms" };
+        return emerg(cf, cmd, &format!("{why} \"{}\"", show(value)));
+    }
+    *field(cc) = ms as ngx_msec_t;
+    NGX_CONF_OK
+}
+
+/// `workerbus_heartbeat TIME;` how often each worker stamps its record.
+unsafe extern "C" fn set_heartbeat(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    parse_msec(cf, cmd, conf, |c| &mut c.heartbeat_ms)
+}
+
+/// `workerbus_hang_timeout TIME;` heartbeat overrun after which a live worker counts as hung.
+unsafe extern "C" fn set_hang_timeout(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    parse_msec(cf, cmd, conf, |c| &mut c.hang_timeout_ms)
+}

@@ -1,0 +1,65 @@
+//! State private to one nginx process. The master fills it in init_module
+//! and its workers inherit it through fork; each worker completes it in
+//! init_process. nginx runs every handler of a process on one thread, so the
+//! state is reached without locking, one handler at a time.
+
+use core::cell::UnsafeCell;
+
+use nginx_sys::{ngx_event_t, ngx_msec_t};
+
+use super::zone::Zone;
+
+pub struct Local {
+    /// This process's zones, the primary (lifecycle-carrying) one first.
+    pub zones: Vec<Zone>,
+    /// Generation of the configuration this process runs.
+    pub generation: u64,
+    /// Master pid recorded in init_module (before nginx daemonizes).
+    pub master_pid_seen: i32,
+    /// This worker's record in the primary zone's lifecycle table.
+    pub record: Option<usize>,
+    pub slot: u32,
+    pub is_worker: bool,
+    pub heartbeat_ms: ngx_msec_t,
+    pub hang_timeout_ms: ngx_msec_t,
+    pub heartbeat: ngx_event_t,
+}
+
+struct ProcessCell(UnsafeCell<Local>);
+
+// SAFETY: nginx calls module code of a process from its one event-loop thread only.
+unsafe impl Sync for ProcessCell {}
+
+static LOCAL: ProcessCell = ProcessCell(UnsafeCell::new(Local {
+    zones: Vec::new(),
+    generation: 0,
+    master_pid_seen: 0,
+    record: None,
+    slot: 0,
+    is_worker: false,
+    heartbeat_ms: 1000,
+    hang_timeout_ms: 5000,
+    // SAFETY: an all-zero ngx_event_t is nginx's own "unused event" state.
+    heartbeat: unsafe { core::mem::zeroed() },
+}));
+
+/// The process's state. Callers must not hold the reference across a call
+/// that may re-enter module code (none of nginx's calls made here do).
+#[allow(clippy::mut_from_ref)]
+pub fn local() -> &'static mut Local {
+    // SAFETY: single-threaded access per process, see ProcessCell.
+    unsafe { &mut *LOCAL.0.get() }
+}
+
+impl Local {
+    pub fn primary(&self) -> Option<&Zone> {
+        self.zones.first()
+    }
+
+    pub fn zone(&self, name: &[u8]) -> Option<&Zone> {
+        if name.is_empty() {
+            return self.primary();
+        }
+        self.zones.iter().find(|z| z.name() == name)
+    }
+}

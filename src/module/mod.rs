@@ -1,0 +1,100 @@
+//! The nginx glue: module tables, directives, zones, process hooks, the
+//! heartbeat timer and the status handler. Two nginx modules live in the one
+//! shared object: a core module (main-context directives, zones, lifecycle)
+//! and an http module (the `workerbus_status` location handler).
+
+pub mod conf;
+pub mod events;
+pub mod local;
+pub mod parts;
+pub mod process;
+pub mod status;
+pub mod time;
+pub mod zone;
+
+use core::ffi::{c_char, c_void};
+use core::ptr;
+
+use nginx_sys::{
+    NGX_CORE_MODULE, NGX_HTTP_MODULE, ngx_command_t, ngx_core_module_t, ngx_http_module_t, ngx_module_t,
+};
+
+pub use conf::CoreConf;
+
+/// The core module's context: its name and configuration hooks.
+static mut CORE_CTX: ngx_core_module_t = ngx_core_module_t {
+    name: ngx::ngx_string!("workerbus"),
+    create_conf: Some(conf::create_conf),
+    init_conf: Some(conf::init_conf),
+};
+
+#[used]
+#[unsafe(no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_workerbus_module: ngx_module_t = ngx_module_t {
+    ctx: &raw const CORE_CTX as *mut c_void,
+    // SAFETY: only the address is taken; nginx reads the table, never moves it.
+    commands: unsafe { &raw mut conf::CORE_COMMANDS[0] },
+    type_: NGX_CORE_MODULE as _,
+    init_module: Some(process::init_module),
+    init_process: Some(process::init_process),
+    exit_process: Some(process::exit_process),
+    ..ngx_module_t::default()
+};
+
+/// The http module has no configuration of its own: `workerbus_status` only
+/// installs a content handler in the location.
+static mut HTTP_CTX: ngx_http_module_t = ngx_http_module_t {
+    preconfiguration: None,
+    postconfiguration: None,
+    create_main_conf: None,
+    init_main_conf: None,
+    create_srv_conf: None,
+    merge_srv_conf: None,
+    create_loc_conf: None,
+    merge_loc_conf: None,
+};
+
+#[used]
+#[unsafe(no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_http_workerbus_module: ngx_module_t = ngx_module_t {
+    ctx: &raw const HTTP_CTX as *mut c_void,
+    // SAFETY: as above.
+    commands: unsafe { &raw mut status::HTTP_COMMANDS[0] },
+    type_: NGX_HTTP_MODULE as _,
+    ..ngx_module_t::default()
+};
+
+// The tables nginx's load_module reads from a dynamic module (ngx's own
+// `ngx_modules!` macro miscounts more than one module in 0.5.1).
+#[unsafe(no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_modules: [*const ngx_module_t; 3] =
+    [&raw const ngx_workerbus_module, &raw const ngx_http_workerbus_module, ptr::null()];
+
+#[unsafe(no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_module_names: [*const c_char; 3] =
+    [c"ngx_workerbus_module".as_ptr(), c"ngx_http_workerbus_module".as_ptr(), ptr::null()];
+
+#[unsafe(no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_module_order: [*const c_char; 1] = [ptr::null()];
+
+/// The tag nginx compares to decide whether a shared zone is ours.
+pub fn zone_tag() -> *mut c_void {
+    (&raw mut ngx_workerbus_module).cast()
+}
+
+/// End marker of a command table.
+pub const fn null_command() -> ngx_command_t {
+    ngx_command_t {
+        name: nginx_sys::ngx_str_t { len: 0, data: ptr::null_mut() },
+        type_: 0,
+        set: None,
+        conf: 0,
+        offset: 0,
+        post: ptr::null_mut(),
+    }
+}

@@ -1,0 +1,194 @@
+//! Process hooks: a generation per configuration load (master), a lifecycle
+//! record per worker, and the heartbeat timer that stamps it and judges the
+//! other workers.
+
+use core::ffi::c_void;
+
+use nginx_sys::{
+    NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
+    ngx_core_conf_t, ngx_cycle_t, ngx_event_t, ngx_int_t, ngx_log_t,
+};
+
+use crate::shm::lifecycle::{Finding, pid_alive};
+
+use super::conf::CoreConf;
+use super::local::local;
+use super::time::now_ms;
+use super::{events, ngx_workerbus_module, zone};
+
+fn cycle_log(cycle: *mut ngx_cycle_t) -> *mut ngx_log_t {
+    // SAFETY: nginx passes a live cycle to every process hook.
+    unsafe { (*cycle).log }
+}
+
+/// This module's configuration in `cycle`.
+pub fn core_conf(cycle: *const ngx_cycle_t) -> Option<&'static CoreConf> {
+    // SAFETY: conf_ctx has an entry per module index; ours was made by create_conf.
+    unsafe {
+        let ctx = (*cycle).conf_ctx;
+        let p = *ctx.add((*(&raw const ngx_workerbus_module)).index);
+        (p as *const CoreConf).as_ref()
+    }
+}
+
+fn worker_processes(cycle: *const ngx_cycle_t) -> u32 {
+    // SAFETY: the core module's configuration always exists in a configured cycle.
+    unsafe {
+        let ctx = (*cycle).conf_ctx;
+        let ccf = *ctx.add(nginx_sys::ngx_core_module.index) as *const ngx_core_conf_t;
+        ccf.as_ref().map_or(1, |c| c.worker_processes.max(1) as u32)
+    }
+}
+
+fn pid() -> i32 {
+    // SAFETY: set by nginx at process start.
+    unsafe { nginx_sys::ngx_pid }
+}
+
+/// Master, once per configuration load (also in single-process mode).
+pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: a global nginx sets before configuration.
+    if unsafe { nginx_sys::ngx_test_config } != 0 {
+        return NGX_OK as ngx_int_t;
+    }
+    let zones = zone::of_cycle(cycle);
+    let Some(primary) = zones.first().copied() else { return NGX_OK as ngx_int_t };
+    let workers = worker_processes(cycle);
+    let first_seq = events::head_seq(&primary);
+    let generation = primary.header().lifecycle.begin_generation(pid(), workers, now_ms(), first_seq);
+    let names: Vec<String> =
+        zones.iter().map(|z| format!("\"{}\" {}k", String::from_utf8_lossy(z.name()), z.size() / 1024)).collect();
+    ngx::ngx_log_error!(
+        NGX_LOG_NOTICE,
+        cycle_log(cycle),
+        "workerbus: generation {generation} begins: master pid {}, {workers} worker processes, zones {}",
+        pid(),
+        names.join(", ")
+    );
+    let l = local();
+    l.generation = generation;
+    l.master_pid_seen = pid();
+    l.zones = zones;
+    NGX_OK as ngx_int_t
+}
+
+/// Worker start: take a lifecycle record, start the heartbeat.
+pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: globals nginx sets before calling init_process.
+    let (process, slot) = unsafe { (nginx_sys::ngx_process as u32, nginx_sys::ngx_worker as u32) };
+    if process != NGX_PROCESS_WORKER && process != NGX_PROCESS_SINGLE {
+        return NGX_OK as ngx_int_t;
+    }
+    let log = cycle_log(cycle);
+    let l = local();
+    l.zones = zone::of_cycle(cycle);
+    l.is_worker = true;
+    l.slot = slot;
+    if let Some(cc) = core_conf(cycle) {
+        l.heartbeat_ms = cc.heartbeat_ms;
+        l.hang_timeout_ms = cc.hang_timeout_ms;
+    }
+    let Some(primary) = l.primary().copied() else { return NGX_OK as ngx_int_t };
+    let lc = &primary.header().lifecycle;
+    let generation = l.generation;
+    if process == NGX_PROCESS_WORKER {
+        // SAFETY: getppid has no preconditions; a worker's parent is its master.
+        let master = unsafe { libc::getppid() };
+        lc.set_master_pid(generation, l.master_pid_seen, master);
+    }
+    l.record = lc.register_worker(generation, slot, pid(), now_ms(), pid_alive, |f| report(log, f, pid()));
+    if l.record.is_none() {
+        ngx::ngx_log_error!(
+            NGX_LOG_ERR,
+            log,
+            "workerbus: worker process {} not tracked: the lifecycle table is full of live workers",
+            pid()
+        );
+    }
+    ngx::ngx_log_error!(
+        NGX_LOG_INFO,
+        log,
+        "workerbus: worker process {} started in slot {slot}, generation {generation} ({} live)",
+        pid(),
+        lc.live_count(generation)
+    );
+    events::init_worker(cycle, &primary);
+    start_heartbeat(log);
+    NGX_OK as ngx_int_t
+}
+
+/// Worker exit through nginx (graceful stop, reload, quit).
+pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
+    let l = local();
+    let Some(primary) = l.primary().copied() else { return };
+    let Some(index) = l.record else { return };
+    let lc = &primary.header().lifecycle;
+    lc.exit_worker(index, pid(), now_ms());
+    l.record = None;
+    ngx::ngx_log_error!(
+        NGX_LOG_INFO,
+        cycle_log(cycle),
+        "workerbus: worker process {} exited from slot {}, generation {} ({} live)",
+        pid(),
+        l.slot,
+        l.generation,
+        lc.live_count(l.generation)
+    );
+}
+
+fn report(log: *mut ngx_log_t, f: Finding, me: i32) {
+    match f {
+        Finding::Crashed { pid, slot, generation } => {
+            ngx::ngx_log_error!(
+                NGX_LOG_ERR,
+                log,
+                "workerbus: worker process {pid} (slot {slot}, generation {generation}) crashed: \
+                 gone without exiting, seen by {me}"
+            );
+        }
+        Finding::Hung { pid, slot, generation, late_ms } => {
+            ngx::ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "workerbus: worker process {pid} (slot {slot}, generation {generation}) hung: \
+                 no heartbeat for {late_ms} ms, seen by {me}"
+            );
+        }
+    }
+}
+
+fn start_heartbeat(log: *mut ngx_log_t) {
+    let l = local();
+    let ev = &mut l.heartbeat;
+    ev.handler = Some(heartbeat);
+    ev.log = log;
+    ev.data = core::ptr::null_mut::<c_void>();
+    // A cancelable timer does not hold up a graceful shutdown.
+    ev.set_cancelable(1);
+    // SAFETY: the event lives in process-static memory for the life of the process.
+    unsafe { nginx_sys::ngx_add_timer(ev, l.heartbeat_ms) };
+}
+
+unsafe extern "C" fn heartbeat(ev: *mut ngx_event_t) {
+    let l = local();
+    // SAFETY: the event is the heartbeat event, with its log set in start_heartbeat.
+    let log = unsafe { (*ev).log };
+    let now = now_ms();
+    if let (Some(primary), Some(index)) = (l.primary().copied(), l.record) {
+        let lc = &primary.header().lifecycle;
+        if lc.heartbeat(index, pid(), now) {
+            ngx::ngx_log_error!(
+                NGX_LOG_NOTICE,
+                log,
+                "workerbus: worker process {} (slot {}, generation {}) recovered: heartbeat resumed",
+                pid(),
+                l.slot,
+                l.generation
+            );
+        }
+        lc.check(now, l.hang_timeout_ms as u64, pid_alive, |f| report(log, f, pid()));
+        events::on_heartbeat(&primary);
+    }
+    // SAFETY: as in start_heartbeat.
+    unsafe { nginx_sys::ngx_add_timer(ev, l.heartbeat_ms) };
+}

@@ -1,0 +1,192 @@
+//! `workerbus_status;` in a location: a JSON snapshot of the module's zones,
+//! generations, workers and event ring. Off unless configured, like stub_status.
+
+use core::ffi::{c_char, c_void};
+use core::ptr;
+
+use nginx_sys::{
+    NGX_CONF_NOARGS, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_NOT_ALLOWED, NGX_OK, ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_conf_ctx_t,
+    ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_int_t,
+};
+use ngx::core::NGX_CONF_OK;
+use serde_json::{Value, json};
+
+use crate::shm::lifecycle::Lifecycle;
+
+use super::events;
+use super::local::local;
+use super::null_command;
+use super::time::now_ms;
+
+pub static mut HTTP_COMMANDS: [ngx_command_t; 2] = [
+    ngx_command_t {
+        name: ngx::ngx_string!("workerbus_status"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as _,
+        set: Some(set_status),
+        conf: 0,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    null_command(),
+];
+
+unsafe extern "C" fn set_status(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
+    // SAFETY: inside an http location block cf->ctx is the location's ngx_http_conf_ctx_t,
+    // and the core module's loc conf is at its ctx_index.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        let clcf = *(*ctx).loc_conf.add(nginx_sys::ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+        (*clcf).handler = Some(handler);
+    }
+    NGX_CONF_OK
+}
+
+fn secs(ms: u64) -> Value {
+    if ms == 0 { Value::Null } else { json!((ms as f64) / 1000.0) }
+}
+
+/// The host name, for the node identity.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length; gethostname NUL-terminates when it fits.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn node(lc: &Lifecycle) -> Value {
+    use core::sync::atomic::Ordering::Relaxed;
+    // Relaxed: written once when the zone was created, before any worker existed.
+    let (master, started) = (lc.node_master_pid.load(Relaxed), lc.node_started_ms.load(Relaxed));
+    let host = host_name();
+    json!({
+        "id": format!("{host}/{master}/{started}"),
+        "host": host,
+        "master_pid": master,
+        "started": secs(started),
+    })
+}
+
+fn lifecycle(lc: &Lifecycle, now: u64) -> (Value, Value) {
+    let gens: Vec<Value> = lc
+        .generations()
+        .iter()
+        .map(|g| {
+            json!({
+                "generation": g.generation,
+                "master_pid": g.master_pid,
+                "worker_processes": g.worker_count,
+                "started": secs(g.started_ms),
+                "live_workers": lc.live_count(g.generation),
+                "first_event_seq": g.first_seq,
+            })
+        })
+        .collect();
+    let mut views: Vec<_> = lc.workers().collect();
+    views.sort_by_key(|w| (w.generation, w.slot, w.started_ms));
+    let workers: Vec<Value> = views
+        .iter()
+        .map(|w| {
+            let mut o = json!({
+                "slot": w.slot,
+                "pid": w.pid,
+                "generation": w.generation,
+                "state": w.state.name(),
+                "started": secs(w.started_ms),
+                "heartbeat_age": (now.saturating_sub(w.heartbeat_ms) as f64) / 1000.0,
+            });
+            if w.ended_ms != 0 {
+                o["ended"] = secs(w.ended_ms);
+            }
+            if w.replaced_by != 0 {
+                o["replaced_by"] = json!(w.replaced_by);
+            }
+            o
+        })
+        .collect();
+    (json!(gens), json!(workers))
+}
+
+/// The whole status document, as seen from this process.
+pub fn snapshot() -> Value {
+    let l = local();
+    let now = now_ms();
+    let zones: Vec<Value> = l
+        .zones
+        .iter()
+        .map(|z| {
+            let (size, free) = (z.size(), z.free_bytes());
+            let mut o = json!({
+                "name": String::from_utf8_lossy(z.name()),
+                "size": size,
+                "used": size.saturating_sub(free),
+                "free": free,
+            });
+            if let Some(ev) = events::status(z) {
+                o["events"] = ev;
+            }
+            o
+        })
+        .collect();
+    let mut doc = json!({
+        "module": "workerbus",
+        "version": env!("CARGO_PKG_VERSION"),
+        "abi": crate::ffi::ABI_VERSION,
+        // SAFETY: set by nginx at process start.
+        "pid": unsafe { nginx_sys::ngx_pid },
+        "generation": l.generation,
+        "zones": zones,
+    });
+    if let Some(primary) = l.primary() {
+        let lc = &primary.header().lifecycle;
+        let (gens, workers) = lifecycle(lc, now);
+        doc["node"] = node(lc);
+        doc["current_generation"] = json!(lc.current_generation());
+        doc["generations"] = gens;
+        doc["workers"] = workers;
+    }
+    doc
+}
+
+unsafe extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls a content handler with a live request.
+    let r = unsafe { &mut *r };
+    if r.method & ((NGX_HTTP_GET | NGX_HTTP_HEAD) as usize) == 0 {
+        return NGX_HTTP_NOT_ALLOWED as ngx_int_t;
+    }
+    // SAFETY: as above.
+    let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
+    if rc != NGX_OK as ngx_int_t {
+        return rc;
+    }
+    let mut body = serde_json::to_vec_pretty(&snapshot()).unwrap_or_default();
+    body.push(b'\n');
+    r.headers_out.status = 200;
+    r.headers_out.content_length_n = body.len() as _;
+    r.headers_out.content_type = ngx::ngx_string!("application/json");
+    r.headers_out.content_type_len = r.headers_out.content_type.len;
+    // SAFETY: as above.
+    let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
+    if rc == nginx_sys::NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || r.header_only() != 0 {
+        return rc;
+    }
+    // SAFETY: a buffer from the request pool, freed with the request.
+    let b = unsafe { nginx_sys::ngx_create_temp_buf(r.pool, body.len()) };
+    if b.is_null() {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
+    // SAFETY: b has room for body.len() bytes from pos.
+    unsafe {
+        ptr::copy_nonoverlapping(body.as_ptr(), (*b).pos, body.len());
+        (*b).last = (*b).pos.add(body.len());
+        (*b).set_last_buf(1);
+        (*b).set_last_in_chain(1);
+    }
+    let mut out = ngx_chain_t { buf: b, next: ptr::null_mut() };
+    // SAFETY: out lives across the call; the filter chain copies what it keeps.
+    unsafe { nginx_sys::ngx_http_output_filter(r, &mut out) }
+}

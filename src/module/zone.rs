@@ -1,0 +1,183 @@
+//! Shared zones: declaring them, laying out a fresh one, accepting one kept
+//! across a reload, and finding this cycle's zones again in a worker.
+
+use core::ffi::c_void;
+use core::ptr;
+
+use nginx_sys::{
+    NGX_ERROR, NGX_LOG_EMERG, NGX_OK, ngx_conf_t, ngx_cycle_t, ngx_int_t, ngx_list_part_t, ngx_shm_zone_t,
+    ngx_slab_pool_t, ngx_str_t,
+};
+
+use crate::shm::header::{LAYOUT, MAGIC, ZoneHeader};
+use crate::shm::lock::ShmLock;
+
+use super::{time::now_ms, zone_tag};
+
+/// One of this module's zones, as seen by the current process.
+#[derive(Clone, Copy)]
+pub struct Zone {
+    pub shm: *mut ngx_shm_zone_t,
+    pub pool: *mut ngx_slab_pool_t,
+    pub header: *mut ZoneHeader,
+}
+
+impl Zone {
+    pub fn name(&self) -> &[u8] {
+        // SAFETY: the shm zone belongs to the running cycle and outlives the process's use of it.
+        unsafe { (*self.shm).shm.name.as_bytes() }
+    }
+
+    pub fn size(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { (*self.shm).shm.size }
+    }
+
+    pub fn header(&self) -> &ZoneHeader {
+        // SAFETY: header was laid out (or checked) by init_zone before any process used the zone.
+        unsafe { &*self.header }
+    }
+
+    /// Bytes of the zone not handed out by the slab allocator.
+    pub fn free_bytes(&self) -> usize {
+        // SAFETY: pfree is a word the allocator updates under its lock; a racy read is only a figure.
+        let pages = unsafe { ptr::read_volatile(&raw const (*self.pool).pfree) };
+        pages * page_size()
+    }
+
+    /// The slab pool's mutex, which nginx's master releases for dead holders.
+    pub fn lock(&self) -> PoolLock {
+        PoolLock(self.pool)
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: set once by nginx at startup, before any module code runs.
+    unsafe { nginx_sys::ngx_pagesize }
+}
+
+/// Writers' lock backed by the zone's slab pool mutex.
+pub struct PoolLock(*mut ngx_slab_pool_t);
+
+impl ShmLock for PoolLock {
+    fn lock(&self) {
+        // SAFETY: the pool is a live slab pool; its mutex was set up by ngx_slab_init.
+        unsafe { nginx_sys::ngx_shmtx_lock(&raw mut (*self.0).mutex) }
+    }
+    fn unlock(&self) {
+        // SAFETY: as above; called only by the holder.
+        unsafe { nginx_sys::ngx_shmtx_unlock(&raw mut (*self.0).mutex) }
+    }
+}
+
+/// Declares a zone to nginx. Errors are logged by nginx itself.
+pub fn add(cf: *mut ngx_conf_t, name: &[u8], size: usize) -> Option<*mut ngx_shm_zone_t> {
+    // SAFETY: the name is copied into the configuration pool, which lives as long as the cycle.
+    let data = unsafe { nginx_sys::ngx_pnalloc((*cf).pool, name.len()) } as *mut u8;
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: data has room for name.len() bytes.
+    unsafe { ptr::copy_nonoverlapping(name.as_ptr(), data, name.len()) };
+    let mut s = ngx_str_t { len: name.len(), data };
+    // SAFETY: cf is a configuration context of the cycle being built.
+    let z = unsafe { nginx_sys::ngx_shared_memory_add(cf, &mut s, size, zone_tag()) };
+    if z.is_null() {
+        return None;
+    }
+    // SAFETY: z is the zone nginx just returned.
+    unsafe {
+        if (*z).init.is_some() {
+            // Already declared under this name in this configuration.
+            return None;
+        }
+        (*z).init = Some(init_zone);
+        (*z).data = ptr::null_mut();
+    }
+    Some(z)
+}
+
+/// nginx's zone init: `old` is the previous cycle's `data` when the zone is kept.
+unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) -> ngx_int_t {
+    // SAFETY: nginx passes a mapped zone; shm.addr starts with the slab pool it initialised.
+    let (pool, size, log, name) = unsafe {
+        let z = &*shm_zone;
+        (z.shm.addr as *mut ngx_slab_pool_t, z.shm.size, z.shm.log, String::from_utf8_lossy(z.shm.name.as_bytes()))
+    };
+    if !old.is_null() {
+        // SAFETY: old is the header this module stored in the previous cycle's zone of the same mapping.
+        let header = unsafe { &*(old as *const ZoneHeader) };
+        if let Err(why) = header.check(size as u64) {
+            ngx::ngx_log_error!(
+                NGX_LOG_EMERG,
+                log,
+                "workerbus: zone \"{name}\" kept across reload {why}; restart nginx to recreate it"
+            );
+            return NGX_ERROR as ngx_int_t;
+        }
+        // SAFETY: zone is ours and valid.
+        unsafe { (*shm_zone).data = old };
+        return NGX_OK as ngx_int_t;
+    }
+    // SAFETY: a fresh slab pool owned by this zone; no worker runs yet.
+    let header = unsafe { nginx_sys::ngx_slab_calloc(pool, size_of::<ZoneHeader>()) } as *mut ZoneHeader;
+    if header.is_null() {
+        ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes cannot hold its header");
+        return NGX_ERROR as ngx_int_t;
+    }
+    // SAFETY: header is a zeroed allocation of ZoneHeader's size inside the zone.
+    let h = unsafe { &mut *header };
+    h.magic = MAGIC;
+    h.layout = LAYOUT;
+    h.size = size as u64;
+    // SAFETY: reading the master's pid, set before configuration.
+    h.lifecycle.init(unsafe { nginx_sys::ngx_pid }, now_ms());
+    if let Err(why) = super::parts::lay_out(pool, h) {
+        ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes: {why}");
+        return NGX_ERROR as ngx_int_t;
+    }
+    // SAFETY: pool and zone are ours; data links the zone to its header for reloads.
+    unsafe {
+        (*pool).data = header.cast();
+        (*shm_zone).data = header.cast();
+        set_log_ctx(pool, &name);
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// Makes the allocator's "no memory" messages name the zone.
+unsafe fn set_log_ctx(pool: *mut ngx_slab_pool_t, name: &str) {
+    let text = format!(" in workerbus zone \"{name}\"\0");
+    // SAFETY: a small allocation in the zone itself, where nginx expects log_ctx to live.
+    let p = unsafe { nginx_sys::ngx_slab_alloc(pool, text.len()) } as *mut u8;
+    if !p.is_null() {
+        // SAFETY: p has room for text.len() bytes.
+        unsafe {
+            ptr::copy_nonoverlapping(text.as_ptr(), p, text.len());
+            (*pool).log_ctx = p;
+        }
+    }
+}
+
+/// This module's zones in `cycle`, in declaration order (the first is primary).
+pub fn of_cycle(cycle: *const ngx_cycle_t) -> Vec<Zone> {
+    let mut out = Vec::new();
+    // SAFETY: the cycle's shared_memory list is complete once zones are initialised.
+    let mut part: *const ngx_list_part_t = unsafe { &raw const (*cycle).shared_memory.part };
+    while !part.is_null() {
+        // SAFETY: each part holds nelts ngx_shm_zone_t elements.
+        let zones = unsafe { core::slice::from_raw_parts((*part).elts as *const ngx_shm_zone_t, (*part).nelts) };
+        for z in zones {
+            if z.tag == zone_tag() && !z.data.is_null() {
+                out.push(Zone {
+                    shm: z as *const ngx_shm_zone_t as *mut ngx_shm_zone_t,
+                    pool: z.shm.addr as *mut ngx_slab_pool_t,
+                    header: z.data as *mut ZoneHeader,
+                });
+            }
+        }
+        // SAFETY: next is null or another part of the same list.
+        part = unsafe { (*part).next };
+    }
+    out
+}

@@ -1,0 +1,220 @@
+//! A small fixed table of named values in the zone: flags, markers and
+//! settings that Lua code wants every worker (and the next generation, since
+//! zones survive reloads) to see. Not a cache: few entries, small values.
+//!
+//! Writers serialize through the zone's lock; readers take no lock and use a
+//! per-entry sequence count (odd while a write is in progress) to detect and
+//! retry torn reads. A writer that dies mid-write leaves the count odd: the
+//! next writer of that entry, holding the lock, knows nobody else is writing
+//! and simply completes its own write, making the count even again.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+
+use super::lock::ShmLock;
+
+pub const KV_ENTRIES: usize = 64;
+pub const KV_KEY_MAX: usize = 64;
+pub const KV_VALUE_MAX: usize = 1024;
+
+#[repr(C)]
+pub struct KvEntry {
+    /// Even: stable. Odd: a write is in progress.
+    seq: AtomicU64,
+    key_len: AtomicU32,
+    value_len: AtomicU32,
+    key: [AtomicU64; KV_KEY_MAX / 8],
+    value: [AtomicU64; KV_VALUE_MAX / 8],
+}
+
+#[repr(C)]
+pub struct Kv {
+    entries: [KvEntry; KV_ENTRIES],
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum KvError {
+    EmptyKey,
+    KeyTooLong(usize),
+    ValueTooLong(usize),
+    Full,
+}
+
+impl core::fmt::Display for KvError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            KvError::EmptyKey => write!(f, "empty key"),
+            KvError::KeyTooLong(n) => write!(f, "key of {n} bytes is longer than {KV_KEY_MAX}"),
+            KvError::ValueTooLong(n) => write!(f, "value of {n} bytes is longer than {KV_VALUE_MAX}"),
+            KvError::Full => write!(f, "all {KV_ENTRIES} entries are in use"),
+        }
+    }
+}
+
+// Words are stored as atomics so racing readers are defined behaviour; the
+// sequence count, not the words, decides whether a copy is valid.
+fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
+    for (word, chunk) in words.iter().zip(bytes.chunks(8)) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        // Relaxed: ordered by the entry's sequence count and its fences.
+        word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+    }
+}
+
+fn load_bytes(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
+    out.clear();
+    for word in words.iter().take(len.div_ceil(8)) {
+        // Relaxed: validated by the sequence count re-check.
+        out.extend_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+    }
+    out.truncate(len);
+}
+
+impl KvEntry {
+    /// A consistent copy of (key, value), or None if the entry is empty.
+    fn read(&self, key: &mut Vec<u8>, value: &mut Vec<u8>) -> Option<()> {
+        loop {
+            // Acquire: the words read below are at least as new as this count.
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                // Either a live writer (retry shortly) or a dead one: a dead
+                // writer's entry is unreadable until rewritten.
+                core::hint::spin_loop();
+                if self.seq.load(Ordering::Acquire) == s1 {
+                    return None;
+                }
+                continue;
+            }
+            let klen = (self.key_len.load(Ordering::Relaxed) as usize).min(KV_KEY_MAX);
+            let vlen = (self.value_len.load(Ordering::Relaxed) as usize).min(KV_VALUE_MAX);
+            load_bytes(&self.key, klen, key);
+            load_bytes(&self.value, vlen, value);
+            // Acquire fence: the loads above complete before the re-check.
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == s1 {
+                return if klen == 0 { None } else { Some(()) };
+            }
+        }
+    }
+
+    fn write(&self, key: &[u8], value: &[u8]) {
+        let s = self.seq.load(Ordering::Relaxed);
+        let odd = s | 1;
+        // Relaxed + Release fence: readers that see any new word see the odd count.
+        self.seq.store(odd, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.key_len.store(key.len() as u32, Ordering::Relaxed);
+        self.value_len.store(value.len() as u32, Ordering::Relaxed);
+        store_bytes(&self.key, key);
+        store_bytes(&self.value, value);
+        // Release: publishes the words with the even count.
+        self.seq.store(odd + 1, Ordering::Release);
+    }
+}
+
+impl Kv {
+    pub fn get(&self, key: &[u8], out: &mut Vec<u8>) -> bool {
+        let mut k = Vec::with_capacity(KV_KEY_MAX);
+        for e in &self.entries {
+            if e.read(&mut k, out).is_some() && k == key {
+                return true;
+            }
+        }
+        out.clear();
+        false
+    }
+
+    pub fn set<L: ShmLock>(&self, lock: &L, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        if key.is_empty() {
+            return Err(KvError::EmptyKey);
+        }
+        if key.len() > KV_KEY_MAX {
+            return Err(KvError::KeyTooLong(key.len()));
+        }
+        if value.len() > KV_VALUE_MAX {
+            return Err(KvError::ValueTooLong(value.len()));
+        }
+        lock.lock();
+        let r = self.set_locked(key, value);
+        lock.unlock();
+        r
+    }
+
+    fn set_locked(&self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        let (mut k, mut v) = (Vec::with_capacity(KV_KEY_MAX), Vec::new());
+        let mut free = None;
+        for e in &self.entries {
+            // Relaxed: under the lock no other writer runs.
+            let klen = e.key_len.load(Ordering::Relaxed);
+            if klen == 0 || e.seq.load(Ordering::Relaxed) & 1 == 1 {
+                // Empty, or abandoned by a dead writer: reusable.
+                free = free.or(Some(e));
+                continue;
+            }
+            if e.read(&mut k, &mut v).is_some() && k == key {
+                e.write(key, value);
+                return Ok(());
+            }
+        }
+        let e = free.ok_or(KvError::Full)?;
+        e.write(key, value);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::lock::ShmLock;
+
+    struct NoLock;
+    impl ShmLock for NoLock {
+        fn lock(&self) {}
+        fn unlock(&self) {}
+    }
+
+    fn kv() -> Box<Kv> {
+        // SAFETY: atomics only; all-zero is the empty table.
+        unsafe { Box::new(core::mem::zeroed()) }
+    }
+
+    #[test]
+    fn set_get_overwrite() {
+        let t = kv();
+        let mut out = vec![];
+        assert!(!t.get(b"a", &mut out));
+        t.set(&NoLock, b"a", b"one").unwrap();
+        t.set(&NoLock, b"b", b"").unwrap();
+        t.set(&NoLock, b"a", b"two, longer than eight bytes").unwrap();
+        assert!(t.get(b"a", &mut out));
+        assert_eq!(out, b"two, longer than eight bytes");
+        assert!(t.get(b"b", &mut out));
+        assert_eq!(out, b"");
+    }
+
+    #[test]
+    fn bad_input_and_full() {
+        let t = kv();
+        assert_eq!(t.set(&NoLock, b"", b"x"), Err(KvError::EmptyKey));
+        assert_eq!(t.set(&NoLock, &[b'k'; 65], b"x"), Err(KvError::KeyTooLong(65)));
+        assert_eq!(t.set(&NoLock, b"k", &[0; 1025]), Err(KvError::ValueTooLong(1025)));
+        for i in 0..KV_ENTRIES {
+            t.set(&NoLock, format!("k{i}").as_bytes(), b"v").unwrap();
+        }
+        assert_eq!(t.set(&NoLock, b"one more", b"v"), Err(KvError::Full));
+        assert_eq!(KvError::Full.to_string(), "all 64 entries are in use");
+    }
+
+    #[test]
+    fn abandoned_write_is_reusable() {
+        let t = kv();
+        t.set(&NoLock, b"a", b"1").unwrap();
+        // A writer died after making the count odd.
+        t.entries[0].seq.fetch_add(1, Ordering::Relaxed);
+        let mut out = vec![];
+        assert!(!t.get(b"a", &mut out));
+        t.set(&NoLock, b"a", b"2").unwrap();
+        assert!(t.get(b"a", &mut out));
+        assert_eq!(out, b"2");
+    }
+}

@@ -1,0 +1,10 @@
+//! The nginx-independent core: data structures that live in one shared
+//! memory region, addressed by offsets, usable from any process that maps it.
+//! Nothing here calls nginx; `cargo test` exercises it over `mmap(MAP_SHARED)`.
+
+// pub mod claims;
+pub mod header;
+pub mod kv;
+pub mod lifecycle;
+pub mod lock;
+// pub mod ring;
