@@ -1,0 +1,91 @@
+# workerbus: `make run` and `make test` do their own set-up on a fresh
+# Debian 12 machine that has Rust; see README.md.
+
+SHELL       := /bin/bash
+PORT        ?= 8080
+NGINX       ?= /usr/sbin/nginx
+BUILD       := $(CURDIR)/build
+NGX_TREE    := $(BUILD)/nginx
+NGX_SRC_PKG := /usr/share/nginx/src
+MODULE      := $(BUILD)/ngx_workerbus_module.so
+MODULES_DIR := /usr/lib/nginx/modules
+LUA_DIR     := /usr/share/lua/5.1
+CARGO_ENV   := NGINX_SOURCE_DIR=$(NGX_TREE) NGINX_BUILD_DIR=$(NGX_TREE)/objs
+LOAD_MODULES := $(MODULES_DIR)/ndk_http_module.so $(MODULES_DIR)/ngx_http_lua_module.so $(MODULE)
+
+# Debian packages the build, the demo and the tests need. Never `luajit`:
+# it conflicts with libluajit2 and removes the Lua module; `luajit2` is the CLI.
+PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
+            lua-resty-core lua-cjson luajit2 libclang-dev \
+            libtest-base-perl libtest-simple-perl libwww-perl libtext-diff-perl libipc-run-perl \
+            curl procps
+
+.PHONY: all deps build install run test test-core test-nginx bench clean
+
+all: build
+
+# Installs only what is missing; quick when everything is there.
+deps:
+	@missing=$$(for p in $(PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  systemctl disable --now nginx >/dev/null 2>&1 || true; \
+	  service nginx stop >/dev/null 2>&1 || true; \
+	fi
+
+# A private copy of Debian's nginx tree, configured with Debian's own flags,
+# so the module's signature matches /usr/sbin/nginx.
+$(NGX_TREE)/objs/ngx_auto_config.h:
+	@nv=$$($(NGINX) -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p'); \
+	hv=$$(sed -n 's/^#define NGINX_VERSION *"\(.*\)"/\1/p' $(NGX_SRC_PKG)/src/core/nginx.h); \
+	if [ "$$nv" != "$$hv" ]; then \
+	  echo "error: $(NGINX) is nginx $$nv but the headers in $(NGX_SRC_PKG) are nginx $$hv;" \
+	       "install matching nginx and nginx-dev packages" >&2; exit 1; \
+	fi
+	rm -rf $(NGX_TREE) && mkdir -p $(BUILD) && cp -r $(NGX_SRC_PKG) $(NGX_TREE)
+	cd $(NGX_TREE) && source ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}" > $(BUILD)/configure.log 2>&1 \
+	  || { tail -20 $(BUILD)/configure.log; exit 1; }
+
+build: deps $(NGX_TREE)/objs/ngx_auto_config.h
+	$(CARGO_ENV) cargo build --release
+	cp target/release/libworkerbus.so $(MODULE)
+	@echo "built $(MODULE)"
+
+# Puts the module and the Lua modules where Debian's nginx and LuaJIT look.
+install: build
+	install -m 0644 $(MODULE) $(MODULES_DIR)/ngx_workerbus_module.so
+	cd lib && find resty -name '*.lua' -exec install -D -m 0644 {} $(LUA_DIR)/{} \;
+	@echo "add to nginx.conf: load_module $(MODULES_DIR)/ngx_workerbus_module.so;"
+
+# nginx in the foreground with the demo on 127.0.0.1:$(PORT); Ctrl-C stops it.
+run: build
+	@mkdir -p $(BUILD)/run/conf $(BUILD)/run/logs
+	@sed -e 's|@PORT@|$(PORT)|g' -e 's|@MODULE@|$(MODULE)|g' -e 's|@MODULES_DIR@|$(MODULES_DIR)|g' \
+	     -e 's|@LIB@|$(CURDIR)/lib|g' nginx-conf/demo.conf > $(BUILD)/run/conf/nginx.conf
+	$(NGINX) -t -q -p $(BUILD)/run/ -c conf/nginx.conf
+	@echo
+	@echo "workerbus demo on http://127.0.0.1:$(PORT)/ (Ctrl-C stops it). Try:"
+	@echo "  curl 127.0.0.1:$(PORT)/status            # zones, generations, workers, event ring"
+	@echo "  curl '127.0.0.1:$(PORT)/post?msg=hello'  # post an event to every worker"
+	@echo "  curl 127.0.0.1:$(PORT)/seen              # what this worker's handler received"
+	@echo "  kill -HUP \$$(cat $(BUILD)/run/logs/nginx.pid)   # reload: generation 2"
+	@echo
+	exec $(NGINX) -p $(BUILD)/run/ -c conf/nginx.conf -g 'daemon off;'
+
+test-core:
+	cargo test --release --no-default-features
+
+test-nginx: build
+	TEST_NGINX_BINARY=$(NGINX) TEST_NGINX_LOAD_MODULES="$(LOAD_MODULES)" \
+	  TEST_NGINX_LUA_PATH="$(CURDIR)/lib/?.lua;;" prove -I t/lib t/
+
+test: build test-core test-nginx
+
+bench: build
+	bench/run
+
+clean:
+	rm -rf $(BUILD) target t/servroot*
