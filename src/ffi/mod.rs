@@ -10,6 +10,9 @@ use core::cell::RefCell;
 use crate::module::local::local;
 use crate::module::zone::Zone;
 
+pub mod events;
+pub mod lifecycle;
+
 /// Bumped on any change of a signature or structure below.
 pub const ABI_VERSION: c_int = 1;
 

@@ -1,0 +1,1 @@
+//! FFI for the event ring (resty.worker.events, resty.events).

@@ -1,0 +1,1 @@
+//! FFI for resty.worker.manager and resty.workerbus: the lifecycle table.
