@@ -5,8 +5,11 @@
 
 use core::cell::UnsafeCell;
 
-use nginx_sys::{ngx_event_t, ngx_msec_t};
+use core::ffi::c_void;
 
+use nginx_sys::{ngx_connection_t, ngx_event_t, ngx_msec_t};
+
+use super::wake::SemaPost;
 use super::zone::Zone;
 
 pub struct Local {
@@ -23,6 +26,16 @@ pub struct Local {
     pub heartbeat_ms: ngx_msec_t,
     pub hang_timeout_ms: ngx_msec_t,
     pub heartbeat: ngx_event_t,
+    /// eventfd per worker slot, made by the master, inherited by workers.
+    pub wake_fds: Vec<i32>,
+    /// This worker's own wake-up descriptor in its event loop.
+    pub wake_conn: *mut ngx_connection_t,
+    pub wakeups_received: u64,
+    /// The Lua poller's ngx.semaphore (ngx_http_lua_sema_t *), posted on wake-up.
+    pub sema: *mut c_void,
+    pub sema_post: Option<SemaPost>,
+    /// Ring reader slot of this worker (its lifecycle record index).
+    pub reader: Option<usize>,
 }
 
 struct ProcessCell(UnsafeCell<Local>);
@@ -41,6 +54,12 @@ static LOCAL: ProcessCell = ProcessCell(UnsafeCell::new(Local {
     hang_timeout_ms: 5000,
     // SAFETY: an all-zero ngx_event_t is nginx's own "unused event" state.
     heartbeat: unsafe { core::mem::zeroed() },
+    wake_fds: Vec::new(),
+    wake_conn: core::ptr::null_mut(),
+    wakeups_received: 0,
+    sema: core::ptr::null_mut(),
+    sema_post: None,
+    reader: None,
 }));
 
 /// The process's state. Callers must not hold the reference across a call

@@ -10,6 +10,7 @@ pub mod parts;
 pub mod process;
 pub mod status;
 pub mod time;
+pub mod wake;
 pub mod zone;
 
 use core::ffi::{c_char, c_void};

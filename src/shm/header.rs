@@ -5,6 +5,7 @@
 
 use core::sync::atomic::AtomicU64;
 
+use super::idle::IdleMask;
 use super::kv::Kv;
 use super::lifecycle::Lifecycle;
 
@@ -27,6 +28,8 @@ pub struct ZoneHeader {
     pub claims_len: u64,
     /// Lua poll passes and other counters that belong to no one part.
     pub counters: [AtomicU64; 8],
+    /// Workers whose event poller sleeps, for wake-ups.
+    pub idle: IdleMask,
     pub kv: Kv,
     pub lifecycle: Lifecycle,
 }

@@ -4,6 +4,7 @@
 
 // pub mod claims;
 pub mod header;
+pub mod idle;
 pub mod kv;
 pub mod lifecycle;
 pub mod lock;
