@@ -18,7 +18,7 @@ LOAD_MODULES := $(MODULES_DIR)/ndk_http_module.so $(MODULES_DIR)/ngx_http_lua_mo
 PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
             lua-resty-core lua-cjson luajit2 libclang-dev \
             libtest-base-perl libtest-simple-perl libwww-perl libtext-diff-perl libipc-run-perl \
-            curl procps
+            curl procps bc
 
 .PHONY: all deps build install run test test-core test-nginx bench clean
 
