@@ -26,6 +26,8 @@ pub struct Local {
     pub heartbeat_ms: ngx_msec_t,
     pub hang_timeout_ms: ngx_msec_t,
     pub heartbeat: ngx_event_t,
+    /// What timer events' `data` points at (fd -1), for nginx's debug logging.
+    pub dummy_conn: ngx_connection_t,
     /// eventfd per worker slot, made by the master, inherited by workers.
     pub wake_fds: Vec<i32>,
     /// This worker's own wake-up descriptor in its event loop.
@@ -54,6 +56,8 @@ static LOCAL: ProcessCell = ProcessCell(UnsafeCell::new(Local {
     hang_timeout_ms: 5000,
     // SAFETY: an all-zero ngx_event_t is nginx's own "unused event" state.
     heartbeat: unsafe { core::mem::zeroed() },
+    // SAFETY: an all-zero connection is only ever read for its fd field.
+    dummy_conn: unsafe { core::mem::zeroed() },
     wake_fds: Vec::new(),
     wake_conn: core::ptr::null_mut(),
     wakeups_received: 0,

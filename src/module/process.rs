@@ -162,7 +162,10 @@ fn start_heartbeat(log: *mut ngx_log_t) {
     let ev = &mut l.heartbeat;
     ev.handler = Some(heartbeat);
     ev.log = log;
-    ev.data = core::ptr::null_mut::<c_void>();
+    // nginx's timer code logs ev->data as a connection's fd at debug level:
+    // point it at a dummy connection, as nginx's own timers do.
+    l.dummy_conn.fd = -1;
+    ev.data = (&raw mut l.dummy_conn).cast::<c_void>();
     // A cancelable timer does not hold up a graceful shutdown.
     ev.set_cancelable(1);
     // SAFETY: the event lives in process-static memory for the life of the process.
