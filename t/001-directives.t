@@ -17,13 +17,14 @@ __DATA__
             local wb = require "resty.workerbus"
             local st = wb.status()
             local z = st.zones[1]
-            ngx.say(#st.zones, " zone: ", z.name, " ", z.size, " bytes, used < free: ", z.used < z.free)
+            ngx.say(#st.zones, " zone: ", z.name, " ", z.size, " bytes, used + free = size: ",
+                    z.used + z.free == z.size, ", event ring: ", z.events.capacity, " bytes")
         }
     }
 --- request
 GET /t
 --- response_body
-1 zone: workerbus 16777216 bytes, used < free: true
+1 zone: workerbus 16777216 bytes, used + free = size: true, event ring: 8388608 bytes
 --- no_error_log
 [error]
 

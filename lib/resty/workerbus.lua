@@ -126,7 +126,7 @@ local function check_kv(zone, key)
     return _M.zone(zone)
 end
 
--- Stores a small value (string, at most 1 KiB) under key in the zone.
+-- Stores a small value (string, at most 512 bytes; 32 keys per zone) under key in the zone.
 function _M.set(key, value, zone)
     local z, err = check_kv(zone, key)
     if not z then

@@ -1,1 +1,147 @@
-//! FFI for the event ring (resty.worker.events, resty.events).
+//! FFI for the event ring (resty.worker.events, resty.events). The contract
+//! is written out in lib/resty/workerbus/events_core.lua's cdef block.
+
+use core::ffi::{c_int, c_void};
+
+use crate::module::events as ev;
+use crate::module::local::local;
+use crate::module::time::now_ms;
+use crate::module::wake;
+use crate::shm::ring::{Next, RecordIn, RecordOut};
+
+use super::{bytes, fail, zone};
+
+/// Appends one event; returns its seq (> 0) or -1.
+///
+/// # Safety
+/// Every pointer must be readable for its length.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_ev_post(
+    zone_index: c_int,
+    src: *const u8,
+    slen: usize,
+    event: *const u8,
+    elen: usize,
+    uniq: *const u8,
+    ulen: usize,
+    data: *const u8,
+    dlen: usize,
+    flags: u32,
+) -> i64 {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") as i64 };
+    // SAFETY: guaranteed by the caller.
+    let rec = unsafe {
+        RecordIn {
+            source: bytes(src, slen),
+            event: bytes(event, elen),
+            unique: bytes(uniq, ulen),
+            data: bytes(data, dlen),
+            // SAFETY: set by nginx at process start.
+            pid: nginx_sys::ngx_pid,
+            flags,
+        }
+    };
+    match ev::post(&z, &rec) {
+        Ok(seq) => seq as i64,
+        Err(e) => fail(-1, e) as i64,
+    }
+}
+
+/// Next event for this worker: 1 record, 0 none, 2 lagged, -2 buffer too small, -1 error.
+///
+/// # Safety
+/// `out` and `need` writable, `buf` writable for `cap` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_ev_next(
+    zone_index: c_int,
+    out: *mut RecordOut,
+    buf: *mut u8,
+    cap: usize,
+    need: *mut usize,
+) -> c_int {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
+    let Some(rd) = local().reader.and_then(|i| r.reader(i)) else {
+        return fail(-1, "this process reads no events (not an nginx worker, or not tracked)");
+    };
+    // SAFETY: guaranteed by the caller.
+    let (out, buf) = unsafe { (&mut *out, core::slice::from_raw_parts_mut(buf, cap)) };
+    match rd.next(out, buf) {
+        Next::Record => 1,
+        Next::Empty => 0,
+        Next::Lagged(missed) => {
+            out.missed = missed;
+            2
+        }
+        Next::TooSmall(n) => {
+            // SAFETY: guaranteed by the caller.
+            unsafe { *need = n };
+            -2
+        }
+    }
+}
+
+/// The poller is about to sleep: 1 if events are already pending, else 0.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let l = local();
+    let (Some(r), Some(i)) = (ev::ring(&z), l.reader) else { return 0 };
+    let Some(rd) = r.reader(i) else { return 0 };
+    let pending = || rd.cursor() < r.head_seq();
+    c_int::from(z.header().idle.set_idle(l.slot, pending))
+}
+
+/// Registers the ngx.semaphore posted on wake-up (NULL unregisters).
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
+    local().sema = sem;
+    0
+}
+
+/// Unique events: 1 first claimer, 0 already claimed within ttl, -1 error.
+///
+/// # Safety
+/// `key` readable for `klen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, klen: usize, ttl_sec: f64) -> c_int {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    // SAFETY: guaranteed by the caller.
+    let key = unsafe { bytes(key, klen) };
+    if key.is_empty() {
+        return fail(-1, "empty unique key");
+    }
+    if !(ttl_sec.is_finite() && ttl_sec >= 0.0) {
+        return fail(-1, "timeout must be a non-negative number");
+    }
+    let Some(c) = ev::claims(&z) else { return fail(-1, "the zone has no claim table") };
+    match c.claim(&z.lock(), key, now_ms(), (ttl_sec * 1000.0) as u64) {
+        Ok(won) => c_int::from(won),
+        Err(_) => fail(-1, "the unique-event claim table is full"),
+    }
+}
+
+/// Largest source+event+unique+data accepted in one event.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_ev_max_payload(zone_index: c_int) -> usize {
+    zone(zone_index).and_then(|z| ev::ring(&z)).map_or(0, |r| r.max_record_payload())
+}
+
+/// Next seq the ring will assign.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_ev_head(zone_index: c_int) -> u64 {
+    zone(zone_index).map_or(0, |z| ev::head_seq(&z))
+}
+
+/// This worker's next seq to read.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
+    let reader = local().reader;
+    zone(zone_index).and_then(|z| ev::ring(&z)).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
+}
+
+/// Wakes this worker's own poller (a post_local from a request handler).
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_ev_wake_self() {
+    wake::post_sema(local().sema);
+}

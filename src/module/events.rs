@@ -1,21 +1,142 @@
-//! The event ring's nginx side: per-worker cursors and wake-ups.
+//! The event ring's nginx side: where each worker starts reading, posting
+//! with wake-ups, repair of records abandoned by dead writers, and the
+//! ring's figures for the status document.
 
-use nginx_sys::ngx_cycle_t;
+use core::sync::atomic::Ordering;
 
+use nginx_sys::{NGX_LOG_WARN, ngx_cycle_t};
+use serde_json::{Value, json};
+
+use crate::shm::claims::Claims;
+use crate::shm::lifecycle::MAX_GENERATIONS;
+use crate::shm::ring::{RecordIn, Ring};
+
+use super::local::local;
+use super::wake;
 use super::zone::Zone;
 
-/// Next sequence number the ring will assign: where a new generation starts reading.
-pub fn head_seq(_zone: &Zone) -> u64 {
-    0
+/// Reader slots in every ring: one per lifecycle record, so that workers of
+/// two generations sharing a slot number never share a cursor.
+pub const MAX_READERS: usize = crate::shm::lifecycle::MAX_WORKER_RECORDS;
+
+/// The zone's ring, if it has one.
+pub fn ring(zone: &Zone) -> Option<Ring> {
+    let h = zone.header();
+    let (p, len) = h.part(h.ring_off, h.ring_len)?;
+    // SAFETY: the part was laid out by parts::lay_out in this zone and lives as long as it.
+    unsafe { Ring::attach(p, len) }.ok()
 }
 
-/// Worker start: position the cursor, register the wake-up descriptor.
-pub fn init_worker(_cycle: *mut ngx_cycle_t, _zone: &Zone) {}
+/// The zone's unique-event claim table, if it has one.
+pub fn claims(zone: &Zone) -> Option<Claims> {
+    let h = zone.header();
+    let (p, len) = h.part(h.claims_off, h.claims_len)?;
+    // SAFETY: as for the ring.
+    unsafe { Claims::attach(p, len) }.ok()
+}
 
-/// Called on every heartbeat: repairs a record abandoned by a dead writer.
-pub fn on_heartbeat(_zone: &Zone) {}
+/// Next sequence number the ring will assign: where a new generation starts reading.
+pub fn head_seq(zone: &Zone) -> u64 {
+    ring(zone).map_or(0, |r| r.head_seq())
+}
+
+/// Master, per configuration load: remember where this generation starts in every zone.
+pub fn begin_generation(zones: &[Zone], generation: u64) {
+    for z in zones {
+        let slot = &z.header().first_seq[(generation as usize) % MAX_GENERATIONS];
+        // Relaxed: written before fork; workers read it after, through fork's own ordering.
+        slot.store(head_seq(z), Ordering::Relaxed);
+    }
+}
+
+/// Worker start: position this worker's cursor in every zone's ring, then
+/// watch the wake-up descriptor. A worker replacing a crashed one starts at
+/// the head (replaying its predecessor's generation would repeat side
+/// effects); any other starts at its generation's first event, so it also
+/// sees what was posted before its Lua code configured.
+pub fn init_worker(cycle: *mut ngx_cycle_t, respawned: bool) {
+    let l = local();
+    let Some(reader) = l.record else { return };
+    l.reader = Some(reader);
+    for z in &l.zones {
+        let Some(r) = ring(z) else { continue };
+        let Some(rd) = r.reader(reader) else { continue };
+        let start = if respawned {
+            r.head_seq()
+        } else {
+            // Relaxed: written by the master before it forked us.
+            let first = z.header().first_seq[(l.generation as usize) % MAX_GENERATIONS].load(Ordering::Relaxed);
+            first.max(1)
+        };
+        rd.set_cursor(start);
+    }
+    wake::register(cycle, l.slot);
+}
+
+/// Appends an event and wakes the workers whose pollers sleep.
+pub fn post(zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
+    let r = ring(zone).ok_or("the zone has no event ring")?;
+    let seq = r.post(&zone.lock(), rec).map_err(|e| e.to_string())?;
+    zone.header().idle.wake_idle(wake::signal);
+    Ok(seq)
+}
+
+/// Called on every heartbeat: completes a record abandoned by a dead writer
+/// so that readers are not held up when nobody posts any more.
+pub fn on_heartbeat(zone: &Zone) {
+    if let Some(r) = ring(zone) {
+        if let Some(pid) = r.repair(&zone.lock()) {
+            let log = local().heartbeat.log;
+            if !log.is_null() {
+                ngx::ngx_log_error!(
+                    NGX_LOG_WARN,
+                    log,
+                    "workerbus: zone \"{}\": dropped an event abandoned by pid {pid}, which died mid-post",
+                    String::from_utf8_lossy(zone.name())
+                );
+            }
+        }
+    }
+}
 
 /// The ring's figures for the status document.
-pub fn status(_zone: &Zone) -> Option<serde_json::Value> {
-    None
+pub fn status(zone: &Zone) -> Option<Value> {
+    let r = ring(zone)?;
+    let st = r.stats();
+    let lc = &zone.header().lifecycle;
+    let head = st.head_seq;
+    let mut readers = vec![];
+    for w in lc.workers().filter(|w| w.state.is_live()) {
+        let Some(rd) = r.reader(w.index) else { continue };
+        let rs = rd.stats();
+        readers.push(json!({
+            "pid": w.pid,
+            "slot": w.slot,
+            "generation": w.generation,
+            "cursor": rs.cursor,
+            "lag": head.saturating_sub(rs.cursor),
+            "delivered": rs.delivered,
+            "missed": rs.missed,
+            "wakeups": rs.wakeups,
+        }));
+    }
+    let idle = &zone.header().idle;
+    let claims = claims(zone).map(|c| c.stats(super::time::now_ms()));
+    Some(json!({
+        "capacity": st.capacity,
+        "used": st.used,
+        "max_payload": st.max_record_payload,
+        "head_seq": head,
+        "oldest_seq": st.oldest_seq,
+        "posted": st.posted,
+        "overwritten": st.overwritten,
+        "rejected": st.rejected,
+        "dropped": st.abandoned,
+        "unique_claims": claims.map(|c| format!("{c:?}")),
+        "delivered": readers.iter().map(|x| x["delivered"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "lagged_missed": readers.iter().map(|x| x["missed"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "wakeups_sent": idle.wakeups_sent.load(Ordering::Relaxed),
+        "idle_slots": idle.idle_slots(),
+        "workers": readers,
+    }))
 }

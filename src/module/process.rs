@@ -14,7 +14,7 @@ use crate::shm::lifecycle::{Finding, pid_alive};
 use super::conf::CoreConf;
 use super::local::local;
 use super::time::now_ms;
-use super::{events, ngx_workerbus_module, zone};
+use super::{events, ngx_workerbus_module, wake, zone};
 
 fn cycle_log(cycle: *mut ngx_cycle_t) -> *mut ngx_log_t {
     // SAFETY: nginx passes a live cycle to every process hook.
@@ -65,6 +65,8 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         pid(),
         names.join(", ")
     );
+    events::begin_generation(&zones, generation);
+    wake::ensure_fds(workers as usize, cycle_log(cycle));
     let l = local();
     l.generation = generation;
     l.master_pid_seen = pid();
@@ -96,7 +98,11 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         let master = unsafe { libc::getppid() };
         lc.set_master_pid(generation, l.master_pid_seen, master);
     }
-    l.record = lc.register_worker(generation, slot, pid(), now_ms(), pid_alive, |f| report(log, f, pid()));
+    let mut respawned = false;
+    l.record = lc.register_worker(generation, slot, pid(), now_ms(), pid_alive, |f| {
+        respawned |= matches!(f, Finding::Crashed { .. });
+        report(log, f, pid())
+    });
     if l.record.is_none() {
         ngx::ngx_log_error!(
             NGX_LOG_ERR,
@@ -112,13 +118,14 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         pid(),
         lc.live_count(generation)
     );
-    events::init_worker(cycle, &primary);
+    events::init_worker(cycle, respawned);
     start_heartbeat(log);
     NGX_OK as ngx_int_t
 }
 
 /// Worker exit through nginx (graceful stop, reload, quit).
 pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
+    wake::unregister();
     let l = local();
     let Some(primary) = l.primary().copied() else { return };
     let Some(index) = l.record else { return };
@@ -190,7 +197,9 @@ unsafe extern "C" fn heartbeat(ev: *mut ngx_event_t) {
             );
         }
         lc.check(now, l.hang_timeout_ms as u64, pid_alive, |f| report(log, f, pid()));
-        events::on_heartbeat(&primary);
+    }
+    for z in &l.zones {
+        events::on_heartbeat(z);
     }
     // SAFETY: as in start_heartbeat.
     unsafe { nginx_sys::ngx_add_timer(ev, l.heartbeat_ms) };

@@ -7,7 +7,7 @@ use core::sync::atomic::AtomicU64;
 
 use super::idle::IdleMask;
 use super::kv::Kv;
-use super::lifecycle::Lifecycle;
+use super::lifecycle::{Lifecycle, MAX_GENERATIONS};
 
 pub const MAGIC: u64 = u64::from_be_bytes(*b"wrkrbus\0");
 /// Bumped whenever any `#[repr(C)]` structure kept in a zone changes.
@@ -28,6 +28,9 @@ pub struct ZoneHeader {
     pub claims_len: u64,
     /// Lua poll passes and other counters that belong to no one part.
     pub counters: [AtomicU64; 8],
+    /// Ring head when each generation began (by generation % MAX_GENERATIONS):
+    /// where that generation's workers start reading.
+    pub first_seq: [AtomicU64; MAX_GENERATIONS],
     /// Workers whose event poller sleeps, for wake-ups.
     pub idle: IdleMask,
     pub kv: Kv,

@@ -12,9 +12,9 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use super::lock::ShmLock;
 
-pub const KV_ENTRIES: usize = 64;
+pub const KV_ENTRIES: usize = 32;
 pub const KV_KEY_MAX: usize = 64;
-pub const KV_VALUE_MAX: usize = 1024;
+pub const KV_VALUE_MAX: usize = 512;
 
 #[repr(C)]
 pub struct KvEntry {
@@ -197,12 +197,12 @@ mod tests {
         let t = kv();
         assert_eq!(t.set(&NoLock, b"", b"x"), Err(KvError::EmptyKey));
         assert_eq!(t.set(&NoLock, &[b'k'; 65], b"x"), Err(KvError::KeyTooLong(65)));
-        assert_eq!(t.set(&NoLock, b"k", &[0; 1025]), Err(KvError::ValueTooLong(1025)));
+        assert_eq!(t.set(&NoLock, b"k", &[0; 513]), Err(KvError::ValueTooLong(513)));
         for i in 0..KV_ENTRIES {
             t.set(&NoLock, format!("k{i}").as_bytes(), b"v").unwrap();
         }
         assert_eq!(t.set(&NoLock, b"one more", b"v"), Err(KvError::Full));
-        assert_eq!(KvError::Full.to_string(), "all 64 entries are in use");
+        assert_eq!(KvError::Full.to_string(), "all 32 entries are in use");
     }
 
     #[test]

@@ -2,10 +2,10 @@
 //! memory region, addressed by offsets, usable from any process that maps it.
 //! Nothing here calls nginx; `cargo test` exercises it over `mmap(MAP_SHARED)`.
 
-// pub mod claims;
+pub mod claims;
 pub mod header;
 pub mod idle;
 pub mod kv;
 pub mod lifecycle;
 pub mod lock;
-// pub mod ring;
+pub mod ring;
