@@ -41,7 +41,7 @@ pub unsafe extern "C" fn workerbus_ev_post(
             flags,
         }
     };
-    match ev::post(&z, &rec) {
+    match ev::post(z, &rec) {
         Ok(seq) => seq as i64,
         Err(e) => fail(-1, e) as i64,
     }
@@ -60,7 +60,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
     need: *mut usize,
 ) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
-    let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
+    let Some(r) = ev::ring(z) else { return fail(-1, "the zone has no event ring") };
     let Some(rd) = local().reader.and_then(|i| r.reader(i)) else {
         return fail(-1, "this process reads no events (not an nginx worker, or not tracked)");
     };
@@ -86,7 +86,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
 pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
     let l = local();
-    let (Some(r), Some(i)) = (ev::ring(&z), l.reader) else { return 0 };
+    let (Some(r), Some(i)) = (ev::ring(z), l.reader) else { return 0 };
     let Some(rd) = r.reader(i) else { return 0 };
     let pending = || rd.cursor() < r.head_seq();
     c_int::from(z.header().idle.set_idle(l.slot, pending))
@@ -114,7 +114,7 @@ pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, k
     if !(ttl_sec.is_finite() && ttl_sec >= 0.0) {
         return fail(-1, "timeout must be a non-negative number");
     }
-    let Some(c) = ev::claims(&z) else { return fail(-1, "the zone has no claim table") };
+    let Some(c) = ev::claims(z) else { return fail(-1, "the zone has no claim table") };
     match c.claim(&z.lock(), key, now_ms(), (ttl_sec * 1000.0) as u64) {
         Ok(won) => c_int::from(won),
         Err(_) => fail(-1, "the unique-event claim table is full"),
@@ -124,20 +124,20 @@ pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, k
 /// Largest source+event+unique+data accepted in one event.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_max_payload(zone_index: c_int) -> usize {
-    zone(zone_index).and_then(|z| ev::ring(&z)).map_or(0, |r| r.max_record_payload())
+    zone(zone_index).and_then(|z| ev::ring(z)).map_or(0, |r| r.max_record_payload())
 }
 
 /// Next seq the ring will assign.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_head(zone_index: c_int) -> u64 {
-    zone(zone_index).map_or(0, |z| ev::head_seq(&z))
+    zone(zone_index).map_or(0, |z| ev::head_seq(z))
 }
 
 /// This worker's next seq to read.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
     let reader = local().reader;
-    zone(zone_index).and_then(|z| ev::ring(&z)).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
+    zone(zone_index).and_then(|z| ev::ring(z)).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
 }
 
 /// Wakes this worker's own poller (a post_local from a request handler).

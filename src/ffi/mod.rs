@@ -41,8 +41,8 @@ pub unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
 }
 
 /// The zone behind an index from `workerbus_zone`.
-pub fn zone(index: c_int) -> Option<Zone> {
-    usize::try_from(index).ok().and_then(|i| local().zones.get(i).copied())
+pub fn zone(index: c_int) -> Option<&'static Zone> {
+    usize::try_from(index).ok().and_then(|i| local().zones.get(i))
 }
 
 #[unsafe(no_mangle)]

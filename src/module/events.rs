@@ -21,18 +21,12 @@ pub const MAX_READERS: usize = crate::shm::lifecycle::MAX_WORKER_RECORDS;
 
 /// The zone's ring, if it has one.
 pub fn ring(zone: &Zone) -> Option<Ring> {
-    let h = zone.header();
-    let (p, len) = h.part(h.ring_off, h.ring_len)?;
-    // SAFETY: the part was laid out by parts::lay_out in this zone and lives as long as it.
-    unsafe { Ring::attach(p, len) }.ok()
+    zone.ring
 }
 
 /// The zone's unique-event claim table, if it has one.
 pub fn claims(zone: &Zone) -> Option<Claims> {
-    let h = zone.header();
-    let (p, len) = h.part(h.claims_off, h.claims_len)?;
-    // SAFETY: as for the ring.
-    unsafe { Claims::attach(p, len) }.ok()
+    zone.claims
 }
 
 /// Next sequence number the ring will assign: where a new generation starts reading.

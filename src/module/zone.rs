@@ -9,7 +9,9 @@ use nginx_sys::{
     ngx_slab_pool_t, ngx_str_t,
 };
 
+use crate::shm::claims::Claims;
 use crate::shm::header::{LAYOUT, MAGIC, ZoneHeader};
+use crate::shm::ring::Ring;
 use crate::shm::lock::ShmLock;
 
 use super::{time::now_ms, zone_tag};
@@ -20,6 +22,9 @@ pub struct Zone {
     pub shm: *mut ngx_shm_zone_t,
     pub pool: *mut ngx_slab_pool_t,
     pub header: *mut ZoneHeader,
+    /// The event ring and claim table, attached once per process.
+    pub ring: Option<Ring>,
+    pub claims: Option<Claims>,
 }
 
 impl Zone {
@@ -169,10 +174,19 @@ pub fn of_cycle(cycle: *const ngx_cycle_t) -> Vec<Zone> {
         let zones = unsafe { core::slice::from_raw_parts((*part).elts as *const ngx_shm_zone_t, (*part).nelts) };
         for z in zones {
             if z.tag == zone_tag() && !z.data.is_null() {
+                let header = z.data as *mut ZoneHeader;
+                // SAFETY: init_zone laid out (or checked) this header before any process looks at it.
+                let h = unsafe { &*header };
+                // SAFETY: the parts were laid out by parts::lay_out inside this zone.
+                let ring = h.part(h.ring_off, h.ring_len).and_then(|(p, n)| unsafe { Ring::attach(p, n) }.ok());
+                // SAFETY: as above.
+                let claims = h.part(h.claims_off, h.claims_len).and_then(|(p, n)| unsafe { Claims::attach(p, n) }.ok());
                 out.push(Zone {
                     shm: z as *const ngx_shm_zone_t as *mut ngx_shm_zone_t,
                     pool: z.shm.addr as *mut ngx_slab_pool_t,
-                    header: z.data as *mut ZoneHeader,
+                    header,
+                    ring,
+                    claims,
                 });
             }
         }
