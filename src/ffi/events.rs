@@ -88,7 +88,7 @@ pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
     let l = local();
     let (Some(r), Some(i)) = (ev::ring(z), l.reader) else { return 0 };
     let Some(rd) = r.reader(i) else { return 0 };
-    let pending = || rd.cursor() < r.head_seq();
+    let pending = || rd.pending();
     c_int::from(z.header().idle.set_idle(l.slot, pending))
 }
 

@@ -85,7 +85,7 @@ pub fn on_heartbeat(zone: &Zone) {
                 ngx::ngx_log_error!(
                     NGX_LOG_WARN,
                     log,
-                    "workerbus: zone \"{}\": dropped an event abandoned by pid {pid}, which died mid-post",
+                    "workerbus: zone \"{}\": a writer (pid {pid}) died mid-post; its event was not published",
                     String::from_utf8_lossy(zone.name())
                 );
             }
