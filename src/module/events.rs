@@ -75,9 +75,18 @@ pub fn post(zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
     Ok(seq)
 }
 
-/// Called on every heartbeat: completes a record abandoned by a dead writer
-/// so that readers are not held up when nobody posts any more.
+/// Called on every heartbeat: accounts for a writer that died mid-post, and
+/// wakes this worker's poller if events wait for it that no wake-up
+/// delivered (during a reload two generations' workers share each slot's
+/// descriptor and idle bit, and one may drain the other's wake-up). So the heartbeat, not a Lua timer, bounds the
+/// worst-case delay, and an idle worker's poller needs no timer of its own.
 pub fn on_heartbeat(zone: &Zone) {
+    let l = local();
+    if let (Some(r), Some(i)) = (zone.ring, l.reader) {
+        if r.reader(i).is_some_and(|rd| rd.pending()) {
+            wake::post_sema(l.sema);
+        }
+    }
     if let Some(r) = ring(zone) {
         if let Some(pid) = r.repair(&zone.lock()) {
             let log = local().heartbeat.log;
