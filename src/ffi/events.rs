@@ -41,7 +41,7 @@ pub unsafe extern "C" fn workerbus_ev_post(
             flags,
         }
     };
-    match ev::post(z, &rec) {
+    match ev::post(zone_index as usize, z, &rec) {
         Ok(seq) => seq as i64,
         Err(e) => fail(-1, e) as i64,
     }

@@ -67,11 +67,16 @@ pub fn init_worker(cycle: *mut ngx_cycle_t, respawned: bool) {
     wake::register(cycle, l.slot);
 }
 
-/// Appends an event and wakes the workers whose pollers sleep.
-pub fn post(zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
+/// Appends an event to zone `index`; the workers whose pollers sleep are
+/// woken when this event-loop iteration ends.
+pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
     let r = ring(zone).ok_or("the zone has no event ring")?;
     let seq = r.post(&zone.lock(), rec).map_err(|e| e.to_string())?;
-    zone.header().idle.wake_idle(wake::signal);
+    if local().is_worker {
+        wake::wake_later(index);
+    } else {
+        zone.header().idle.wake_idle(wake::signal);
+    }
     Ok(seq)
 }
 

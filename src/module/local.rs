@@ -36,6 +36,9 @@ pub struct Local {
     /// The Lua poller's ngx.semaphore (ngx_http_lua_sema_t *), posted on wake-up.
     pub sema: *mut c_void,
     pub sema_post: Option<SemaPost>,
+    /// Deferred wake-up: posted once per event-loop iteration, for these zones (bits).
+    pub wake_ev: ngx_event_t,
+    pub wake_zones: u32,
     /// Ring reader slot of this worker (its lifecycle record index).
     pub reader: Option<usize>,
 }
@@ -63,6 +66,9 @@ static LOCAL: ProcessCell = ProcessCell(UnsafeCell::new(Local {
     wakeups_received: 0,
     sema: core::ptr::null_mut(),
     sema_post: None,
+    // SAFETY: as for the heartbeat event.
+    wake_ev: unsafe { core::mem::zeroed() },
+    wake_zones: 0,
     reader: None,
 }));
 

@@ -91,6 +91,37 @@ pub fn post_sema(sem: *mut c_void) {
     }
 }
 
+/// Wakes the idle workers of zone `index` at the end of this event-loop
+/// iteration rather than at once: a handler posting a burst then pays for
+/// one wake-up per idle worker in all, not one each time a fast reader
+/// drained the ring and went idle again.
+pub fn wake_later(index: usize) {
+    let l = local();
+    l.wake_zones |= 1u32 << (index % 32);
+    let ev = &mut l.wake_ev;
+    if ev.posted() != 0 {
+        return;
+    }
+    if ev.handler.is_none() {
+        ev.handler = Some(on_deferred_wake);
+        ev.data = (&raw mut l.dummy_conn).cast();
+        // SAFETY: ngx_cycle is the running cycle of this worker.
+        ev.log = unsafe { (*nginx_sys::ngx_cycle).log };
+    }
+    // SAFETY: the event lives in process-static memory; the queue is nginx's own.
+    unsafe { nginx_sys::ngx_post_event(ev, &raw mut nginx_sys::ngx_posted_events) };
+}
+
+unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
+    let l = local();
+    let zones = core::mem::take(&mut l.wake_zones);
+    for (i, z) in l.zones.iter().enumerate() {
+        if zones & (1u32 << (i % 32)) != 0 {
+            z.header().idle.wake_idle(signal);
+        }
+    }
+}
+
 /// Writes to a slot's eventfd.
 pub fn signal(slot: usize) {
     let Some(&fd) = local().wake_fds.get(slot) else { return };
