@@ -73,16 +73,18 @@ fn load_bytes(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
 impl KvEntry {
     /// A consistent copy of (key, value), or None if the entry is empty.
     fn read(&self, key: &mut Vec<u8>, value: &mut Vec<u8>) -> Option<()> {
+        // A live writer holds an entry odd for well under a microsecond; a
+        // dead one forever (until rewritten). Spin a while, then give up.
+        let mut odd_spins = 0u32;
         loop {
             // Acquire: the words read below are at least as new as this count.
             let s1 = self.seq.load(Ordering::Acquire);
             if s1 & 1 == 1 {
-                // Either a live writer (retry shortly) or a dead one: a dead
-                // writer's entry is unreadable until rewritten.
-                core::hint::spin_loop();
-                if self.seq.load(Ordering::Acquire) == s1 {
+                odd_spins += 1;
+                if odd_spins > 100_000 {
                     return None;
                 }
+                core::hint::spin_loop();
                 continue;
             }
             let klen = (self.key_len.load(Ordering::Relaxed) as usize).min(KV_KEY_MAX);
