@@ -19,7 +19,7 @@ local function now_ns()
 end
 
 local _M = {}
-local dict = ngx.shared.bench
+local dict = ngx.shared.bench_stats
 local handled = 0
 local target = 0
 
