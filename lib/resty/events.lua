@@ -1,0 +1,291 @@
+-- resty.events on workerbus: the API of Kong's lua-resty-events (new,
+-- init_worker, run, publish, subscribe, unsubscribe, is_ready) without a
+-- broker: events go through the workerbus module's event ring, read by the
+-- same per-worker poller as resty.worker.events. See docs/events.md.
+
+-- A failed require leaves a sentinel in package.loaded, and the next
+-- require of that name only says "loop or previous error". Clear it, so
+-- that every attempt explains what is missing (e.g. the load_module line).
+local function need(name)
+    local ok, mod = pcall(require, name)
+    if not ok then
+        package.loaded[name] = nil
+        error(mod, 0)
+    end
+    return mod
+end
+
+local core = need "resty.workerbus.events_core"
+
+local ngx = ngx
+local log = ngx.log
+local ERR = ngx.ERR
+local DEBUG = ngx.DEBUG
+local type = type
+local tostring = tostring
+local assert = assert
+local xpcall = xpcall
+local setmetatable = setmetatable
+local traceback = debug.traceback
+local str_sub = string.sub
+
+local FLAG_EVENTS = core.FLAG_EVENTS
+local SOURCE = "resty-events"     -- source of this module's own "lagged" event
+local POLL_BOUND = 1              -- the poller wakes at least this often (seconds)
+
+local UNIX_PREFIX = "unix:"
+local DEFAULT_UNIQUE_TIMEOUT = 5
+local DEFAULT_MAX_QUEUE_LEN = 1024 * 10
+local DEFAULT_MAX_PAYLOAD_LEN = 1024 * 64
+local LIMIT_MAX_PAYLOAD_LEN = 1024 * 1024 * 16
+
+local _M = {
+    _VERSION = "0.3.1",
+    _WORKERBUS = "0.1.0",
+}
+local _MT = { __index = _M }
+
+-- The options of lua-resty-events, checked as it checks them (same
+-- messages); what each one means here is in docs/events.md.
+local function check_options(opts)
+    if opts.broker_id == nil then
+        opts.broker_id = 0
+    end
+    if type(opts.broker_id) ~= "number" then
+        return nil, '"broker_id" option must be a number'
+    end
+    local count = ngx.worker.count()
+    if opts.broker_id < 0 or (count and opts.broker_id >= count) then
+        return nil, '"broker_id" option is invalid'
+    end
+
+    -- Optional here: there is no socket to listen on.
+    if opts.listening ~= nil then
+        if type(opts.listening) ~= "string" then
+            return nil, '"listening" option must be a string'
+        end
+        if str_sub(opts.listening, 1, #UNIX_PREFIX) ~= UNIX_PREFIX then
+            return nil, '"listening" option must start with ' .. UNIX_PREFIX
+        end
+    end
+
+    opts.unique_timeout = opts.unique_timeout or DEFAULT_UNIQUE_TIMEOUT
+    if type(opts.unique_timeout) ~= "number" then
+        return nil, 'optional "unique_timeout" option must be a number'
+    end
+    if opts.unique_timeout <= 0 then
+        return nil, '"unique_timeout" must be greater than 0'
+    end
+
+    opts.max_queue_len = opts.max_queue_len or DEFAULT_MAX_QUEUE_LEN
+    if type(opts.max_queue_len) ~= "number" then
+        return nil, '"max_queue_len" option must be a number'
+    end
+    if opts.max_queue_len <= 0 then
+        return nil, '"max_queue_len" option is invalid'
+    end
+
+    opts.max_payload_len = opts.max_payload_len or DEFAULT_MAX_PAYLOAD_LEN
+    if type(opts.max_payload_len) ~= "number" then
+        return nil, '"max_payload_len" option must be a number'
+    end
+    if opts.max_payload_len <= 0 or opts.max_payload_len > LIMIT_MAX_PAYLOAD_LEN then
+        return nil, '"max_payload_len" option is invalid'
+    end
+
+    if opts.enable_privileged_agent ~= nil
+       and type(opts.enable_privileged_agent) ~= "boolean"
+    then
+        return nil, '"enable_privileged_agent" option must be a boolean'
+    end
+
+    opts.testing = opts.testing or false
+    if type(opts.testing) ~= "boolean" then
+        return nil, '"testing" option must be a boolean'
+    end
+
+    -- workerbus only: the zone whose event ring carries the events.
+    if opts.zone ~= nil and type(opts.zone) ~= "string" then
+        return nil, '"zone" option must be a string'
+    end
+
+    return true
+end
+
+function _M.new(opts)
+    if opts == nil then
+        opts = {}
+    end
+    assert(type(opts) == "table", "Expected a table, got " .. type(opts))
+    assert(check_options(opts))
+    return setmetatable({
+        opts = opts,
+        _funcs = {},      -- id -> callback
+        _lists = {},      -- source -> event -> { n = count, ids... }
+        _counter = 0,
+        _ready = false,
+    }, _MT)
+end
+
+local function call_list(self, list, data, event, source, wid)
+    local funcs = self._funcs
+    local i, stop = 1, list.n
+    while i <= stop do
+        local id = list[i]
+        local handler = funcs[id]
+        if type(handler) ~= "function" then
+            -- unsubscribed: compact (handlers added meanwhile stay)
+            local n = list.n
+            for j = i, n - 1 do
+                list[j] = list[j + 1]
+            end
+            list[n] = nil
+            list.n = n - 1
+            stop = stop - 1
+        else
+            local ok, err = xpcall(handler, traceback, data, event, source, wid)
+            if not ok then
+                -- The payload may be private: it is not logged.
+                log(ERR, "worker-events: event callback failed; source=", source,
+                         ", event=", event, ", wid=", tostring(wid),
+                         " error='", tostring(err), "'")
+            end
+            i = i + 1
+        end
+    end
+end
+
+local function dispatch(self, data, event, source, wid)
+    log(DEBUG, "worker-events: handling event; source=", source,
+               ", event=", event, ", wid=", wid)
+    local lists = self._lists
+    local any = lists["*"]
+    if any then
+        local l = any["*"]
+        if l then
+            call_list(self, l, data, event, source, wid)
+        end
+        l = any[event]
+        if l and event ~= "*" then
+            call_list(self, l, data, event, source, wid)
+        end
+    end
+    local by_src = source ~= "*" and lists[source]
+    if by_src then
+        local l = by_src["*"]
+        if l then
+            call_list(self, l, data, event, source, wid)
+        end
+        l = by_src[event]
+        if l and event ~= "*" then
+            call_list(self, l, data, event, source, wid)
+        end
+    end
+end
+
+local function attach(self)
+    local zone = self.opts.zone
+    return core.attach(zone, zone ~= nil)
+end
+
+function _M:init_worker()
+    local opts = self.opts
+    if opts.testing then
+        self._ready = true
+        return true
+    end
+    local ok, err = attach(self)
+    if not ok then
+        return nil, err
+    end
+    core.set_ttl(FLAG_EVENTS, opts.unique_timeout)
+    if not self._sink then
+        self._sink = function(data, event, source, _, wid)
+            return dispatch(self, data, event, source, wid)
+        end
+        core.add_sink(self._sink, function(n)
+            return dispatch(self, n, "lagged", SOURCE, nil)
+        end)
+    end
+    ok, err = core.want_loop(self, POLL_BOUND)
+    if not ok then
+        return nil, err
+    end
+    self._ready = true
+    return true
+end
+
+-- There is no broker: nothing to run. Kept so that existing
+-- `listen unix:...; content_by_lua_block { ev:run() }` servers still load.
+function _M.run()
+    return true
+end
+
+function _M:publish(target, source, event, data)
+    assert(type(target) == "string" and target ~= "", "target is required")
+    assert(type(source) == "string" and source ~= "", "source is required")
+    assert(type(event) == "string" and event ~= "", "event is required")
+
+    local opts = self.opts
+    if opts.testing then
+        dispatch(self, data, event, source, nil)
+        return true
+    end
+
+    if target == "current" then
+        return core.post_local(source, event, data)
+    end
+
+    if not core.attached() then
+        local ok, err = attach(self)
+        if not ok then
+            return nil, "failed to publish event: " .. err
+        end
+    end
+
+    local unique = target ~= "all" and target or nil
+    local ok, err = core.post(source, event, data, unique, FLAG_EVENTS, opts.max_payload_len)
+    if not ok then
+        return nil, "failed to publish event: " .. err
+    end
+    return true
+end
+
+function _M:subscribe(source, event, callback)
+    assert(type(source) == "string" and source ~= "", "source is required")
+    assert(type(event) == "string" and event ~= "", "event is required")
+    assert(type(callback) == "function", "expected function, got: " .. type(callback))
+
+    local count = self._counter + 1
+    self._counter = count
+    local id = tostring(count)
+    self._funcs[id] = callback
+
+    local lists = self._lists
+    local by_src = lists[source]
+    if not by_src then
+        by_src = {}
+        lists[source] = by_src
+    end
+    local list = by_src[event]
+    if not list then
+        list = { n = 0 }
+        by_src[event] = list
+    end
+    local n = list.n + 1
+    list.n = n
+    list[n] = id
+    return id
+end
+
+function _M:unsubscribe(id)
+    assert(type(id) == "string" and id ~= "", "id is required")
+    self._funcs[id] = nil
+    return true
+end
+
+function _M:is_ready()
+    return self._ready
+end
+
+return _M

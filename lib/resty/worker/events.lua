@@ -1,0 +1,450 @@
+-- resty.worker.events on workerbus: the API of Kong's lua-resty-worker-events
+-- 2.0.1, with events carried by the workerbus module's event ring instead
+-- of a lua_shared_dict. See docs/worker-events.md.
+
+-- A failed require leaves a sentinel in package.loaded, and the next
+-- require of that name only says "loop or previous error". Clear it, so
+-- that every attempt explains what is missing (e.g. the load_module line).
+local function need(name)
+    local ok, mod = pcall(require, name)
+    if not ok then
+        package.loaded[name] = nil
+        error(mod, 0)
+    end
+    return mod
+end
+
+local core = need "resty.workerbus.events_core"
+local wb = require "resty.workerbus"
+
+local ngx = ngx
+local log = ngx.log
+local ERR = ngx.ERR
+local NOTICE = ngx.NOTICE
+local DEBUG = ngx.DEBUG
+local type = type
+local tostring = tostring
+local select = select
+local ipairs = ipairs
+local xpcall = xpcall
+local error = error
+local assert = assert
+local setmetatable = setmetatable
+local traceback = debug.traceback
+
+local SOURCE = "resty-worker-events"
+local API = 0               -- this API's flag bits in the ring records
+local OWNER = "resty.worker.events"
+
+local DEFAULTS = {
+    timeout = 2,
+    interval = 1,
+    wait_interval = 0.010,
+    wait_max = 0.5,
+    shm_retries = 999,
+}
+
+local _M = {
+    _VERSION = "2.0.1",
+    _WORKERBUS = "0.1.0",
+}
+
+-- Handler lists. A level holds the handlers of one key (all events, one
+-- source, or one source + event): strong ones, and weak ones kept in a
+-- weak-valued table. Removed or collected entries are compacted away by
+-- the dispatcher.
+local WEAK_MT = { __mode = "v" }
+
+local function new_level()
+    return { n = 0, list = {}, wn = 0, wlist = setmetatable({}, WEAK_MT) }
+end
+
+local global = new_level()
+local by_source = {}   -- source -> { level = ..., events = { [event] = level } }
+
+local function source_node(source, create)
+    local node = by_source[source]
+    if not node and create then
+        node = { level = new_level(), events = {} }
+        by_source[source] = node
+    end
+    return node
+end
+
+local function event_level(node, event, create)
+    local level = node.events[event]
+    if not level and create then
+        level = new_level()
+        node.events[event] = level
+    end
+    return level
+end
+
+-- Calls the handlers of one list of a level. Handlers added meanwhile wait
+-- for the next event; removed or collected ones are compacted away.
+local function call_list(level, weak, data, event, source, pid)
+    local list = weak and level.wlist or level.list
+    local key = weak and "wn" or "n"
+    local i, stop = 1, level[key]
+    while i <= stop do
+        local handler = list[i]
+        if type(handler) ~= "function" then
+            local n = level[key]
+            for j = i, n - 1 do
+                list[j] = list[j + 1]
+            end
+            list[n] = nil
+            level[key] = n - 1
+            stop = stop - 1
+        else
+            local ok, err = xpcall(handler, traceback, data, event, source, pid)
+            if not ok then
+                -- The payload may be private: it is not logged.
+                log(ERR, "worker-events: event callback failed; source=", source,
+                         ", event=", event, ", pid=", tostring(pid),
+                         " error='", tostring(err), "'")
+            end
+            i = i + 1
+        end
+    end
+end
+
+-- Weak handlers first, then strong ones, as the original does.
+local function call_level(level, data, event, source, pid)
+    if level.wn > 0 then
+        call_list(level, true, data, event, source, pid)
+    end
+    if level.n > 0 then
+        call_list(level, false, data, event, source, pid)
+    end
+end
+
+local function do_event(data, event, source, pid)
+    log(DEBUG, "worker-events: handling event; source=", source,
+               ", event=", event, ", pid=", pid)
+    call_level(global, data, event, source, pid)
+    local node = by_source[source]
+    if node then
+        call_level(node.level, data, event, source, pid)
+        local level = node.events[event]
+        if level then
+            call_level(level, data, event, source, pid)
+        end
+    end
+end
+
+local function on_lagged(n)
+    do_event(n, "lagged", SOURCE, nil)
+end
+
+-- Settings of this worker process (reset when forked from the master).
+local conf_pid
+local shm_name
+local settings = {}
+local notice_logged = false
+
+local function configured()
+    return conf_pid ~= nil and conf_pid == ngx.worker.pid() and core.attached()
+end
+
+local function check_number(opts, name, positive)
+    local v = opts[name]
+    if v == nil then
+        v = settings[name] or DEFAULTS[name]
+    end
+    if type(v) ~= "number" then
+        return nil, 'optional "' .. name .. '" option must be a number'
+    end
+    if positive and v <= 0 then
+        return nil, '"' .. name .. '" must be greater than 0'
+    elseif not positive and v < 0 then
+        if name == "shm_retries" then
+            return nil, '"shm_retries" must be 0 or greater'
+        end
+        return nil, '"' .. name .. '" must be greater than or equal to 0'
+    end
+    return v
+end
+
+local function zone_for(shm)
+    if type(shm) ~= "string" then
+        return nil, 'shm "' .. tostring(shm) .. '" not found'
+    end
+    local z = wb.zone(shm)
+    if z then
+        return core.attach(shm, true)
+    end
+    local primary, err = wb.zone(nil)
+    if not primary then
+        return nil, err
+    end
+    if not ngx.shared[shm] then
+        return nil, 'shm "' .. shm .. '" not found: it is neither a workerbus_zone nor a lua_shared_dict'
+    end
+    local idx
+    idx, err = core.attach(nil, false)
+    if not idx then
+        return nil, err
+    end
+    if not notice_logged then
+        notice_logged = true
+        log(NOTICE, "worker-events: shm \"", shm, "\" is a lua_shared_dict, not a ",
+                    "workerbus zone; events go through the event ring of workerbus zone \"",
+                    core.zone_name(), "\" and the dict is not used")
+    end
+    return idx
+end
+
+local function post_stopping()
+    if configured() then
+        local ok, err = core.post(SOURCE, "stopping", nil, nil, API)
+        if not ok then
+            log(ERR, "worker-events: cannot post the \"stopping\" event: ", err)
+        end
+    end
+end
+
+local sink_added = false
+
+function _M.configure(opts)
+    assert(type(opts) == "table", "Expected a table, got " .. type(opts))
+
+    local started = configured()
+    if not started then
+        settings = {}
+    end
+
+    local shm = opts.shm
+    if started and shm ~= nil and shm ~= shm_name then
+        return nil, "Already started, cannot change shm"
+    end
+    if not started and shm == nil then
+        return nil, '"shm" option required to start'
+    end
+
+    local new = {}
+    for _, spec in ipairs({ { "timeout", true }, { "interval", false },
+                           { "wait_interval", false }, { "wait_max", false },
+                           { "shm_retries", false } }) do
+        local v, err = check_number(opts, spec[1], spec[2])
+        if not v then
+            return nil, err
+        end
+        new[spec[1]] = v
+    end
+
+    if not started then
+        local z, err = zone_for(shm)
+        if not z then
+            return nil, err
+        end
+        shm_name = shm
+        conf_pid = ngx.worker.pid()
+        if not sink_added then
+            sink_added = true
+            core.add_sink(do_event, on_lagged)
+            core.on_exit(post_stopping)
+        end
+    end
+
+    settings = new
+    core.set_ttl(API, new.timeout)
+
+    if not started then
+        -- We're live: every worker (this one included) gets "started".
+        local ok, err = core.post(SOURCE, "started", nil, nil, API)
+        if not ok then
+            conf_pid = nil
+            err = 'failed posting event "started" by "' .. SOURCE .. '"; ' .. tostring(err)
+            log(ERR, "worker-events: ", err)
+            return nil, err
+        end
+    end
+
+    local ok, err = core.want_loop(OWNER, new.interval)
+    if not ok then
+        log(ERR, "worker-events: ", err)
+        return nil, err
+    end
+    return true
+end
+
+function _M.configured()
+    return configured()
+end
+
+local function check_name(what, v)
+    if v == nil or v == "" then
+        return nil, what .. " is required"
+    end
+    if type(v) ~= "string" then
+        return nil, what .. " must be a string, got " .. type(v)
+    end
+    return true
+end
+
+function _M.post(source, event, data, unique)
+    local ok, err = check_name("source", source)
+    if not ok then
+        return nil, err
+    end
+    ok, err = check_name("event", event)
+    if not ok then
+        return nil, err
+    end
+    if unique ~= nil then
+        local t = type(unique)
+        if t == "number" then
+            unique = tostring(unique)
+        elseif t ~= "string" then
+            return nil, "unique must be a string, got " .. t
+        elseif unique == "" then
+            return nil, "unique must not be empty"
+        end
+    end
+    if not configured() then
+        return nil, "not configured"
+    end
+
+    ok, err = core.post(source, event, data, unique, API)
+    if not ok then
+        err = 'failed posting event "' .. event .. '" by "' .. source .. '"; ' .. tostring(err)
+        log(ERR, "worker-events: ", err)
+        return nil, err
+    end
+    return true
+end
+
+function _M.post_local(source, event, data)
+    local ok, err = check_name("source", source)
+    if not ok then
+        return nil, err
+    end
+    ok, err = check_name("event", event)
+    if not ok then
+        return nil, err
+    end
+    return core.post_local(source, event, data)
+end
+
+function _M.poll()
+    local res, err = core.poll()
+    if not res then
+        log(ERR, "worker-events: ", err)
+        return nil, err
+    end
+    return res
+end
+
+local function add(level, callback, weak)
+    if weak then
+        local n = level.wn + 1
+        level.wn = n
+        level.wlist[n] = callback
+    else
+        local n = level.n + 1
+        level.n = n
+        level.list[n] = callback
+    end
+end
+
+local function register(callback, weak, source, ...)
+    if type(callback) ~= "function" then
+        -- raised without a position, as the original's assert does
+        error("expected function, got: " .. type(callback), 0)
+    end
+    if source == nil then
+        add(global, callback, weak)
+        return true
+    end
+    local node = source_node(source, true)
+    local nev = select("#", ...)
+    if nev == 0 then
+        add(node.level, callback, weak)
+        return true
+    end
+    for i = 1, nev do
+        local event = select(i, ...)
+        if event == nil then
+            break
+        end
+        add(event_level(node, event, true), callback, weak)
+    end
+    return true
+end
+
+function _M.register(callback, source, ...)
+    register(callback, false, source, ...)
+    return true
+end
+
+function _M.register_weak(callback, source, ...)
+    register(callback, true, source, ...)
+    return true
+end
+
+-- Entries are only set to nil here; the dispatcher compacts the lists.
+local function remove(level, callback)
+    local found = false
+    for i = 1, level.wn do
+        if level.wlist[i] == callback then
+            level.wlist[i] = nil
+            found = true
+        end
+    end
+    for i = 1, level.n do
+        if level.list[i] == callback then
+            level.list[i] = false
+            found = true
+        end
+    end
+    return found
+end
+
+function _M.unregister(callback, source, ...)
+    if type(callback) ~= "function" then
+        error("expected function, got: " .. type(callback), 0)
+    end
+    if source == nil then
+        return remove(global, callback)
+    end
+    local node = source_node(source, false)
+    if not node then
+        return false
+    end
+    local nev = select("#", ...)
+    if nev == 0 then
+        return remove(node.level, callback)
+    end
+    local found = false
+    for i = 1, nev do
+        local event = select(i, ...)
+        if event == nil then
+            break
+        end
+        local level = event_level(node, event, false)
+        if level and remove(level, callback) then
+            found = true
+        end
+    end
+    return found
+end
+
+local function unknown_event(_, key)
+    error("event '" .. tostring(key) .. "' is an unknown event", 2)
+end
+
+function _M.event_list(source, ...)
+    local events = { _source = source }
+    for i = 1, select("#", ...) do
+        local event = select(i, ...)
+        if event ~= nil then
+            events[event] = event
+        end
+    end
+    return setmetatable(events, { __index = unknown_event })
+end
+
+_M.events = _M.event_list(SOURCE, "started", "stopping", "lagged")
+
+return _M

@@ -1,0 +1,634 @@
+-- resty.workerbus.events_core: the one event reader of a worker process.
+--
+-- resty.worker.events and resty.events are two faces of this module. Each
+-- worker has one cursor in one zone's event ring, one background poller
+-- (a timer light thread sleeping on an ngx.semaphore that the nginx module
+-- posts when an event arrives), and a list of "sinks": one per API (or per
+-- resty.events object) in use. Every event read from the ring, and every
+-- local event, is decoded once and handed to every sink in the same order,
+-- so both APIs can be used in one worker without taking each other's
+-- events.
+--
+-- Record flags (chosen here, stored and returned as is by the module):
+--   bits 0-1   data kind: 0 raw Lua string, 1 cjson text, 2 nil,
+--              3 LuaJIT string.buffer serialization (resty.events)
+--   bit 2      posted through resty.events (selects its unique timeout and
+--              keeps its unique keys apart from resty.worker.events' ones)
+--   bits 16-31 poster's ngx.worker.id() + 1 (0: unknown)
+
+local ffi = require "ffi"
+local bit = require "bit"
+
+-- A failed require leaves a sentinel in package.loaded, and the next
+-- require of that name only says "loop or previous error". Clear it, so
+-- that every attempt explains what is missing (e.g. the load_module line).
+local function need(name)
+    local ok, mod = pcall(require, name)
+    if not ok then
+        package.loaded[name] = nil
+        error(mod, 0)
+    end
+    return mod
+end
+
+local wb = need "resty.workerbus"
+local cjson = require("cjson.safe").new()
+
+local C = ffi.C
+local ffi_new = ffi.new
+local ffi_string = ffi.string
+local ffi_copy = ffi.copy
+local band = bit.band
+local rshift = bit.rshift
+local tonumber = tonumber
+local tostring = tostring
+local type = type
+local pairs = pairs
+local pcall = pcall
+local setmetatable = setmetatable
+local co_running = coroutine.running
+local co_status = coroutine.status
+local ngx = ngx
+local log = ngx.log
+local ERR = ngx.ERR
+local WARN = ngx.WARN
+local DEBUG = ngx.DEBUG
+local exiting = ngx.worker.exiting
+local cjson_encode = cjson.encode
+local cjson_decode = cjson.decode
+local last_error = wb.last_error
+
+ffi.cdef [[
+    typedef struct {
+        uint64_t seq;
+        int32_t  pid;
+        uint32_t flags;
+        uint32_t source_len, event_len, unique_len, data_len;
+        uint64_t missed;
+    } workerbus_record_t;
+    int64_t workerbus_ev_post(int zone, const unsigned char *src, size_t slen,
+                              const unsigned char *ev, size_t elen,
+                              const unsigned char *uniq, size_t ulen,
+                              const unsigned char *data, size_t dlen,
+                              uint32_t flags);
+    int workerbus_ev_next(int zone, workerbus_record_t *out, unsigned char *buf,
+                          size_t cap, size_t *need);
+    int workerbus_ev_idle(int zone);
+    int workerbus_ev_set_sema(void *sem);
+    int workerbus_ev_claim(int zone, const unsigned char *key, size_t klen,
+                           double ttl_sec);
+    size_t workerbus_ev_max_payload(int zone);
+    uint64_t workerbus_ev_head(int zone);
+    uint64_t workerbus_ev_cursor(int zone);
+]]
+
+local ev_post = C.workerbus_ev_post
+local ev_next = C.workerbus_ev_next
+local ev_idle = C.workerbus_ev_idle
+local ev_claim = C.workerbus_ev_claim
+local ev_head = C.workerbus_ev_head
+
+local KIND_RAW, KIND_JSON, KIND_NIL, KIND_SBUF = 0, 1, 2, 3
+local FLAG_EVENTS = 4
+local WID_UNIT = 65536
+local KEY_WORKER_EVENTS = 87   -- "W": prefix of resty.worker.events unique keys
+local KEY_EVENTS = 69          -- "E": prefix of resty.events unique keys
+local BATCH = 1000             -- events per poller turn before it yields
+local EXIT_WATCH = 3600        -- re-arm period of the exit watcher timer
+
+-- LuaJIT's serializer (OpenResty's LuaJIT has it since 2.1-2022): what
+-- lua-resty-events itself uses; cjson where it is missing.
+local sbuf_enc, sbuf_dec
+do
+    local ok, buffer = pcall(require, "string.buffer")
+    if ok and type(buffer) == "table" then
+        sbuf_enc = buffer.new()
+        sbuf_dec = buffer.new()
+    end
+end
+
+local _M = {
+    _VERSION = "0.1.0",
+    FLAG_EVENTS = FLAG_EVENTS,
+}
+
+-- This process's state. Reset when the pid changes (a module loaded in the
+-- master by init_by_lua is inherited by workers through fork).
+local owner_pid
+local zone                 -- ring's zone index, nil until attached
+local zone_name = ""
+local zone_explicit = false
+local max_payload = 0
+local wid_bits = 0         -- (ngx.worker.id() + 1) * WID_UNIT
+local ttl = { [0] = 2, [FLAG_EVENTS] = 5 }  -- unique claim timeout per API
+
+local rec = ffi_new("workerbus_record_t")
+local need_len = ffi_new("size_t[1]")
+local buf_cap = 16384
+local buf = ffi_new("unsigned char[?]", buf_cap)
+local key_cap = 256
+local key_buf = ffi_new("unsigned char[?]", key_cap)
+
+local sinks, lag_sinks, nsinks = {}, {}, 0
+local exit_hooks = {}
+
+-- Local events: parallel arrays, head..tail; `before` is the ring's head seq
+-- when the event was posted, so it is delivered just before the first ring
+-- event posted after it.
+local lq_src, lq_ev, lq_data, lq_before = {}, {}, {}, {}
+local lq_head, lq_tail = 1, 0
+
+local busy = false         -- a poll is running (a handler calling poll gets "recursive")
+local ring_polled = false  -- this process read its ring at least once
+
+local sema                 -- the poller's ngx.semaphore (kept referenced: the module holds its pointer)
+local loop_running = false
+local waiting = false
+local interval = 0
+local wants = {}           -- owner -> interval wanted (0: no background loop)
+
+local function reset_if_forked()
+    local pid = ngx.worker.pid()
+    if owner_pid == pid then
+        return
+    end
+    owner_pid = pid
+    zone, zone_name, zone_explicit, max_payload = nil, "", false, 0
+    local id = ngx.worker.id()
+    wid_bits = id and (id + 1) * WID_UNIT or 0
+    lq_src, lq_ev, lq_data, lq_before = {}, {}, {}, {}
+    lq_head, lq_tail = 1, 0
+    busy, ring_polled = false, false
+    sema, loop_running, waiting, interval = nil, false, false, 0
+    wants = {}
+end
+
+-- Name of zone index i, for messages.
+local function name_of(i)
+    local st = wb.status()
+    local z = st and st.zones and st.zones[i + 1]
+    return z and z.name or ("#" .. i)
+end
+
+-- Binds this worker's reader to a zone. `name` nil: stay on the zone already
+-- bound, else the primary one. `explicit`: the caller insists on this zone.
+function _M.attach(name, explicit)
+    reset_if_forked()
+    if zone and not explicit then
+        return zone
+    end
+    local z, err = wb.zone(name)
+    if not z then
+        return nil, err
+    end
+    if zone and z ~= zone then
+        if zone_explicit or ring_polled then
+            return nil, "events of this worker already go through workerbus zone \""
+                        .. zone_name .. "\", not \"" .. tostring(name) .. "\""
+        end
+        -- Only a default choice was made and nothing was read yet: move.
+    end
+    if zone ~= z then
+        zone = z
+        zone_name = name_of(z)
+        max_payload = tonumber(C.workerbus_ev_max_payload(z))
+    end
+    zone_explicit = zone_explicit or explicit and true or false
+    return zone
+end
+
+function _M.attached()
+    return owner_pid == ngx.worker.pid() and zone ~= nil
+end
+
+function _M.zone_name()
+    return zone_name
+end
+
+function _M.max_payload()
+    return max_payload
+end
+
+-- Unique-event claim timeout for one API (0: resty.worker.events, FLAG_EVENTS: resty.events).
+function _M.set_ttl(api, seconds)
+    ttl[api] = seconds
+end
+
+-- A sink: dispatch(data, event, source, pid, wid) for every event,
+-- lagged(n) when the ring lapped this worker and n events were lost.
+function _M.add_sink(dispatch, lagged)
+    nsinks = nsinks + 1
+    sinks[nsinks] = dispatch
+    lag_sinks[nsinks] = lagged
+    return nsinks
+end
+
+function _M.remove_sink(dispatch)
+    for i = 1, nsinks do
+        if sinks[i] == dispatch then
+            for j = i, nsinks - 1 do
+                sinks[j] = sinks[j + 1]
+                lag_sinks[j] = lag_sinks[j + 1]
+            end
+            sinks[nsinks], lag_sinks[nsinks] = nil, nil
+            nsinks = nsinks - 1
+            return true
+        end
+    end
+    return false
+end
+
+-- Called once when the worker exits, before the poller's last poll.
+function _M.on_exit(fn)
+    exit_hooks[#exit_hooks + 1] = fn
+end
+
+local function deliver(data, event, source, pid, wid)
+    for i = 1, nsinks do
+        sinks[i](data, event, source, pid, wid)
+    end
+end
+
+-- Encodes data for the ring: value (string or pointer), length, kind.
+-- On failure: nil, nil, err.
+local function encode(data, use_sbuf)
+    local t = type(data)
+    if t == "string" then
+        return data, #data, KIND_RAW
+    elseif t == "nil" then
+        return nil, 0, KIND_NIL
+    end
+    if use_sbuf and sbuf_enc then
+        sbuf_enc:reset()
+        local ok, err = pcall(sbuf_enc.encode, sbuf_enc, data)
+        if not ok then
+            return nil, nil, "cannot serialize data: " .. tostring(err)
+        end
+        local p, len = sbuf_enc:ref()
+        return p, len, KIND_SBUF
+    end
+    local s, err = cjson_encode(data)
+    if not s then
+        return nil, nil, "cannot encode data as JSON: " .. tostring(err)
+    end
+    return s, #s, KIND_JSON
+end
+
+-- Appends an event to the ring. api: 0 or FLAG_EVENTS. Returns seq, or
+-- nil, err. `max_data` (optional) bounds the encoded data.
+function _M.post(source, event, data, unique, api, max_data)
+    if not _M.attached() then
+        return nil, "not configured"
+    end
+    local d, dlen, kind = encode(data, api == FLAG_EVENTS)
+    if not dlen then
+        return nil, kind
+    end
+    if max_data and dlen > max_data then
+        return nil, "payload exceeds the limitation (" .. max_data .. ")"
+    end
+    local slen, elen = #source, #event
+    local ulen = unique and #unique or 0
+    local total = slen + elen + ulen + dlen
+    if total > max_payload then
+        return nil, "event of " .. total .. " bytes (source " .. slen .. " + event "
+                    .. elen .. " + unique " .. ulen .. " + data " .. dlen
+                    .. ") is larger than the maximum of " .. max_payload
+                    .. " bytes of workerbus zone \"" .. zone_name .. "\""
+    end
+    local seq = ev_post(zone, source, slen, event, elen, unique, ulen, d, dlen,
+                        kind + api + wid_bits)
+    if seq < 0 then
+        return nil, last_error()
+    end
+    return seq
+end
+
+-- Queues an event for this worker only; data is passed as is.
+function _M.post_local(source, event, data)
+    reset_if_forked()
+    local before = 0
+    if zone then
+        before = tonumber(ev_head(zone))
+    end
+    local t = lq_tail + 1
+    lq_tail = t
+    lq_src[t], lq_ev[t], lq_data[t], lq_before[t] = source, event, data, before
+    if waiting then
+        sema:post(1)
+    end
+    return true
+end
+
+-- Delivers local events posted before ring seq `upto` (all when nil).
+local function drain_local(upto)
+    while lq_head <= lq_tail do
+        local i = lq_head
+        if upto and lq_before[i] > upto then
+            break
+        end
+        local s, e, d = lq_src[i], lq_ev[i], lq_data[i]
+        lq_src[i], lq_ev[i], lq_data[i], lq_before[i] = nil, nil, nil, nil
+        lq_head = i + 1
+        deliver(d, e, s, nil, nil)
+    end
+    if lq_head > lq_tail then
+        lq_head, lq_tail = 1, 0
+    end
+end
+
+-- First claim of a unique key wins; keys are kept apart per API.
+local function claim(p, ulen, api)
+    if ulen + 1 > key_cap then
+        key_cap = ulen + 1
+        key_buf = ffi_new("unsigned char[?]", key_cap)
+    end
+    key_buf[0] = api ~= 0 and KEY_EVENTS or KEY_WORKER_EVENTS
+    ffi_copy(key_buf + 1, p, ulen)
+    return ev_claim(zone, key_buf, ulen + 1, ttl[api] or 2)
+end
+
+local function handle_record()
+    local flags = rec.flags
+    local slen, elen, ulen, dlen = rec.source_len, rec.event_len, rec.unique_len, rec.data_len
+    local pid = rec.pid
+    local source = ffi_string(buf, slen)
+    local event = ffi_string(buf + slen, elen)
+    if ulen > 0 then
+        local api = band(flags, FLAG_EVENTS)
+        local rc = claim(buf + slen + elen, ulen, api)
+        if rc == 0 then
+            log(DEBUG, "worker-events: skipping unique event; source=", source,
+                       ", event=", event, ": another worker handles it")
+            return
+        elseif rc ~= 1 then
+            log(ERR, "worker-events: cannot determine who handles unique event; source=",
+                     source, ", event=", event, ", dropping it: ", last_error())
+            return
+        end
+    end
+    local kind = band(flags, 3)
+    local p = buf + slen + elen + ulen
+    local data
+    if kind == KIND_RAW then
+        data = ffi_string(p, dlen)
+    elseif kind == KIND_JSON then
+        local err
+        data, err = cjson_decode(ffi_string(p, dlen))
+        if data == nil then
+            log(ERR, "worker-events: dropping event; source=", source, ", event=", event,
+                     ": cannot decode its data: ", err)
+            return
+        end
+    elseif kind == KIND_SBUF then
+        if not sbuf_dec then
+            log(ERR, "worker-events: dropping event; source=", source, ", event=", event,
+                     ": its data is in LuaJIT's string.buffer format, which this LuaJIT lacks")
+            return
+        end
+        local ok
+        sbuf_dec:set(p, dlen)
+        ok, data = pcall(sbuf_dec.decode, sbuf_dec)
+        sbuf_dec:reset()
+        if not ok then
+            log(ERR, "worker-events: dropping event; source=", source, ", event=", event,
+                     ": cannot decode its data: ", data)
+            return
+        end
+    end
+    local w = rshift(flags, 16)
+    deliver(data, event, source, pid, w > 0 and w - 1 or nil)
+end
+
+local function lagged(n)
+    log(WARN, "worker-events: this worker was lapped by the event ring of workerbus zone \"",
+              zone_name, "\" and lost ", n, " events")
+    for i = 1, nsinks do
+        local f = lag_sinks[i]
+        if f then
+            f(n)
+        end
+    end
+end
+
+-- Reads and dispatches events until none is left, or `max` ring events.
+-- Returns "done", "more" (max reached), or nil, err.
+local function drain(max)
+    local n = 0
+    local z = zone
+    while true do
+        if not z then
+            drain_local(nil)
+            return "done"
+        end
+        local rc = ev_next(z, rec, buf, buf_cap, need_len)
+        if rc == 1 then
+            ring_polled = true
+            if lq_head <= lq_tail then
+                drain_local(tonumber(rec.seq))
+            end
+            handle_record()
+            n = n + 1
+            if max and n >= max then
+                return "more"
+            end
+        elseif rc == 0 then
+            ring_polled = true
+            if lq_head > lq_tail then
+                return "done"
+            end
+            drain_local(nil)  -- then read again: its handlers may have posted
+        elseif rc == 2 then
+            lagged(tonumber(rec.missed))
+        elseif rc == -2 then
+            local want = tonumber(need_len[0])
+            local cap = buf_cap
+            while cap < want do
+                cap = cap * 2
+            end
+            buf = ffi_new("unsigned char[?]", cap)
+            buf_cap = cap
+        else
+            if ngx.get_phase() == "init_worker" then
+                -- The module positions this worker's cursor after the Lua
+                -- init_worker handlers ran: nothing to read before that.
+                return "done"
+            end
+            return nil, "cannot read events: " .. last_error()
+        end
+    end
+end
+
+-- Who runs the current poll: its coroutine (held weakly), or MAIN.
+local busy_owner = setmetatable({}, { __mode = "v" })
+local MAIN = {}
+
+-- Whether a poll is under way. A poll whose coroutine died or was dropped
+-- while a handler had yielded (its request ended) would otherwise block
+-- every later poll.
+local function poll_running()
+    if not busy then
+        return false
+    end
+    local owner = busy_owner[1]
+    if owner == MAIN or (owner ~= nil and co_status(owner) ~= "dead") then
+        return true
+    end
+    log(WARN, "worker-events: a poll was abandoned inside a handler (its request ",
+              "or timer ended); polling resumes")
+    busy = false
+    return false
+end
+
+-- Reads and dispatches events: all of them, or at most `max` ring events.
+-- Returns "done", "more" (max reached), "recursive" (a poll is already
+-- running: called from a handler), or nil, err.
+local function poll(max)
+    reset_if_forked()
+    if poll_running() then
+        return "recursive"
+    end
+    busy = true
+    local co, main = co_running()
+    busy_owner[1] = (co == nil or main) and MAIN or co
+    local ok, res, err = pcall(drain, max)
+    busy = false
+    busy_owner[1] = nil
+    if not ok then
+        return nil, "event poll failed: " .. tostring(res)
+    end
+    return res, err
+end
+_M.poll = poll
+
+local loop
+
+local function start_loop()
+    if loop_running or interval <= 0 or exiting() then
+        return true
+    end
+    local ok, err = ngx.timer.at(0, loop)
+    if not ok then
+        return nil, "failed to create the event poller timer: " .. tostring(err)
+    end
+    loop_running = true
+    return true
+end
+
+local function run_exit_hooks()
+    for i = 1, #exit_hooks do
+        local ok, err = pcall(exit_hooks[i])
+        if not ok then
+            log(ERR, "worker-events: exit hook failed: ", err)
+        end
+    end
+    local ok, err = poll()
+    if not ok then
+        log(ERR, "worker-events: last poll before exit failed: ", err)
+    end
+end
+
+-- Fires early (premature) when the worker starts exiting: wakes the poller
+-- so that it sees ngx.worker.exiting() without waiting out its interval.
+local watching = false
+local function exit_watch(premature)
+    if premature then
+        watching = false
+        if waiting and sema then
+            sema:post(1)
+        end
+        return
+    end
+    watching = false
+    if loop_running and not exiting() then
+        watching = ngx.timer.at(EXIT_WATCH, exit_watch) and true or false
+    end
+end
+
+loop = function(premature)
+    if premature then
+        loop_running = false
+        run_exit_hooks()
+        return
+    end
+    if ngx.worker.pid() ~= owner_pid then
+        return
+    end
+    if not sema then
+        local semaphore = require "ngx.semaphore"
+        local s, err = semaphore.new(0)
+        if not s then
+            loop_running = false
+            log(ERR, "worker-events: cannot create the poller's semaphore: ", err)
+            return
+        end
+        sema = s
+        C.workerbus_ev_set_sema(s.sem)
+    end
+    if not watching then
+        watching = ngx.timer.at(EXIT_WATCH, exit_watch) and true or false
+    end
+    local errors = 0
+    while true do
+        local res, err = poll(BATCH)
+        if not res then
+            errors = errors + 1
+            if errors == 1 or errors % 1000 == 0 then
+                log(ERR, "worker-events: background poll failed (", errors, " times): ", err)
+            end
+        end
+        if exiting() then
+            break
+        end
+        if interval <= 0 then
+            loop_running = false
+            return
+        end
+        if res == "more" then
+            ngx.sleep(0.001)  -- let requests run (sleep(0) warns without OpenResty's patch)
+        elseif res == "recursive" or not res or zone == nil or ev_idle(zone) ~= 1 then
+            waiting = true
+            sema:wait(interval)
+            waiting = false
+        end
+        if exiting() then
+            break
+        end
+    end
+    loop_running = false
+    run_exit_hooks()
+end
+
+-- An owner (an API) wants the background poller to wake at least every
+-- `seconds` (0: it needs no poller). Starts the poller when needed.
+function _M.want_loop(owner, seconds)
+    reset_if_forked()
+    wants[owner] = seconds
+    local iv = 0
+    for _, s in pairs(wants) do
+        if s > 0 and (iv == 0 or s < iv) then
+            iv = s
+        end
+    end
+    interval = iv
+    if waiting then
+        sema:post(1)  -- take the new interval into account now
+    end
+    return start_loop()
+end
+
+function _M.poller_running()
+    return loop_running
+end
+
+-- For tests and status: this worker's next seq to read, the ring's next seq.
+function _M.position()
+    if not zone then
+        return nil
+    end
+    return tonumber(C.workerbus_ev_cursor(zone)), tonumber(ev_head(zone))
+end
+
+_M.has_string_buffer = sbuf_enc ~= nil
+
+return _M

@@ -1,0 +1,1013 @@
+# vim:set ft= ts=4 sw=4 et:
+# resty.worker.events (the lua-resty-worker-events 2.0.1 API) on the
+# workerbus event ring: delivery, order, unique events, local events,
+# polling, the module's own events, handler management and bad input.
+
+use Test::Nginx::Socket::Lua 'no_plan';
+
+workers(4);
+master_on();
+no_long_string();
+run_tests();
+
+__DATA__
+
+=== TEST 1: a posted event reaches every worker's handler once, with data, event, source and the poster's pid
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function(data, event, source, pid)
+            local d = ngx.shared.got
+            d:incr("n" .. ngx.worker.id(), 1, 0)
+            d:set("args" .. ngx.worker.id(), require("cjson").encode {
+                data = data, event = event, source = source, pid = pid })
+        end, "t")
+        assert(ev.configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            ngx.say("post: ", ev.post("t", "hello", { a = 1, list = { "x", "y" } }))
+            ngx.sleep(0.3)
+            local cjson = require "cjson"
+            for w = 0, 3 do
+                local a = cjson.decode(ngx.shared.got:get("args" .. w))
+                ngx.say("worker ", w, ": ", ngx.shared.got:get("n" .. w), " call, ",
+                        a.source, "/", a.event, " a=", a.data.a, " list=",
+                        table.concat(a.data.list, ","), " from the poster: ",
+                        a.pid == ngx.worker.pid())
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+post: true
+worker 0: 1 call, t/hello a=1 list=x,y from the poster: true
+worker 1: 1 call, t/hello a=1 list=x,y from the poster: true
+worker 2: 1 call, t/hello a=1 list=x,y from the poster: true
+worker 3: 1 call, t/hello a=1 list=x,y from the poster: true
+--- no_error_log
+[error]
+[warn]
+
+
+
+=== TEST 2: strings arrive as they were posted, other data through JSON, nil as nil
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local seen = {}
+        package.loaded.t_seen = seen
+        ev.register(function(data, event)
+            seen[#seen + 1] = { event = event, data = data }
+        end, "t")
+        assert(ev.configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local cjson = require "cjson"
+            local seen = package.loaded.t_seen
+            local values = { "text", "", "with\0nul", 42, 1.5, true, false,
+                             { 1, 2, 3 }, { k = { nested = "v" } } }
+            for i = 1, #values do
+                assert(ev.post("t", "v" .. i, values[i]))
+            end
+            assert(ev.post("t", "nil", nil))
+            ngx.say("poll: ", ev.poll())
+            for _, s in ipairs(seen) do
+                ngx.say(s.event, " ", type(s.data), " ",
+                        type(s.data) == "string" and string.format("%q", s.data)
+                        or cjson.encode(s.data))
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+poll: done
+v1 string "text"
+v2 string ""
+v3 string "with\0nul"
+v4 number 42
+v5 number 1.5
+v6 boolean true
+v7 boolean false
+v8 table [1,2,3]
+v9 table {"k":{"nested":"v"}}
+nil nil null
+--- no_error_log
+[error]
+
+
+
+=== TEST 3: events posted by four workers at once are handled in one order by all four
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local d = ngx.shared.got
+        local id = ngx.worker.id()
+        local hash, n, prev, switches = "", 0, nil, 0
+        ev.register(function(data)
+            n = n + 1
+            hash = ngx.md5(hash .. data)
+            local poster = data:match("^(%d+):")
+            if prev and poster ~= prev then
+                switches = switches + 1
+            end
+            prev = poster
+            if n == 2000 then
+                d:set("hash" .. id, hash)
+                d:set("switches" .. id, switches)
+            end
+        end, "order")
+        assert(ev.configure { shm = "ev" })
+
+        -- every worker starts posting at the same moment
+        d:add("start", ngx.now() + 0.3)
+        local start = d:get("start")
+        assert(ngx.timer.at(0, function()
+            while ngx.now() < start do
+                ngx.sleep(0.005)
+            end
+            for i = 1, 500 do
+                assert(ev.post("order", "e", id .. ":" .. i))
+                if i % 10 == 0 then
+                    ngx.sleep(0.001)
+                end
+            end
+        end))
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local d = ngx.shared.got
+            local deadline = ngx.now() + 8
+            while ngx.now() < deadline do
+                if d:get("hash0") and d:get("hash1") and d:get("hash2") and d:get("hash3") then
+                    break
+                end
+                ngx.sleep(0.05)
+            end
+            local h = d:get("hash0")
+            ngx.say("every worker handled 2000 events: ",
+                    h ~= nil and d:get("hash1") ~= nil and d:get("hash2") ~= nil and d:get("hash3") ~= nil)
+            ngx.say("in the same order: ",
+                    h == d:get("hash1") and h == d:get("hash2") and h == d:get("hash3"))
+            ngx.say("the posters' events are interleaved: ", (d:get("switches0") or 0) > 3)
+        }
+    }
+--- request
+GET /t
+--- timeout: 12
+--- response_body
+every worker handled 2000 events: true
+in the same order: true
+the posters' events are interleaved: true
+--- no_error_log
+[error]
+[warn]
+
+
+
+=== TEST 4: a unique event posted by every worker is handled by exactly one worker
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function(data)
+            ngx.shared.got:incr(data, 1, 0)
+        end, "cache", "refresh")
+        assert(ev.configure { shm = "ev" })
+        -- all four post the same unique key; worker 0 also posts another one
+        assert(ev.post("cache", "refresh", "key-a", "key-a"))
+        if ngx.worker.id() == 0 then
+            assert(ev.post("cache", "refresh", "key-b", "key-b"))
+        end
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            ngx.sleep(0.5)
+            for _, k in ipairs { "key-a", "key-b" } do
+                ngx.say(k, " handled ", ngx.shared.got:get(k), " time(s)")
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+key-a handled 1 time(s)
+key-b handled 1 time(s)
+--- no_error_log
+[error]
+
+
+
+=== TEST 5: a unique key is claimed for "timeout" seconds, then it can be handled again
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function(data)
+            ngx.shared.got:incr("handled", 1, 0)
+        end, "cache")
+        assert(ev.configure { shm = "ev", timeout = 0.3 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            assert(ev.post("cache", "refresh", nil, "k1"))
+            assert(ev.post("cache", "refresh", nil, "k1"))
+            ngx.sleep(0.1)
+            ngx.say("within the timeout: ", ngx.shared.got:get("handled"))
+            ngx.sleep(0.5)
+            assert(ev.post("cache", "refresh", nil, "k1"))
+            ngx.sleep(0.1)
+            ngx.say("after the timeout: ", ngx.shared.got:get("handled"))
+        }
+    }
+--- request
+GET /t
+--- response_body
+within the timeout: 1
+after the timeout: 2
+--- no_error_log
+[error]
+
+
+
+=== TEST 6: events posted in init_worker reach every worker
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local from = {}
+        ev.register(function(data)
+            from[#from + 1] = data
+            table.sort(from)
+            ngx.shared.got:set("from" .. ngx.worker.id(), table.concat(from, ","))
+        end, "boot", "hello")
+        assert(ev.configure { shm = "ev" })
+        assert(ev.post("boot", "hello", tostring(ngx.worker.id())))
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            ngx.sleep(0.5)
+            for w = 0, 3 do
+                ngx.say("worker ", w, " got hello from ", ngx.shared.got:get("from" .. w))
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+worker 0 got hello from 0,1,2,3
+worker 1 got hello from 0,1,2,3
+worker 2 got hello from 0,1,2,3
+worker 3 got hello from 0,1,2,3
+--- no_error_log
+[error]
+
+
+
+=== TEST 7: a worker that configures late still gets the events posted before it did
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local id = ngx.worker.id()
+        local function configure()
+            local from = {}
+            ev.register(function(data)
+                from[#from + 1] = data
+                table.sort(from)
+                ngx.shared.got:set("from" .. id, table.concat(from, ","))
+            end, "boot", "hello")
+            assert(ev.configure { shm = "ev" })
+            assert(ev.post("boot", "hello", tostring(id)))
+        end
+        if id == 3 then
+            assert(ngx.timer.at(0.3, configure))   -- the others have posted long before
+        else
+            configure()
+        end
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            ngx.sleep(0.6)
+            for w = 0, 3 do
+                ngx.say("worker ", w, " got hello from ", ngx.shared.got:get("from" .. w))
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+worker 0 got hello from 0,1,2,3
+worker 1 got hello from 0,1,2,3
+worker 2 got hello from 0,1,2,3
+worker 3 got hello from 0,1,2,3
+--- no_error_log
+[error]
+
+
+
+=== TEST 8: post_local: only this worker, on the next poll, in order with the ring's events, data as is, pid nil
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local seen = {}
+        package.loaded.t_seen = seen
+        ev.register(function(data, event, source, pid)
+            seen[#seen + 1] = { event = event, data = data, pid = pid }
+            ngx.shared.got:incr("saw_" .. event, 1, 0)
+        end, "t")
+        assert(ev.configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local seen = package.loaded.t_seen
+            local payload = { 1 }
+            assert(ev.post("t", "a", "ring 1"))
+            ngx.say("post_local: ", ev.post_local("t", "b", payload))
+            assert(ev.post("t", "c", "ring 2"))
+            ngx.say("handled before poll: ", #seen)
+            ngx.say("poll: ", ev.poll())
+            for _, s in ipairs(seen) do
+                ngx.say(s.event, ": pid ", s.pid == ngx.worker.pid() and "of the poster" or tostring(s.pid),
+                        ", same table: ", s.data == payload)
+            end
+            ngx.sleep(0.3)
+            local d = ngx.shared.got
+            ngx.say("workers that saw a, b, c: ", d:get("saw_a"), " ", d:get("saw_b"), " ", d:get("saw_c"))
+        }
+    }
+--- request
+GET /t
+--- response_body
+post_local: true
+handled before poll: 0
+poll: done
+a: pid of the poster, same table: false
+b: pid nil, same table: true
+c: pid of the poster, same table: false
+workers that saw a, b, c: 4 1 4
+--- no_error_log
+[error]
+
+
+
+=== TEST 9: poll returns "done", and "recursive" when a handler calls it
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function()
+            package.loaded.t_inner = { ev.poll() }
+        end, "t")
+        assert(ev.configure { shm = "ev", interval = 0 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            assert(ev.post("t", "x"))
+            local outer = ev.poll()
+            ngx.say("outer: ", outer, ", inner: ", unpack(package.loaded.t_inner))
+            ngx.say("again: ", ev.poll())
+        }
+    }
+--- request
+GET /t
+--- response_body
+outer: done, inner: recursive
+again: done
+--- no_error_log
+[error]
+
+
+
+=== TEST 10: a poll abandoned inside a yielding handler (its thread was killed) does not block later polls
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function() ngx.sleep(10) end, "slow")
+        assert(ev.configure { shm = "ev", interval = 0 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            assert(ev.post("slow", "x"))
+            local t = ngx.thread.spawn(function() ev.poll() end)
+            ngx.sleep(0.05)   -- the handler sleeps inside that poll
+            ngx.say("while the handler sleeps: ", ev.poll())
+            ngx.thread.kill(t)
+            t = nil
+            collectgarbage()
+            collectgarbage()
+            ngx.say("after its thread was killed: ", ev.poll())
+        }
+    }
+--- request
+GET /t
+--- response_body
+while the handler sleeps: recursive
+after its thread was killed: done
+--- error_log
+worker-events: a poll was abandoned inside a handler (its request or timer ended); polling resumes
+--- no_error_log
+[error]
+
+
+
+=== TEST 11: interval = 0: no background poller, an event waits for poll()
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        package.loaded.t_count = { n = 0 }
+        ev.register(function()
+            package.loaded.t_count.n = package.loaded.t_count.n + 1
+        end, "t")
+        assert(ev.configure { shm = "ev", interval = 0 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            assert(ev.post("t", "x"))
+            ngx.sleep(0.3)
+            ngx.say("handled before poll: ", package.loaded.t_count.n)
+            ngx.say("poll: ", ev.poll())
+            ngx.say("handled after poll: ", package.loaded.t_count.n)
+        }
+    }
+--- request
+GET /t
+--- response_body
+handled before poll: 0
+poll: done
+handled after poll: 1
+--- no_error_log
+[error]
+
+
+
+=== TEST 12: every worker gets the "started" event of every worker's configure
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local pids, n = {}, 0
+        ev.register(function(data, event, source, pid)
+            n = n + 1
+            pids[pid] = true
+            local distinct = 0
+            for _ in pairs(pids) do distinct = distinct + 1 end
+            ngx.shared.got:set("started" .. ngx.worker.id(),
+                               n .. " from " .. distinct .. " pids, data " .. tostring(data))
+        end, ev.events._source, ev.events.started)
+        assert(ev.configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            ngx.sleep(0.3)
+            for w = 0, 3 do
+                ngx.say("worker ", w, ": ", ngx.shared.got:get("started" .. w))
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+worker 0: 4 from 4 pids, data nil
+worker 1: 4 from 4 pids, data nil
+worker 2: 4 from 4 pids, data nil
+worker 3: 4 from 4 pids, data nil
+--- no_error_log
+[error]
+
+
+
+=== TEST 13: an exiting worker posts "stopping" and handles its own (HUP retires all four)
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function(data, event, source, pid)
+            if pid == ngx.worker.pid() then
+                ngx.shared.got:incr("own_stopping", 1, 0)
+            end
+        end, "resty-worker-events", "stopping")
+        assert(ev.configure { shm = "ev", interval = 10 })
+    }
+--- config
+    location = /hup {
+        content_by_lua_block {
+            local ffi = require "ffi"
+            pcall(ffi.cdef, "int kill(int pid, int sig);")
+            ngx.say("HUP sent: ", ffi.C.kill(require("ngx.process").get_master_pid(), 1) == 0)
+        }
+    }
+    location = /after {
+        content_by_lua_block {
+            ngx.sleep(1.5)
+            ngx.say("old workers that handled their own stopping event: ",
+                    ngx.shared.got:get("own_stopping"))
+        }
+    }
+--- request eval
+["GET /hup", "GET /after"]
+--- response_body eval
+["HUP sent: true\n", "old workers that handled their own stopping event: 4\n"]
+--- no_error_log
+[error]
+
+
+
+=== TEST 14: post before configure fails with "not configured"
+--- main_config
+    workerbus_zone ev 4m;
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            ngx.say("configured: ", ev.configured())
+            ngx.say("post: ", ev.post("t", "x", "data"))
+            ngx.say("post unique: ", ev.post("t", "x", nil, "u"))
+        }
+    }
+--- request
+GET /t
+--- response_body
+configured: false
+post: nilnot configured
+post unique: nilnot configured
+--- no_error_log
+[error]
+
+
+
+=== TEST 15: bad source, event or unique: nil and a clear error, nothing posted
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        assert(require("resty.worker.events").configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local core = require "resty.workerbus.events_core"
+            ngx.sleep(0.2)  -- every worker has posted its "started" event
+            local _, head = core.position()
+            local cases = {
+                { "post", nil, "e" }, { "post", "", "e" }, { "post", 1, "e" },
+                { "post", "s", nil }, { "post", "s", "" }, { "post", "s", {} },
+                { "post", "s", "e", "d", {} }, { "post", "s", "e", "d", "" },
+                { "post_local", nil, "e" }, { "post_local", "s", false },
+            }
+            for _, c in ipairs(cases) do
+                local ok, err = ev[c[1]](c[2], c[3], c[4], c[5])
+                ngx.say(c[1], "(", tostring(c[2]) == c[2] and string.format("%q", c[2]) or type(c[2]),
+                        ", ", type(c[3]) == "string" and string.format("%q", c[3]) or type(c[3]),
+                        c[5] ~= nil and ", unique " .. (type(c[5]) == "string" and string.format("%q", c[5]) or type(c[5])) or "",
+                        "): ", tostring(ok), ", ", err)
+            end
+            local _, head2 = core.position()
+            ngx.say("events posted: ", head2 - head)
+        }
+    }
+--- request
+GET /t
+--- response_body
+post(nil, "e"): nil, source is required
+post("", "e"): nil, source is required
+post(number, "e"): nil, source must be a string, got number
+post("s", nil): nil, event is required
+post("s", ""): nil, event is required
+post("s", table): nil, event must be a string, got table
+post("s", "e", unique table): nil, unique must be a string, got table
+post("s", "e", unique ""): nil, unique must not be empty
+post_local(nil, "e"): nil, source is required
+post_local("s", boolean): nil, event must be a string, got boolean
+events posted: 0
+--- no_error_log
+[error]
+
+
+
+=== TEST 16: an event larger than the ring takes is refused, with the sizes (by Lua and by the module)
+--- main_config
+    workerbus_zone ev 1m;
+--- http_config
+    init_worker_by_lua_block {
+        assert(require("resty.worker.events").configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local core = require "resty.workerbus.events_core"
+            local wb = require "resty.workerbus"
+            local ffi = require "ffi"
+            local max = core.max_payload()
+            ngx.say("max payload below the zone size: ", max > 1000 and max < 1024 * 1024)
+            local fits = string.rep("x", max - 4)      -- "t" + "big" + data = max
+            ngx.say("largest event: ", ev.post("t", "big", fits))
+            local data = fits .. "y"
+            local ok, err = ev.post("t", "big", data)
+            ngx.say(ok, ", ", err == 'failed posting event "big" by "t"; event of ' .. (max + 1)
+                    .. ' bytes (source 1 + event 3 + unique 0 + data ' .. (#data)
+                    .. ') is larger than the maximum of ' .. max .. ' bytes of workerbus zone "ev"')
+            local z = wb.zone("ev")
+            local seq = ffi.C.workerbus_ev_post(z, "t", 1, "big", 3, nil, 0, data, #data, 0)
+            ngx.say("module: ", tonumber(seq), ", ", wb.last_error() ==
+                    "event of " .. (max + 1) .. " bytes is larger than the ring's maximum of " .. max)
+        }
+    }
+--- request
+GET /t
+--- response_body
+max payload below the zone size: true
+largest event: true
+nil, true
+module: -1, true
+--- error_log
+worker-events: failed posting event "big" by "t"; event of
+
+
+
+=== TEST 17: data that JSON cannot carry is refused: nil and the encoder's reason
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        assert(require("resty.worker.events").configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            ngx.say(ev.post("t", "f", print))
+            ngx.say(ev.post("t", "nested", { ok = 1, cb = { print } }))
+            ngx.say(ev.post("t", "sparse", { [1] = 1, [1000] = 2 }))
+        }
+    }
+--- request
+GET /t
+--- response_body
+nilfailed posting event "f" by "t"; cannot encode data as JSON: Cannot serialise function: type not supported
+nilfailed posting event "nested" by "t"; cannot encode data as JSON: Cannot serialise function: type not supported
+nilfailed posting event "sparse" by "t"; cannot encode data as JSON: Cannot serialise table: excessively sparse array
+--- error_log
+worker-events: failed posting event "f" by "t"; cannot encode data as JSON
+
+
+
+=== TEST 18: register, register_weak and unregister raise for a callback that is not a function
+--- main_config
+    workerbus_zone ev 4m;
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            ngx.say(pcall(ev.register, "not a function"))
+            ngx.say(pcall(ev.register_weak, nil, "src"))
+            ngx.say(pcall(ev.unregister, 42))
+        }
+    }
+--- request
+GET /t
+--- response_body
+falseexpected function, got: string
+falseexpected function, got: nil
+falseexpected function, got: number
+--- no_error_log
+[error]
+
+
+
+=== TEST 19: event_list: named events and _source; an unknown event raises
+--- main_config
+    workerbus_zone ev 4m;
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local events = ev.event_list("my-source", "started", "event2")
+            ngx.say(events._source, " ", events.started, " ", events.event2)
+            local ok, err = pcall(function() return events.stoppping end)
+            ngx.say(ok, " ", (err:gsub("^.-:%d+: ", "")))
+            ngx.say("own events: ", ev.events._source, " ", ev.events.started, " ",
+                    ev.events.stopping, " ", ev.events.lagged)
+        }
+    }
+--- request
+GET /t
+--- response_body
+my-source started event2
+false event 'stoppping' is an unknown event
+own events: resty-worker-events started stopping lagged
+--- no_error_log
+[error]
+
+
+
+=== TEST 20: a failing handler is logged with source and event (not the data); the others still run
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        package.loaded.t_after = { n = 0 }
+        ev.register(function() error("handler broke") end, "t")
+        ev.register(function() package.loaded.t_after.n = package.loaded.t_after.n + 1 end, "t")
+        assert(ev.configure { shm = "ev", interval = 0 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            ngx.say("post: ", ev.post("t", "boom", "secret-payload"))
+            ngx.say("poll: ", ev.poll())
+            ngx.say("second handler ran: ", package.loaded.t_after.n)
+        }
+    }
+--- request
+GET /t
+--- response_body
+post: true
+poll: done
+second handler ran: 1
+--- error_log eval
+qr/worker-events: event callback failed; source=t, event=boom, pid=\d+ error='[^\n]*handler broke/
+--- no_error_log
+secret-payload
+
+
+
+=== TEST 21: register_weak: a collected handler is no longer called, a referenced one is
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local calls = { weak_dropped = 0, weak_kept = 0, strong = 0 }
+        package.loaded.t_calls = calls
+        local kept = function() calls.weak_kept = calls.weak_kept + 1 end
+        package.loaded.t_kept = kept
+        ev.register_weak(kept, "t")
+        ev.register_weak(function() calls.weak_dropped = calls.weak_dropped + 1 end, "t")
+        ev.register(function() calls.strong = calls.strong + 1 end, "t")
+        assert(ev.configure { shm = "ev", interval = 0 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            collectgarbage("collect")
+            collectgarbage("collect")
+            assert(ev.post("t", "x"))
+            ngx.say("poll: ", ev.poll())
+            local c = package.loaded.t_calls
+            ngx.say("weak, collected: ", c.weak_dropped, "; weak, referenced: ", c.weak_kept,
+                    "; strong: ", c.strong)
+        }
+    }
+--- request
+GET /t
+--- response_body
+poll: done
+weak, collected: 0; weak, referenced: 1; strong: 1
+--- no_error_log
+[error]
+
+
+
+=== TEST 22: handlers match all events, one source, or a source and a list of events; unregister
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local got = {}
+        package.loaded.t_got = got
+        local function rec(name)
+            return function(_, event, source)
+                if source ~= "resty-worker-events" then
+                    got[#got + 1] = name .. "<" .. source .. "/" .. event
+                end
+            end
+        end
+        package.loaded.t_h = { all = rec("all"), src = rec("src"), evs = rec("evs") }
+        ev.register(package.loaded.t_h.all)
+        ev.register(package.loaded.t_h.src, "s1")
+        ev.register(package.loaded.t_h.evs, "s1", "e1", "e2")
+        assert(ev.configure { shm = "ev", interval = 0 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local got, h = package.loaded.t_got, package.loaded.t_h
+            local function round()
+                ev.poll()
+                for k in pairs(got) do got[k] = nil end
+                for _, e in ipairs { { "s1", "e1" }, { "s1", "e3" }, { "s2", "e1" } } do
+                    assert(ev.post(e[1], e[2]))
+                end
+                ev.poll()
+                ngx.say(table.concat(got, " "))
+            end
+            round()
+            ngx.say("unregister evs e2: ", ev.unregister(h.evs, "s1", "e2"))
+            ngx.say("unregister evs e1: ", ev.unregister(h.evs, "s1", "e1"))
+            ngx.say("unregister src from s2: ", ev.unregister(h.src, "s2"))
+            ngx.say("unregister all: ", ev.unregister(h.all))
+            round()
+        }
+    }
+--- request
+GET /t
+--- response_body
+all<s1/e1 src<s1/e1 evs<s1/e1 all<s1/e3 src<s1/e3 all<s2/e1
+unregister evs e2: true
+unregister evs e1: true
+unregister src from s2: false
+unregister all: true
+src<s1/e1 src<s1/e3
+--- no_error_log
+[error]
+
+
+
+=== TEST 23: configure checks its options as the original does
+--- main_config
+    workerbus_zone ev 4m;
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local cases = {
+                {}, { shm = "nope" }, { shm = "ev", timeout = "1" }, { shm = "ev", timeout = 0 },
+                { shm = "ev", interval = -1 }, { shm = "ev", wait_interval = "x" },
+                { shm = "ev", wait_max = -1 }, { shm = "ev", shm_retries = -1 },
+                { shm = "ev", shm_retries = "many" },
+            }
+            for _, opts in ipairs(cases) do
+                ngx.say(ev.configure(opts))
+            end
+            ngx.say("configured: ", ev.configured())
+            local ok, err = pcall(ev.configure, nil)
+            ngx.say(ok, " ", (err:gsub("^.-:%d+: ", "")))
+            ngx.say(ev.configure { shm = "ev", timeout = 1, interval = 0.5, wait_interval = 0.02,
+                                   wait_max = 1, shm_retries = 10 })
+            ngx.say("configured: ", ev.configured())
+            ngx.say("again, same shm: ", ev.configure { shm = "ev", interval = 2 })
+            ngx.say("again, other shm: ", ev.configure { shm = "other" })
+            ngx.say("again, no shm: ", ev.configure { timeout = 3 })
+        }
+    }
+--- request
+GET /t
+--- response_body
+nil"shm" option required to start
+nilshm "nope" not found: it is neither a workerbus_zone nor a lua_shared_dict
+niloptional "timeout" option must be a number
+nil"timeout" must be greater than 0
+nil"interval" must be greater than or equal to 0
+niloptional "wait_interval" option must be a number
+nil"wait_max" must be greater than or equal to 0
+nil"shm_retries" must be 0 or greater
+niloptional "shm_retries" option must be a number
+configured: false
+false Expected a table, got nil
+true
+configured: true
+again, same shm: true
+again, other shm: nilAlready started, cannot change shm
+again, no shm: true
+--- no_error_log
+[error]
+
+
+
+=== TEST 24: shm naming a lua_shared_dict: the primary workerbus zone carries the events, a notice says so
+--- main_config
+    workerbus_zone main 4m;
+    workerbus_zone other 1m;
+--- http_config
+    lua_shared_dict process_events 1m;
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function() ngx.shared.got:incr("n", 1, 0) end, "t")
+        assert(ev.configure { shm = "process_events" })
+        assert(ev.configure { interval = 2 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            assert(ev.post("t", "x"))
+            ngx.sleep(0.3)
+            ngx.say("handled by ", ngx.shared.got:get("n"), " workers")
+            ngx.say("zone: ", require("resty.workerbus.events_core").zone_name())
+            ngx.say("keys in the dict: ", #ngx.shared.process_events:get_keys(0))
+        }
+    }
+--- request
+GET /t
+--- response_body
+handled by 4 workers
+zone: main
+keys in the dict: 0
+--- grep_error_log eval: qr/worker-events: shm "process_events" is a lua_shared_dict.*? the dict is not used/
+--- grep_error_log_out
+worker-events: shm "process_events" is a lua_shared_dict, not a workerbus zone; events go through the event ring of workerbus zone "main" and the dict is not used
+worker-events: shm "process_events" is a lua_shared_dict, not a workerbus zone; events go through the event ring of workerbus zone "main" and the dict is not used
+worker-events: shm "process_events" is a lua_shared_dict, not a workerbus zone; events go through the event ring of workerbus zone "main" and the dict is not used
+worker-events: shm "process_events" is a lua_shared_dict, not a workerbus zone; events go through the event ring of workerbus zone "main" and the dict is not used
+--- no_error_log
+[error]
+
+
+
+=== TEST 25: with interval = 10 an event reaches the other workers' handlers within 100 ms
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function()
+            ngx.update_time()
+            ngx.shared.got:set("at" .. ngx.worker.id(), ngx.now())
+        end, "lat")
+        assert(ev.configure { shm = "ev", interval = 10 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            ngx.sleep(0.5)   -- every poller is asleep by now
+            ngx.update_time()
+            local t0 = ngx.now()
+            assert(ev.post("lat", "ping"))
+            ngx.sleep(0.3)
+            local me, fast = ngx.worker.id(), 0
+            for w = 0, 3 do
+                local at = ngx.shared.got:get("at" .. w)
+                if w ~= me and at and at - t0 < 0.1 then
+                    fast = fast + 1
+                end
+            end
+            ngx.say("other workers that handled it within 100 ms: ", fast)
+        }
+    }
+--- request
+GET /t
+--- response_body
+other workers that handled it within 100 ms: 3
+--- no_error_log
+[error]
