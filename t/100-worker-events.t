@@ -1011,3 +1011,46 @@ GET /t
 other workers that handled it within 100 ms: 3
 --- no_error_log
 [error]
+
+
+
+=== TEST 26: a worker respawned after kill -9 handles what it posts in init_worker, its own "started" included
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local me = ngx.worker.pid()
+        ev.register(function(data, event, source, pid)
+            if pid == me then
+                ngx.shared.got:set(event .. ":" .. me, true)
+            end
+        end)
+        assert(ev.configure { shm = "ev" })
+        assert(ev.post("boot", "hello", "x"))
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local wb = require "resty.workerbus"
+            local victim
+            for _, w in ipairs(wb.status().workers) do
+                if w.state == "running" and w.pid ~= ngx.worker.pid() then victim = w break end
+            end
+            local ffi = require "ffi"
+            ffi.cdef "int kill(int pid, int sig);"
+            ffi.C.kill(victim.pid, 9)
+            ngx.sleep(0.5)
+            local heir
+            for _, w in ipairs(wb.status().workers) do
+                if w.pid == victim.pid then heir = w.replaced_by end
+            end
+            ngx.say("respawned saw its own started: ", ngx.shared.got:get("started:" .. heir),
+                    ", its own hello: ", ngx.shared.got:get("hello:" .. heir))
+        }
+    }
+--- request
+GET /t
+--- response_body
+respawned saw its own started: true, its own hello: true

@@ -95,6 +95,7 @@ pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
 /// Registers the ngx.semaphore posted on wake-up (NULL unregisters).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
+    crate::module::process::ensure_worker_started();
     local().sema = sem;
     0
 }

@@ -42,6 +42,7 @@ pub unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
 
 /// The zone behind an index from `workerbus_zone`.
 pub fn zone(index: c_int) -> Option<&'static Zone> {
+    crate::module::process::ensure_worker_started();
     usize::try_from(index).ok().and_then(|i| local().zones.get(i))
 }
 
@@ -72,6 +73,7 @@ pub unsafe extern "C" fn workerbus_last_error(len: *mut usize) -> *const u8 {
 pub unsafe extern "C" fn workerbus_zone(name: *const u8, len: usize) -> c_int {
     // SAFETY: guaranteed by the caller.
     let name = unsafe { bytes(name, len) };
+    crate::module::process::ensure_worker_started();
     let l = local();
     if l.zones.is_empty() {
         return fail(-1, "no workerbus zone in this process (called outside an nginx worker?)");
@@ -103,6 +105,7 @@ pub unsafe extern "C" fn workerbus_zone(name: *const u8, len: usize) -> c_int {
 /// `buf` must be writable for `cap` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_status_json(buf: *mut u8, cap: usize) -> usize {
+    crate::module::process::ensure_worker_started();
     let doc = serde_json::to_vec(&crate::module::status::snapshot()).unwrap_or_default();
     if doc.len() <= cap && !buf.is_null() {
         // SAFETY: the caller guarantees cap writable bytes at buf.

@@ -23,6 +23,8 @@ pub struct Local {
     pub record: Option<usize>,
     pub slot: u32,
     pub is_worker: bool,
+    /// worker_start() ran (from init_process or from the first FFI call).
+    pub worker_started: bool,
     pub heartbeat_ms: ngx_msec_t,
     pub hang_timeout_ms: ngx_msec_t,
     pub heartbeat: ngx_event_t,
@@ -55,6 +57,7 @@ static LOCAL: ProcessCell = ProcessCell(UnsafeCell::new(Local {
     record: None,
     slot: 0,
     is_worker: false,
+    worker_started: false,
     heartbeat_ms: 1000,
     hang_timeout_ms: 5000,
     // SAFETY: an all-zero ngx_event_t is nginx's own "unused event" state.

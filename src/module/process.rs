@@ -76,13 +76,33 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 
 /// Worker start: take a lifecycle record, start the heartbeat.
 pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    worker_start(cycle);
+    NGX_OK as ngx_int_t
+}
+
+/// From the C ABI: the Lua module's init_process (which runs
+/// init_worker_by_lua) comes before ours when it was loaded first, so the
+/// first FFI call of a worker may arrive before init_process; it then does
+/// the worker's start itself. Idempotent and cheap once done.
+pub fn ensure_worker_started() {
+    if !local().worker_started {
+        // SAFETY: ngx_cycle is the running cycle of this process.
+        worker_start(unsafe { nginx_sys::ngx_cycle });
+    }
+}
+
+fn worker_start(cycle: *mut ngx_cycle_t) {
     // SAFETY: globals nginx sets before calling init_process.
     let (process, slot) = unsafe { (nginx_sys::ngx_process as u32, nginx_sys::ngx_worker as u32) };
     if process != NGX_PROCESS_WORKER && process != NGX_PROCESS_SINGLE {
-        return NGX_OK as ngx_int_t;
+        return;
     }
-    let log = cycle_log(cycle);
     let l = local();
+    if l.worker_started {
+        return;
+    }
+    l.worker_started = true;
+    let log = cycle_log(cycle);
     l.zones = zone::of_cycle(cycle);
     l.is_worker = true;
     l.slot = slot;
@@ -90,7 +110,7 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         l.heartbeat_ms = cc.heartbeat_ms;
         l.hang_timeout_ms = cc.hang_timeout_ms;
     }
-    let Some(primary) = l.primary().copied() else { return NGX_OK as ngx_int_t };
+    let Some(primary) = l.primary().copied() else { return };
     let lc = &primary.header().lifecycle;
     let generation = l.generation;
     if process == NGX_PROCESS_WORKER {
@@ -120,7 +140,6 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     );
     events::init_worker(cycle, respawned);
     start_heartbeat(log);
-    NGX_OK as ngx_int_t
 }
 
 /// Worker exit through nginx (graceful stop, reload, quit).
