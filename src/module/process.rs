@@ -215,7 +215,12 @@ unsafe extern "C" fn heartbeat(ev: *mut ngx_event_t) {
                 l.generation
             );
         }
-        lc.check(now, l.hang_timeout_ms as u64, pid_alive, |f| report(log, f, pid()));
+        // Relaxed: a setting, set once from Lua.
+        let hang_ms = match lc.hang_timeout_ms.load(core::sync::atomic::Ordering::Relaxed) {
+            0 => l.hang_timeout_ms as u64,
+            ms => ms,
+        };
+        lc.check(now, hang_ms, pid_alive, |f| report(log, f, pid()));
     }
     for z in &l.zones {
         events::on_heartbeat(z);

@@ -81,6 +81,9 @@ pub struct WorkerRecord {
     pub pid: AtomicI32,
     /// pid of the worker that took this slot after this one crashed.
     pub replaced_by: AtomicI32,
+    /// FLAG_* bits, set by the worker itself.
+    pub flags: AtomicU32,
+    _pad: u32,
     pub generation: AtomicU64,
     pub started_ms: AtomicU64,
     pub heartbeat_ms: AtomicU64,
@@ -94,10 +97,18 @@ pub struct Lifecycle {
     /// When the zone was created, and by which master: the node's identity.
     pub node_started_ms: AtomicU64,
     pub node_master_pid: AtomicI32,
-    _pad: u32,
+    /// resty.worker.manager's node-wide lock: owner pid, 0 when free.
+    pub manager_lock: AtomicI32,
+    /// Newest generation whose "master start" callback was claimed.
+    pub master_started: AtomicU64,
+    /// Hang timeout set from Lua (resty.worker.manager's `failed`), 0 = the directive's.
+    pub hang_timeout_ms: AtomicU64,
     pub gens: [GenRecord; MAX_GENERATIONS],
     pub workers: [WorkerRecord; MAX_WORKER_RECORDS],
 }
+
+/// The worker's start was seen by resty.worker.manager (it counts in n_mine).
+pub const FLAG_MANAGED: u32 = 1;
 
 /// What a lifecycle check found, for the caller to log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,6 +251,7 @@ impl Lifecycle {
         rec.slot.store(slot, Ordering::Relaxed);
         rec.pid.store(pid, Ordering::Relaxed);
         rec.replaced_by.store(0, Ordering::Relaxed);
+        rec.flags.store(0, Ordering::Relaxed);
         rec.generation.store(generation, Ordering::Relaxed);
         rec.started_ms.store(now_ms, Ordering::Relaxed);
         rec.heartbeat_ms.store(now_ms, Ordering::Relaxed);
@@ -356,6 +368,72 @@ impl Lifecycle {
         }
     }
 
+    /// Sets FLAG_* bits on this worker's own record.
+    pub fn set_flags(&self, index: usize, pid: i32, bits: u32) {
+        let Some(rec) = self.workers.get(index) else { return };
+        if rec.pid.load(Ordering::Relaxed) == pid {
+            // Relaxed: read by counts() under the manager lock, which orders it.
+            rec.flags.fetch_or(bits, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the manager lock for `pid`; a lock whose owner is gone is taken over.
+    pub fn try_lock(&self, pid: i32, alive: impl Fn(i32) -> bool) -> bool {
+        // Acquire on success: what the previous holder wrote is visible.
+        match self.manager_lock.compare_exchange(0, pid, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => true,
+            Err(owner) if owner == pid => true,
+            Err(owner) if !alive(owner) => {
+                self.manager_lock.compare_exchange(owner, pid, Ordering::Acquire, Ordering::Relaxed).is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub fn unlock(&self, pid: i32) {
+        // Release: the holder's writes are visible to the next holder.
+        let _ = self.manager_lock.compare_exchange(pid, 0, Ordering::Release, Ordering::Relaxed);
+    }
+
+    /// True for exactly one caller per generation: it runs "master start".
+    pub fn claim_master_start(&self, generation: u64) -> bool {
+        // Relaxed loads, AcqRel CAS: only the winner's claim matters.
+        let mut cur = self.master_started.load(Ordering::Relaxed);
+        while cur < generation {
+            match self.master_started.compare_exchange(cur, generation, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+        false
+    }
+
+    /// Workers of `generation` the manager has seen start and that still
+    /// run, plus those that crashed less than `failed_ms` ago (as the
+    /// original, which only noticed a crash when its heartbeat expired).
+    pub fn managed_count(&self, generation: u64, now_ms: u64, failed_ms: u64) -> u32 {
+        self.workers
+            .iter()
+            .filter(|rec| {
+                // Relaxed: counts are taken under the manager lock.
+                let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
+                rec.generation.load(Ordering::Relaxed) == generation
+                    && rec.flags.load(Ordering::Relaxed) & FLAG_MANAGED != 0
+                    && (st.is_live()
+                        || (st == WorkerState::Crashed
+                            && now_ms.saturating_sub(rec.ended_ms.load(Ordering::Relaxed)) < failed_ms))
+            })
+            .count() as u32
+    }
+
+    /// (n_prev, n_mine, n_next) as resty.worker.manager's callbacks get
+    /// them: neighbours are None when that generation does not exist.
+    pub fn manager_counts(&self, generation: u64, now_ms: u64, failed_ms: u64) -> (Option<u32>, u32, Option<u32>) {
+        let prev = generation.checked_sub(1).and_then(|g| self.generation(g)).map(|g| self.live_count(g.generation));
+        let next = self.generation(generation + 1).map(|g| self.live_count(g.generation));
+        (prev, self.managed_count(generation, now_ms, failed_ms), next)
+    }
+
     /// Live workers of `generation` (running or hung).
     pub fn live_count(&self, generation: u64) -> u32 {
         self.workers().filter(|w| w.generation == generation && w.state.is_live()).count() as u32
@@ -453,6 +531,53 @@ mod tests {
         let i = t.register_worker(g, 0, 5000, 0, |_| true, |_| {}).unwrap();
         assert_eq!(i, 0, "the record that ended first is reused");
         assert_eq!(t.workers().count(), MAX_WORKER_RECORDS);
+    }
+
+    #[test]
+    fn manager_counts_see_starts_crashes_and_neighbours() {
+        let t = table();
+        let g1 = t.begin_generation(1, 2, 0, 1);
+        let a = t.register_worker(g1, 0, 10, 0, |_| true, |_| {}).unwrap();
+        t.register_worker(g1, 1, 11, 0, |_| true, |_| {}).unwrap();
+        assert_eq!(t.manager_counts(g1, 0, 5000), (None, 0, None));
+        t.set_flags(a, 10, FLAG_MANAGED);
+        t.set_flags(a, 99, FLAG_MANAGED); // not its record: ignored
+        assert_eq!(t.manager_counts(g1, 0, 5000), (None, 1, None));
+        let b = t.register_worker(g1, 1, 12, 0, |p| p != 11, |_| {}).unwrap();
+        t.set_flags(b, 12, FLAG_MANAGED);
+        // 11 was never managed: the respawn counts 2, not 3.
+        assert_eq!(t.manager_counts(g1, 100, 5000).1, 2);
+        let g2 = t.begin_generation(1, 2, 200, 1);
+        assert_eq!(t.manager_counts(g1, 200, 5000), (None, 2, Some(0)));
+        assert_eq!(t.manager_counts(g2, 200, 5000), (Some(2), 0, None));
+    }
+
+    #[test]
+    fn crashed_managed_worker_counts_until_failed_expires() {
+        let t = table();
+        let g = t.begin_generation(1, 1, 0, 1);
+        let a = t.register_worker(g, 0, 10, 0, |_| true, |_| {}).unwrap();
+        t.set_flags(a, 10, FLAG_MANAGED);
+        let b = t.register_worker(g, 0, 11, 1000, |p| p != 10, |_| {}).unwrap();
+        t.set_flags(b, 11, FLAG_MANAGED);
+        assert_eq!(t.managed_count(g, 1000, 5000), 2, "a respawn sees n_mine above the worker count");
+        assert_eq!(t.managed_count(g, 7000, 5000), 1);
+    }
+
+    #[test]
+    fn manager_lock_and_master_start_claim() {
+        let t = table();
+        assert!(t.try_lock(10, |_| true));
+        assert!(!t.try_lock(11, |_| true));
+        assert!(t.try_lock(11, |p| p != 10), "a dead owner's lock is taken over");
+        t.unlock(10);
+        assert!(!t.try_lock(12, |_| true), "only the owner unlocks");
+        t.unlock(11);
+        assert!(t.try_lock(12, |_| true));
+        assert!(t.claim_master_start(1));
+        assert!(!t.claim_master_start(1));
+        assert!(t.claim_master_start(3));
+        assert!(!t.claim_master_start(2));
     }
 
     #[test]
