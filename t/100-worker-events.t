@@ -1054,3 +1054,34 @@ other workers that handled it within 100 ms: 3
 GET /t
 --- response_body
 respawned saw its own started: true, its own hello: true
+
+
+
+=== TEST 27: no idle polling: with no events, the poller does not wake up (the heartbeat would wake it for missed events)
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        assert(require("resty.worker.events").configure { shm = "ev", interval = 1 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local core = require "resty.workerbus.events_core"
+            ngx.sleep(0.5)
+            local w0 = core.poller_wakes()
+            ngx.sleep(3.5)
+            ngx.say("idle wake-ups in 3.5 s: ", core.poller_wakes() - w0)
+            require("resty.worker.events").post("x", "y", "z")
+            ngx.sleep(0.2)
+            ngx.say("after one event: ", core.poller_wakes() - w0 >= 1)
+        }
+    }
+--- request
+GET /t
+--- timeout: 8
+--- response_body
+idle wake-ups in 3.5 s: 0
+after one event: true
+--- no_error_log
+[error]

@@ -146,3 +146,11 @@ pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
 pub extern "C" fn workerbus_ev_wake_self() {
     wake::post_sema(local().sema);
 }
+
+/// The module's heartbeat period in ms: it wakes a poller that has events
+/// waiting, so a poller needs no shorter timeout of its own than this.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_heartbeat_ms() -> u64 {
+    crate::module::process::ensure_worker_started();
+    local().heartbeat_ms as u64
+}

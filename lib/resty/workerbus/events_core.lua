@@ -80,6 +80,7 @@ ffi.cdef [[
     size_t workerbus_ev_max_payload(int zone);
     uint64_t workerbus_ev_head(int zone);
     uint64_t workerbus_ev_cursor(int zone);
+    uint64_t workerbus_heartbeat_ms(void);
 ]]
 
 local ev_post = C.workerbus_ev_post
@@ -145,6 +146,10 @@ local sema                 -- the poller's ngx.semaphore (kept referenced: the m
 local loop_running = false
 local waiting = false
 local interval = 0
+-- Longest idle wait; the heartbeat wakes the poller sooner when needed.
+local IDLE_WAIT = 3600
+local heartbeat_s = 1
+local wakes = 0  -- times the idle poller woke up, for tests and operators
 local wants = {}           -- owner -> interval wanted (0: no background loop)
 
 local function reset_if_forked()
@@ -563,6 +568,7 @@ loop = function(premature)
             return
         end
         sema = s
+        heartbeat_s = tonumber(C.workerbus_heartbeat_ms()) / 1000
         C.workerbus_ev_set_sema(s.sem)
     end
     if not watching then
@@ -587,9 +593,13 @@ loop = function(premature)
         if res == "more" then
             ngx.sleep(0.001)  -- let requests run (sleep(0) warns without OpenResty's patch)
         elseif res == "recursive" or not res or zone == nil or ev_idle(zone) ~= 1 then
+            -- The module's heartbeat posts the semaphore whenever events wait
+            -- for this worker, so with an interval longer than the heartbeat an
+            -- idle poller needs no timeout of its own: no idle wake-ups.
             waiting = true
-            sema:wait(interval)
+            sema:wait(interval < heartbeat_s and interval or IDLE_WAIT)
             waiting = false
+            wakes = wakes + 1
         end
         if exiting() then
             break
@@ -615,6 +625,11 @@ function _M.want_loop(owner, seconds)
         sema:post(1)  -- take the new interval into account now
     end
     return start_loop()
+end
+
+-- How many times the background poller woke from an idle wait.
+function _M.poller_wakes()
+    return wakes
 end
 
 function _M.poller_running()
