@@ -16,6 +16,7 @@ local function need(name)
 end
 
 local core = need "resty.workerbus.events_core"
+local call_handler = core.call_handler
 
 local ngx = ngx
 local log = ngx.log
@@ -24,9 +25,7 @@ local DEBUG = ngx.DEBUG
 local type = type
 local tostring = tostring
 local assert = assert
-local xpcall = xpcall
 local setmetatable = setmetatable
-local traceback = debug.traceback
 local str_sub = string.sub
 
 local FLAG_EVENTS = core.FLAG_EVENTS
@@ -143,13 +142,7 @@ local function call_list(self, list, data, event, source, wid)
             list.n = n - 1
             stop = stop - 1
         else
-            local ok, err = xpcall(handler, traceback, data, event, source, wid)
-            if not ok then
-                -- The payload may be private: it is not logged.
-                log(ERR, "worker-events: event callback failed; source=", source,
-                         ", event=", event, ", wid=", tostring(wid),
-                         " error='", tostring(err), "'")
-            end
+            call_handler(handler, data, event, source, "wid", wid)
             i = i + 1
         end
     end

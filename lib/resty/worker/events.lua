@@ -15,6 +15,7 @@ local function need(name)
 end
 
 local core = need "resty.workerbus.events_core"
+local call_handler = core.call_handler
 local wb = require "resty.workerbus"
 
 local ngx = ngx
@@ -26,11 +27,9 @@ local type = type
 local tostring = tostring
 local select = select
 local ipairs = ipairs
-local xpcall = xpcall
 local error = error
 local assert = assert
 local setmetatable = setmetatable
-local traceback = debug.traceback
 
 local SOURCE = "resty-worker-events"
 local API = 0               -- this API's flag bits in the ring records
@@ -97,13 +96,7 @@ local function call_list(level, weak, data, event, source, pid)
             level[key] = n - 1
             stop = stop - 1
         else
-            local ok, err = xpcall(handler, traceback, data, event, source, pid)
-            if not ok then
-                -- The payload may be private: it is not logged.
-                log(ERR, "worker-events: event callback failed; source=", source,
-                         ", event=", event, ", pid=", tostring(pid),
-                         " error='", tostring(err), "'")
-            end
+            call_handler(handler, data, event, source, "pid", pid)
             i = i + 1
         end
     end

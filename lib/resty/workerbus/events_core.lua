@@ -51,6 +51,8 @@ local co_status = coroutine.status
 local ngx = ngx
 local log = ngx.log
 local ERR = ngx.ERR
+local xpcall = xpcall
+local traceback = debug.traceback
 local WARN = ngx.WARN
 local DEBUG = ngx.DEBUG
 local exiting = ngx.worker.exiting
@@ -625,6 +627,18 @@ function _M.want_loop(owner, seconds)
         sema:post(1)  -- take the new interval into account now
     end
     return start_loop()
+end
+
+-- Calls one subscriber. Its error is logged with source and event (not the
+-- payload, which may be private) and never propagated. `who` names the
+-- last argument in the log: "pid" or "wid".
+function _M.call_handler(handler, data, event, source, who, id)
+    local ok, err = xpcall(handler, traceback, data, event, source, id)
+    if not ok then
+        log(ERR, "worker-events: event callback failed; source=", source,
+                 ", event=", event, ", ", who, "=", tostring(id),
+                 " error='", tostring(err), "'")
+    end
 end
 
 -- How many times the background poller woke from an idle wait.
