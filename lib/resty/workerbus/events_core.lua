@@ -96,7 +96,7 @@ local FLAG_EVENTS = 4
 local WID_UNIT = 65536
 local KEY_WORKER_EVENTS = 87   -- "W": prefix of resty.worker.events unique keys
 local KEY_EVENTS = 69          -- "E": prefix of resty.events unique keys
-local BATCH = 1000             -- events per poller turn before it yields
+local BATCH = 8192             -- events per poller turn before it yields (a few ms of work)
 local EXIT_WATCH = 3600        -- re-arm period of the exit watcher timer
 
 -- LuaJIT's serializer (OpenResty's LuaJIT has it since 2.1-2022): what
