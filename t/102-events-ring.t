@@ -228,3 +228,50 @@ qr/worker-events: this worker was lapped by the event ring of workerbus zone "ev
 [error]
 [alert]
 exited on signal
+
+
+
+=== TEST 4: the status document counts posts, deliveries per worker, claims and wake-ups
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        assert(require("resty.worker.events").configure { shm = "ev", interval = 10 })
+    }
+--- config
+    location = /status { workerbus_status; }
+    location = /t {
+        content_by_lua_block {
+            local cjson = require "cjson"
+            local ev = require "resty.worker.events"
+            local function events()
+                return cjson.decode(ngx.location.capture("/status").body).zones[1].events
+            end
+            ngx.sleep(0.3)
+            local s0 = events()
+            local before = {}
+            for _, w in ipairs(s0.workers) do before[w.pid] = w.delivered end
+            for i = 1, 10 do assert(ev.post("s", "e", i)) end
+            assert(ev.post("s", "e", "once", "key-1"))
+            ngx.sleep(0.3)
+            local s = events()
+            local all = true
+            for _, w in ipairs(s.workers) do
+                all = all and w.delivered - before[w.pid] == 11 and w.lag == 0
+            end
+            ngx.say("posted ", s.posted - s0.posted, ", head moved ", s.head_seq - s0.head_seq,
+                    ", workers ", #s.workers, " each delivered 11 with no lag: ", all)
+            ngx.say("claims won ", s.unique_claims.won - s0.unique_claims.won,
+                    ", refused ", s.unique_claims.refused - s0.unique_claims.refused)
+            ngx.say("wake-ups sent: ", s.wakeups_sent > s0.wakeups_sent,
+                    ", idle again: ", #s.idle_slots, ", lost: ", s.lagged_missed, " ", s.dropped)
+        }
+    }
+--- request
+GET /t
+--- response_body
+posted 11, head moved 11, workers 4 each delivered 11 with no lag: true
+claims won 1, refused 3
+wake-ups sent: true, idle again: 4, lost: 0 0
+--- no_error_log
+[error]
