@@ -28,16 +28,6 @@ our $Manager = <<'_EOC_';
     }
 _EOC_
 
-our $Signal = <<'_EOC_';
-    local ffi = require "ffi"
-    pcall(ffi.cdef, "int kill(int pid, int sig);")
-    local function other_worker()
-        for _, w in ipairs(require("resty.workerbus").status().workers) do
-            if w.state == "running" and w.pid ~= ngx.worker.pid() then return w end
-        end
-    end
-_EOC_
-
 run_tests();
 
 __DATA__
