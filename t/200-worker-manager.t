@@ -1,7 +1,8 @@
 # vim:set ft= ts=4 sw=4 et:
 # resty.worker.manager (the lua-resty-worker-manager API) driven by the
-# module's lifecycle table: start, reload, stop, crash, hang, bad calls.
-# Every callback logs "<kind> n_prev=.. n_mine=.. n_next=.." at notice.
+# module's lifecycle table: start, reload, stop, crash, hang, serialization,
+# bad calls. Every callback logs "<kind> id=.. n_prev=.. n_mine=.. n_next=.."
+# at notice.
 
 use Test::Nginx::Socket::Lua 'no_plan';
 
@@ -9,15 +10,21 @@ workers(4);
 master_on();
 no_long_string();
 
-our $Manager = <<'_EOC_';
-    init_by_lua_block {
-        local function logger(kind)
+# $Logger defines the callbacks; $Manager installs them ("failed" is 1 s, so
+# that the hang test stays short).
+our $Logger = <<'_EOC_';
+        local function logger(kind, pause)
             return function(id, n_prev, n_mine, n_next)
                 ngx.log(ngx.NOTICE, kind, " id=", id, " n_prev=", tostring(n_prev),
                         " n_mine=", tostring(n_mine), " n_next=", tostring(n_next))
             end
         end
         package.loaded.mgr_logger = logger
+_EOC_
+
+our $Manager = <<_EOC_;
+    init_by_lua_block {
+$::Logger
         require("resty.worker.manager").on_init_by_lua({ shm = "wb", failed = 1 },
             logger("master start"), logger("master exit"))
     }
@@ -54,10 +61,11 @@ worker start id=\d+ n_prev=nil n_mine=4 n_next=nil
 $/
 --- no_error_log
 [error]
+[warn]
 
 
 
-=== TEST 2: HUP: master start of generation 2 sees the 4 old workers; their exits see the new generation
+=== TEST 2: HUP: generation 2's master start sees the 4 old workers; old exits see n_next, count down, and end in master exit 1
 --- main_config
     workerbus_zone wb 1m;
 --- http_config eval: $::Manager
@@ -76,14 +84,24 @@ GET /t
 --- response_body
 reloading
 --- wait: 2
+--- grep_error_log eval: qr/master (start|exit) id=\d+ n_prev=\w+ n_mine=\d+ n_next=\w+/
+--- grep_error_log_out eval
+qr/^master start id=1 n_prev=nil n_mine=0 n_next=nil
+master start id=2 n_prev=4 n_mine=0 n_next=nil
+master exit id=1 n_prev=nil n_mine=0 n_next=[0-4]
+$/
 --- error_log eval
-[qr/master start id=2 n_prev=4 n_mine=0 n_next=nil/,
- qr/worker exit id=\d+ n_prev=nil n_mine=4 n_next=\d/,
+[qr/worker exit id=\d+ n_prev=nil n_mine=4 n_next=\d/,
+ qr/worker exit id=\d+ n_prev=nil n_mine=3 n_next=\d/,
+ qr/worker exit id=\d+ n_prev=nil n_mine=2 n_next=\d/,
  qr/worker exit id=\d+ n_prev=nil n_mine=1 n_next=\d/,
- qr/master exit id=1 n_prev=nil n_mine=0 n_next=\d/]
+ qr/worker start id=\d+ n_prev=\d n_mine=1 n_next=nil/,
+ qr/worker start id=\d+ n_prev=\d n_mine=4 n_next=nil/]
 --- no_error_log
 [error]
-master exit id=1 n_prev=nil n_mine=0 n_next=nil
+running unserialized
+--- shutdown_error_log eval
+[qr/master exit id=2 n_prev=0 n_mine=0 n_next=nil/]
 
 
 
@@ -105,10 +123,13 @@ ok
  qr/worker exit id=\d+ n_prev=nil n_mine=2 n_next=nil/,
  qr/worker exit id=\d+ n_prev=nil n_mine=1 n_next=nil/,
  qr/master exit id=1 n_prev=nil n_mine=0 n_next=nil/]
+--- no_shutdown_error_log
+[error]
+running unserialized
 
 
 
-=== TEST 4: kill -9: the respawned worker's start sees n_mine = 5 and the dead pid is crashed at once
+=== TEST 4: kill -9: the respawn's start sees n_mine = 5, the dead pid is crashed at once, and the dead one does not stop the last exit from running master exit
 --- main_config
     workerbus_zone wb 1m;
 --- http_config eval: $::Manager
@@ -133,8 +154,13 @@ ok
 GET /t
 --- response_body
 dead pid: crashed
---- error_log eval
-qr/worker start id=\d+ n_prev=nil n_mine=5 n_next=nil/
+--- grep_error_log eval: qr/worker start id=\d+ n_prev=\w+ n_mine=\d+ n_next=\w+/
+--- grep_error_log_out eval
+qr/^(worker start id=\d+ n_prev=nil n_mine=[1-4] n_next=nil\n){4}worker start id=\d+ n_prev=nil n_mine=5 n_next=nil\n$/
+--- shutdown_error_log eval
+[qr/worker exit id=\d+ n_prev=nil n_mine=4 n_next=nil/,
+ qr/worker exit id=\d+ n_prev=nil n_mine=1 n_next=nil/,
+ qr/master exit id=1 n_prev=nil n_mine=0 n_next=nil/]
 
 
 
@@ -199,7 +225,7 @@ resty.worker.manager: on_init_worker_by_lua must be called in init_worker_by_lua
 
 
 
-=== TEST 7: a second call, a missing first call, and bad options raise
+=== TEST 7: a second call and bad options raise
 --- main_config
     workerbus_zone wb 1m;
 --- http_config
@@ -209,22 +235,26 @@ resty.worker.manager: on_init_worker_by_lua must be called in init_worker_by_lua
         local errs = {}
         errs[#errs + 1] = select(2, pcall(m.on_init_by_lua, { interval = 10 }))
         errs[#errs + 1] = select(2, pcall(m.on_init_by_lua, { shm = "wb", failed = -1 }))
+        errs[#errs + 1] = select(2, pcall(m.on_init_by_lua, { shm = "wb", interval = "10" }))
         errs[#errs + 1] = select(2, pcall(m.on_init_by_lua, { shm = "wb" }, "not a function"))
+        errs[#errs + 1] = select(2, pcall(m.on_init_by_lua, "wb"))
         m.on_init_by_lua({ shm = "wb" })
         errs[#errs + 1] = select(2, pcall(m.on_init_by_lua, { shm = "wb" }))
         package.loaded.init_errs = errs
     }
     init_worker_by_lua_block {
         local m = require "resty.worker.manager"
+        ngx.shared.errs:set("bad cb", select(2, pcall(m.on_init_worker_by_lua, 42)))
         m.on_init_worker_by_lua()
         local ok, err = pcall(m.on_init_worker_by_lua)
-        ngx.shared.errs:set("worker", err)
+        ngx.shared.errs:set("twice", err)
     }
 --- config
     location = /t {
         content_by_lua_block {
             for _, e in ipairs(package.loaded.init_errs) do ngx.say(e) end
-            ngx.say(ngx.shared.errs:get("worker"))
+            ngx.say(ngx.shared.errs:get("bad cb"))
+            ngx.say(ngx.shared.errs:get("twice"))
         }
     }
 --- request
@@ -232,6 +262,159 @@ GET /t
 --- response_body
 resty.worker.manager: opts.shm is required (a string)
 resty.worker.manager: opts.failed must be a positive number
+resty.worker.manager: opts.interval must be a positive number
 resty.worker.manager: master_start_cb must be a function, got string
+resty.worker.manager: opts must be a table, got string
 resty.worker.manager: on_init_by_lua was already called
+resty.worker.manager: start_cb must be a function, got number
 resty.worker.manager: on_init_worker_by_lua was already called
+
+
+
+=== TEST 8: on_init_worker_by_lua without on_init_by_lua first raises
+--- main_config
+    workerbus_zone wb 1m;
+--- http_config
+    lua_shared_dict errs 1m;
+    init_worker_by_lua_block {
+        local ok, err = pcall(require("resty.worker.manager").on_init_worker_by_lua)
+        ngx.shared.errs:set("err", err)
+    }
+--- config
+    location = /t {
+        content_by_lua_block { ngx.say(ngx.shared.errs:get("err")) }
+    }
+--- request
+GET /t
+--- response_body
+resty.worker.manager: on_init_by_lua must be called first, in init_by_lua
+
+
+
+=== TEST 9: callbacks are serialized across the node: slow callbacks never overlap, at start nor at QUIT
+--- main_config
+    workerbus_zone wb 1m;
+--- http_config
+    lua_shared_dict inside 1m;
+    init_by_lua_block {
+        local function slow(kind)
+            return function(id, n_prev, n_mine, n_next)
+                local n = ngx.shared.inside:incr("n", 1, 0)
+                if n ~= 1 then ngx.log(ngx.ERR, "overlap: ", kind, " sees ", n, " callbacks running") end
+                ngx.sleep(0.05)
+                ngx.log(ngx.NOTICE, kind, " id=", id, " n_mine=", n_mine)
+                ngx.shared.inside:incr("n", -1)
+            end
+        end
+        package.loaded.slow = slow
+        require("resty.worker.manager").on_init_by_lua({ shm = "wb" }, slow("master start"), slow("master exit"))
+    }
+    init_worker_by_lua_block {
+        local slow = package.loaded.slow
+        require("resty.worker.manager").on_init_worker_by_lua(slow("worker start"), slow("worker exit"))
+    }
+--- config
+    location = /t {
+        content_by_lua_block { ngx.sleep(0.6) ngx.say("ok") }
+    }
+--- request
+GET /t
+--- response_body
+ok
+--- grep_error_log eval: qr/(master|worker) start id=\d+ n_mine=\d+/
+--- grep_error_log_out eval
+qr/^master start id=1 n_mine=0
+worker start id=\d+ n_mine=1
+worker start id=\d+ n_mine=2
+worker start id=\d+ n_mine=3
+worker start id=\d+ n_mine=4
+$/
+--- no_error_log
+overlap
+--- shutdown_error_log eval
+[qr/worker exit id=\d+ n_mine=1/,
+ qr/master exit id=1 n_mine=0/]
+--- no_shutdown_error_log
+overlap
+[error]
+
+
+
+=== TEST 10: QUIT during slow starts: a worker exits only after its own start, every started worker exits, master exit runs once, last
+--- main_config
+    workerbus_zone wb 1m;
+--- http_config
+    lua_shared_dict tally 1m;
+    init_by_lua_block {
+        local tally = ngx.shared.tally
+        local started = false
+        require("resty.worker.manager").on_init_by_lua({ shm = "wb" }, nil,
+            function(id, n_prev, n_mine, n_next)
+                ngx.log(ngx.NOTICE, "master exit id=", id, " n_mine=", n_mine, " n_next=", tostring(n_next),
+                        " starts=", tally:get("starts"), " exits=", tally:get("exits"))
+            end)
+        package.loaded.cbs = {
+            start = function(id, n_prev, n_mine)
+                ngx.sleep(0.3)
+                started = true
+                tally:incr("starts", 1, 0)
+                ngx.log(ngx.NOTICE, "worker start id=", id, " n_mine=", n_mine)
+            end,
+            exit = function(id, n_prev, n_mine)
+                if not started then ngx.log(ngx.ERR, "exit before start in ", id) end
+                tally:incr("exits", 1, 0)
+                ngx.log(ngx.NOTICE, "worker exit id=", id, " n_mine=", n_mine)
+            end,
+        }
+    }
+    init_worker_by_lua_block {
+        local cbs = package.loaded.cbs
+        require("resty.worker.manager").on_init_worker_by_lua(cbs.start, cbs.exit)
+    }
+--- config
+    location = /t {
+        content_by_lua_block { ngx.say("ok") }
+    }
+--- request
+GET /t
+--- response_body
+ok
+--- shutdown_error_log eval
+[qr/worker exit id=\d+ n_mine=1,/,
+ qr/master exit id=1 n_mine=0 n_next=nil starts=([1-4]) exits=\1,/]
+--- no_shutdown_error_log
+[error]
+running unserialized
+
+
+
+=== TEST 11: the lock of a worker killed while holding it is taken over: the respawn's start runs at once
+--- main_config
+    workerbus_zone wb 1m;
+--- http_config eval: $::Manager
+--- config
+    location = /hold {
+        content_by_lua_block {
+            ngx.sleep(0.5)
+            local ffi = require "ffi"
+            ffi.cdef "int kill(int pid, int sig); int workerbus_lc_lock(void);"
+            ngx.say("locked: ", ffi.C.workerbus_lc_lock())
+            ngx.eof()
+            ngx.timer.at(0.1, function() ffi.C.kill(ngx.worker.pid(), 9) end)
+        }
+    }
+    location = /after {
+        content_by_lua_block {
+            ngx.sleep(1)  -- far less than the 30 s a live holder would be waited for
+            ngx.say("ok")
+        }
+    }
+--- request eval
+["GET /hold", "GET /after"]
+--- response_body eval
+["locked: 1\n", "ok\n"]
+--- error_log eval
+[qr/worker start id=\d+ n_prev=nil n_mine=5 n_next=nil/,
+ qr/workerbus: worker process \d+ \(slot \d, generation 1\) crashed/]
+--- no_error_log
+running unserialized

@@ -1,6 +1,9 @@
 //! FFI for resty.worker.manager: the node-wide callback lock, the counts
-//! its callbacks receive, and this worker's marks in the lifecycle table.
-//! All of it lives in the primary zone.
+//! its callbacks receive, this worker's marks in the lifecycle table, and
+//! the once-per-generation claims. All of it lives in the primary zone.
+//!
+//! Conventions as in the rest of the C ABI: a negative result is an error
+//! explained by `workerbus_last_error`; nothing here blocks.
 
 use core::ffi::c_int;
 use core::sync::atomic::Ordering;
@@ -8,9 +11,12 @@ use core::sync::atomic::Ordering;
 use crate::module::local::local;
 use crate::module::process::ensure_worker_started;
 use crate::module::time::now_ms;
-use crate::shm::lifecycle::{FLAG_MANAGED, Lifecycle, pid_alive};
+use crate::shm::lifecycle::{FLAG_LEFT, FLAG_MANAGED, Lifecycle, pid_alive};
 
 use super::fail;
+
+const NO_ZONE: &str = "no workerbus zone in this process";
+const NO_RECORD: &str = "this worker is not in the lifecycle table (not a worker process, or the table is full)";
 
 fn lifecycle() -> Option<&'static Lifecycle> {
     ensure_worker_started();
@@ -22,13 +28,24 @@ fn pid() -> i32 {
     unsafe { nginx_sys::ngx_pid }
 }
 
-/// Tries the manager lock: 1 taken, 0 held by another live worker, -1 error.
+/// Sets FLAG_* bits on this worker's own record.
+fn mark(bits: u32) -> c_int {
+    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    let Some(index) = local().record else { return fail(-1, NO_RECORD) };
+    lc.set_flags(index, pid(), bits);
+    0
+}
+
+/// Tries the manager lock: 1 taken, 0 held by a live process (this one
+/// included: the lock is not reentrant), -1 error. A dead owner's lock is
+/// taken over.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_lock() -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, "no workerbus zone in this process") };
+    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
     c_int::from(lc.try_lock(pid(), pid_alive))
 }
 
+/// Releases the manager lock if this process holds it.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_unlock() {
     if let Some(lc) = lifecycle() {
@@ -36,16 +53,28 @@ pub extern "C" fn workerbus_lc_unlock() {
     }
 }
 
-/// Writes n_prev, n_mine, n_next for `generation` into `out` (-1 = none).
+/// pid holding the manager lock, 0 when free, -1 error.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_lc_lock_owner() -> c_int {
+    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    lc.lock_owner()
+}
+
+/// Writes n_prev, n_mine, n_next for `generation` into `out` (-1 = nil).
+/// `failed_sec` > 0: workers of `generation` that died less than that long
+/// ago still count in n_mine (worker start); 0: only the living (exits).
 ///
 /// # Safety
 /// `out` must be writable for 3 values.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_lc_counts(generation: u64, failed_sec: f64, out: *mut i64) -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, "no workerbus zone in this process") };
+    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    if out.is_null() {
+        return fail(-1, "null output buffer");
+    }
     let failed_ms = if failed_sec.is_finite() && failed_sec > 0.0 { (failed_sec * 1000.0) as u64 } else { 0 };
-    let (prev, mine, next) = lc.manager_counts(generation, now_ms(), failed_ms);
-    // SAFETY: guaranteed by the caller.
+    let (prev, mine, next) = lc.manager_counts(generation, now_ms(), failed_ms, pid_alive);
+    // SAFETY: guaranteed by the caller; checked non-null above.
     unsafe {
         *out = prev.map_or(-1, i64::from);
         *out.add(1) = i64::from(mine);
@@ -57,32 +86,44 @@ pub unsafe extern "C" fn workerbus_lc_counts(generation: u64, failed_sec: f64, o
 /// Marks this worker's start as seen by the manager (it now counts in n_mine).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_mark_started() -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, "no workerbus zone in this process") };
-    let Some(index) = local().record else { return fail(-1, "this worker is not in the lifecycle table") };
-    lc.set_flags(index, pid(), FLAG_MANAGED);
-    0
+    mark(FLAG_MANAGED)
 }
 
-/// This worker leaves now (its exit callback ran), before nginx's exit_process.
+/// This worker ran its manager exit: from now on it counts in no one's
+/// n_prev, n_mine or n_next, although the process may still drain requests
+/// (the module's own state stays "running" until exit_process).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_leave() -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, "no workerbus zone in this process") };
-    let Some(index) = local().record else { return fail(-1, "this worker is not in the lifecycle table") };
-    lc.exit_worker(index, pid(), now_ms());
-    0
+    mark(FLAG_LEFT)
 }
 
-/// 1 for the one caller that runs the master-start callback of `generation`.
+/// 1 for the one caller that runs the master-start callback of `generation`, else 0.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_claim_master_start(generation: u64) -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, "no workerbus zone in this process") };
+    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
     c_int::from(lc.claim_master_start(generation))
 }
 
-/// Sets the hang timeout the heartbeat judges by (0 restores the directive's).
+/// 1 for the one caller that runs the master-exit callback of `generation`, else 0.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_lc_claim_master_exit(generation: u64) -> c_int {
+    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    c_int::from(lc.claim_master_exit(generation))
+}
+
+/// GEN_* bits of `generation` (1 master start claimed, 2 master exit
+/// claimed); -2 when that generation is not in the table; -1 error.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_lc_gen_flags(generation: u64) -> c_int {
+    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    lc.gen_flags(generation).map_or(-2, |f| f as c_int)
+}
+
+/// Sets the hang timeout the heartbeat judges by (0 restores the
+/// directive's). Every configuration load resets it.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_set_hang_timeout(sec: f64) -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, "no workerbus zone in this process") };
+    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
     if !(sec.is_finite() && sec >= 0.0) {
         return fail(-1, "hang timeout must be a non-negative number");
     }

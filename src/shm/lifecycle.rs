@@ -72,6 +72,9 @@ pub struct GenRecord {
     pub started_ms: AtomicU64,
     /// Event ring head when this generation began: its workers start reading here.
     pub first_seq: AtomicU64,
+    /// GEN_* bits: resty.worker.manager's once-per-generation claims.
+    pub manager: AtomicU32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -101,7 +104,9 @@ pub struct Lifecycle {
     pub manager_lock: AtomicI32,
     /// Newest generation whose "master start" callback was claimed.
     pub master_started: AtomicU64,
-    /// Hang timeout set from Lua (resty.worker.manager's `failed`), 0 = the directive's.
+    /// Hang timeout set from Lua (resty.worker.manager's `failed`), 0 = the
+    /// directive's. Reset by every configuration load: a configuration that
+    /// no longer sets it gets the directive's back.
     pub hang_timeout_ms: AtomicU64,
     pub gens: [GenRecord; MAX_GENERATIONS],
     pub workers: [WorkerRecord; MAX_WORKER_RECORDS],
@@ -109,6 +114,14 @@ pub struct Lifecycle {
 
 /// The worker's start was seen by resty.worker.manager (it counts in n_mine).
 pub const FLAG_MANAGED: u32 = 1;
+/// The worker ran its manager exit: it no longer counts anywhere, although
+/// the process lives on (draining requests) until exit_process.
+pub const FLAG_LEFT: u32 = 2;
+
+/// GenRecord::manager: the generation's "master start" callback was claimed.
+pub const GEN_MASTER_STARTED: u32 = 1;
+/// GenRecord::manager: the generation's "master exit" callback was claimed.
+pub const GEN_MASTER_EXITED: u32 = 2;
 
 /// What a lifecycle check found, for the caller to log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +144,8 @@ pub struct WorkerView {
     pub started_ms: u64,
     pub heartbeat_ms: u64,
     pub ended_ms: u64,
+    /// FLAG_* bits.
+    pub flags: u32,
 }
 
 /// Copy of one generation record.
@@ -171,6 +186,9 @@ impl Lifecycle {
         rec.worker_count.store(worker_count, Ordering::Relaxed);
         rec.started_ms.store(now_ms, Ordering::Relaxed);
         rec.first_seq.store(first_seq, Ordering::Relaxed);
+        rec.manager.store(0, Ordering::Relaxed);
+        // Relaxed: a setting; the new generation's workers set it again if they want it.
+        self.hang_timeout_ms.store(0, Ordering::Relaxed);
         // Release: readers that see the number see the fields written above.
         rec.generation.store(generation, Ordering::Release);
         self.generation.store(generation, Ordering::Release);
@@ -372,18 +390,21 @@ impl Lifecycle {
     pub fn set_flags(&self, index: usize, pid: i32, bits: u32) {
         let Some(rec) = self.workers.get(index) else { return };
         if rec.pid.load(Ordering::Relaxed) == pid {
-            // Relaxed: read by counts() under the manager lock, which orders it.
+            // Relaxed: read by the counts under the manager lock, whose
+            // Release/Acquire pair orders it for the next holder.
             rec.flags.fetch_or(bits, Ordering::Relaxed);
         }
     }
 
-    /// Takes the manager lock for `pid`; a lock whose owner is gone is taken over.
+    /// Takes the manager lock for `pid`; a lock whose owner is gone is taken
+    /// over. Not reentrant: a process that holds it gets false, so two light
+    /// threads of one worker exclude each other too.
     pub fn try_lock(&self, pid: i32, alive: impl Fn(i32) -> bool) -> bool {
         // Acquire on success: what the previous holder wrote is visible.
         match self.manager_lock.compare_exchange(0, pid, Ordering::Acquire, Ordering::Relaxed) {
             Ok(_) => true,
-            Err(owner) if owner == pid => true,
-            Err(owner) if !alive(owner) => {
+            Err(owner) if owner != pid && !alive(owner) => {
+                // Acquire: as above; one waiter wins the takeover.
                 self.manager_lock.compare_exchange(owner, pid, Ordering::Acquire, Ordering::Relaxed).is_ok()
             }
             Err(_) => false,
@@ -391,47 +412,117 @@ impl Lifecycle {
     }
 
     pub fn unlock(&self, pid: i32) {
-        // Release: the holder's writes are visible to the next holder.
+        // Release: the holder's writes are visible to the next holder. The
+        // CAS leaves alone a lock that was taken over meanwhile.
         let _ = self.manager_lock.compare_exchange(pid, 0, Ordering::Release, Ordering::Relaxed);
+    }
+
+    /// The pid holding the manager lock, 0 if none.
+    pub fn lock_owner(&self) -> i32 {
+        // Relaxed: a snapshot for diagnostics.
+        self.manager_lock.load(Ordering::Relaxed)
+    }
+
+    /// GEN_* bits of `generation`, None when it is not (or no longer) in the table.
+    pub fn gen_flags(&self, generation: u64) -> Option<u32> {
+        let rec = &self.gens[(generation as usize) % MAX_GENERATIONS];
+        // Acquire: pairs with the Release in begin_generation (the bits were reset before).
+        if generation == 0 || rec.generation.load(Ordering::Acquire) != generation {
+            return None;
+        }
+        // Acquire: pairs with the AcqRel of the claim.
+        Some(rec.manager.load(Ordering::Acquire))
+    }
+
+    /// True for exactly one caller per generation and bit.
+    pub fn claim_gen(&self, generation: u64, bit: u32) -> bool {
+        let rec = &self.gens[(generation as usize) % MAX_GENERATIONS];
+        // Acquire: pairs with the Release in begin_generation.
+        if generation == 0 || rec.generation.load(Ordering::Acquire) != generation {
+            return false;
+        }
+        // AcqRel: the one caller that sets the bit wins, and sees earlier claims.
+        rec.manager.fetch_or(bit, Ordering::AcqRel) & bit == 0
     }
 
     /// True for exactly one caller per generation: it runs "master start".
     pub fn claim_master_start(&self, generation: u64) -> bool {
-        // Relaxed loads, AcqRel CAS: only the winner's claim matters.
-        let mut cur = self.master_started.load(Ordering::Relaxed);
-        while cur < generation {
-            match self.master_started.compare_exchange(cur, generation, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return true,
-                Err(seen) => cur = seen,
-            }
+        if !self.claim_gen(generation, GEN_MASTER_STARTED) {
+            return false;
         }
-        false
+        // AcqRel: a newest-claimed watermark, for diagnostics.
+        self.master_started.fetch_max(generation, Ordering::AcqRel);
+        true
     }
 
-    /// Workers of `generation` the manager has seen start and that still
-    /// run, plus those that crashed less than `failed_ms` ago (as the
-    /// original, which only noticed a crash when its heartbeat expired).
-    pub fn managed_count(&self, generation: u64, now_ms: u64, failed_ms: u64) -> u32 {
-        self.workers
-            .iter()
-            .filter(|rec| {
-                // Relaxed: counts are taken under the manager lock.
-                let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
-                rec.generation.load(Ordering::Relaxed) == generation
-                    && rec.flags.load(Ordering::Relaxed) & FLAG_MANAGED != 0
-                    && (st.is_live()
-                        || (st == WorkerState::Crashed
-                            && now_ms.saturating_sub(rec.ended_ms.load(Ordering::Relaxed)) < failed_ms))
-            })
-            .count() as u32
+    /// True for exactly one caller per generation: it runs "master exit".
+    pub fn claim_master_exit(&self, generation: u64) -> bool {
+        self.claim_gen(generation, GEN_MASTER_EXITED)
+    }
+
+    /// Workers of `generation` the manager saw start and that have neither
+    /// left nor died, plus, when `failed_ms` > 0, those that died less than
+    /// `failed_ms` ago (as in the original, which only noticed a crash once
+    /// its heartbeat expired: a respawned worker sees n_mine above the
+    /// worker count). A live record whose pid is gone counts as a crash of now.
+    pub fn managed_count(&self, generation: u64, now_ms: u64, failed_ms: u64, alive: impl Fn(i32) -> bool) -> u32 {
+        let mut n = 0;
+        for rec in &self.workers {
+            // Acquire: pairs with the Release that published the record.
+            let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
+            // Relaxed: fields of a published record; counts are taken under the manager lock.
+            let flags = rec.flags.load(Ordering::Relaxed);
+            if rec.generation.load(Ordering::Relaxed) != generation
+                || flags & FLAG_MANAGED == 0
+                || flags & FLAG_LEFT != 0
+            {
+                continue;
+            }
+            let counts = if st.is_live() {
+                alive(rec.pid.load(Ordering::Relaxed)) || failed_ms > 0
+            } else {
+                st == WorkerState::Crashed
+                    && failed_ms > 0
+                    && now_ms.saturating_sub(rec.ended_ms.load(Ordering::Relaxed)) < failed_ms
+            };
+            n += u32::from(counts);
+        }
+        n
+    }
+
+    /// Workers running in generations that `include` selects: live in the
+    /// table, pid alive, and not gone through their manager exit.
+    fn running_where(&self, include: impl Fn(u64) -> bool, alive: impl Fn(i32) -> bool) -> u32 {
+        let mut n = 0;
+        for rec in &self.workers {
+            // Acquire: pairs with the Release that published the record.
+            let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
+            // Relaxed: fields of a published record.
+            if st.is_live()
+                && include(rec.generation.load(Ordering::Relaxed))
+                && rec.flags.load(Ordering::Relaxed) & FLAG_LEFT == 0
+                && alive(rec.pid.load(Ordering::Relaxed))
+            {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// (n_prev, n_mine, n_next) as resty.worker.manager's callbacks get
-    /// them: neighbours are None when that generation does not exist.
-    pub fn manager_counts(&self, generation: u64, now_ms: u64, failed_ms: u64) -> (Option<u32>, u32, Option<u32>) {
-        let prev = generation.checked_sub(1).and_then(|g| self.generation(g)).map(|g| self.live_count(g.generation));
-        let next = self.generation(generation + 1).map(|g| self.live_count(g.generation));
-        (prev, self.managed_count(generation, now_ms, failed_ms), next)
+    /// them. n_prev: workers still running from older generations, None in
+    /// the node's first generation (a fresh start). n_next: workers running
+    /// in newer generations, None while `generation` is the newest.
+    pub fn manager_counts(
+        &self,
+        generation: u64,
+        now_ms: u64,
+        failed_ms: u64,
+        alive: impl Fn(i32) -> bool + Copy,
+    ) -> (Option<u32>, u32, Option<u32>) {
+        let prev = (generation > 1).then(|| self.running_where(|g| g < generation, alive));
+        let next = (self.current_generation() > generation).then(|| self.running_where(|g| g > generation, alive));
+        (prev, self.managed_count(generation, now_ms, failed_ms, alive), next)
     }
 
     /// Live workers of `generation` (running or hung).
@@ -456,6 +547,7 @@ impl Lifecycle {
                 started_ms: rec.started_ms.load(Ordering::Relaxed),
                 heartbeat_ms: rec.heartbeat_ms.load(Ordering::Relaxed),
                 ended_ms: rec.ended_ms.load(Ordering::Relaxed),
+                flags: rec.flags.load(Ordering::Relaxed),
             })
         })
     }
@@ -533,51 +625,230 @@ mod tests {
         assert_eq!(t.workers().count(), MAX_WORKER_RECORDS);
     }
 
+    fn alive(_: i32) -> bool {
+        true
+    }
+
     #[test]
     fn manager_counts_see_starts_crashes_and_neighbours() {
         let t = table();
         let g1 = t.begin_generation(1, 2, 0, 1);
-        let a = t.register_worker(g1, 0, 10, 0, |_| true, |_| {}).unwrap();
-        t.register_worker(g1, 1, 11, 0, |_| true, |_| {}).unwrap();
-        assert_eq!(t.manager_counts(g1, 0, 5000), (None, 0, None));
+        let a = t.register_worker(g1, 0, 10, 0, alive, |_| {}).unwrap();
+        t.register_worker(g1, 1, 11, 0, alive, |_| {}).unwrap();
+        assert_eq!(t.manager_counts(g1, 0, 5000, alive), (None, 0, None), "first generation: no n_prev");
         t.set_flags(a, 10, FLAG_MANAGED);
         t.set_flags(a, 99, FLAG_MANAGED); // not its record: ignored
-        assert_eq!(t.manager_counts(g1, 0, 5000), (None, 1, None));
+        assert_eq!(t.manager_counts(g1, 0, 5000, alive), (None, 1, None));
         let b = t.register_worker(g1, 1, 12, 0, |p| p != 11, |_| {}).unwrap();
         t.set_flags(b, 12, FLAG_MANAGED);
         // 11 was never managed: the respawn counts 2, not 3.
-        assert_eq!(t.manager_counts(g1, 100, 5000).1, 2);
+        assert_eq!(t.manager_counts(g1, 100, 5000, alive).1, 2);
         let g2 = t.begin_generation(1, 2, 200, 1);
-        assert_eq!(t.manager_counts(g1, 200, 5000), (None, 2, Some(0)));
-        assert_eq!(t.manager_counts(g2, 200, 5000), (Some(2), 0, None));
+        assert_eq!(t.manager_counts(g1, 200, 5000, alive), (None, 2, Some(0)));
+        assert_eq!(t.manager_counts(g2, 200, 5000, alive), (Some(2), 0, None));
+        let c = t.register_worker(g2, 0, 20, 300, alive, |_| {}).unwrap();
+        t.set_flags(c, 20, FLAG_MANAGED);
+        assert_eq!(t.manager_counts(g1, 300, 5000, alive), (None, 2, Some(1)));
+        // An old worker runs its manager exit: it counts nowhere from then on.
+        t.set_flags(a, 10, FLAG_LEFT);
+        assert_eq!(t.manager_counts(g1, 300, 5000, alive), (None, 1, Some(1)));
+        assert_eq!(t.manager_counts(g2, 300, 5000, alive), (Some(1), 1, None));
+        assert_eq!(t.live_count(g1), 2, "the module's own view: the process still runs");
     }
 
     #[test]
     fn crashed_managed_worker_counts_until_failed_expires() {
         let t = table();
         let g = t.begin_generation(1, 1, 0, 1);
-        let a = t.register_worker(g, 0, 10, 0, |_| true, |_| {}).unwrap();
+        let a = t.register_worker(g, 0, 10, 0, alive, |_| {}).unwrap();
         t.set_flags(a, 10, FLAG_MANAGED);
         let b = t.register_worker(g, 0, 11, 1000, |p| p != 10, |_| {}).unwrap();
         t.set_flags(b, 11, FLAG_MANAGED);
-        assert_eq!(t.managed_count(g, 1000, 5000), 2, "a respawn sees n_mine above the worker count");
-        assert_eq!(t.managed_count(g, 7000, 5000), 1);
+        assert_eq!(t.managed_count(g, 1000, 5000, alive), 2, "a respawn sees n_mine above the worker count");
+        assert_eq!(t.managed_count(g, 7000, 5000, alive), 1);
+        assert_eq!(t.managed_count(g, 1000, 0, alive), 1, "without `failed`, only the living count");
     }
 
     #[test]
-    fn manager_lock_and_master_start_claim() {
+    fn dead_pid_not_yet_judged_counts_as_crashed_now() {
         let t = table();
-        assert!(t.try_lock(10, |_| true));
-        assert!(!t.try_lock(11, |_| true));
+        let g = t.begin_generation(1, 2, 0, 1);
+        for (slot, pid) in [(0, 10), (1, 11)] {
+            let i = t.register_worker(g, slot, pid, 0, alive, |_| {}).unwrap();
+            t.set_flags(i, pid, FLAG_MANAGED);
+        }
+        let g2 = t.begin_generation(1, 2, 0, 1);
+        // 11 was killed; no heartbeat or respawn has marked it yet.
+        let dead = |p: i32| p != 11;
+        assert_eq!(t.managed_count(g, 0, 5000, dead), 2, "a start still sees it (within `failed`)");
+        assert_eq!(t.managed_count(g, 0, 0, dead), 1, "an exit does not: the last worker is the last");
+        assert_eq!(t.manager_counts(g2, 0, 5000, dead).0, Some(1));
+    }
+
+    #[test]
+    fn manager_lock_excludes_everyone_else_and_is_taken_from_the_dead() {
+        let t = table();
+        assert!(t.try_lock(10, alive));
+        assert!(!t.try_lock(10, alive), "not reentrant: a second light thread of 10 waits");
+        assert!(!t.try_lock(11, alive));
         assert!(t.try_lock(11, |p| p != 10), "a dead owner's lock is taken over");
+        assert_eq!(t.lock_owner(), 11);
         t.unlock(10);
-        assert!(!t.try_lock(12, |_| true), "only the owner unlocks");
+        assert!(!t.try_lock(12, alive), "only the owner unlocks");
         t.unlock(11);
-        assert!(t.try_lock(12, |_| true));
-        assert!(t.claim_master_start(1));
-        assert!(!t.claim_master_start(1));
+        assert!(t.try_lock(12, alive));
+    }
+
+    #[test]
+    fn master_start_and_exit_are_claimed_once_per_generation() {
+        let t = table();
+        assert!(!t.claim_master_start(1), "a generation not in the table cannot be claimed");
+        for _ in 0..3 {
+            t.begin_generation(1, 1, 0, 1);
+        }
         assert!(t.claim_master_start(3));
-        assert!(!t.claim_master_start(2));
+        assert!(!t.claim_master_start(3));
+        // A quick double reload: generation 2's claim still works after 3's.
+        assert!(t.claim_master_start(2));
+        assert_eq!(t.master_started.load(Ordering::Relaxed), 3);
+        assert_eq!(t.gen_flags(2), Some(GEN_MASTER_STARTED));
+        assert!(t.claim_master_exit(2));
+        assert!(!t.claim_master_exit(2));
+        assert_eq!(t.gen_flags(2), Some(GEN_MASTER_STARTED | GEN_MASTER_EXITED));
+        assert_eq!(t.gen_flags(1), Some(0));
+        assert_eq!(t.gen_flags(4), None);
+        // The record is reused MAX_GENERATIONS loads later, with its bits cleared.
+        for _ in 0..MAX_GENERATIONS {
+            t.begin_generation(1, 1, 0, 1);
+        }
+        assert_eq!(t.gen_flags(2 + MAX_GENERATIONS as u64), Some(0));
+        assert_eq!(t.gen_flags(2), None);
+    }
+
+    #[test]
+    fn a_configuration_load_resets_the_hang_timeout_override() {
+        let t = table();
+        t.begin_generation(1, 1, 0, 1);
+        t.hang_timeout_ms.store(1000, Ordering::Relaxed);
+        t.begin_generation(1, 1, 0, 1);
+        assert_eq!(t.hang_timeout_ms.load(Ordering::Relaxed), 0);
+    }
+
+    /// A Lifecycle and a plain counter in one MAP_SHARED mapping, for forked children.
+    struct Shared {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    impl Shared {
+        fn new() -> Shared {
+            let len = core::mem::size_of::<Lifecycle>() + 64;
+            // SAFETY: an anonymous shared mapping; no address hint, checked below.
+            let ptr = unsafe {
+                libc::mmap(
+                    core::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
+            Shared { ptr: ptr.cast(), len }
+        }
+
+        fn table(&self) -> &Lifecycle {
+            // SAFETY: the mapping is zero-filled (a valid, empty table), page-aligned and lives as long as self.
+            unsafe { &*self.ptr.cast::<Lifecycle>() }
+        }
+
+        /// A word guarded by the manager lock only: plain loads and stores.
+        fn counter(&self) -> *mut u64 {
+            // SAFETY: the 64 bytes after the table are in the mapping and 8-aligned.
+            unsafe { self.ptr.add(core::mem::size_of::<Lifecycle>().next_multiple_of(8)).cast() }
+        }
+    }
+
+    impl Drop for Shared {
+        fn drop(&mut self) {
+            // SAFETY: unmaps exactly what new() mapped; no reference outlives self.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    fn fork_child(f: impl FnOnce() -> i32) -> i32 {
+        // SAFETY: the child only touches the shared mapping, atomics and
+        // async-signal-safe calls, then leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = f();
+            // SAFETY: ends the child without running the parent's test harness.
+            unsafe { libc::_exit(code) };
+        }
+        pid
+    }
+
+    fn reap(pid: i32) -> i32 {
+        let mut status = 0;
+        // SAFETY: pid is our child; status is writable.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 }
+    }
+
+    #[test]
+    fn manager_lock_serializes_processes_and_survives_a_holder_dying() {
+        const CHILDREN: usize = 4;
+        const ROUNDS: u64 = 300;
+        let shm = Shared::new();
+        let counter = shm.counter() as usize;
+        let pids: Vec<i32> = (0..CHILDREN)
+            .map(|_| {
+                let t = shm.table();
+                fork_child(move || {
+                    // SAFETY: getpid has no preconditions.
+                    let me = unsafe { libc::getpid() };
+                    for _ in 0..ROUNDS {
+                        while !t.try_lock(me, pid_alive) {
+                            // SAFETY: sched_yield has no preconditions.
+                            unsafe { libc::sched_yield() };
+                        }
+                        let c = counter as *mut u64;
+                        // SAFETY: the word is in the mapping; the lock makes us its only user.
+                        unsafe {
+                            let v = c.read_volatile();
+                            libc::sched_yield(); // widen the window a second holder would race in
+                            c.write_volatile(v + 1);
+                        }
+                        t.unlock(me);
+                    }
+                    0
+                })
+            })
+            .collect();
+        for pid in pids {
+            assert_eq!(reap(pid), 0);
+        }
+        // SAFETY: every child has exited; the parent is the word's only user.
+        assert_eq!(unsafe { *shm.counter() }, CHILDREN as u64 * ROUNDS, "an increment was lost: two holders at once");
+
+        // A holder killed while holding the lock: once reaped (as nginx's
+        // master reaps its workers), the next caller takes the lock over.
+        let t = shm.table();
+        let holder = fork_child(|| {
+            // SAFETY: getpid has no preconditions.
+            let me = unsafe { libc::getpid() };
+            if t.try_lock(me, pid_alive) { 0 } else { 1 }
+        });
+        assert_eq!(reap(holder), 0);
+        assert_eq!(t.lock_owner(), holder, "the dead holder never unlocked");
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        assert!(t.try_lock(me, pid_alive), "taken over from the dead holder");
+        assert_eq!(t.lock_owner(), me);
+        t.unlock(me);
+        assert_eq!(t.lock_owner(), 0);
     }
 
     #[test]
