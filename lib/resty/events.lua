@@ -3,17 +3,7 @@
 -- broker: events go through the workerbus module's event ring, read by the
 -- same per-worker poller as resty.worker.events. See docs/events.md.
 
--- A failed require leaves a sentinel in package.loaded, and the next
--- require of that name only says "loop or previous error". Clear it, so
--- that every attempt explains what is missing (e.g. the load_module line).
-local function need(name)
-    local ok, mod = pcall(require, name)
-    if not ok then
-        package.loaded[name] = nil
-        error(mod, 0)
-    end
-    return mod
-end
+local need = require "resty.workerbus.need"
 
 local core = need "resty.workerbus.events_core"
 local call_handler = core.call_handler

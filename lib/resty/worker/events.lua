@@ -2,17 +2,7 @@
 -- 2.0.1, with events carried by the workerbus module's event ring instead
 -- of a lua_shared_dict. See docs/worker-events.md.
 
--- A failed require leaves a sentinel in package.loaded, and the next
--- require of that name only says "loop or previous error". Clear it, so
--- that every attempt explains what is missing (e.g. the load_module line).
-local function need(name)
-    local ok, mod = pcall(require, name)
-    if not ok then
-        package.loaded[name] = nil
-        error(mod, 0)
-    end
-    return mod
-end
+local need = require "resty.workerbus.need"
 
 local core = need "resty.workerbus.events_core"
 local call_handler = core.call_handler

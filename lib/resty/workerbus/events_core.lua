@@ -19,17 +19,7 @@
 local ffi = require "ffi"
 local bit = require "bit"
 
--- A failed require leaves a sentinel in package.loaded, and the next
--- require of that name only says "loop or previous error". Clear it, so
--- that every attempt explains what is missing (e.g. the load_module line).
-local function need(name)
-    local ok, mod = pcall(require, name)
-    if not ok then
-        package.loaded[name] = nil
-        error(mod, 0)
-    end
-    return mod
-end
+local need = require "resty.workerbus.need"
 
 local wb = need "resty.workerbus"
 local cjson = require("cjson.safe").new()
