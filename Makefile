@@ -20,7 +20,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
             libtest-base-perl libtest-simple-perl libwww-perl libtext-diff-perl libipc-run-perl \
             curl procps bc
 
-.PHONY: all deps build install run test test-core test-nginx bench clean
+.PHONY: all deps build install run test test-core test-nginx lint bench clean
 
 all: build
 
@@ -51,7 +51,7 @@ $(NGX_TREE)/objs/ngx_auto_config.h:
 
 build: deps $(NGX_TREE)/objs/ngx_auto_config.h
 	$(CARGO_ENV) cargo build --release
-	cp target/release/libworkerbus.so $(MODULE)
+	cp target/release/libworkerbus.so $(MODULE).tmp && mv -f $(MODULE).tmp $(MODULE)   # a new inode: running nginx keeps its mapping
 	@echo "built $(MODULE)"
 
 # Puts the module and the Lua modules where Debian's nginx and LuaJIT look.
@@ -78,11 +78,19 @@ run: build
 test-core:
 	cargo test --release --no-default-features
 
+# rustfmt and clippy come from rustup components; added when missing.
+lint: build
+	@rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+	cargo fmt --check
+	cargo clippy --release --all-targets --no-default-features -- -D warnings
+	$(CARGO_ENV) cargo clippy --release --all-targets -- -D warnings
+
 test-nginx: build
 	TEST_NGINX_BINARY=$(NGINX) TEST_NGINX_LOAD_MODULES="$(LOAD_MODULES)" \
 	  TEST_NGINX_LUA_PATH="$(CURDIR)/lib/?.lua;;" prove -I t/lib t/
 
-test: build test-core test-nginx
+test: build lint test-core test-nginx
 
 bench: build
 	bench/run

@@ -171,7 +171,11 @@ fn main() {
         reap(writer);
         wr_ns.push(t.elapsed().as_nanos() as f64 / POSTS as f64);
         reap(reader);
-        let (got, lost, ns) = (shm.word(0).load(Ordering::Relaxed), shm.word(1).load(Ordering::Relaxed), shm.word(2).load(Ordering::Relaxed));
+        let (got, lost, ns) = (
+            shm.word(0).load(Ordering::Relaxed),
+            shm.word(1).load(Ordering::Relaxed),
+            shm.word(2).load(Ordering::Relaxed),
+        );
         wr_reads.push(got as f64 / (ns as f64 / 1e9));
         wr_lost.push(lost as f64);
     }
@@ -186,5 +190,9 @@ fn main() {
         median(wr_reads) / 1e6,
         median(wr_lost)
     );
-    println!("  ({} CPUs, {:.1} s)", std::thread::available_parallelism().map_or(0, |n| n.get()), started.elapsed().as_secs_f64());
+    println!(
+        "  ({} CPUs, {:.1} s)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        started.elapsed().as_secs_f64()
+    );
 }

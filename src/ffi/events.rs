@@ -125,20 +125,20 @@ pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, k
 /// Largest source+event+unique+data accepted in one event.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_max_payload(zone_index: c_int) -> usize {
-    zone(zone_index).and_then(|z| ev::ring(z)).map_or(0, |r| r.max_record_payload())
+    zone(zone_index).and_then(ev::ring).map_or(0, |r| r.max_record_payload())
 }
 
 /// Next seq the ring will assign.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_head(zone_index: c_int) -> u64 {
-    zone(zone_index).map_or(0, |z| ev::head_seq(z))
+    zone(zone_index).map_or(0, ev::head_seq)
 }
 
 /// This worker's next seq to read.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
     let reader = local().reader;
-    zone(zone_index).and_then(|z| ev::ring(z)).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
+    zone(zone_index).and_then(ev::ring).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
 }
 
 /// Wakes this worker's own poller (a post_local from a request handler).

@@ -4,8 +4,8 @@
 //! negative result means failure, and `workerbus_last_error` says why.
 //! Zones are passed as indexes from `workerbus_zone`, never as pointers.
 
-use core::ffi::c_int;
 use core::cell::RefCell;
+use core::ffi::c_int;
 
 use crate::module::local::local;
 use crate::module::zone::Zone;
@@ -125,7 +125,13 @@ pub extern "C" fn workerbus_generation() -> u64 {
 /// # Safety
 /// `key` and `val` must be readable for their lengths.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn workerbus_kv_set(zone_index: c_int, key: *const u8, klen: usize, val: *const u8, vlen: usize) -> c_int {
+pub unsafe extern "C" fn workerbus_kv_set(
+    zone_index: c_int,
+    key: *const u8,
+    klen: usize,
+    val: *const u8,
+    vlen: usize,
+) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
     // SAFETY: guaranteed by the caller.
     let (k, v) = unsafe { (bytes(key, klen), bytes(val, vlen)) };

@@ -181,7 +181,12 @@ unsafe extern "C" fn set_zone(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t, conf
     }
 }
 
-fn parse_msec(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t, conf: *mut c_void, field: fn(&mut CoreConf) -> &mut ngx_msec_t) -> *mut c_char {
+fn parse_msec(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+    field: fn(&mut CoreConf) -> &mut ngx_msec_t,
+) -> *mut c_char {
     // SAFETY: NGX_DIRECT_CONF gives this module's CoreConf for the cycle.
     let cc = unsafe { &mut *(conf as *mut CoreConf) };
     // SAFETY: called by nginx as a directive handler.
@@ -208,10 +213,6 @@ unsafe extern "C" fn set_heartbeat(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t,
 }
 
 /// `workerbus_hang_timeout TIME;` heartbeat overrun after which a live worker counts as hung.
-unsafe extern "C" fn set_hang_timeout(
-    cf: *mut ngx_conf_t,
-    cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
+unsafe extern "C" fn set_hang_timeout(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
     parse_msec(cf, cmd, conf, |c| &mut c.hang_timeout_ms)
 }

@@ -87,22 +87,22 @@ pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
 /// worst-case delay, and an idle worker's poller needs no timer of its own.
 pub fn on_heartbeat(zone: &Zone) {
     let l = local();
-    if let (Some(r), Some(i)) = (zone.ring, l.reader) {
-        if r.reader(i).is_some_and(|rd| rd.pending()) {
-            wake::post_sema(l.sema);
-        }
+    if let (Some(r), Some(i)) = (zone.ring, l.reader)
+        && r.reader(i).is_some_and(|rd| rd.pending())
+    {
+        wake::post_sema(l.sema);
     }
-    if let Some(r) = ring(zone) {
-        if let Some(pid) = r.repair(&zone.lock()) {
-            let log = local().heartbeat.log;
-            if !log.is_null() {
-                ngx::ngx_log_error!(
-                    NGX_LOG_WARN,
-                    log,
-                    "workerbus: zone \"{}\": a writer (pid {pid}) died mid-post; its event was not published",
-                    String::from_utf8_lossy(zone.name())
-                );
-            }
+    if let Some(r) = ring(zone)
+        && let Some(pid) = r.repair(&zone.lock())
+    {
+        let log = local().heartbeat.log;
+        if !log.is_null() {
+            ngx::ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "workerbus: zone \"{}\": a writer (pid {pid}) died mid-post; its event was not published",
+                String::from_utf8_lossy(zone.name())
+            );
         }
     }
 }

@@ -3,6 +3,11 @@
 //! shared object: a core module (main-context directives, zones, lifecycle)
 //! and an http module (the `workerbus_status` location handler).
 
+// The glue's functions take the pointers nginx hands to module hooks (cycle,
+// log, configuration); nginx guarantees them valid for the call, which is the
+// contract of every function here, so the two lints below would only repeat it.
+#![allow(clippy::not_unsafe_ptr_arg_deref, clippy::missing_safety_doc)]
+
 pub mod conf;
 pub mod events;
 pub mod local;
@@ -16,9 +21,7 @@ pub mod zone;
 use core::ffi::{c_char, c_void};
 use core::ptr;
 
-use nginx_sys::{
-    NGX_CORE_MODULE, NGX_HTTP_MODULE, ngx_command_t, ngx_core_module_t, ngx_http_module_t, ngx_module_t,
-};
+use nginx_sys::{NGX_CORE_MODULE, NGX_HTTP_MODULE, ngx_command_t, ngx_core_module_t, ngx_http_module_t, ngx_module_t};
 
 pub use conf::CoreConf;
 

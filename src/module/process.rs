@@ -26,7 +26,8 @@ pub fn core_conf(cycle: *const ngx_cycle_t) -> Option<&'static CoreConf> {
     // SAFETY: conf_ctx has an entry per module index; ours was made by create_conf.
     unsafe {
         let ctx = (*cycle).conf_ctx;
-        let p = *ctx.add((*(&raw const ngx_workerbus_module)).index);
+        let module = &raw const ngx_workerbus_module;
+        let p = *ctx.add((*module).index);
         (p as *const CoreConf).as_ref()
     }
 }

@@ -6,8 +6,8 @@
 //! were idle, so a burst of posts costs one atomic load each and no syscall.
 //! The wake-up handler posts the Lua poller's ngx.semaphore.
 
-use core::ffi::c_void;
 use crate::shm::idle::MAX_WAKE_SLOTS;
+use core::ffi::c_void;
 
 use nginx_sys::{NGX_LOG_ALERT, NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t, ngx_log_t};
 
@@ -49,7 +49,11 @@ pub fn register(cycle: *mut ngx_cycle_t, slot: u32) {
         let add = nginx_sys::ngx_event_actions.add;
         let ok = add.is_some_and(|f| f(rev, (libc::EPOLLIN | libc::EPOLLRDHUP) as _, 0) == 0);
         if !ok {
-            ngx::ngx_log_error!(NGX_LOG_ERR, (*cycle).log, "workerbus: cannot watch the wake-up descriptor; polling only");
+            ngx::ngx_log_error!(
+                NGX_LOG_ERR,
+                (*cycle).log,
+                "workerbus: cannot watch the wake-up descriptor; polling only"
+            );
             nginx_sys::ngx_free_connection(c);
             return;
         }

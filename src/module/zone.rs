@@ -11,8 +11,8 @@ use nginx_sys::{
 
 use crate::shm::claims::Claims;
 use crate::shm::header::{LAYOUT, MAGIC, ZoneHeader};
-use crate::shm::ring::Ring;
 use crate::shm::lock::ShmLock;
+use crate::shm::ring::Ring;
 
 use super::{time::now_ms, zone_tag};
 

@@ -365,7 +365,10 @@ mod tests {
         unsafe {
             let again = Claims::attach(p, len).unwrap();
             assert_eq!(again.claim(&NoLock, b"kept", 1, 1000), Ok(false));
-            assert_eq!(Claims::attach(p, len + 8).err(), Some(ClaimsError::RegionSize { found: len as u64, expected: len as u64 + 8 }));
+            assert_eq!(
+                Claims::attach(p, len + 8).err(),
+                Some(ClaimsError::RegionSize { found: len as u64, expected: len as u64 + 8 })
+            );
             (*(p as *const ClaimsHeader)).layout.store(9, Ordering::Relaxed);
             assert_eq!(
                 Claims::attach(p, len).err().map(|e| e.to_string()),

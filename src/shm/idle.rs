@@ -68,7 +68,6 @@ impl IdleMask {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +93,6 @@ mod tests {
         let m: IdleMask = unsafe { core::mem::zeroed() };
         assert!(m.set_idle(5, || true));
         assert!(m.idle_slots().is_empty());
-        assert!(m.set_idle(500, || false) == false, "slots beyond the mask are never idle");
+        assert!(!m.set_idle(500, || false), "slots beyond the mask are never idle");
     }
 }

@@ -319,10 +319,7 @@ impl Lifecycle {
 
     fn end(&self, rec: &WorkerRecord, from: WorkerState, to: WorkerState, now_ms: u64) -> bool {
         // AcqRel: only one process may end a record, and it publishes ended_ms after.
-        let won = rec
-            .state
-            .compare_exchange(from as u32, to as u32, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok();
+        let won = rec.state.compare_exchange(from as u32, to as u32, Ordering::AcqRel, Ordering::Relaxed).is_ok();
         if won {
             rec.ended_ms.store(now_ms, Ordering::Relaxed);
         }
@@ -340,7 +337,12 @@ impl Lifecycle {
         rec.heartbeat_ms.store(now_ms, Ordering::Relaxed);
         // AcqRel: races with another worker's check marking it hung.
         rec.state
-            .compare_exchange(WorkerState::Hung as u32, WorkerState::Running as u32, Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(
+                WorkerState::Hung as u32,
+                WorkerState::Running as u32,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
             .is_ok()
     }
 

@@ -149,10 +149,9 @@ impl fmt::Display for RingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RingError::Misaligned { align } => write!(f, "ring region is not {align}-byte aligned"),
-            RingError::BadCapacity(c) => write!(
-                f,
-                "ring capacity {c} is not a multiple of 8 between {MIN_CAPACITY} and {MAX_CAPACITY}"
-            ),
+            RingError::BadCapacity(c) => {
+                write!(f, "ring capacity {c} is not a multiple of 8 between {MIN_CAPACITY} and {MAX_CAPACITY}")
+            }
             RingError::BadReaders(n) => write!(f, "ring readers {n} is not between 1 and {MAX_READERS}"),
             RingError::RegionTooSmall { need, have } => {
                 write!(f, "ring region of {have} bytes is smaller than the {need} bytes needed")
@@ -177,8 +176,15 @@ impl fmt::Display for RingError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PostError {
     /// `size`: payload bytes (all four fields); `max`: `max_record_payload()`.
-    TooLarge { size: usize, max: usize },
-    FieldTooLong { field: &'static str, len: usize, max: usize },
+    TooLarge {
+        size: usize,
+        max: usize,
+    },
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
 }
 
 impl fmt::Display for PostError {
