@@ -271,4 +271,15 @@ function _M:is_ready()
     return self._ready
 end
 
+-- Every worker of every node that shares the PostgreSQL database
+-- (workerbus_postgres; docs/postgres.md). Subscribers get (data, event,
+-- source, wid) as for publish("all", ...); wid is nil.
+function _M:publish_cluster(source, event, data)
+    local ok, err = require("resty.workerbus.cluster").post(source, event, data, FLAG_EVENTS)
+    if not ok then
+        return nil, "failed to publish event: " .. err
+    end
+    return true
+end
+
 return _M

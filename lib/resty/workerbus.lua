@@ -157,4 +157,13 @@ function _M.get(key, zone)
     return nil, last_error()
 end
 
+-- Across nodes, through PostgreSQL (resty.workerbus.pg, docs/postgres.md):
+-- post(channel, payload), wait(channel, timeout), subscribe(channel,
+-- handler), unsubscribe(id). Loaded on first use.
+for _, name in ipairs({ "post", "wait", "subscribe", "unsubscribe" }) do
+    _M[name] = function(...)
+        return require("resty.workerbus.pg")[name](...)
+    end
+end
+
 return _M

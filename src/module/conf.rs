@@ -6,7 +6,7 @@ use core::ffi::{c_char, c_void};
 use core::ptr;
 
 use nginx_sys::{
-    NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t, ngx_conf_t,
+    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t, ngx_conf_t,
     ngx_cycle_t, ngx_msec_t, ngx_shm_zone_t, ngx_str_t,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
@@ -31,6 +31,8 @@ pub struct CoreConf {
     pub nzones: usize,
     pub heartbeat_ms: ngx_msec_t,
     pub hang_timeout_ms: ngx_msec_t,
+    /// `workerbus_postgres`, parsed (null: no bridge). Freed with the cycle pool.
+    pub pg: *const crate::pg::glue::PgSetup,
 }
 
 impl CoreConf {
@@ -39,7 +41,7 @@ impl CoreConf {
     }
 }
 
-pub static mut CORE_COMMANDS: [ngx_command_t; 4] = [
+pub static mut CORE_COMMANDS: [ngx_command_t; 5] = [
     ngx_command_t {
         name: ngx::ngx_string!("workerbus_zone"),
         type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE2) as _,
@@ -60,6 +62,14 @@ pub static mut CORE_COMMANDS: [ngx_command_t; 4] = [
         name: ngx::ngx_string!("workerbus_hang_timeout"),
         type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE1) as _,
         set: Some(set_hang_timeout),
+        conf: 0,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx::ngx_string!("workerbus_postgres"),
+        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_1MORE) as _,
+        set: Some(crate::pg::glue::set_postgres),
         conf: 0,
         offset: 0,
         post: ptr::null_mut(),

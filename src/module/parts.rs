@@ -1,11 +1,13 @@
 //! Lays out a fresh zone's parts after its header: the event ring takes
-//! half of the zone, the unique-event claim table a fixed size; the rest is
+//! half of the zone, the unique-event claim table a fixed size, the
+//! PostgreSQL bridge's state a 32nd; the rest is
 //! left to the slab allocator for what comes later.
 
 use nginx_sys::ngx_slab_pool_t;
 
 use crate::shm::claims::Claims;
 use crate::shm::header::ZoneHeader;
+use crate::shm::pgbus::PgBus;
 use crate::shm::ring::Ring;
 
 use super::events::MAX_READERS;
@@ -40,5 +42,14 @@ pub fn lay_out(pool: *mut ngx_slab_pool_t, h: &mut ZoneHeader) -> Result<(), Str
     unsafe { Ring::init(p, ring_len, capacity, MAX_READERS) }.map_err(|e| format!("event ring: {e}"))?;
     h.ring_off = off;
     h.ring_len = ring_len as u64;
+
+    // The PostgreSQL bridge's state and post queue (a 32nd of the zone,
+    // 16k to 1m), in every zone so that enabling the bridge needs no restart.
+    let pg_len = PgBus::region_size(((h.size as usize) / 32).clamp(16 << 10, 1 << 20));
+    let (p, off) = alloc(pool, h, pg_len, "postgres bridge")?;
+    // SAFETY: p is a zeroed region of pg_len bytes inside the zone (slab allocations are 8-aligned).
+    unsafe { PgBus::init(p, pg_len) }?;
+    h.pg_off = off;
+    h.pg_len = pg_len as u64;
     Ok(())
 }

@@ -140,11 +140,13 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
         lc.live_count(generation)
     );
     events::init_worker(cycle, respawned);
+    crate::pg::glue::init_worker(cycle);
     start_heartbeat(log);
 }
 
 /// Worker exit through nginx (graceful stop, reload, quit).
 pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
+    crate::pg::glue::exit_worker();
     wake::unregister();
     let l = local();
     let Some(primary) = l.primary().copied() else { return };

@@ -149,6 +149,7 @@ pub fn snapshot() -> Value {
         doc["generations"] = gens;
         doc["workers"] = workers;
     }
+    doc["postgres"] = crate::pg::glue::status();
     doc
 }
 

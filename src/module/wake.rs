@@ -71,6 +71,8 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     let l = local();
     l.wakeups_received += 1;
     post_sema(l.sema);
+    // The PostgreSQL bridge's holder is woken through the same descriptor.
+    crate::pg::glue::on_wake();
 }
 
 /// Posts the registered ngx.semaphore (lua-nginx-module's FFI entry point,

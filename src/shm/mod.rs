@@ -8,4 +8,5 @@ pub mod idle;
 pub mod kv;
 pub mod lifecycle;
 pub mod lock;
+pub mod pgbus;
 pub mod ring;

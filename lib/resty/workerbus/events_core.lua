@@ -123,6 +123,7 @@ local key_cap = 256
 local key_buf = ffi_new("unsigned char[?]", key_cap)
 
 local sinks, lag_sinks, nsinks = {}, {}, 0
+local private = {}         -- source -> fn(data, event): such events go there only
 local exit_hooks = {}
 
 -- Local events: parallel arrays, head..tail; `before` is the ring's head seq
@@ -233,6 +234,12 @@ function _M.remove_sink(dispatch)
         end
     end
     return false
+end
+
+-- Events of `source` go to fn(data, event) only, not to the sinks: the
+-- PostgreSQL bus (resty.workerbus.pg) keeps its notifications to itself.
+function _M.add_private_source(source, fn)
+    private[source] = fn
 end
 
 -- Called once when the worker exits, before the poller's last poll.
@@ -392,6 +399,10 @@ local function handle_record()
                      ": cannot decode its data: ", data)
             return
         end
+    end
+    local own = private[source]
+    if own then
+        return own(data, event)
     end
     local w = rshift(flags, 16)
     deliver(data, event, source, pid, w > 0 and w - 1 or nil)

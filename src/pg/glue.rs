@@ -1,0 +1,461 @@
+//! The bridge's nginx side: the `workerbus_postgres` directive, the
+//! per-worker tick (lease, channel interest), the events that drive the
+//! holder's session, the calls behind the C ABI, and the status section.
+
+use core::cell::UnsafeCell;
+use core::ffi::{c_char, c_void};
+use core::sync::atomic::Ordering::Relaxed;
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use nginx_sys::{NGX_LOG_EMERG, NGX_LOG_WARN, ngx_command_t, ngx_conf_t, ngx_connection_t, ngx_cycle_t, ngx_event_t};
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use serde_json::{Value, json};
+
+use crate::module::conf::CoreConf;
+use crate::module::local::local;
+use crate::module::time::now_ms;
+use crate::module::zone::Zone;
+use crate::shm::lifecycle::pid_alive;
+use crate::shm::pgbus::{CH_LISTENING, Lease, PgBus, state_name};
+
+use super::bridge::{Bridge, OUTBOX};
+use super::config::{self, PgConfig};
+use super::wire;
+
+/// The parsed directive, owned by the configuration cycle's pool.
+pub struct PgSetup {
+    pub cfg: PgConfig,
+    pub addr: SocketAddr,
+}
+
+const TICK_MS: u64 = 500;
+const LEASE_MS: u64 = 3000;
+
+struct PgLocal {
+    setup: Option<&'static PgSetup>,
+    bus: Option<&'static PgBus>,
+    zone: Option<Zone>,
+    origin: String,
+    tick: ngx_event_t,
+    drive: ngx_event_t,
+    timer: ngx_event_t,
+    dummy: ngx_connection_t,
+    bridge: Option<Box<Bridge>>,
+    /// Channels this worker's Lua code waits on or subscribes to, with counts.
+    interest: HashMap<Vec<u8>, u32>,
+    stopped: bool,
+}
+
+struct Cell(UnsafeCell<Option<PgLocal>>);
+// SAFETY: nginx runs a process's module code on its one event-loop thread.
+unsafe impl Sync for Cell {}
+static PG: Cell = Cell(UnsafeCell::new(None));
+
+#[allow(clippy::mut_from_ref)]
+fn pg() -> Option<&'static mut PgLocal> {
+    // SAFETY: single-threaded per process (see Cell); no caller keeps the
+    // reference across a call that re-enters this module.
+    unsafe { (*PG.0.get()).as_mut() }
+}
+
+fn pid() -> i32 {
+    // SAFETY: set by nginx at process start.
+    unsafe { nginx_sys::ngx_pid }
+}
+
+// ---- directive ----------------------------------------------------------
+
+unsafe extern "C" fn free_setup(data: *mut c_void) {
+    // SAFETY: data is the Box::into_raw of set_postgres, freed once with its pool.
+    drop(unsafe { Box::from_raw(data as *mut PgSetup) });
+}
+
+fn emerg(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
+    ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"workerbus_postgres\" directive: {}", msg);
+    NGX_CONF_ERROR
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// `workerbus_postgres URL [options];`
+pub unsafe extern "C" fn set_postgres(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    // SAFETY: NGX_DIRECT_CONF gives this module's CoreConf for the cycle.
+    let cc = unsafe { &mut *(conf as *mut CoreConf) };
+    if !cc.pg.is_null() {
+        return emerg(cf, "is duplicate");
+    }
+    // SAFETY: during a directive handler cf->args holds the directive's words.
+    let words = unsafe {
+        let a = &*(*cf).args;
+        core::slice::from_raw_parts(a.elts as *const nginx_sys::ngx_str_t, a.nelts)
+    };
+    let mut args = Vec::new();
+    for w in words.iter().skip(1) {
+        match core::str::from_utf8(w.as_bytes()) {
+            Ok(s) => args.push(s),
+            Err(_) => return emerg(cf, "arguments must be UTF-8"),
+        }
+    }
+    let cfg = match config::parse(&args, |f| std::fs::read_to_string(f).map_err(|e| io_reason(&e))) {
+        Ok(c) => c,
+        Err(e) => return emerg(cf, &e),
+    };
+    let addr = match (cfg.host.as_str(), cfg.port).to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        Ok(None) => return emerg(cf, &format!("host \"{}\" has no address", cfg.host)),
+        Err(e) => return emerg(cf, &format!("cannot resolve host \"{}\": {}", cfg.host, io_reason(&e))),
+    };
+    let setup = Box::into_raw(Box::new(PgSetup { cfg, addr }));
+    // SAFETY: cf->pool is the cycle's pool; the cleanup frees the setup with it.
+    unsafe {
+        let cln = nginx_sys::ngx_pool_cleanup_add((*cf).pool, 0);
+        if cln.is_null() {
+            drop(Box::from_raw(setup));
+            return NGX_CONF_ERROR;
+        }
+        (*cln).handler = Some(free_setup);
+        (*cln).data = setup.cast();
+    }
+    cc.pg = setup;
+    NGX_CONF_OK
+}
+
+// ---- worker hooks ---------------------------------------------------------
+
+fn node_origin(zone: &Zone) -> String {
+    let lc = &zone.header().lifecycle;
+    // Relaxed: written once when the zone was created.
+    let (m, s) = (lc.node_master_pid.load(Relaxed), lc.node_started_ms.load(Relaxed));
+    wire::clean_origin(&format!("{}/{m}/{s}", crate::module::status::host_name()))
+}
+
+fn init_event(ev: &mut ngx_event_t, dummy: *mut ngx_connection_t, log: *mut nginx_sys::ngx_log_t, h: unsafe extern "C" fn(*mut ngx_event_t)) {
+    ev.handler = Some(h);
+    ev.log = log;
+    // nginx's timer code logs ev->data as a connection at debug level.
+    ev.data = dummy.cast();
+    // Cancelable: a graceful shutdown does not wait for the bridge's timers.
+    ev.set_cancelable(1);
+}
+
+/// Worker start (after the event ring is set up).
+pub fn init_worker(cycle: *mut ngx_cycle_t) {
+    let Some(cc) = crate::module::process::core_conf(cycle) else { return };
+    if cc.pg.is_null() {
+        return;
+    }
+    // SAFETY: set by set_postgres; lives in the cycle pool as long as this cycle.
+    let setup: &'static PgSetup = unsafe { &*cc.pg };
+    let l = local();
+    let Some(zone) = l.primary().copied() else { return };
+    let h = zone.header();
+    // SAFETY: laid out by parts::lay_out inside this zone.
+    let bus = h.part(h.pg_off, h.pg_len).and_then(|(p, n)| unsafe { PgBus::attach(p, n) });
+    // SAFETY: nginx passes a live cycle.
+    let log = unsafe { (*cycle).log };
+    let Some(bus) = bus else {
+        ngx::ngx_log_error!(
+            NGX_LOG_WARN,
+            log,
+            "workerbus: postgres bridge disabled: zone \"{}\" was made without room for it; restart nginx",
+            String::from_utf8_lossy(zone.name())
+        );
+        return;
+    };
+    // SAFETY: a process-static slot; written once here, before any event uses it.
+    let slot = unsafe { &mut *PG.0.get() };
+    *slot = Some(PgLocal {
+        setup: Some(setup),
+        bus: Some(bus),
+        zone: Some(zone),
+        origin: node_origin(&zone),
+        // SAFETY: all-zero events and connection are nginx's unused states.
+        tick: unsafe { core::mem::zeroed() },
+        // SAFETY: as above.
+        drive: unsafe { core::mem::zeroed() },
+        // SAFETY: as above.
+        timer: unsafe { core::mem::zeroed() },
+        // SAFETY: as above.
+        dummy: unsafe { core::mem::zeroed() },
+        bridge: None,
+        interest: HashMap::new(),
+        stopped: false,
+    });
+    let Some(p) = pg() else { return };
+    p.dummy.fd = -1;
+    let dummy = &raw mut p.dummy;
+    init_event(&mut p.tick, dummy, log, on_tick);
+    init_event(&mut p.drive, dummy, log, on_drive);
+    init_event(&mut p.timer, dummy, log, on_timer);
+    // SAFETY: the event lives in process-static memory.
+    unsafe { nginx_sys::ngx_add_timer(&mut p.tick, 1) };
+}
+
+/// Worker exit: close the session, give the lease up.
+pub fn exit_worker() {
+    let Some(p) = pg() else { return };
+    stop(p);
+}
+
+fn stop(p: &mut PgLocal) {
+    p.stopped = true;
+    if let Some(mut b) = p.bridge.take() {
+        b.shutdown();
+    }
+    if let (Some(bus), Some(z)) = (p.bus, p.zone.as_ref()) {
+        bus.release(&z.lock(), pid());
+    }
+    // SAFETY: our own events; removing them from the timer tree / posted queue.
+    unsafe {
+        for ev in [&raw mut p.tick, &raw mut p.timer] {
+            if (*ev).timer_set() != 0 {
+                nginx_sys::ngx_del_timer(ev);
+            }
+        }
+        if p.drive.posted() != 0 {
+            nginx_sys::ngx_delete_posted_event(&mut p.drive);
+        }
+    }
+}
+
+fn exiting() -> bool {
+    // SAFETY: globals nginx sets from its signal handlers, read on the loop thread.
+    unsafe { nginx_sys::ngx_exiting != 0 || nginx_sys::ngx_quit != 0 || nginx_sys::ngx_terminate != 0 }
+}
+
+unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
+    let Some(p) = pg() else { return };
+    if p.stopped {
+        return;
+    }
+    if exiting() {
+        stop(p);
+        return;
+    }
+    let (Some(setup), Some(bus), Some(zone)) = (p.setup, p.bus, p.zone) else { return };
+    let now = now_ms();
+    let lock = zone.lock();
+    // Every node listens to the cluster-wide events channel.
+    let mut added = bus.want_channel(&lock, wire::EVENTS_CHANNEL.as_bytes(), now).unwrap_or(false);
+    for ch in p.interest.keys() {
+        added |= bus.want_channel(&lock, ch, now).unwrap_or(false);
+    }
+    let l = local();
+    let newest = zone.header().lifecycle.current_generation();
+    let lease = bus.try_lease(&lock, pid(), l.slot, l.generation, newest, now, LEASE_MS, pid_alive);
+    match lease {
+        Lease::Held | Lease::Acquired { .. } => {
+            if p.bridge.is_none() {
+                let from = if let Lease::Acquired { from } = lease { from } else { 0 };
+                let b = Bridge::new(
+                    &setup.cfg,
+                    setup.addr,
+                    bus,
+                    zone,
+                    p.origin.clone(),
+                    p.tick.log,
+                    &raw mut p.drive,
+                    &raw mut p.timer,
+                );
+                b.log_takeover(from);
+                p.bridge = Some(Box::new(b));
+            }
+            // Also the holder's periodic work (UNLISTEN, retention) runs from drive.
+            post_drive(p);
+        }
+        Lease::Other(_) => {
+            if let Some(mut b) = p.bridge.take() {
+                ngx::ngx_log_error!(
+                    nginx_sys::NGX_LOG_INFO,
+                    p.tick.log,
+                    "workerbus: postgres: worker process {} hands the connection over",
+                    pid()
+                );
+                b.shutdown();
+            }
+            if added {
+                wake_holder(p, bus, true);
+            }
+        }
+    }
+    // SAFETY: the event lives in process-static memory.
+    unsafe { nginx_sys::ngx_add_timer(&mut p.tick, TICK_MS as _) };
+}
+
+fn post_drive(p: &mut PgLocal) {
+    if p.drive.posted() == 0 {
+        // SAFETY: the event lives in process-static memory; nginx's own queue.
+        unsafe { nginx_sys::ngx_post_event(&mut p.drive, &raw mut nginx_sys::ngx_posted_events) };
+    }
+}
+
+unsafe extern "C" fn on_drive(_ev: *mut ngx_event_t) {
+    let Some(p) = pg() else { return };
+    if let Some(b) = p.bridge.as_mut() {
+        b.drive();
+    }
+}
+
+unsafe extern "C" fn on_timer(_ev: *mut ngx_event_t) {
+    let Some(p) = pg() else { return };
+    if let Some(b) = p.bridge.as_mut() {
+        b.drive();
+    }
+}
+
+/// From the wake-up handler: work may be waiting for the holder.
+pub fn on_wake() {
+    let Some(p) = pg() else { return };
+    if p.bridge.is_some() {
+        post_drive(p);
+    }
+}
+
+/// Wakes the holder if it sleeps (or always, with `force`).
+fn wake_holder(p: &mut PgLocal, bus: &PgBus, force: bool) {
+    if !bus.take_holder_waiting() && !force {
+        return;
+    }
+    let (holder, slot) = bus.holder();
+    if holder == pid() {
+        post_drive(p);
+    } else if holder != 0 {
+        crate::module::wake::signal(slot as usize);
+    }
+}
+
+// ---- calls behind the C ABI ------------------------------------------------
+
+fn ready() -> Result<(&'static mut PgLocal, &'static PgSetup, &'static PgBus, Zone), String> {
+    crate::module::process::ensure_worker_started();
+    let p = pg().ok_or("the PostgreSQL bridge is not configured (no workerbus_postgres directive)")?;
+    match (p.setup, p.bus, p.zone) {
+        (Some(s), Some(b), Some(z)) => Ok((p, s, b, z)),
+        _ => Err("the PostgreSQL bridge is not configured (no workerbus_postgres directive)".into()),
+    }
+}
+
+/// (max channel bytes, max payload bytes) when configured.
+pub fn limits() -> Option<(usize, usize)> {
+    let (_, s, _, _) = ready().ok()?;
+    Some((s.cfg.max_channel(), wire::MAX_PAYLOAD))
+}
+
+pub fn post(channel: &[u8], payload: &[u8]) -> Result<(), String> {
+    let (p, s, bus, zone) = ready()?;
+    wire::check_channel(channel, s.cfg.max_channel())?;
+    wire::check_payload(payload)?;
+    bus.push(&zone.lock(), channel, payload)?;
+    wake_holder(p, bus, false);
+    Ok(())
+}
+
+pub fn post_event(source: &[u8], event: &[u8], data: &[u8], flags: u32) -> Result<(), String> {
+    let (p, _, bus, zone) = ready()?;
+    for (what, v) in [("source", source), ("event", event), ("data", data)] {
+        if v.contains(&0) {
+            return Err(format!("{what} must not contain NUL bytes"));
+        }
+        if core::str::from_utf8(v).is_err() {
+            return Err(format!("{what} must be valid UTF-8"));
+        }
+    }
+    let body = wire::encode_event(flags, source, event, data);
+    if body.len() > wire::MAX_PAYLOAD {
+        return Err(format!("event too large ({} bytes, max {})", body.len(), wire::MAX_PAYLOAD));
+    }
+    bus.push(&zone.lock(), wire::EVENTS_CHANNEL.as_bytes(), &body)?;
+    wake_holder(p, bus, false);
+    Ok(())
+}
+
+/// A light thread starts (+1) or stops (-1) waiting on or subscribing to a channel.
+pub fn listen(channel: &[u8], delta: i32) -> Result<bool, String> {
+    let (p, s, bus, zone) = ready()?;
+    wire::check_channel(channel, s.cfg.max_channel())?;
+    let lock = zone.lock();
+    if delta > 0 {
+        *p.interest.entry(channel.to_vec()).or_insert(0) += 1;
+        let added = bus.want_channel(&lock, channel, now_ms())?;
+        if added {
+            wake_holder(p, bus, true);
+        }
+    } else if delta < 0
+        && let Some(n) = p.interest.get_mut(channel)
+    {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            p.interest.remove(channel);
+            // Mark it used now: UNLISTEN comes unlisten_after from here.
+            let _ = bus.want_channel(&lock, channel, now_ms());
+        }
+    }
+    Ok(bus.is_listening(&lock, channel))
+}
+
+// ---- status ----------------------------------------------------------------
+
+pub fn status() -> Value {
+    let Some(p) = pg() else { return Value::Null };
+    let (Some(s), Some(bus), Some(zone)) = (p.setup, p.bus, p.zone) else { return Value::Null };
+    let lock = zone.lock();
+    let now = now_ms();
+    let c = &bus.counters;
+    let text = |t| String::from_utf8_lossy(&bus.text(&lock, t)).into_owned();
+    let chans: Vec<Value> = bus
+        .channels(&lock)
+        .into_iter()
+        .map(|(n, st, used)| {
+            json!({
+                "name": String::from_utf8_lossy(&n),
+                "state": if st == CH_LISTENING { "listening" } else { "pending" },
+                "idle": (now.saturating_sub(used) as f64) / 1000.0,
+            })
+        })
+        .collect();
+    let (qbytes, qcap) = bus.queue_bytes();
+    let err_ms = bus.last_error_ms.load(Relaxed);
+    let (holder, _) = bus.holder();
+    let max_seen = bus.max_seen();
+    let table_max = bus.table_max_id.load(Relaxed);
+    json!({
+        "server": s.cfg.describe(),
+        "state": state_name(bus.state.load(Relaxed)),
+        "state_since": (bus.state_since_ms.load(Relaxed) as f64) / 1000.0,
+        "server_version": text(&bus.server_version),
+        "holder_pid": holder,
+        "channel_prefix": s.cfg.prefix,
+        "channels": chans,
+        "notifications_in": c.notifications_in.load(Relaxed),
+        "notifications_out": c.notifications_out.load(Relaxed),
+        "posts_queued": c.posts_queued.load(Relaxed),
+        "queue_depth": bus.queue_len(),
+        "queue_bytes": qbytes,
+        "queue_capacity": qcap,
+        "queue_overflow": c.queue_overflow.load(Relaxed),
+        "flushes": c.flushes.load(Relaxed),
+        "connects": c.connects.load(Relaxed),
+        "reconnects": c.reconnects.load(Relaxed),
+        "connect_failures": c.connect_failures.load(Relaxed),
+        "takeovers": c.takeovers.load(Relaxed),
+        "undeliverable": c.undeliverable.load(Relaxed),
+        "last_error": text(&bus.last_error),
+        "last_error_at": if err_ms == 0 { Value::Null } else { json!((err_ms as f64) / 1000.0) },
+        "durable": if s.cfg.durable { json!({
+            "table": OUTBOX,
+            "last_seen_id": max_seen,
+            "table_max_id": table_max,
+            "lag": table_max.saturating_sub(max_seen),
+            "replayed": c.replayed.load(Relaxed),
+            "duplicates_skipped": c.duplicates_skipped.load(Relaxed),
+            "retention": (s.cfg.retention_ms as f64) / 1000.0,
+        }) } else { Value::Null },
+    })
+}

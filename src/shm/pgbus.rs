@@ -1,0 +1,669 @@
+//! The PostgreSQL bridge's shared state, one per node (in the primary
+//! zone): the lease that makes one worker the connection holder, the
+//! registry of channels the node's workers listen to, the bounded queue of
+//! outgoing posts, the durable-mode "seen" window, and the figures the
+//! status shows.
+//!
+//! Every mutation happens under the zone's lock (the slab pool mutex, which
+//! nginx's master releases when a holder dies), so a worker that dies at any
+//! instruction leaves at worst a stale lease (taken over once its pid is
+//! gone) or an unconsumed post (sent again by the next holder). Readers of
+//! the figures take no lock: they are counters read Relaxed.
+
+use core::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
+
+use super::lock::ShmLock;
+
+/// Channels the node can listen to at once.
+pub const CHANNELS: usize = 128;
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1).
+pub const NAME_MAX: usize = 63;
+/// Outbox ids remembered below the highest one seen: a row committed late
+/// (ids are assigned before commit) within this window is still delivered once.
+pub const SEEN_WINDOW: u64 = 4096;
+const TEXT_MAX: usize = 200;
+
+/// Channel states in the registry.
+pub const CH_FREE: u32 = 0;
+pub const CH_WANTED: u32 = 1;
+pub const CH_LISTENING: u32 = 2;
+
+/// Connection states, as the holder reports them.
+pub const ST_OFF: u32 = 0;
+pub const ST_CONNECTING: u32 = 1;
+pub const ST_READY: u32 = 2;
+pub const ST_BACKOFF: u32 = 3;
+
+pub fn state_name(s: u32) -> &'static str {
+    match s {
+        ST_CONNECTING => "connecting",
+        ST_READY => "connected",
+        ST_BACKOFF => "disconnected",
+        _ => "not connected",
+    }
+}
+
+#[repr(C)]
+pub struct Channel {
+    name: [AtomicU8; 64],
+    len: AtomicU32,
+    state: AtomicU32,
+    last_used_ms: AtomicU64,
+}
+
+/// Short text (server version, last error) written under the lock.
+#[repr(C)]
+pub struct Text {
+    len: AtomicU32,
+    bytes: [AtomicU8; TEXT_MAX],
+}
+
+impl Text {
+    fn set(&self, s: &[u8]) {
+        let n = s.len().min(TEXT_MAX);
+        for (d, &b) in self.bytes.iter().zip(&s[..n]) {
+            // Relaxed: written and read under the zone lock.
+            d.store(b, Ordering::Relaxed);
+        }
+        self.len.store(n as u32, Ordering::Relaxed);
+    }
+    fn get(&self) -> Vec<u8> {
+        let n = (self.len.load(Ordering::Relaxed) as usize).min(TEXT_MAX);
+        self.bytes[..n].iter().map(|b| b.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// Counters shown in the status (Relaxed: statistics, one writer at a time
+/// or monotonic adds).
+#[repr(C)]
+#[derive(Default)]
+pub struct Counters {
+    pub notifications_in: AtomicU64,
+    pub notifications_out: AtomicU64,
+    pub posts_queued: AtomicU64,
+    pub queue_overflow: AtomicU64,
+    pub connects: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub takeovers: AtomicU64,
+    pub replayed: AtomicU64,
+    pub duplicates_skipped: AtomicU64,
+    pub undeliverable: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+#[repr(C)]
+pub struct PgBus {
+    holder_pid: AtomicI32,
+    holder_slot: AtomicU32,
+    holder_gen: AtomicU64,
+    lease_until_ms: AtomicU64,
+    /// 1 while the holder has nothing to do and wants a wake-up for new work.
+    holder_waiting: AtomicU32,
+    pub state: AtomicU32,
+    pub state_since_ms: AtomicU64,
+    pub server_version: Text,
+    pub last_error: Text,
+    pub last_error_ms: AtomicU64,
+    pub counters: Counters,
+    channels: [Channel; CHANNELS],
+    /// Bumped when a channel is added: the holder re-reads the registry.
+    reg_version: AtomicU64,
+    /// Per-node post sequence (keeps identical payloads of one flush apart).
+    post_seq: AtomicU64,
+    // Outgoing queue: a byte ring after this struct; head/tail only grow.
+    q_cap: AtomicU64,
+    q_head: AtomicU64,
+    q_tail: AtomicU64,
+    q_count: AtomicU64,
+    // Durable mode.
+    pub synced: AtomicU32,
+    max_seen: AtomicU64,
+    seen: [AtomicU64; (SEEN_WINDOW / 64) as usize],
+    /// Highest outbox id in the table at the last look (for the lag figure).
+    pub table_max_id: AtomicU64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// This process holds it (and renewed it).
+    Held,
+    /// This process just took it; `from` is the previous holder (0: none).
+    Acquired { from: i32 },
+    /// Another live process holds it.
+    Other(i32),
+}
+
+/// One queued post, copied out for sending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub seq: u64,
+    pub channel: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+const REC_HEAD: usize = 16; // u32 channel len, u32 payload len, u64 seq
+
+fn pad8(n: usize) -> usize {
+    (n + 7) & !7
+}
+
+impl PgBus {
+    pub fn region_size(queue_bytes: usize) -> usize {
+        size_of::<PgBus>() + pad8(queue_bytes)
+    }
+
+    /// # Safety
+    /// `p` must point to `len` zeroed bytes of shared memory, 8-aligned,
+    /// that stay mapped as long as the returned reference is used.
+    pub unsafe fn init<'a>(p: *mut u8, len: usize) -> Result<&'a PgBus, String> {
+        if len < size_of::<PgBus>() + 4096 {
+            return Err(format!("{len} bytes cannot hold the postgres bridge's state"));
+        }
+        // SAFETY: guaranteed by the caller; an all-zero PgBus is valid (atomics and arrays).
+        let b = unsafe { &*(p as *const PgBus) };
+        b.q_cap.store((len - size_of::<PgBus>()) as u64 & !7, Ordering::Relaxed);
+        Ok(b)
+    }
+
+    /// # Safety
+    /// As for `init`, on a region `init` prepared.
+    pub unsafe fn attach<'a>(p: *mut u8, len: usize) -> Option<&'a PgBus> {
+        if len < size_of::<PgBus>() {
+            return None;
+        }
+        // SAFETY: guaranteed by the caller.
+        Some(unsafe { &*(p as *const PgBus) })
+    }
+
+    // ---- lease -------------------------------------------------------
+
+    /// Holder's pid and worker slot (pid 0: nobody).
+    pub fn holder(&self) -> (i32, u32) {
+        // Relaxed: a snapshot; the lease itself is decided under the lock.
+        (self.holder_pid.load(Ordering::Relaxed), self.holder_slot.load(Ordering::Relaxed))
+    }
+
+    /// Takes or renews the lease. A holder loses it when its pid is gone,
+    /// its lease ran out, or its generation is older than `newest_gen`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_lease(
+        &self,
+        lock: &impl ShmLock,
+        pid: i32,
+        slot: u32,
+        generation: u64,
+        newest_gen: u64,
+        now_ms: u64,
+        lease_ms: u64,
+        alive: impl Fn(i32) -> bool,
+    ) -> Lease {
+        lock.lock();
+        // Relaxed throughout: under the lock.
+        let cur = self.holder_pid.load(Ordering::Relaxed);
+        let res = if cur == pid {
+            self.lease_until_ms.store(now_ms + lease_ms, Ordering::Relaxed);
+            Lease::Held
+        } else if generation < newest_gen {
+            // An old generation never takes the connection from the new one.
+            Lease::Other(cur)
+        } else {
+            let expired = self.lease_until_ms.load(Ordering::Relaxed) < now_ms;
+            let old_gen = self.holder_gen.load(Ordering::Relaxed) < newest_gen;
+            if cur == 0 || expired || old_gen || !alive(cur) {
+                self.holder_pid.store(pid, Ordering::Relaxed);
+                self.holder_slot.store(slot, Ordering::Relaxed);
+                self.holder_gen.store(generation, Ordering::Relaxed);
+                self.lease_until_ms.store(now_ms + lease_ms, Ordering::Relaxed);
+                if cur != 0 {
+                    self.counters.takeovers.fetch_add(1, Ordering::Relaxed);
+                }
+                Lease::Acquired { from: cur }
+            } else {
+                Lease::Other(cur)
+            }
+        };
+        lock.unlock();
+        res
+    }
+
+    /// Gives the lease up if `pid` holds it.
+    pub fn release(&self, lock: &impl ShmLock, pid: i32) {
+        lock.lock();
+        // Relaxed: under the lock.
+        if self.holder_pid.load(Ordering::Relaxed) == pid {
+            self.holder_pid.store(0, Ordering::Relaxed);
+            self.lease_until_ms.store(0, Ordering::Relaxed);
+            self.state.store(ST_OFF, Ordering::Relaxed);
+        }
+        lock.unlock();
+    }
+
+    /// The holder is about to sleep: returns false if work arrived meanwhile.
+    pub fn holder_sleep(&self) -> bool {
+        // SeqCst: pairs with the poster's push-then-swap, so either the
+        // poster sees the flag or the holder sees the new work.
+        self.holder_waiting.store(1, Ordering::SeqCst);
+        // Relaxed: the SeqCst store above orders this scan after the flag.
+        let idle = self.queue_len() == 0 && !self.channels.iter().any(|c| c.state.load(Ordering::Relaxed) == CH_WANTED);
+        if !idle {
+            self.holder_waiting.store(0, Ordering::SeqCst);
+        }
+        idle
+    }
+
+    /// After queuing work: true if the holder sleeps and must be woken.
+    pub fn take_holder_waiting(&self) -> bool {
+        // SeqCst: see holder_sleep.
+        self.holder_waiting.swap(0, Ordering::SeqCst) == 1
+    }
+
+    pub fn set_state(&self, s: u32, now_ms: u64) {
+        // Relaxed: a figure for the status.
+        if self.state.swap(s, Ordering::Relaxed) != s {
+            self.state_since_ms.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_text(&self, lock: &impl ShmLock, which: &Text, s: &[u8]) {
+        lock.lock();
+        which.set(s);
+        lock.unlock();
+    }
+
+    pub fn text(&self, lock: &impl ShmLock, which: &Text) -> Vec<u8> {
+        lock.lock();
+        let v = which.get();
+        lock.unlock();
+        v
+    }
+
+    // ---- channel registry ----------------------------------------------
+
+    fn find(&self, name: &[u8]) -> Option<&Channel> {
+        // Relaxed: called under the lock.
+        self.channels.iter().find(|c| {
+            c.state.load(Ordering::Relaxed) != CH_FREE
+                && c.len.load(Ordering::Relaxed) as usize == name.len()
+                && c.name.iter().zip(name).all(|(a, &b)| a.load(Ordering::Relaxed) == b)
+        })
+    }
+
+    /// Marks `name` as used now, adding it if new. Returns true when added.
+    pub fn want_channel(&self, lock: &impl ShmLock, name: &[u8], now_ms: u64) -> Result<bool, String> {
+        if name.is_empty() || name.len() > NAME_MAX {
+            return Err(format!("channel name of {} bytes", name.len()));
+        }
+        lock.lock();
+        let res = if let Some(c) = self.find(name) {
+            // Relaxed: under the lock.
+            c.last_used_ms.store(now_ms, Ordering::Relaxed);
+            Ok(false)
+        } else if let Some(c) = self.channels.iter().find(|c| c.state.load(Ordering::Relaxed) == CH_FREE) {
+            for (d, &b) in c.name.iter().zip(name) {
+                d.store(b, Ordering::Relaxed);
+            }
+            c.len.store(name.len() as u32, Ordering::Relaxed);
+            c.last_used_ms.store(now_ms, Ordering::Relaxed);
+            c.state.store(CH_WANTED, Ordering::Relaxed);
+            self.reg_version.fetch_add(1, Ordering::Relaxed);
+            Ok(true)
+        } else {
+            Err(format!("too many channels: the node listens to at most {CHANNELS}"))
+        };
+        lock.unlock();
+        res
+    }
+
+    pub fn reg_version(&self) -> u64 {
+        // Relaxed: a hint; the registry itself is read under the lock.
+        self.reg_version.load(Ordering::Relaxed)
+    }
+
+    /// (name, state, last_used_ms) of every channel in use.
+    pub fn channels(&self, lock: &impl ShmLock) -> Vec<(Vec<u8>, u32, u64)> {
+        lock.lock();
+        let v = self
+            .channels
+            .iter()
+            .filter(|c| c.state.load(Ordering::Relaxed) != CH_FREE)
+            .map(|c| {
+                let n = (c.len.load(Ordering::Relaxed) as usize).min(64);
+                (
+                    c.name[..n].iter().map(|b| b.load(Ordering::Relaxed)).collect(),
+                    c.state.load(Ordering::Relaxed),
+                    c.last_used_ms.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        lock.unlock();
+        v
+    }
+
+    pub fn is_listening(&self, lock: &impl ShmLock, name: &[u8]) -> bool {
+        lock.lock();
+        // Relaxed: under the lock.
+        let r = self.find(name).is_some_and(|c| c.state.load(Ordering::Relaxed) == CH_LISTENING);
+        lock.unlock();
+        r
+    }
+
+    /// Sets a channel's state (CH_FREE removes it).
+    pub fn set_channel(&self, lock: &impl ShmLock, name: &[u8], state: u32) {
+        lock.lock();
+        if let Some(c) = self.find(name) {
+            // Relaxed: under the lock.
+            c.state.store(state, Ordering::Relaxed);
+        }
+        lock.unlock();
+    }
+
+    /// After UNLISTEN: frees the channel unless a worker used it since `cutoff`
+    /// (then it is wanted again and listened to anew).
+    pub fn finish_unlisten(&self, lock: &impl ShmLock, name: &[u8], cutoff: u64) {
+        lock.lock();
+        if let Some(c) = self.find(name) {
+            // Relaxed: under the lock.
+            if c.last_used_ms.load(Ordering::Relaxed) < cutoff {
+                c.state.store(CH_FREE, Ordering::Relaxed);
+            } else {
+                c.state.store(CH_WANTED, Ordering::Relaxed);
+                self.reg_version.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        lock.unlock();
+    }
+
+    /// After a reconnect every channel must be listened to again.
+    pub fn all_wanted(&self, lock: &impl ShmLock) {
+        lock.lock();
+        for c in &self.channels {
+            // Relaxed: under the lock.
+            if c.state.load(Ordering::Relaxed) == CH_LISTENING {
+                c.state.store(CH_WANTED, Ordering::Relaxed);
+            }
+        }
+        lock.unlock();
+    }
+
+    // ---- outgoing queue ------------------------------------------------
+
+    fn data(&self) -> *mut u8 {
+        (self as *const PgBus as *mut u8).wrapping_add(size_of::<PgBus>())
+    }
+
+    fn copy_in(&self, pos: u64, src: &[u8]) {
+        let cap = self.q_cap.load(Ordering::Relaxed) as usize;
+        let start = (pos as usize) % cap;
+        let first = src.len().min(cap - start);
+        // SAFETY: the queue region holds cap bytes after the struct; under the lock.
+        unsafe {
+            core::ptr::copy_nonoverlapping(src.as_ptr(), self.data().add(start), first);
+            core::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data(), src.len() - first);
+        }
+    }
+
+    fn copy_out(&self, pos: u64, dst: &mut [u8]) {
+        let cap = self.q_cap.load(Ordering::Relaxed) as usize;
+        let start = (pos as usize) % cap;
+        let first = dst.len().min(cap - start);
+        // SAFETY: as in copy_in.
+        unsafe {
+            core::ptr::copy_nonoverlapping(self.data().add(start), dst.as_mut_ptr(), first);
+            core::ptr::copy_nonoverlapping(self.data(), dst.as_mut_ptr().add(first), dst.len() - first);
+        }
+    }
+
+    pub fn queue_len(&self) -> u64 {
+        // Relaxed: a snapshot.
+        self.q_count.load(Ordering::Relaxed)
+    }
+
+    pub fn queue_bytes(&self) -> (u64, u64) {
+        // Relaxed: a snapshot.
+        let used = self.q_tail.load(Ordering::Relaxed).wrapping_sub(self.q_head.load(Ordering::Relaxed));
+        (used, self.q_cap.load(Ordering::Relaxed))
+    }
+
+    /// Appends a post; Err when the queue is full (counted).
+    pub fn push(&self, lock: &impl ShmLock, channel: &[u8], payload: &[u8]) -> Result<u64, String> {
+        let need = pad8(REC_HEAD + channel.len() + payload.len()) as u64;
+        lock.lock();
+        // Relaxed: under the lock.
+        let cap = self.q_cap.load(Ordering::Relaxed);
+        let (head, tail) = (self.q_head.load(Ordering::Relaxed), self.q_tail.load(Ordering::Relaxed));
+        if tail - head + need > cap {
+            lock.unlock();
+            self.counters.queue_overflow.fetch_add(1, Ordering::Relaxed);
+            return Err(format!(
+                "post queue full ({} posts, {} of {cap} bytes): the database is not keeping up or is unreachable",
+                self.queue_len(),
+                tail - head
+            ));
+        }
+        let seq = self.post_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut h = [0u8; REC_HEAD];
+        h[0..4].copy_from_slice(&(channel.len() as u32).to_le_bytes());
+        h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        h[8..16].copy_from_slice(&seq.to_le_bytes());
+        self.copy_in(tail, &h);
+        self.copy_in(tail + REC_HEAD as u64, channel);
+        self.copy_in(tail + (REC_HEAD + channel.len()) as u64, payload);
+        self.q_tail.store(tail + need, Ordering::Relaxed);
+        self.q_count.fetch_add(1, Ordering::Relaxed);
+        lock.unlock();
+        self.counters.posts_queued.fetch_add(1, Ordering::Relaxed);
+        Ok(seq)
+    }
+
+    /// Copies up to `max` posts from the front without removing them; returns
+    /// them and the byte count to pass to `consume` once they were sent.
+    pub fn peek(&self, lock: &impl ShmLock, max: usize, max_bytes: usize) -> (Vec<Queued>, u64) {
+        let mut out = Vec::new();
+        lock.lock();
+        // Relaxed: under the lock.
+        let (head, tail) = (self.q_head.load(Ordering::Relaxed), self.q_tail.load(Ordering::Relaxed));
+        let mut pos = head;
+        let mut bytes = 0usize;
+        while pos < tail && out.len() < max && bytes < max_bytes {
+            let mut h = [0u8; REC_HEAD];
+            self.copy_out(pos, &mut h);
+            let clen = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let plen = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+            let seq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+            let mut channel = vec![0u8; clen];
+            let mut payload = vec![0u8; plen];
+            self.copy_out(pos + REC_HEAD as u64, &mut channel);
+            self.copy_out(pos + (REC_HEAD + clen) as u64, &mut payload);
+            pos += pad8(REC_HEAD + clen + plen) as u64;
+            bytes += clen + plen;
+            out.push(Queued { seq, channel, payload });
+        }
+        lock.unlock();
+        (out, pos - head)
+    }
+
+    /// Removes `n` posts (`bytes` bytes) that `peek` returned and were sent.
+    pub fn consume(&self, lock: &impl ShmLock, n: u64, bytes: u64) {
+        lock.lock();
+        // Relaxed: under the lock.
+        let head = self.q_head.load(Ordering::Relaxed);
+        let tail = self.q_tail.load(Ordering::Relaxed);
+        self.q_head.store((head + bytes).min(tail), Ordering::Relaxed);
+        let c = self.q_count.load(Ordering::Relaxed);
+        self.q_count.store(c.saturating_sub(n), Ordering::Relaxed);
+        lock.unlock();
+        self.counters.notifications_out.fetch_add(n, Ordering::Relaxed);
+    }
+
+    // ---- durable mode: each outbox id delivered once per node -----------
+
+    pub fn max_seen(&self) -> u64 {
+        // Relaxed: a figure; updated by the holder under the lock.
+        self.max_seen.load(Ordering::Relaxed)
+    }
+
+    /// First connection of a fresh node: start after the table's newest row.
+    pub fn set_baseline(&self, lock: &impl ShmLock, id: u64) {
+        lock.lock();
+        // Relaxed: under the lock.
+        if self.synced.load(Ordering::Relaxed) == 0 {
+            self.max_seen.store(id, Ordering::Relaxed);
+            for w in &self.seen {
+                w.store(0, Ordering::Relaxed);
+            }
+            self.synced.store(1, Ordering::Relaxed);
+        }
+        lock.unlock();
+    }
+
+    /// Marks `id` seen; false when it was seen before (or is too old to tell,
+    /// below the window: then it was replayed or delivered long ago).
+    pub fn mark_seen(&self, lock: &impl ShmLock, id: u64) -> bool {
+        lock.lock();
+        // Relaxed: under the lock.
+        let max = self.max_seen.load(Ordering::Relaxed);
+        let fresh = if id + SEEN_WINDOW <= max {
+            false
+        } else {
+            if id > max {
+                // Slide the window: clear the bits of ids that become max+1..=id.
+                let mut i = max + 1;
+                while i <= id && i <= max + SEEN_WINDOW {
+                    self.bit(i).0.fetch_and(!self.bit(i).1, Ordering::Relaxed);
+                    i += 1;
+                }
+                if id - max > SEEN_WINDOW {
+                    for w in &self.seen {
+                        w.store(0, Ordering::Relaxed);
+                    }
+                }
+                self.max_seen.store(id, Ordering::Relaxed);
+            }
+            let (w, m) = self.bit(id);
+            w.fetch_or(m, Ordering::Relaxed) & m == 0
+        };
+        lock.unlock();
+        if !fresh {
+            self.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        fresh
+    }
+
+    fn bit(&self, id: u64) -> (&AtomicU64, u64) {
+        let i = (id % SEEN_WINDOW) as usize;
+        (&self.seen[i / 64], 1u64 << (i % 64))
+    }
+
+    /// Lowest id a replay must start after.
+    pub fn replay_from(&self) -> u64 {
+        self.max_seen().saturating_sub(SEEN_WINDOW - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::lock::NoLock;
+
+    fn region(q: usize) -> (Vec<u64>, usize) {
+        let len = PgBus::region_size(q);
+        (vec![0u64; len / 8 + 1], len)
+    }
+
+    #[test]
+    fn queue_keeps_order_and_wraps() {
+        let (mut mem, len) = region(4096);
+        // SAFETY: a zeroed, aligned region of len bytes.
+        let b = unsafe { PgBus::init(mem.as_mut_ptr().cast(), len) }.unwrap();
+        let l = NoLock;
+        let mut next = 0u32;
+        for round in 0..200 {
+            let n = 1 + round % 7;
+            for _ in 0..n {
+                b.push(&l, format!("ch{next}").as_bytes(), &vec![b'x'; (next % 300) as usize]).unwrap();
+                next += 1;
+            }
+            let (got, bytes) = b.peek(&l, 100, 1 << 20);
+            assert_eq!(got.len(), n as usize);
+            let first = next - n;
+            for (i, q) in got.iter().enumerate() {
+                assert_eq!(q.channel, format!("ch{}", first + i as u32).into_bytes());
+                assert_eq!(q.payload.len(), ((first + i as u32) % 300) as usize);
+            }
+            b.consume(&l, got.len() as u64, bytes);
+            assert_eq!(b.queue_len(), 0);
+        }
+    }
+
+    #[test]
+    fn full_queue_is_an_error_and_counted() {
+        let (mut mem, len) = region(4096);
+        // SAFETY: as above.
+        let b = unsafe { PgBus::init(mem.as_mut_ptr().cast(), len) }.unwrap();
+        let l = NoLock;
+        let mut ok = 0;
+        while b.push(&l, b"c", &[b'p'; 100]).is_ok() {
+            ok += 1;
+        }
+        assert!(ok > 30);
+        let e = b.push(&l, b"c", b"p").unwrap_err();
+        assert!(e.starts_with("post queue full ("), "{e}");
+        assert_eq!(b.counters.queue_overflow.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn lease_is_taken_from_dead_expired_or_old_generation() {
+        let (mut mem, len) = region(4096);
+        // SAFETY: as above.
+        let b = unsafe { PgBus::init(mem.as_mut_ptr().cast(), len) }.unwrap();
+        let l = NoLock;
+        let alive = |p: i32| p != 99;
+        assert_eq!(b.try_lease(&l, 10, 0, 1, 1, 1000, 3000, alive), Lease::Acquired { from: 0 });
+        assert_eq!(b.try_lease(&l, 11, 1, 1, 1, 1500, 3000, alive), Lease::Other(10));
+        assert_eq!(b.try_lease(&l, 10, 0, 1, 1, 2000, 3000, alive), Lease::Held);
+        // Expired.
+        assert_eq!(b.try_lease(&l, 11, 1, 1, 1, 5001, 3000, alive), Lease::Acquired { from: 10 });
+        // Old generation cannot take it; new generation takes it at once.
+        assert_eq!(b.try_lease(&l, 12, 0, 1, 2, 5002, 3000, alive), Lease::Other(11));
+        assert_eq!(b.try_lease(&l, 13, 0, 2, 2, 5003, 3000, alive), Lease::Acquired { from: 11 });
+        // Dead holder.
+        b.release(&l, 13);
+        assert_eq!(b.try_lease(&l, 99, 0, 2, 2, 5004, 3000, alive), Lease::Acquired { from: 0 });
+        assert_eq!(b.try_lease(&l, 14, 0, 2, 2, 5005, 3000, alive), Lease::Acquired { from: 99 });
+    }
+
+    #[test]
+    fn seen_window_delivers_each_id_once_even_out_of_order() {
+        let (mut mem, len) = region(4096);
+        // SAFETY: as above.
+        let b = unsafe { PgBus::init(mem.as_mut_ptr().cast(), len) }.unwrap();
+        let l = NoLock;
+        b.set_baseline(&l, 100);
+        assert!(b.mark_seen(&l, 102));
+        assert!(b.mark_seen(&l, 101)); // committed late
+        assert!(!b.mark_seen(&l, 102));
+        assert!(!b.mark_seen(&l, 100)); // before the baseline
+        assert!(b.mark_seen(&l, 100 + SEEN_WINDOW + 50));
+        assert!(!b.mark_seen(&l, 101)); // fell out of the window
+        assert!(b.mark_seen(&l, 100 + SEEN_WINDOW + 49));
+    }
+
+    #[test]
+    fn registry_adds_touches_and_frees() {
+        let (mut mem, len) = region(4096);
+        // SAFETY: as above.
+        let b = unsafe { PgBus::init(mem.as_mut_ptr().cast(), len) }.unwrap();
+        let l = NoLock;
+        assert_eq!(b.want_channel(&l, b"a", 1), Ok(true));
+        assert_eq!(b.want_channel(&l, b"a", 2), Ok(false));
+        assert!(b.want_channel(&l, b"", 2).is_err());
+        b.set_channel(&l, b"a", CH_LISTENING);
+        assert!(b.is_listening(&l, b"a"));
+        assert_eq!(b.channels(&l), vec![(b"a".to_vec(), CH_LISTENING, 2)]);
+        b.all_wanted(&l);
+        assert!(!b.is_listening(&l, b"a"));
+        b.set_channel(&l, b"a", CH_FREE);
+        assert!(b.channels(&l).is_empty());
+    }
+}
