@@ -509,8 +509,9 @@ impl PgBus {
         // Relaxed: under the lock.
         if self.synced.load(Ordering::Relaxed) == 0 {
             self.max_seen.store(id, Ordering::Relaxed);
+            // Everything up to the baseline counts as seen.
             for w in &self.seen {
-                w.store(0, Ordering::Relaxed);
+                w.store(!0, Ordering::Relaxed);
             }
             self.synced.store(1, Ordering::Relaxed);
         }
