@@ -81,6 +81,9 @@ pub struct Bridge {
     rng: u64,
     ever_ready: bool,
     failed_since_ready: bool,
+    /// Durable notifications that arrive while a replay runs: delivered
+    /// after it, in id order, so a reconnect does not reorder them.
+    held: Vec<(u64, Vec<u8>, Vec<u8>, Vec<u8>)>,
 }
 
 fn err_text(fields: &postgres_protocol::message::backend::ErrorResponseBody) -> String {
@@ -138,6 +141,7 @@ impl Bridge {
             rng: seed,
             ever_ready: false,
             failed_since_ready: false,
+            held: Vec::new(),
         }
     }
 
@@ -177,6 +181,7 @@ impl Bridge {
         self.scram = None;
         self.setup_done = false;
         self.need_sync = true;
+        self.held.clear();
         if was_ready {
             self.attempt = 0;
         }
@@ -485,7 +490,15 @@ impl Bridge {
                 let ch = b.channel().map_err(|e| e.to_string())?.as_bytes().to_vec();
                 let msg = b.message().map_err(|e| e.to_string())?.as_bytes().to_vec();
                 let inc = wire::decode(&msg);
-                self.route(&ch, inc.durable_id, inc.origin, inc.payload);
+                let replaying = matches!(self.ops.front(), Some(Op::Replay | Op::Baseline));
+                match inc.durable_id {
+                    Some(id) if replaying => {
+                        self.held.push((id, ch, inc.origin.to_vec(), inc.payload.to_vec()));
+                    }
+                    _ => {
+                        self.route(&ch, inc.durable_id, inc.origin, inc.payload);
+                    }
+                }
             }
             Message::DataRow(b) => {
                 let buf = b.buffer();
@@ -561,6 +574,8 @@ impl Bridge {
             );
             let _ = frontend::query(&q, &mut self.out);
             Op::Setup
+        } else if let Some(op) = self.listen_changes(now) {
+            op
         } else if c.durable && self.need_sync && self.bus.synced.load(core::sync::atomic::Ordering::Relaxed) == 0 {
             let _ = frontend::query(&format!("SELECT coalesce(max(id), 0) FROM {OUTBOX}"), &mut self.out);
             Op::Baseline
@@ -571,8 +586,6 @@ impl Bridge {
             );
             let _ = frontend::query(&q, &mut self.out);
             Op::Replay
-        } else if let Some(op) = self.listen_changes(now) {
-            op
         } else if self.bus.queue_len() > 0 {
             self.flush()
         } else if c.durable && now >= self.next_retention {
@@ -670,6 +683,7 @@ impl Bridge {
                 self.bus.set_baseline(&self.lock(), max);
                 self.bus.table_max_id.fetch_max(max, Relaxed);
                 self.need_sync = false;
+                self.release_held();
             }
             Op::Replay => {
                 if let Some(e) = err {
@@ -686,6 +700,9 @@ impl Bridge {
                     }
                 }
                 self.need_sync = full;
+                if !full {
+                    self.release_held();
+                }
             }
             Op::Listen(list) => {
                 if let Some(e) = err {
@@ -728,6 +745,14 @@ impl Bridge {
             }
         }
         Ok(())
+    }
+
+    fn release_held(&mut self) {
+        let mut held = core::mem::take(&mut self.held);
+        held.sort_by_key(|h| h.0);
+        for (id, ch, origin, payload) in held {
+            self.route(&ch, Some(id), &origin, &payload);
+        }
     }
 
     /// A notification (or a replayed row) to the node's ring. Returns

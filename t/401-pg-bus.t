@@ -1,0 +1,231 @@
+# vim:set ft=perl ts=4 sw=4 et:
+# The bus between two nodes (two nginx instances, two workers each) through
+# a real PostgreSQL: wait on A woken by post on B, 1,000 posts reaching every
+# worker of A in order, posts from SQL, hostile names and payloads, the
+# status section, UNLISTEN of unused channels.
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::More;
+use JSON::PP;
+use PgNodes;
+
+my $pg = shared_pg();
+my $url = "postgresql://$pg->{user}\@$pg->{host}:$pg->{port}/$pg->{db}?sslmode=disable";
+my $tag = "t401_$$";
+my $SUB = "${tag}_sub";
+
+my $http = <<"EOF_HTTP";
+init_worker_by_lua_block {
+    local wb = require "resty.workerbus"
+    local got = ngx.shared.got
+    local id, err = wb.subscribe("$SUB", function(payload, channel, origin)
+        got:rpush("sub:" .. ngx.worker.pid(), payload)
+        got:set("origin:" .. ngx.worker.pid(), origin)
+        got:set("channel", channel)
+    end)
+    if not id then ngx.log(ngx.ERR, "subscribe failed: ", err) end
+}
+EOF_HTTP
+
+my $server = <<'EOF_SRV';
+location = /post {
+    content_by_lua_block {
+        local wb = require "resty.workerbus"
+        local ok, err = wb.post(ngx.unescape_uri(ngx.var.arg_c), ngx.unescape_uri(ngx.var.arg_p or ""))
+        ngx.say(ok, " ", err)
+    }
+}
+location = /postn {
+    content_by_lua_block {
+        local wb = require "resty.workerbus"
+        for i = 1, tonumber(ngx.var.arg_n) do
+            local ok, err = wb.post(ngx.var.arg_c, tostring(i))
+            if not ok then ngx.say("post ", i, ": ", err) return end
+        end
+        ngx.say("posted")
+    }
+}
+location = /wait {
+    content_by_lua_block {
+        local wb = require "resty.workerbus"
+        local c = ngx.unescape_uri(ngx.var.arg_c)
+        ngx.shared.got:incr("waiting:" .. c, 1, 0)
+        local p, o = wb.wait(c, tonumber(ngx.var.arg_t))
+        ngx.shared.got:incr("waiting:" .. c, -1)
+        ngx.say(p, "|", o)
+    }
+}
+location = /got {
+    content_by_lua_block {
+        local got = ngx.shared.got
+        local out = {}
+        for _, k in ipairs(got:get_keys(0)) do
+            if k:sub(1, 4) == "sub:" then
+                out[k:sub(5)] = got:llen(k)
+            end
+        end
+        ngx.say(require("cjson").encode(out))
+    }
+}
+location = /drain {
+    content_by_lua_block {
+        -- the list of one worker's payloads, joined by commas
+        local got = ngx.shared.got
+        local k = "sub:" .. ngx.var.arg_pid
+        local t = {}
+        while true do
+            local v = got:lpop(k)
+            if v == nil then break end
+            t[#t + 1] = v
+        end
+        ngx.say(table.concat(t, ","))
+    }
+}
+location = /waiting { content_by_lua_block { ngx.say(ngx.shared.got:get("waiting:" .. ngx.var.arg_c) or 0) } }
+location = /origin { content_by_lua_block { ngx.say(ngx.shared.got:get("origin:" .. ngx.var.arg_pid)) } }
+location = /hostile {
+    content_by_lua_block {
+        local wb = require "resty.workerbus"
+        local cases = {
+            { "", "x" }, { string.rep("c", 64), "x" }, { "a\0b", "x" }, { "\255\254", "x" },
+            { "ok", "a\0b" }, { "ok", "\255" }, { "ok", string.rep("p", 8001) },
+            { "workerbus_events", "x" }, { 42, "x" }, { "ok", 42 },
+        }
+        for _, c in ipairs(cases) do
+            local ok, err = wb.post(c[1], c[2])
+            ngx.say(ok, " ", err)
+        end
+        local ok, err = wb.wait("", 0.1)
+        ngx.say("wait: ", ok, " ", err)
+        ok, err = wb.subscribe(string.rep("c", 64), function() end)
+        ngx.say("subscribe: ", ok, " ", err)
+    }
+}
+location = /big { content_by_lua_block { ngx.say(require("resty.workerbus").post(ngx.var.arg_c, string.rep("b", 7900))) } }
+EOF_SRV
+
+my $main = "workerbus_postgres \"$url\" backoff_min=50ms backoff_max=2s unlisten_after=2s;";
+my $A = start_node(name => "a", offset => 0, main => $main, http => $http, server => $server);
+my $B = start_node(name => "b", offset => 1, main => $main, http => $http, server => $server);
+
+sub pgst { my $s = node_status($_[0]); $s ? $s->{postgres} : undef }
+sub listening {
+    my ($n, $ch) = @_;
+    my $p = pgst($n) or return 0;
+    return scalar grep { $_->{name} eq $ch && $_->{state} eq "listening" } @{ $p->{channels} };
+}
+sub bg_get {
+    my ($n, $path) = @_;
+    pipe(my $r, my $w) or die;
+    my $pid = fork // die;
+    if (!$pid) { close $r; print $w (node_get($n, $path) // "FAILED"); close $w; POSIX::_exit(0); }
+    close $w;
+    return sub { my $out = do { local $/; <$r> }; waitpid($pid, 0); $out };
+}
+use POSIX ();
+
+# Both nodes connect.
+for my $n ($A, $B) {
+    ok(wait_until(20, sub { my $p = pgst($n); $p && $p->{state} eq "connected" }), "node $n->{name} connects");
+}
+my $stA = node_status($A);
+my $nodeA = $stA->{node}{id};
+my $nodeB = node_status($B)->{node}{id};
+my $p = $stA->{postgres};
+like($p->{server_version}, qr/^\d+/, "status: server version");
+ok((grep { $_->{pid} == $p->{holder_pid} } @{ $stA->{workers} }), "status: the holder is one of A's workers");
+is($p->{server}, "postgresql://$pg->{user}\@$pg->{host}:$pg->{port}/$pg->{db} sslmode=disable", "status: server without secrets");
+for my $f (qw(notifications_in notifications_out queue_depth queue_overflow reconnects last_error channels durable)) {
+    ok(exists $p->{$f}, "status has $f");
+}
+
+# 1. wait on A, post on B.
+my $ch1 = "${tag}_w";
+my $res = bg_get($A, "/wait?c=$ch1&t=20");
+ok(wait_until(15, sub { listening($A, $ch1) }), "A listens to the waited channel");
+is(node_get($B, "/post?c=$ch1&p=hello"), "true nil\n", "post on B");
+is($res->(), "hello|$nodeB\n", "the waiter on A gets the payload and B's node id");
+
+# Several waiters on A: every one is woken.
+my @w = map { bg_get($A, "/wait?c=$ch1&t=20") } 1 .. 4;
+ok(wait_until(15, sub { node_get($A, "/waiting?c=$ch1") eq "4\n" }), "four waiters in place");
+ok(listening($A, $ch1), "still listening");
+node_get($B, "/post?c=$ch1&p=all");
+is(join("", map { $_->() } @w), "all|$nodeB\n" x 4, "four waiters on A all woken by one post");
+
+# A wait times out.
+is(node_get($A, "/wait?c=${tag}_none&t=0.3"), "nil|timeout\n", "wait times out");
+
+# 2. 1,000 posts from B reach every worker of A, in order.
+for my $n ($A, $B) {
+    ok(wait_until(15, sub { listening($n, $SUB) }), "$n->{name} listens to the subscribed channel");
+}
+is(node_get($B, "/postn?c=$SUB&n=1000"), "posted\n", "1000 posts queued on B");
+my @pidsA = map { $_->{pid} } grep { $_->{state} eq "running" } @{ node_status($A)->{workers} };
+is(scalar @pidsA, 2, "A has two workers");
+ok(wait_until(60, sub {
+    my $g = decode_json(node_get($A, "/got") // "{}");
+    !grep { ($g->{$_} // 0) < 1000 } @pidsA;
+}), "every worker of A received 1000") or diag node_get($A, "/got");
+my $want = join(",", 1 .. 1000);
+for my $pid (@pidsA) {
+    is(node_get($A, "/drain?pid=$pid"), "$want\n", "worker $pid of A: 1..1000 in order, once each");
+    is(node_get($A, "/origin?pid=$pid"), "$nodeB\n", "worker $pid of A: origin is node B");
+}
+my @pidsB = map { $_->{pid} } grep { $_->{state} eq "running" } @{ node_status($B)->{workers} };
+ok(wait_until(60, sub {
+    my $g = decode_json(node_get($B, "/got") // "{}");
+    !grep { ($g->{$_} // 0) < 1000 } @pidsB;
+}), "the posting node's own workers receive them too");
+is(node_get($B, "/drain?pid=$_"), "$want\n", "worker $_ of B: 1..1000 in order") for @pidsB;
+ok(pgst($B)->{flushes} < 1000, "B sent 1000 posts in fewer transactions (" . pgst($B)->{flushes} . ")");
+
+# 3. A post from SQL (plain pg_notify) reaches the waiters.
+my $ch3 = "${tag}_sql";
+$res = bg_get($A, "/wait?c=$ch3&t=20");
+ok(wait_until(15, sub { listening($A, $ch3) }), "A listens to the SQL channel");
+ok(psql_ok("host=$pg->{host} port=$pg->{port} user=$pg->{user} dbname=$pg->{db} sslmode=disable",
+           "select pg_notify('$ch3', 'from sql')"), "pg_notify from psql");
+is($res->(), "from sql|\n", "a plain SQL notification arrives with an empty origin");
+
+# 4. Hostile input: exact errors at the call; quotes and semicolons pass unharmed.
+is(node_get($A, "/hostile"), join("", map { "$_\n" }
+    "nil channel must be 1 to 63 bytes (got 0)",
+    "nil channel must be 1 to 63 bytes (got 64)",
+    "nil channel must not contain NUL bytes",
+    "nil channel must be valid UTF-8",
+    "nil payload must not contain NUL bytes",
+    "nil payload must be valid UTF-8",
+    "nil payload too large (8001 bytes, max 7900)",
+    "nil channel \"workerbus_events\" is reserved",
+    "nil channel must be a string",
+    "nil payload must be a string",
+    "wait: nil channel must be 1 to 63 bytes (got 0)",
+    "subscribe: nil channel must be 1 to 63 bytes (got 64)"), "hostile input gets the documented errors");
+my $evil = "${tag}'\"; DROP TABLE x; --";
+my $evil_q = $evil; $evil_q =~ s/([^A-Za-z0-9_])/sprintf("%%%02X", ord $1)/ge;
+my $payload = "it's \"quoted\"; SELECT 1; --\n\\ done";
+my $payload_q = $payload; $payload_q =~ s/([^A-Za-z0-9_])/sprintf("%%%02X", ord $1)/ge;
+$res = bg_get($A, "/wait?c=$evil_q&t=20");
+ok(wait_until(15, sub { listening($A, $evil) }), "A listens to a channel named with quotes and a semicolon");
+is(node_get($B, "/post?c=$evil_q&p=$payload_q"), "true nil\n", "post with quotes, semicolons and a newline");
+is($res->(), "$payload|$nodeB\n", "they arrive unchanged");
+my $big = "${tag}_big";
+$res = bg_get($A, "/wait?c=$big&t=20");
+ok(wait_until(15, sub { listening($A, $big) }), "A listens to the big channel");
+is(node_get($B, "/big?c=$big"), "true\n", "a payload of the maximum size is accepted");
+is(length($res->()), 7900 + 1 + length($nodeB) + 1, "and arrives whole");
+ok(psql_ok("host=$pg->{host} port=$pg->{port} user=$pg->{user} dbname=$pg->{db} sslmode=disable", "select 1"),
+   "the database is fine");
+
+# 5. Channels nobody uses any more are UNLISTENed (unlisten_after=2s).
+ok(wait_until(20, sub { !grep { $_->{name} eq $ch3 } @{ pgst($A)->{channels} } }), "an unused channel is dropped");
+ok(listening($A, $SUB), "a subscribed channel stays");
+ok(listening($A, "workerbus_events"), "the cluster events channel stays");
+
+my @bad = grep { /\[(error|alert|crit|emerg)\]/ } split /\n/, node_log($A) . node_log($B);
+is(scalar @bad, 0, "no errors in the logs") or diag join("\n", @bad[0 .. ($#bad < 5 ? $#bad : 5)]);
+
+done_testing();
