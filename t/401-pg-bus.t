@@ -16,115 +16,13 @@ my $url = "postgresql://$pg->{user}\@$pg->{host}:$pg->{port}/$pg->{db}?sslmode=d
 my $tag = "t401_$$";
 my $SUB = "${tag}_sub";
 
-my $http = <<"EOF_HTTP";
-init_worker_by_lua_block {
-    local wb = require "resty.workerbus"
-    local got = ngx.shared.got
-    local id, err = wb.subscribe("$SUB", function(payload, channel, origin)
-        got:rpush("sub:" .. ngx.worker.pid(), payload)
-        got:set("origin:" .. ngx.worker.pid(), origin)
-        got:set("channel", channel)
-    end)
-    if not id then ngx.log(ngx.ERR, "subscribe failed: ", err) end
-}
-EOF_HTTP
-
-my $server = <<'EOF_SRV';
-location = /post {
-    content_by_lua_block {
-        local wb = require "resty.workerbus"
-        local ok, err = wb.post(ngx.unescape_uri(ngx.var.arg_c), ngx.unescape_uri(ngx.var.arg_p or ""))
-        ngx.say(ok, " ", err)
-    }
-}
-location = /postn {
-    content_by_lua_block {
-        local wb = require "resty.workerbus"
-        for i = 1, tonumber(ngx.var.arg_n) do
-            local ok, err = wb.post(ngx.var.arg_c, tostring(i))
-            if not ok then ngx.say("post ", i, ": ", err) return end
-        end
-        ngx.say("posted")
-    }
-}
-location = /wait {
-    content_by_lua_block {
-        local wb = require "resty.workerbus"
-        local c = ngx.unescape_uri(ngx.var.arg_c)
-        ngx.shared.got:incr("waiting:" .. c, 1, 0)
-        local p, o = wb.wait(c, tonumber(ngx.var.arg_t))
-        ngx.shared.got:incr("waiting:" .. c, -1)
-        ngx.say(p, "|", o)
-    }
-}
-location = /got {
-    content_by_lua_block {
-        local got = ngx.shared.got
-        local out = {}
-        for _, k in ipairs(got:get_keys(0)) do
-            if k:sub(1, 4) == "sub:" then
-                out[k:sub(5)] = got:llen(k)
-            end
-        end
-        ngx.say(require("cjson").encode(out))
-    }
-}
-location = /drain {
-    content_by_lua_block {
-        -- the list of one worker's payloads, joined by commas
-        local got = ngx.shared.got
-        local k = "sub:" .. ngx.var.arg_pid
-        local t = {}
-        while true do
-            local v = got:lpop(k)
-            if v == nil then break end
-            t[#t + 1] = v
-        end
-        ngx.say(table.concat(t, ","))
-    }
-}
-location = /waiting { content_by_lua_block { ngx.say(ngx.shared.got:get("waiting:" .. ngx.var.arg_c) or 0) } }
-location = /origin { content_by_lua_block { ngx.say(ngx.shared.got:get("origin:" .. ngx.var.arg_pid)) } }
-location = /hostile {
-    content_by_lua_block {
-        local wb = require "resty.workerbus"
-        local cases = {
-            { "", "x" }, { string.rep("c", 64), "x" }, { "a\0b", "x" }, { "\255\254", "x" },
-            { "ok", "a\0b" }, { "ok", "\255" }, { "ok", string.rep("p", 8001) },
-            { "workerbus_events", "x" }, { 42, "x" }, { "ok", 42 },
-        }
-        for _, c in ipairs(cases) do
-            local ok, err = wb.post(c[1], c[2])
-            ngx.say(ok, " ", err)
-        end
-        local ok, err = wb.wait("", 0.1)
-        ngx.say("wait: ", ok, " ", err)
-        ok, err = wb.subscribe(string.rep("c", 64), function() end)
-        ngx.say("subscribe: ", ok, " ", err)
-    }
-}
-location = /big { content_by_lua_block { ngx.say(require("resty.workerbus").post(ngx.var.arg_c, string.rep("b", 7900))) } }
-EOF_SRV
+my $http = bus_http($SUB);
+my $server = bus_server();
 
 my $main = "workerbus_postgres \"$url\" backoff_min=50ms backoff_max=2s unlisten_after=2s;";
 my $A = start_node(name => "a", offset => 0, main => $main, http => $http, server => $server);
 my $B = start_node(name => "b", offset => 1, main => $main, http => $http, server => $server);
 
-sub pgst { my $s = node_status($_[0]); $s ? $s->{postgres} : undef }
-sub listening {
-    my ($n, $ch) = @_;
-    my $p = pgst($n) or return 0;
-    return scalar grep { $_->{name} eq $ch && $_->{state} eq "listening" } @{ $p->{channels} };
-}
-sub bg_get {
-    my ($n, $path) = @_;
-    pipe(my $r, my $w) or die;
-    my $pid = fork // die;
-    if (!$pid) { close $r; print $w (node_get($n, $path) // "FAILED"); close $w; POSIX::_exit(0); }
-    close $w;
-    return sub { my $out = do { local $/; <$r> }; waitpid($pid, 0); $out };
-}
-use POSIX ();
 
 # Both nodes connect.
 for my $n ($A, $B) {

@@ -22,7 +22,8 @@ use Time::HiRes qw(time sleep);
 use Exporter 'import';
 
 our @EXPORT = qw(shared_pg private_pg start_node stop_node reload_node node_get node_status
-                 wait_until psql psql_ok node_log nginx_t repo_root pg_stop pg_start pg_bin);
+                 wait_until psql psql_ok node_log nginx_t repo_root pg_stop pg_start pg_bin
+                 bus_http bus_server pgst listening bg_get);
 
 my $ROOT = abs_path(dirname(__FILE__) . "/../..");
 sub repo_root { $ROOT }
@@ -99,7 +100,7 @@ sub private_pg {
         system("chown", "postgres", $dir) == 0 or die "chown: $?";
     }
     my $initdb = pg_bin("initdb");
-    system(run_as_pg($initdb, "-D", $data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"),
+    system(run_as_pg($initdb, "-D", $data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-s"),
         ) == 0 or die "initdb failed";
     # TLS: a CA and a server certificate for "localhost".
     my $ssl = "$dir/ssl";
@@ -262,6 +263,150 @@ sub node_log {
     open(my $fh, "<", "$n->{dir}/logs/error.log") or return "";
     local $/;
     return <$fh>;
+}
+
+
+# init_worker code: every worker subscribes to $sub and keeps what it gets
+# in the "got" shared dict (list "sub:<pid>", last origin "origin:<pid>").
+sub bus_http {
+    my ($sub) = @_;
+    return <<"EOF_HTTP";
+init_worker_by_lua_block {
+    local wb = require "resty.workerbus"
+    local got = ngx.shared.got
+    local id, err = wb.subscribe("$sub", function(payload, channel, origin)
+        got:rpush("sub:" .. ngx.worker.pid(), payload)
+        got:set("origin:" .. ngx.worker.pid(), origin)
+        got:set("channel", channel)
+    end)
+    if not id then ngx.log(ngx.ERR, "subscribe failed: ", err) end
+}
+EOF_HTTP
+}
+
+# Locations the bus suites use: /post, /postn, /wait, /waiting, /got,
+# /drain, /origin, /hostile, /big, /stream (posts 1..n from a timer), /flag,
+# /fill (posts until the queue is full).
+sub bus_server {
+    return <<'EOF_SRV';
+location = /post {
+    content_by_lua_block {
+        local wb = require "resty.workerbus"
+        local ok, err = wb.post(ngx.unescape_uri(ngx.var.arg_c), ngx.unescape_uri(ngx.var.arg_p or ""))
+        ngx.say(ok, " ", err)
+    }
+}
+location = /postn {
+    content_by_lua_block {
+        local wb = require "resty.workerbus"
+        for i = 1, tonumber(ngx.var.arg_n) do
+            local ok, err = wb.post(ngx.var.arg_c, tostring(i))
+            if not ok then ngx.say("post ", i, ": ", err) return end
+        end
+        ngx.say("posted")
+    }
+}
+location = /wait {
+    content_by_lua_block {
+        local wb = require "resty.workerbus"
+        local c = ngx.unescape_uri(ngx.var.arg_c)
+        ngx.shared.got:incr("waiting:" .. c, 1, 0)
+        local p, o = wb.wait(c, tonumber(ngx.var.arg_t))
+        ngx.shared.got:incr("waiting:" .. c, -1)
+        ngx.say(p, "|", o)
+    }
+}
+location = /got {
+    content_by_lua_block {
+        local got = ngx.shared.got
+        local out = {}
+        for _, k in ipairs(got:get_keys(0)) do
+            if k:sub(1, 4) == "sub:" then
+                out[k:sub(5)] = got:llen(k)
+            end
+        end
+        ngx.say(require("cjson").encode(out))
+    }
+}
+location = /drain {
+    content_by_lua_block {
+        -- the list of one worker's payloads, joined by commas
+        local got = ngx.shared.got
+        local k = "sub:" .. ngx.var.arg_pid
+        local t = {}
+        while true do
+            local v = got:lpop(k)
+            if v == nil then break end
+            t[#t + 1] = v
+        end
+        ngx.say(table.concat(t, ","))
+    }
+}
+location = /waiting { content_by_lua_block { ngx.say(ngx.shared.got:get("waiting:" .. ngx.var.arg_c) or 0) } }
+location = /origin { content_by_lua_block { ngx.say(ngx.shared.got:get("origin:" .. ngx.var.arg_pid)) } }
+location = /hostile {
+    content_by_lua_block {
+        local wb = require "resty.workerbus"
+        local cases = {
+            { "", "x" }, { string.rep("c", 64), "x" }, { "a\0b", "x" }, { "\255\254", "x" },
+            { "ok", "a\0b" }, { "ok", "\255" }, { "ok", string.rep("p", 8001) },
+            { "workerbus_events", "x" }, { 42, "x" }, { "ok", 42 },
+        }
+        for _, c in ipairs(cases) do
+            local ok, err = wb.post(c[1], c[2])
+            ngx.say(ok, " ", err)
+        end
+        local ok, err = wb.wait("", 0.1)
+        ngx.say("wait: ", ok, " ", err)
+        ok, err = wb.subscribe(string.rep("c", 64), function() end)
+        ngx.say("subscribe: ", ok, " ", err)
+    }
+}
+location = /stream {
+    content_by_lua_block {
+        local c, n, gap = ngx.var.arg_c, tonumber(ngx.var.arg_n), tonumber(ngx.var.arg_gap)
+        local function run()
+            local wb = require "resty.workerbus"
+            for i = 1, n do
+                local ok, err = wb.post(c, tostring(i))
+                if not ok then ngx.log(ngx.ERR, "stream post ", i, ": ", err) end
+                ngx.sleep(gap)
+            end
+            ngx.shared.got:set("done:" .. c, true)
+        end
+        ngx.say(ngx.timer.at(0, run))
+    }
+}
+location = /flag { content_by_lua_block { ngx.say(tostring(ngx.shared.got:get(ngx.var.arg_k))) } }
+location = /fill {
+    content_by_lua_block {
+        local wb = require "resty.workerbus"
+        local big = string.rep("f", 7900)
+        for i = 1, 100000 do
+            local ok, err = wb.post(ngx.var.arg_c, big)
+            if not ok then ngx.say(i - 1, " posted, then: ", err) return end
+        end
+        ngx.say("never full")
+    }
+}
+location = /big { content_by_lua_block { ngx.say(require("resty.workerbus").post(ngx.var.arg_c, string.rep("b", 7900))) } }
+EOF_SRV
+}
+
+# The node's status "postgres" section.
+sub pgst { my $s = node_status($_[0]); $s ? $s->{postgres} : undef }
+sub listening {
+    my ($n, $ch) = @_;
+    my $p = pgst($n) or return 0;
+    return scalar grep { $_->{name} eq $ch && $_->{state} eq "listening" } @{ $p->{channels} };
+}
+sub bg_get {
+    my ($n, $path) = @_;
+    pipe(my $r, my $w) or die;
+    my $pid = fork // die;
+    if (!$pid) { close $r; print $w (node_get($n, $path) // "FAILED"); close $w; POSIX::_exit(0); }
+    close $w;
+    return sub { my $out = do { local $/; <$r> }; waitpid($pid, 0); $out };
 }
 
 END {
