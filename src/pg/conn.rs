@@ -105,8 +105,17 @@ impl Conn {
             return Err(format!("cannot connect to {addr}"));
         }
         let c = pc.connection;
+        // SAFETY: a pool for the connection (nginx's TLS code allocates from
+        // c->pool); destroyed in Drop after the connection is closed.
+        let pool = unsafe { nginx_sys::ngx_create_pool(1024, log) };
+        if pool.is_null() {
+            // SAFETY: nginx made the connection and did not close it.
+            unsafe { nginx_sys::ngx_close_connection(c) };
+            return Err("no memory for the connection's pool".into());
+        }
         // SAFETY: c is the live connection nginx just made for us.
         unsafe {
+            (*c).pool = pool;
             (*c).data = drive.cast::<c_void>();
             (*(*c).read).handler = Some(on_io);
             (*(*c).write).handler = Some(on_io);
@@ -260,7 +269,11 @@ impl Drop for Conn {
                 (*(*self.c).ssl).set_no_send_shutdown(1);
                 nginx_sys::ngx_ssl_shutdown(self.c);
             }
+            let pool = (*self.c).pool;
             nginx_sys::ngx_close_connection(self.c);
+            if !pool.is_null() {
+                nginx_sys::ngx_destroy_pool(pool);
+            }
         }
         self.c = ptr::null_mut();
         self.pc.connection = ptr::null_mut();

@@ -107,7 +107,12 @@ pub unsafe extern "C" fn set_postgres(cf: *mut ngx_conf_t, _cmd: *mut ngx_comman
         Ok(c) => c,
         Err(e) => return emerg(cf, &e),
     };
-    let addr = match (cfg.host.as_str(), cfg.port).to_socket_addrs().map(|mut a| a.next()) {
+    // IPv4 first: "localhost" often lists ::1 first while servers listen on 127.0.0.1.
+    let pick = |a: std::vec::IntoIter<SocketAddr>| {
+        let all: Vec<SocketAddr> = a.collect();
+        all.iter().find(|x| x.is_ipv4()).or(all.first()).copied()
+    };
+    let addr = match (cfg.host.as_str(), cfg.port).to_socket_addrs().map(pick) {
         Ok(Some(a)) => a,
         Ok(None) => return emerg(cf, &format!("host \"{}\" has no address", cfg.host)),
         Err(e) => return emerg(cf, &format!("cannot resolve host \"{}\": {}", cfg.host, io_reason(&e))),

@@ -100,8 +100,8 @@ sub private_pg {
         system("chown", "postgres", $dir) == 0 or die "chown: $?";
     }
     my $initdb = pg_bin("initdb");
-    system(run_as_pg($initdb, "-D", $data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-s"),
-        ) == 0 or die "initdb failed";
+    my $cmd = join " ", map { quotemeta } run_as_pg($initdb, "-D", $data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync");
+    system("$cmd >/dev/null") == 0 or die "initdb failed";
     # TLS: a CA and a server certificate for "localhost".
     my $ssl = "$dir/ssl";
     make_path($ssl);
