@@ -432,7 +432,7 @@ _M.events = _M.event_list(SOURCE, "started", "stopping", "lagged")
 
 -- Every worker of every node that shares the PostgreSQL database
 -- (workerbus_postgres; docs/postgres.md). Handlers get (data, event,
--- source, pid) as for post(); pid is nil: the poster may be on another node.
+-- source, pid) as for post(); pid is 0: the poster may be on another node.
 function _M.post_cluster(source, event, data)
     return require("resty.workerbus.cluster").post(source, event, data, 0)
 end

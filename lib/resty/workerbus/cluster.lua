@@ -2,7 +2,7 @@
 -- sharing the PostgreSQL database (docs/postgres.md). resty.worker.events
 -- (post_cluster) and resty.events (publish_cluster) call this; the event
 -- arrives in each node's event ring like a local one, so handlers receive
--- it with their usual signature (the poster's pid / worker id are nil there:
+-- it with their usual signature (the poster's pid is 0, its worker id nil:
 -- it came from another machine).
 
 local ffi = require "ffi"
