@@ -13,12 +13,15 @@ LUA_DIR     := /usr/share/lua/5.1
 CARGO_ENV   := NGINX_SOURCE_DIR=$(NGX_TREE) NGINX_BUILD_DIR=$(NGX_TREE)/objs
 LOAD_MODULES := $(MODULES_DIR)/ndk_http_module.so $(MODULES_DIR)/ngx_http_lua_module.so $(MODULE)
 
-# Debian packages the build, the demo and the tests need. Never `luajit`:
+# Debian packages the build, the demo and the tests need (PostgreSQL: the
+# bridge's suites t/4xx start private servers with its initdb/pg_ctl when no
+# server serves trust logins on 127.0.0.1:5432; openssl makes their TLS certificates). Never `luajit`:
 # it conflicts with libluajit2 and removes the Lua module; `luajit2` is the CLI.
 PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
             lua-resty-core lua-cjson luajit2 libclang-dev \
             libtest-base-perl libtest-simple-perl libwww-perl libtext-diff-perl libipc-run-perl \
-            curl procps bc
+            curl procps bc \
+            postgresql postgresql-client openssl
 
 .PHONY: all deps build install run test test-core test-nginx lint bench clean
 
