@@ -23,7 +23,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
             curl procps bc \
             postgresql postgresql-client openssl
 
-.PHONY: all deps build install run test test-core test-nginx lint bench clean
+.PHONY: all deps build install run test test-core test-nginx lint bench bench-pg clean
 
 all: build
 
@@ -97,6 +97,10 @@ test: build lint test-core test-nginx
 
 bench: build
 	bench/run
+
+# The PostgreSQL bus between two nodes through the local server (see bench/pg_run).
+bench-pg: build
+	bench/pg_run
 
 clean:
 	rm -rf $(BUILD) target t/servroot*
