@@ -113,6 +113,18 @@ impl Conn {
             unsafe { nginx_sys::ngx_close_connection(c) };
             return Err("no memory for the connection's pool".into());
         }
+        // Small messages both ways: no Nagle delay (libpq does the same).
+        let one: libc::c_int = 1;
+        // SAFETY: c->fd is the socket nginx just connected; the option value is a valid int.
+        unsafe {
+            libc::setsockopt(
+                (*c).fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         // SAFETY: c is the live connection nginx just made for us.
         unsafe {
             (*c).pool = pool;
