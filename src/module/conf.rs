@@ -6,8 +6,8 @@ use core::ffi::{c_char, c_void};
 use core::ptr;
 
 use nginx_sys::{
-    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t, ngx_conf_t,
-    ngx_cycle_t, ngx_msec_t, ngx_shm_zone_t, ngx_str_t,
+    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t,
+    ngx_conf_t, ngx_cycle_t, ngx_msec_t, ngx_shm_zone_t, ngx_str_t,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 

@@ -54,6 +54,9 @@ enum Op {
     Retention,
 }
 
+/// A durable notification kept back during a replay: id, channel, origin, payload.
+type Held = (u64, Vec<u8>, Vec<u8>, Vec<u8>);
+
 pub struct Bridge {
     conf: &'static PgConfig,
     addr: SocketAddr,
@@ -83,7 +86,7 @@ pub struct Bridge {
     failed_since_ready: bool,
     /// Durable notifications that arrive while a replay runs: delivered
     /// after it, in id order, so a reconnect does not reorder them.
-    held: Vec<(u64, Vec<u8>, Vec<u8>, Vec<u8>)>,
+    held: Vec<Held>,
 }
 
 fn err_text(fields: &postgres_protocol::message::backend::ErrorResponseBody) -> String {
@@ -327,7 +330,11 @@ impl Bridge {
                 }
                 Phase::SslHandshake => {
                     if self.ssl.is_none() {
-                        let ca = if self.conf.sslmode == SslMode::VerifyFull { self.conf.sslrootcert.as_deref() } else { None };
+                        let ca = if self.conf.sslmode == SslMode::VerifyFull {
+                            self.conf.sslrootcert.as_deref()
+                        } else {
+                            None
+                        };
                         match tls_context(self.log, ca) {
                             Ok(s) => self.ssl = Some(s),
                             Err(e) => {
@@ -632,7 +639,8 @@ impl Bridge {
         let (posts, bytes) = self.bus.peek(&self.lock(), FLUSH_MAX, FLUSH_BYTES);
         let c = self.conf;
         let sql = if c.durable { "SELECT workerbus_post($1, $2, $3)" } else { "SELECT pg_notify($1, $2)" };
-        let _ = frontend::parse("", sql, [25u32, 25, 25].into_iter().take(if c.durable { 3 } else { 2 }), &mut self.out);
+        let _ =
+            frontend::parse("", sql, [25u32, 25, 25].into_iter().take(if c.durable { 3 } else { 2 }), &mut self.out);
         for p in &posts {
             let mut chan = c.prefix.as_bytes().to_vec();
             chan.extend_from_slice(&p.channel);

@@ -55,7 +55,14 @@ impl fmt::Debug for PgConfig {
 impl PgConfig {
     /// What the status and log lines show: no password.
     pub fn describe(&self) -> String {
-        format!("postgresql://{}@{}:{}/{} sslmode={}", self.user, self.host, self.port, self.dbname, self.sslmode.name())
+        format!(
+            "postgresql://{}@{}:{}/{} sslmode={}",
+            self.user,
+            self.host,
+            self.port,
+            self.dbname,
+            self.sslmode.name()
+        )
     }
 
     /// Longest channel name a caller may use (the prefix counts against
@@ -169,7 +176,8 @@ fn set_param(c: &mut PgConfig, key: &str, val: &str) -> Result<(), String> {
         }
         "sslrootcert" => c.sslrootcert = Some(val.to_string()),
         "connect_timeout" => {
-            c.connect_timeout_ms = parse_time(val).filter(|&t| t > 0).ok_or(format!("invalid connect_timeout \"{val}\""))?
+            c.connect_timeout_ms =
+                parse_time(val).filter(|&t| t > 0).ok_or(format!("invalid connect_timeout \"{val}\""))?
         }
         "application_name" => {}
         _ => return Err(format!("unknown connection parameter \"{key}\"")),
@@ -281,9 +289,7 @@ pub fn parse(args: &[&str], read_file: impl Fn(&str) -> Result<String, String>) 
             "unlisten_after" => c.unlisten_after_ms = time_opt(k, v, 1000)?,
             "prefix" => {
                 if v.len() > 32 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
-                    return Err(format!(
-                        "invalid prefix \"{v}\": at most 32 letters, digits, '_', '.' or '-'"
-                    ));
+                    return Err(format!("invalid prefix \"{v}\": at most 32 letters, digits, '_', '.' or '-'"));
                 }
                 c.prefix = v.to_string();
             }
@@ -313,8 +319,8 @@ mod tests {
 
     #[test]
     fn url_with_everything() {
-        let c = p(&["postgresql://bob:p%40ss@db.example:6543/app?sslmode=require", "durable=on", "prefix=app_"])
-            .unwrap();
+        let c =
+            p(&["postgresql://bob:p%40ss@db.example:6543/app?sslmode=require", "durable=on", "prefix=app_"]).unwrap();
         assert_eq!((c.host.as_str(), c.port, c.user.as_str(), c.dbname.as_str()), ("db.example", 6543, "bob", "app"));
         assert_eq!(c.password.as_deref(), Some("p@ss"));
         assert_eq!(c.sslmode, SslMode::Require);

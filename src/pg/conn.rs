@@ -5,6 +5,10 @@
 //! the state machine). Reads and writes go through the connection's own
 //! `recv`/`send`, which nginx swaps for its OpenSSL ones once TLS is up.
 
+// As in src/module: these take the pointers nginx hands to its hooks, valid
+// for the call by nginx's contract, so these lints would only repeat it.
+#![allow(clippy::not_unsafe_ptr_arg_deref, clippy::missing_safety_doc)]
+
 use core::ffi::c_void;
 use core::ptr;
 use std::net::SocketAddr;
@@ -97,7 +101,7 @@ impl Conn {
         pc.set_log_error(1); // NGX_ERROR_ERR: connect errors at "error"
         // SAFETY: pc is fully set up for a single fixed peer; nginx fills pc.connection.
         let rc = unsafe { nginx_sys::ngx_event_connect_peer(&raw mut *pc) } as i32;
-        if rc == NGX_ERROR as i32 || rc == NGX_BUSY || rc == NGX_DECLINED || pc.connection.is_null() {
+        if rc == NGX_ERROR || rc == NGX_BUSY || rc == NGX_DECLINED || pc.connection.is_null() {
             if !pc.connection.is_null() {
                 // SAFETY: nginx made the connection and did not close it.
                 unsafe { nginx_sys::ngx_close_connection(pc.connection) };

@@ -2,6 +2,10 @@
 //! per-worker tick (lease, channel interest), the events that drive the
 //! holder's session, the calls behind the C ABI, and the status section.
 
+// As in src/module: these take the pointers nginx hands to its hooks, valid
+// for the call by nginx's contract, so these lints would only repeat it.
+#![allow(clippy::not_unsafe_ptr_arg_deref, clippy::missing_safety_doc)]
+
 use core::cell::UnsafeCell;
 use core::ffi::{c_char, c_void};
 use core::sync::atomic::Ordering::Relaxed;
@@ -141,7 +145,12 @@ fn node_origin(zone: &Zone) -> String {
     wire::clean_origin(&format!("{}/{m}/{s}", crate::module::status::host_name()))
 }
 
-fn init_event(ev: &mut ngx_event_t, dummy: *mut ngx_connection_t, log: *mut nginx_sys::ngx_log_t, h: unsafe extern "C" fn(*mut ngx_event_t)) {
+fn init_event(
+    ev: &mut ngx_event_t,
+    dummy: *mut ngx_connection_t,
+    log: *mut nginx_sys::ngx_log_t,
+    h: unsafe extern "C" fn(*mut ngx_event_t),
+) {
     ev.handler = Some(h);
     ev.log = log;
     // nginx's timer code logs ev->data as a connection at debug level.
