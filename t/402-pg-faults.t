@@ -76,6 +76,18 @@ ok(wait_until(20, sub { pgst($A)->{durable}{lag} == 0 }), "durable lag back to 0
 my @bad = grep { /\[(alert|crit|emerg)\]/ } split /\n/, node_log($A) . node_log($B);
 is(scalar @bad, 0, "no alerts") or diag "@bad";
 
+# Posting from SQL in durable mode: workerbus_post() commits with the
+# application's transaction, and a rolled-back one posts nothing.
+drain_all($A);
+ok(psql_ok($conn, "begin; select workerbus_post('$SUB', 'rolled back', 'sqltest'); rollback"), "a post in a rolled-back transaction");
+ok(psql_ok($conn, "begin; create temp table t402(x int); insert into t402 values (1); "
+                . "select workerbus_post('$SUB', 'from sql', 'sqltest'); commit"), "a post in a committed transaction");
+ok(wait_until(30, sub { got_all($A, 1) }), "it reaches every worker of A");
+for my $pid (workers_of($A)) {
+    is(node_get($A, "/drain?pid=$pid"), "from sql\n", "worker $pid of A: only the committed post");
+    is(node_get($A, "/origin?pid=$pid"), "sqltest\n", "worker $pid of A: with the origin given in SQL");
+}
+
 # 3. kill -9 of the holder: another worker takes over.
 my $holder = pgst($A)->{holder_pid};
 ok(kill('KILL', $holder), "holder $holder killed with SIGKILL");

@@ -57,15 +57,22 @@ enum Op {
 /// A durable notification kept back during a replay: id, channel, origin, payload.
 type Held = (u64, Vec<u8>, Vec<u8>, Vec<u8>);
 
+/// What a session works with: settings, the node's shared state, and the
+/// process-static events that drive it.
+pub struct Env {
+    pub conf: &'static PgConfig,
+    pub addr: SocketAddr,
+    pub bus: &'static PgBus,
+    pub zone: Zone,
+    /// This node's id, carried in every post.
+    pub origin: String,
+    pub log: *mut ngx_log_t,
+    pub drive_ev: *mut ngx_event_t,
+    pub timer_ev: *mut ngx_event_t,
+}
+
 pub struct Bridge {
-    conf: &'static PgConfig,
-    addr: SocketAddr,
-    bus: &'static PgBus,
-    zone: Zone,
-    origin: String,
-    log: *mut ngx_log_t,
-    drive_ev: *mut ngx_event_t,
-    timer_ev: *mut ngx_event_t,
+    env: Env,
     conn: Option<Conn>,
     ssl: Option<Box<ngx_ssl_t>>,
     phase: Phase,
@@ -104,28 +111,11 @@ fn err_text(fields: &postgres_protocol::message::backend::ErrorResponseBody) -> 
 }
 
 impl Bridge {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        conf: &'static PgConfig,
-        addr: SocketAddr,
-        bus: &'static PgBus,
-        zone: Zone,
-        origin: String,
-        log: *mut ngx_log_t,
-        drive_ev: *mut ngx_event_t,
-        timer_ev: *mut ngx_event_t,
-    ) -> Bridge {
+    pub fn new(env: Env) -> Bridge {
         // SAFETY: getpid has no preconditions.
         let seed = now_ms() ^ ((unsafe { libc::getpid() } as u64) << 32) | 1;
         Bridge {
-            conf,
-            addr,
-            bus,
-            zone,
-            origin,
-            log,
-            drive_ev,
-            timer_ev,
+            env,
             conn: None,
             ssl: None,
             phase: Phase::Down,
@@ -153,12 +143,12 @@ impl Bridge {
     }
 
     fn lock(&self) -> crate::module::zone::PoolLock {
-        self.zone.lock()
+        self.env.zone.lock()
     }
 
     fn arm_timer(&self, ms: u64) {
         // SAFETY: the timer event lives in process-static memory; cancelable (set at init).
-        unsafe { nginx_sys::ngx_add_timer(self.timer_ev, ms.max(1) as _) };
+        unsafe { nginx_sys::ngx_add_timer(self.env.timer_ev, ms.max(1) as _) };
     }
 
     fn random(&mut self) -> u64 {
@@ -188,24 +178,24 @@ impl Bridge {
         if was_ready {
             self.attempt = 0;
         }
-        let c = self.conf;
+        let c = self.env.conf;
         let base = c.backoff_min_ms.saturating_mul(1u64 << self.attempt.min(20)).min(c.backoff_max_ms);
         let delay = base / 2 + self.random() % (base / 2 + 1);
         self.attempt += 1;
         let now = now_ms();
         self.retry_at = now + delay;
         self.failed_since_ready = true;
-        self.bus.set_state(ST_BACKOFF, now);
-        self.bus.set_text(&self.lock(), &self.bus.last_error, why.as_bytes());
+        self.env.bus.set_state(ST_BACKOFF, now);
+        self.env.bus.set_text(&self.lock(), &self.env.bus.last_error, why.as_bytes());
         // Relaxed: figures.
-        self.bus.last_error_ms.store(now, core::sync::atomic::Ordering::Relaxed);
+        self.env.bus.last_error_ms.store(now, core::sync::atomic::Ordering::Relaxed);
         if !was_ready {
-            self.bus.counters.connect_failures.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            self.env.bus.counters.connect_failures.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         }
         let level = if was_ready { NGX_LOG_WARN } else { NGX_LOG_ERR };
         ngx::ngx_log_error!(
             level,
-            self.log,
+            self.env.log,
             "workerbus: postgres {}: {}{why}; retrying in {delay}ms (attempt {})",
             c.describe(),
             if was_ready { "connection lost: " } else { "" },
@@ -225,28 +215,28 @@ impl Bridge {
         self.phase = Phase::Down;
         // SAFETY: the timer event is ours; deleting a timer that is not set is harmless.
         unsafe {
-            if (*self.timer_ev).timer_set() != 0 {
-                nginx_sys::ngx_del_timer(self.timer_ev);
+            if (*self.env.timer_ev).timer_set() != 0 {
+                nginx_sys::ngx_del_timer(self.env.timer_ev);
             }
         }
     }
 
     fn start_connect(&mut self) {
         let now = now_ms();
-        self.bus.set_state(ST_CONNECTING, now);
-        self.deadline = now + self.conf.connect_timeout_ms;
-        match Conn::connect(self.addr, self.log, self.drive_ev) {
+        self.env.bus.set_state(ST_CONNECTING, now);
+        self.deadline = now + self.env.conf.connect_timeout_ms;
+        match Conn::connect(self.env.addr, self.env.log, self.env.drive_ev) {
             Ok(c) => {
                 self.conn = Some(c);
                 self.phase = Phase::Connecting;
-                self.arm_timer(self.conf.connect_timeout_ms);
+                self.arm_timer(self.env.conf.connect_timeout_ms);
             }
             Err(e) => self.fail(&e),
         }
     }
 
     fn startup(&mut self) {
-        let c = self.conf;
+        let c = self.env.conf;
         let params = [
             ("user", c.user.as_str()),
             ("database", c.dbname.as_str()),
@@ -262,7 +252,7 @@ impl Bridge {
         for _ in 0..64 {
             let now = now_ms();
             if self.phase != Phase::Down && self.phase != Phase::Ready && now >= self.deadline {
-                self.fail(&format!("no session within connect_timeout ({}ms)", self.conf.connect_timeout_ms));
+                self.fail(&format!("no session within connect_timeout ({}ms)", self.env.conf.connect_timeout_ms));
                 return;
             }
             match self.phase {
@@ -284,10 +274,10 @@ impl Bridge {
                         return;
                     }
                     if let Some(e) = conn.connect_error() {
-                        self.fail(&format!("cannot connect to {}: {e}", self.addr));
+                        self.fail(&format!("cannot connect to {}: {e}", self.env.addr));
                         return;
                     }
-                    if self.conf.sslmode == SslMode::Disable {
+                    if self.env.conf.sslmode == SslMode::Disable {
                         self.startup();
                     } else {
                         frontend::ssl_request(&mut self.out);
@@ -307,12 +297,12 @@ impl Bridge {
                     match conn.recv(&mut b) {
                         Io::Done(_) if b[0] == b'S' => self.phase = Phase::SslHandshake,
                         Io::Done(_) if b[0] == b'N' => {
-                            if self.conf.sslmode == SslMode::Prefer {
+                            if self.env.conf.sslmode == SslMode::Prefer {
                                 self.startup();
                             } else {
                                 self.fail(&format!(
                                     "the server does not accept TLS but sslmode is {}",
-                                    self.conf.sslmode.name()
+                                    self.env.conf.sslmode.name()
                                 ));
                                 return;
                             }
@@ -330,12 +320,12 @@ impl Bridge {
                 }
                 Phase::SslHandshake => {
                     if self.ssl.is_none() {
-                        let ca = if self.conf.sslmode == SslMode::VerifyFull {
-                            self.conf.sslrootcert.as_deref()
+                        let ca = if self.env.conf.sslmode == SslMode::VerifyFull {
+                            self.env.conf.sslrootcert.as_deref()
                         } else {
                             None
                         };
-                        match tls_context(self.log, ca) {
+                        match tls_context(self.env.log, ca) {
                             Ok(s) => self.ssl = Some(s),
                             Err(e) => {
                                 self.fail(&e);
@@ -344,11 +334,11 @@ impl Bridge {
                         }
                     }
                     let (Some(conn), Some(ssl)) = (self.conn.as_mut(), self.ssl.as_mut()) else { return };
-                    match conn.tls_handshake(ssl, Some(&self.conf.host)) {
+                    match conn.tls_handshake(ssl, Some(&self.env.conf.host)) {
                         Ok(false) => return,
                         Ok(true) => {
-                            if self.conf.sslmode == SslMode::VerifyFull
-                                && let Err(e) = conn.verify_peer(&self.conf.host)
+                            if self.env.conf.sslmode == SslMode::VerifyFull
+                                && let Err(e) = conn.verify_peer(&self.env.conf.host)
                             {
                                 self.fail(&e);
                                 return;
@@ -368,7 +358,7 @@ impl Bridge {
                     }
                     if self.phase == Phase::Ready && self.ops.is_empty() {
                         if !self.schedule() {
-                            if self.bus.holder_sleep() {
+                            if self.env.bus.holder_sleep() {
                                 return;
                             }
                             continue;
@@ -384,8 +374,8 @@ impl Bridge {
         // Still busy after many steps: continue on the next loop iteration.
         // SAFETY: the drive event lives in process-static memory.
         unsafe {
-            if (*self.drive_ev).posted() == 0 {
-                nginx_sys::ngx_post_event(self.drive_ev, &raw mut nginx_sys::ngx_posted_events);
+            if (*self.env.drive_ev).posted() == 0 {
+                nginx_sys::ngx_post_event(self.env.drive_ev, &raw mut nginx_sys::ngx_posted_events);
             }
         }
     }
@@ -426,7 +416,8 @@ impl Bridge {
     }
 
     fn password(&self) -> Result<&[u8], String> {
-        self.conf
+        self.env
+            .conf
             .password
             .as_deref()
             .map(str::as_bytes)
@@ -442,7 +433,7 @@ impl Bridge {
             }
             Message::AuthenticationMd5Password(b) => {
                 let pw = self.password()?.to_vec();
-                let h = md5_hash(self.conf.user.as_bytes(), &pw, b.salt());
+                let h = md5_hash(self.env.conf.user.as_bytes(), &pw, b.salt());
                 frontend::password_message(h.as_bytes(), &mut self.out).map_err(|e| e.to_string())?;
             }
             Message::AuthenticationSasl(b) => {
@@ -480,7 +471,7 @@ impl Bridge {
                 if b.name().ok() == Some("server_version")
                     && let Ok(v) = b.value()
                 {
-                    self.bus.set_text(&self.lock(), &self.bus.server_version, v.as_bytes());
+                    self.env.bus.set_text(&self.lock(), &self.env.bus.server_version, v.as_bytes());
                 }
             }
             Message::ErrorResponse(b) => {
@@ -535,28 +526,29 @@ impl Bridge {
         self.phase = Phase::Ready;
         self.attempt = 0;
         let now = now_ms();
-        self.bus.set_state(ST_READY, now);
+        self.env.bus.set_state(ST_READY, now);
         // Relaxed: figures.
-        self.bus.counters.connects.fetch_add(1, Relaxed);
+        self.env.bus.counters.connects.fetch_add(1, Relaxed);
         if self.ever_ready {
-            self.bus.counters.reconnects.fetch_add(1, Relaxed);
+            self.env.bus.counters.reconnects.fetch_add(1, Relaxed);
         }
         self.ever_ready = true;
         self.failed_since_ready = false;
         // SAFETY: the timer event is ours.
         unsafe {
-            if (*self.timer_ev).timer_set() != 0 {
-                nginx_sys::ngx_del_timer(self.timer_ev);
+            if (*self.env.timer_ev).timer_set() != 0 {
+                nginx_sys::ngx_del_timer(self.env.timer_ev);
             }
         }
         // A new session listens to nothing: every channel again.
-        self.bus.all_wanted(&self.lock());
-        let version = String::from_utf8_lossy(&self.bus.text(&self.lock(), &self.bus.server_version)).into_owned();
+        self.env.bus.all_wanted(&self.lock());
+        let version =
+            String::from_utf8_lossy(&self.env.bus.text(&self.lock(), &self.env.bus.server_version)).into_owned();
         ngx::ngx_log_error!(
             NGX_LOG_NOTICE,
-            self.log,
+            self.env.log,
             "workerbus: postgres {}: connected (server {version}, tls {}), holder pid {}",
-            self.conf.describe(),
+            self.env.conf.describe(),
             if self.conn.as_ref().is_some_and(|c| c.tls) { "on" } else { "off" },
             // SAFETY: set by nginx at process start.
             unsafe { nginx_sys::ngx_pid }
@@ -566,7 +558,7 @@ impl Bridge {
     /// Chooses the next request. False when there is nothing to do.
     fn schedule(&mut self) -> bool {
         let now = now_ms();
-        let c = self.conf;
+        let c = self.env.conf;
         let op = if c.durable && !self.setup_done {
             let q = format!(
                 "BEGIN; SELECT pg_advisory_xact_lock(7233152641); \
@@ -583,17 +575,17 @@ impl Bridge {
             Op::Setup
         } else if let Some(op) = self.listen_changes(now) {
             op
-        } else if c.durable && self.need_sync && self.bus.synced.load(core::sync::atomic::Ordering::Relaxed) == 0 {
+        } else if c.durable && self.need_sync && self.env.bus.synced.load(core::sync::atomic::Ordering::Relaxed) == 0 {
             let _ = frontend::query(&format!("SELECT coalesce(max(id), 0) FROM {OUTBOX}"), &mut self.out);
             Op::Baseline
         } else if c.durable && self.need_sync {
             let q = format!(
                 "SELECT id, channel, payload, origin FROM {OUTBOX} WHERE id > {} ORDER BY id LIMIT {REPLAY_LIMIT}",
-                self.bus.replay_from()
+                self.env.bus.replay_from()
             );
             let _ = frontend::query(&q, &mut self.out);
             Op::Replay
-        } else if self.bus.queue_len() > 0 {
+        } else if self.env.bus.queue_len() > 0 {
             self.flush()
         } else if c.durable && now >= self.next_retention {
             let q = format!("DELETE FROM {OUTBOX} WHERE created < now() - interval '{} milliseconds'", c.retention_ms);
@@ -608,7 +600,7 @@ impl Bridge {
     }
 
     fn listen_changes(&mut self, now: u64) -> Option<Op> {
-        let chans = self.bus.channels(&self.lock());
+        let chans = self.env.bus.channels(&self.lock());
         let wanted: Vec<Vec<u8>> = chans.iter().filter(|c| c.1 == CH_WANTED).map(|c| c.0.clone()).collect();
         let sql = |verb: &str, list: &[Vec<u8>], prefix: &str| {
             list.iter()
@@ -617,17 +609,17 @@ impl Bridge {
                 .join("; ")
         };
         if !wanted.is_empty() {
-            let _ = frontend::query(&sql("LISTEN", &wanted, &self.conf.prefix), &mut self.out);
+            let _ = frontend::query(&sql("LISTEN", &wanted, &self.env.conf.prefix), &mut self.out);
             return Some(Op::Listen(wanted));
         }
-        let cutoff = now.saturating_sub(self.conf.unlisten_after_ms);
+        let cutoff = now.saturating_sub(self.env.conf.unlisten_after_ms);
         let stale: Vec<Vec<u8>> = chans
             .iter()
             .filter(|c| c.1 == CH_LISTENING && c.2 < cutoff && c.0 != wire::EVENTS_CHANNEL.as_bytes())
             .map(|c| c.0.clone())
             .collect();
         if !stale.is_empty() {
-            let _ = frontend::query(&sql("UNLISTEN", &stale, &self.conf.prefix), &mut self.out);
+            let _ = frontend::query(&sql("UNLISTEN", &stale, &self.env.conf.prefix), &mut self.out);
             return Some(Op::Unlisten(stale));
         }
         None
@@ -636,8 +628,8 @@ impl Bridge {
     /// One transaction for everything queued (up to a bound): Parse once,
     /// Bind+Execute per post, one Sync (an implicit transaction).
     fn flush(&mut self) -> Op {
-        let (posts, bytes) = self.bus.peek(&self.lock(), FLUSH_MAX, FLUSH_BYTES);
-        let c = self.conf;
+        let (posts, bytes) = self.env.bus.peek(&self.lock(), FLUSH_MAX, FLUSH_BYTES);
+        let c = self.env.conf;
         let sql = if c.durable { "SELECT workerbus_post($1, $2, $3)" } else { "SELECT pg_notify($1, $2)" };
         let _ =
             frontend::parse("", sql, [25u32, 25, 25].into_iter().take(if c.durable { 3 } else { 2 }), &mut self.out);
@@ -645,9 +637,9 @@ impl Bridge {
             let mut chan = c.prefix.as_bytes().to_vec();
             chan.extend_from_slice(&p.channel);
             let values: Vec<Vec<u8>> = if c.durable {
-                vec![chan, p.payload.clone(), self.origin.as_bytes().to_vec()]
+                vec![chan, p.payload.clone(), self.env.origin.as_bytes().to_vec()]
             } else {
-                vec![chan, wire::encode(p.seq, &self.origin, &p.payload)]
+                vec![chan, wire::encode(p.seq, &self.env.origin, &p.payload)]
             };
             let _ = frontend::bind(
                 "",
@@ -688,8 +680,8 @@ impl Bridge {
                     return Err(format!("cannot read the outbox table: {e}"));
                 }
                 let max = rows.first().map_or(0, |r| num(r, 0));
-                self.bus.set_baseline(&self.lock(), max);
-                self.bus.table_max_id.fetch_max(max, Relaxed);
+                self.env.bus.set_baseline(&self.lock(), max);
+                self.env.bus.table_max_id.fetch_max(max, Relaxed);
                 self.need_sync = false;
                 self.release_held();
             }
@@ -702,9 +694,9 @@ impl Bridge {
                     let id = num(r, 0);
                     let field = |i: usize| r.get(i).and_then(|v| v.clone()).unwrap_or_default();
                     let (ch, payload, origin) = (field(1), field(2), field(3));
-                    self.bus.table_max_id.fetch_max(id, Relaxed);
+                    self.env.bus.table_max_id.fetch_max(id, Relaxed);
                     if self.route(&ch, Some(id), &origin, &payload) {
-                        self.bus.counters.replayed.fetch_add(1, Relaxed);
+                        self.env.bus.counters.replayed.fetch_add(1, Relaxed);
                     }
                 }
                 self.need_sync = full;
@@ -717,38 +709,42 @@ impl Bridge {
                     return Err(format!("LISTEN failed: {e}"));
                 }
                 for n in list {
-                    self.bus.set_channel(&self.lock(), &n, CH_LISTENING);
+                    self.env.bus.set_channel(&self.lock(), &n, CH_LISTENING);
                 }
             }
             Op::Unlisten(list) => {
                 if let Some(e) = err {
                     return Err(format!("UNLISTEN failed: {e}"));
                 }
-                let cutoff = now_ms().saturating_sub(self.conf.unlisten_after_ms);
+                let cutoff = now_ms().saturating_sub(self.env.conf.unlisten_after_ms);
                 for n in list {
-                    self.bus.finish_unlisten(&self.lock(), &n, cutoff);
+                    self.env.bus.finish_unlisten(&self.lock(), &n, cutoff);
                 }
             }
             Op::Flush { n, bytes } => match err {
                 None => {
-                    self.bus.consume(&self.lock(), n, bytes);
-                    self.bus.counters.flushes.fetch_add(1, Relaxed);
+                    self.env.bus.consume(&self.lock(), n, bytes);
+                    self.env.bus.counters.flushes.fetch_add(1, Relaxed);
                     for r in &rows {
-                        self.bus.table_max_id.fetch_max(num(r, 0), Relaxed);
+                        self.env.bus.table_max_id.fetch_max(num(r, 0), Relaxed);
                     }
                 }
-                Some(e) if self.conf.durable => return Err(format!("posting failed: {e}")),
+                Some(e) if self.env.conf.durable => return Err(format!("posting failed: {e}")),
                 Some(e) => {
                     // Every post was checked at the call; a failure here is
                     // the server's (or a dropped table's). Not retried forever.
-                    self.bus.consume(&self.lock(), n, bytes);
-                    self.bus.counters.undeliverable.fetch_add(n, Relaxed);
-                    ngx::ngx_log_error!(NGX_LOG_ERR, self.log, "workerbus: postgres: {n} posts dropped: {e}");
+                    self.env.bus.consume(&self.lock(), n, bytes);
+                    self.env.bus.counters.undeliverable.fetch_add(n, Relaxed);
+                    ngx::ngx_log_error!(NGX_LOG_ERR, self.env.log, "workerbus: postgres: {n} posts dropped: {e}");
                 }
             },
             Op::Retention => {
                 if let Some(e) = err {
-                    ngx::ngx_log_error!(NGX_LOG_WARN, self.log, "workerbus: postgres: outbox retention failed: {e}");
+                    ngx::ngx_log_error!(
+                        NGX_LOG_WARN,
+                        self.env.log,
+                        "workerbus: postgres: outbox retention failed: {e}"
+                    );
                 }
             }
         }
@@ -768,34 +764,34 @@ impl Bridge {
     /// too large for the ring, the last two counted).
     fn route(&mut self, channel: &[u8], durable_id: Option<u64>, origin: &[u8], payload: &[u8]) -> bool {
         use core::sync::atomic::Ordering::Relaxed;
-        let prefix = self.conf.prefix.as_bytes();
+        let prefix = self.env.conf.prefix.as_bytes();
         let Some(ch) = channel.strip_prefix(prefix) else { return false };
         if let Some(id) = durable_id
-            && !self.bus.mark_seen(&self.lock(), id)
+            && !self.env.bus.mark_seen(&self.lock(), id)
         {
             return false;
         }
-        self.bus.counters.notifications_in.fetch_add(1, Relaxed);
+        self.env.bus.counters.notifications_in.fetch_add(1, Relaxed);
         let res = if ch == wire::EVENTS_CHANNEL.as_bytes() {
             let Some(e) = wire::decode_event(payload) else {
-                self.bus.counters.undeliverable.fetch_add(1, Relaxed);
+                self.env.bus.counters.undeliverable.fetch_add(1, Relaxed);
                 return false;
             };
             let rec = RecordIn { source: e.source, event: e.event, unique: b"", data: e.data, pid: 0, flags: e.flags };
-            ring_events::post(0, &self.zone, &rec)
+            ring_events::post(0, &self.env.zone, &rec)
         } else {
             let mut data = Vec::with_capacity(origin.len() + 1 + payload.len());
             data.extend_from_slice(origin);
             data.push(0);
             data.extend_from_slice(payload);
             let rec = RecordIn { source: wire::RING_SOURCE, event: ch, unique: b"", data: &data, pid: 0, flags: 0 };
-            ring_events::post(0, &self.zone, &rec)
+            ring_events::post(0, &self.env.zone, &rec)
         };
         if let Err(e) = res {
-            self.bus.counters.undeliverable.fetch_add(1, Relaxed);
+            self.env.bus.counters.undeliverable.fetch_add(1, Relaxed);
             ngx::ngx_log_error!(
                 NGX_LOG_ERR,
-                self.log,
+                self.env.log,
                 "workerbus: postgres: notification on \"{}\" not delivered: {e}",
                 String::from_utf8_lossy(ch)
             );
@@ -808,7 +804,7 @@ impl Bridge {
     pub fn log_takeover(&self, from: i32) {
         ngx::ngx_log_error!(
             NGX_LOG_INFO,
-            self.log,
+            self.env.log,
             "workerbus: postgres: worker process {} holds the connection (previous holder: {})",
             // SAFETY: set by nginx at process start.
             unsafe { nginx_sys::ngx_pid },

@@ -23,7 +23,7 @@ use crate::module::zone::Zone;
 use crate::shm::lifecycle::pid_alive;
 use crate::shm::pgbus::{CH_LISTENING, Lease, PgBus, state_name};
 
-use super::bridge::{Bridge, OUTBOX};
+use super::bridge::{Bridge, Env, OUTBOX};
 use super::config::{self, PgConfig};
 use super::wire;
 
@@ -268,16 +268,16 @@ unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
         Lease::Held | Lease::Acquired { .. } => {
             if p.bridge.is_none() {
                 let from = if let Lease::Acquired { from } = lease { from } else { 0 };
-                let b = Bridge::new(
-                    &setup.cfg,
-                    setup.addr,
+                let b = Bridge::new(Env {
+                    conf: &setup.cfg,
+                    addr: setup.addr,
                     bus,
                     zone,
-                    p.origin.clone(),
-                    p.tick.log,
-                    &raw mut p.drive,
-                    &raw mut p.timer,
-                );
+                    origin: p.origin.clone(),
+                    log: p.tick.log,
+                    drive_ev: &raw mut p.drive,
+                    timer_ev: &raw mut p.timer,
+                });
                 b.log_takeover(from);
                 p.bridge = Some(Box::new(b));
             }

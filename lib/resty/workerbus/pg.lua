@@ -126,6 +126,20 @@ local function listen(channel, delta)
     return rc == 1
 end
 
+-- A light thread starts using channel: the node listens to it, the poller runs.
+local function enter(channel)
+    local ok, err = listen(channel, 1)
+    if ok == nil then
+        return nil, err
+    end
+    ok, err = hook()
+    if not ok then
+        listen(channel, -1)
+        return nil, err
+    end
+    return true
+end
+
 -- Posts payload on channel to every waiter and subscriber of every node.
 function _M.post(channel, payload)
     if type(channel) ~= "string" then
@@ -149,13 +163,8 @@ function _M.wait(channel, timeout)
     if type(timeout) ~= "number" or timeout < 0 then
         return nil, "timeout must be a non-negative number"
     end
-    local ok, err = listen(channel, 1)
-    if ok == nil then
-        return nil, err
-    end
-    ok, err = hook()
+    local ok, err = enter(channel)
     if not ok then
-        listen(channel, -1)
         return nil, err
     end
     local semaphore = require "ngx.semaphore"
@@ -193,13 +202,8 @@ function _M.subscribe(channel, handler)
     if type(handler) ~= "function" then
         error("handler must be a function, got " .. type(handler), 2)
     end
-    local ok, err = listen(channel, 1)
-    if ok == nil then
-        return nil, err
-    end
-    ok, err = hook()
+    local ok, err = enter(channel)
     if not ok then
-        listen(channel, -1)
         return nil, err
     end
     next_id = next_id + 1
