@@ -48,8 +48,11 @@ ok(wait_until(30, sub { pgst($B)->{queue_depth} == 0 }), "the queue drains");
 stop_node($B);
 
 # 2. Durable mode: pg_terminate_backend mid-stream loses nothing.
-my $main = "workerbus_postgres \"$url\" $opts durable=on retention=1h;";
+# A's session is the one terminated; a longer backoff on A makes sure B
+# commits posts while A is away, which A must then replay from the outbox.
+my $main = "workerbus_postgres \"$url&application_name=wb_a\" backoff_min=400ms backoff_max=1s durable=on retention=1h;";
 my $A = start_node(name => "a", offset => 0, main => $main, %common);
+$main = "workerbus_postgres \"$url&application_name=wb_b\" $opts durable=on retention=1h;";
 $B = start_node(name => "b", offset => 1, main => $main, %common);
 ok(wait_until(30, sub { connected($A) && connected($B) && listening($A, $SUB) && listening($B, $SUB) }), "durable nodes connect");
 is(psql($conn, "select count(*) >= 0 from workerbus_outbox"), "t", "the outbox table exists");
@@ -59,9 +62,12 @@ for my $round (1 .. 3) {
     ok(wait_until(20, sub { my $g = decode_json(node_get($A, "/got")); (values %$g)[0] // 0 >= $round * 40 }),
        "round $round: some posts arrived");
     is(psql($conn, "select count(*) > 0 from (select pg_terminate_backend(pid) from pg_stat_activity "
-                 . "where application_name = 'workerbus') t"), "t", "round $round: bridge backends terminated");
+                 . "where application_name = 'wb_a') t"), "t", "round $round: A's backend terminated");
     ok(wait_until(30, sub { pgst($A)->{reconnects} > $before && connected($A) }), "round $round: A reconnected");
 }
+# And B's session once too: its queued posts wait for it.
+is(psql($conn, "select count(*) > 0 from (select pg_terminate_backend(pid) from pg_stat_activity "
+             . "where application_name = 'wb_b') t"), "t", "B's backend terminated");
 ok(wait_until(60, sub { node_get($B, "/flag?k=done:$SUB") eq "true\n" }), "B finished posting");
 ok(wait_until(60, sub { got_all($A, 300) }), "every worker of A has 300 posts") or diag node_get($A, "/got");
 my $all = join(",", 1 .. 300);

@@ -240,7 +240,7 @@ impl Bridge {
         let params = [
             ("user", c.user.as_str()),
             ("database", c.dbname.as_str()),
-            ("application_name", "workerbus"),
+            ("application_name", c.application_name.as_str()),
             ("client_encoding", "UTF8"),
         ];
         let _ = frontend::startup_message(params.iter().copied(), &mut self.out);

@@ -43,6 +43,7 @@ pub struct PgConfig {
     pub retention_ms: u64,
     pub prefix: String,
     pub unlisten_after_ms: u64,
+    pub application_name: String,
 }
 
 // The password must never reach a log line, even through {:?}.
@@ -89,6 +90,7 @@ fn defaults() -> PgConfig {
         retention_ms: 3_600_000,
         prefix: String::new(),
         unlisten_after_ms: 60_000,
+        application_name: "workerbus".into(),
     }
 }
 
@@ -179,7 +181,7 @@ fn set_param(c: &mut PgConfig, key: &str, val: &str) -> Result<(), String> {
             c.connect_timeout_ms =
                 parse_time(val).filter(|&t| t > 0).ok_or(format!("invalid connect_timeout \"{val}\""))?
         }
-        "application_name" => {}
+        "application_name" => c.application_name = val.to_string(),
         _ => return Err(format!("unknown connection parameter \"{key}\"")),
     }
     Ok(())
