@@ -36,6 +36,11 @@ ffi.cdef [[
     int workerbus_pg_listen(const unsigned char *ch, size_t clen, int delta);
 ]]
 
+if not pcall(function() return C.workerbus_pg_post end) then
+    error("resty.workerbus.pg: the loaded workerbus module has no PostgreSQL bridge; "
+          .. "install the module and lib/resty from the same release", 2)
+end
+
 local _M = {
     _VERSION = "0.1.0",
     -- Ring source of bus notifications (src/pg/wire.rs RING_SOURCE).
