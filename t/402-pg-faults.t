@@ -106,6 +106,21 @@ node_get($B, "/postn?c=$SUB&n=3");
 ok(wait_until(30, sub { got_all($A, 3) }), "posts reach A after the takeover (also the respawned worker)");
 is($_->[1], "1,2,3\n", "worker $_->[0] of A") for drain_all($A);
 
+# A holder that hangs (SIGSTOP) past its lease is replaced; when it resumes
+# it closes its session without delivering anything.
+$holder = pgst($A)->{holder_pid};
+ok(kill('STOP', $holder), "holder $holder stopped");
+ok(wait_until(30, sub { my $q = pgst($A); $q && $q->{holder_pid} != $holder && $q->{state} eq "connected" }),
+   "another worker took the connection over from the hung holder");
+ok(wait_until(30, sub { listening($A, $SUB) }), "A listens again");
+drain_all($A);
+node_get($B, "/postn?c=$SUB&n=3");
+ok(kill('CONT', $holder), "holder $holder resumed");
+ok(wait_until(30, sub { node_log($A) =~ /worker process $holder (lost the lease|hands the connection over)/ }),
+   "the resumed worker gives the connection up");
+ok(wait_until(30, sub { got_all($A, 3) }), "posts reach A");
+is($_->[1], "1,2,3\n", "worker $_->[0] of A: each post once") for drain_all($A);
+
 # 4. PostgreSQL restarted: the bridge comes back.
 my $rc = pgst($A)->{reconnects};
 pg_stop($pg);

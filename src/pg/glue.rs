@@ -310,18 +310,35 @@ fn post_drive(p: &mut PgLocal) {
     }
 }
 
-unsafe extern "C" fn on_drive(_ev: *mut ngx_event_t) {
+/// Runs the holder's session, unless the lease went to another worker
+/// meanwhile (this one was stopped or hung past its lease): then it closes
+/// at once, before reading anything the new holder also receives.
+fn drive_session() {
     let Some(p) = pg() else { return };
+    let Some(bus) = p.bus else { return };
+    if p.bridge.is_some() && bus.holder().0 != pid() {
+        if let Some(mut b) = p.bridge.take() {
+            ngx::ngx_log_error!(
+                NGX_LOG_WARN,
+                p.tick.log,
+                "workerbus: postgres: worker process {} lost the lease (another worker holds the connection); closing",
+                pid()
+            );
+            b.shutdown();
+        }
+        return;
+    }
     if let Some(b) = p.bridge.as_mut() {
         b.drive();
     }
 }
 
+unsafe extern "C" fn on_drive(_ev: *mut ngx_event_t) {
+    drive_session();
+}
+
 unsafe extern "C" fn on_timer(_ev: *mut ngx_event_t) {
-    let Some(p) = pg() else { return };
-    if let Some(b) = p.bridge.as_mut() {
-        b.drive();
-    }
+    drive_session();
 }
 
 /// From the wake-up handler: work may be waiting for the holder.
