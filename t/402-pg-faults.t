@@ -28,6 +28,22 @@ sub got_all {
 sub drain_all { my ($n) = @_; map { [ $_, node_get($n, "/drain?pid=$_") ] } workers_of($n) }
 sub connected { my $p = pgst($_[0]); $p && $p->{state} eq "connected" }
 
+# 0. A server that accepts the connection but never answers: connect_timeout
+# ends each attempt (an error, never a hang).
+{
+    require IO::Socket::INET;
+    my $mute = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => $pg->{port} + 1, Listen => 16, ReuseAddr => 1)
+        or die "listen: $!";
+    my $port = $pg->{port} + 1;
+    my $n = start_node(name => "b", offset => 1,
+        main => "workerbus_postgres \"postgresql://postgres\@127.0.0.1:$port/test?sslmode=disable\" connect_timeout=300ms backoff_min=100ms backoff_max=200ms;",
+        %common);
+    ok(wait_until(20, sub { my $p = pgst($n); $p && $p->{connect_failures} >= 2 }), "a mute server: attempts keep failing");
+    is(pgst($n)->{last_error}, "no session within connect_timeout (300ms)", "the reason is the connect timeout");
+    stop_node($n);
+    close $mute;
+}
+
 # 1. Database down at start: nginx starts, the status says so, posts queue.
 pg_stop($pg);
 my $B = start_node(name => "b", offset => 1, main => "workerbus_zone wb 512k;\nworkerbus_postgres \"$url\" $opts;", %common);
