@@ -2,10 +2,12 @@
 //!
 //! - `shm`: the nginx-independent core kept in shared zones;
 //! - `module`: the nginx glue (directives, zones, process hooks, status);
-//! - `ffi`: the C ABI for the Lua modules in lib/resty/.
+//! - `ffi`: the C ABI for the Lua modules in lib/resty/;
+//! - `prom`: the status document as Prometheus metrics.
 
 #[cfg(feature = "nginx")]
 pub mod ffi;
 #[cfg(feature = "nginx")]
 pub mod module;
+pub mod prom;
 pub mod shm;

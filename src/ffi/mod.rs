@@ -114,6 +114,22 @@ pub unsafe extern "C" fn workerbus_status_json(buf: *mut u8, cap: usize) -> usiz
     doc.len()
 }
 
+/// The same snapshot as Prometheus text (what `workerbus_metrics` serves):
+/// its length; copied to `buf` when it fits in `cap`.
+///
+/// # Safety
+/// `buf` must be writable for `cap` bytes (or NULL).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_metrics_text(buf: *mut u8, cap: usize) -> usize {
+    crate::module::process::ensure_worker_started();
+    let text = crate::module::metrics::text();
+    if text.len() <= cap && !buf.is_null() {
+        // SAFETY: the caller guarantees cap writable bytes at buf.
+        unsafe { core::ptr::copy_nonoverlapping(text.as_ptr(), buf, text.len()) };
+    }
+    text.len()
+}
+
 /// Generation of this process's configuration (0 outside nginx workers).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_generation() -> u64 {

@@ -10,7 +10,9 @@
 
 pub mod conf;
 pub mod events;
+pub mod http;
 pub mod local;
+pub mod metrics;
 pub mod parts;
 pub mod process;
 pub mod status;
@@ -46,8 +48,8 @@ pub static mut ngx_workerbus_module: ngx_module_t = ngx_module_t {
     ..ngx_module_t::default()
 };
 
-/// The http module has no configuration of its own: `workerbus_status` only
-/// installs a content handler in the location.
+/// The http module has no configuration of its own: `workerbus_status` and
+/// `workerbus_metrics` only install a content handler in the location.
 static mut HTTP_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: None,
     postconfiguration: None,

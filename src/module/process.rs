@@ -164,6 +164,15 @@ pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
 }
 
 fn report(log: *mut ngx_log_t, f: Finding, me: i32) {
+    if let Some(primary) = local().primary() {
+        let h = primary.header();
+        let counter = match f {
+            Finding::Crashed { .. } => &h.crashes_seen,
+            Finding::Hung { .. } => &h.hangs_seen,
+        };
+        // Relaxed: a statistic; each finding is reported once (its state change is a CAS).
+        counter.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    }
     match f {
         Finding::Crashed { pid, slot, generation } => {
             ngx::ngx_log_error!(
