@@ -21,6 +21,7 @@ ffi.cdef [[
     const unsigned char *workerbus_last_error(size_t *len);
     int workerbus_zone(const unsigned char *name, size_t len);
     size_t workerbus_status_json(unsigned char *buf, size_t cap);
+    size_t workerbus_metrics_text(unsigned char *buf, size_t cap);
     uint64_t workerbus_generation(void);
     int workerbus_kv_set(int zone, const unsigned char *key, size_t klen,
                          const unsigned char *val, size_t vlen);
@@ -103,6 +104,23 @@ function _M.status()
     end
     local cjson = require "cjson.safe"
     return cjson.decode(ffi_string(b, n))
+end
+
+-- The same snapshot in Prometheus's text format (what workerbus_metrics serves).
+function _M.metrics()
+    local n = tonumber(C.workerbus_metrics_text(nil, 0))
+    local b = get_buf(n + 1024)
+    n = tonumber(C.workerbus_metrics_text(b, buf_size))
+    if n > buf_size then
+        return nil, "metrics grew while being read"
+    end
+    return ffi_string(b, n)
+end
+
+-- Streams the event bus to the client as Server-Sent Events (a content
+-- handler; see lib/resty/workerbus/tail.lua for the options).
+function _M.tail(opts)
+    return require("resty.workerbus.tail").tail(opts)
 end
 
 -- Generation of this worker's configuration (one per load or reload).

@@ -123,6 +123,9 @@ local key_cap = 256
 local key_buf = ffi_new("unsigned char[?]", key_cap)
 
 local sinks, lag_sinks, nsinks = {}, {}, 0
+-- Taps (resty.workerbus.tail): see every ring record before any claim or
+-- decoding, and never change what the sinks get.
+local taps, ntaps = {}, 0
 local exit_hooks = {}
 
 -- Local events: parallel arrays, head..tail; `before` is the ring's head seq
@@ -233,6 +236,46 @@ function _M.remove_sink(dispatch)
         end
     end
     return false
+end
+
+-- A tap: tap.record(seq, pid, source, event, unique_len, data_len, data_ptr,
+-- data_kind) for every ring record this worker reads (data_ptr is valid
+-- during the call only), tap.lagged(n) when the ring lapped this worker.
+function _M.add_tap(tap)
+    ntaps = ntaps + 1
+    taps[ntaps] = tap
+end
+
+function _M.remove_tap(tap)
+    for i = 1, ntaps do
+        if taps[i] == tap then
+            taps[i] = taps[ntaps]
+            taps[ntaps] = nil
+            ntaps = ntaps - 1
+            return true
+        end
+    end
+    return false
+end
+
+local function tap_record()
+    local slen, elen, ulen = rec.source_len, rec.event_len, rec.unique_len
+    local seq, pid, source = tonumber(rec.seq), rec.pid, ffi_string(buf, slen)
+    local event = ffi_string(buf + slen, elen)
+    local kind = band(rec.flags, 3)
+    for i = ntaps, 1, -1 do  -- backwards: a tap may remove itself
+        local ok, err = pcall(taps[i].record, seq, pid, source, event, ulen, rec.data_len,
+                              buf + slen + elen + ulen, kind)
+        if not ok then
+            log(ERR, "worker-events: event tap failed: ", err)
+        end
+    end
+end
+
+local function tap_lagged(n)
+    for i = ntaps, 1, -1 do
+        pcall(taps[i].lagged, n)
+    end
 end
 
 -- Called once when the worker exits, before the poller's last poll.
@@ -424,6 +467,9 @@ local function drain(max)
             if lq_head <= lq_tail then
                 drain_local(tonumber(rec.seq))
             end
+            if ntaps > 0 then
+                tap_record()
+            end
             handle_record()
             n = n + 1
             if max and n >= max then
@@ -436,6 +482,9 @@ local function drain(max)
             end
             drain_local(nil)  -- then read again: its handlers may have posted
         elseif rc == 2 then
+            if ntaps > 0 then
+                tap_lagged(tonumber(rec.missed))
+            end
             lagged(tonumber(rec.missed))
         elseif rc == -2 then
             local want = tonumber(need_len[0])
@@ -605,7 +654,7 @@ end
 -- `seconds` (0: it needs no poller). Starts the poller when needed.
 function _M.want_loop(owner, seconds)
     reset_if_forked()
-    wants[owner] = seconds
+    wants[owner] = seconds > 0 and seconds or nil
     local iv = 0
     for _, s in pairs(wants) do
         if s > 0 and (iv == 0 or s < iv) then
