@@ -127,13 +127,13 @@ is_deeply(\@alerts, [], "no alert in the error log but nginx's own for the kille
 
 # A directive with an argument is refused by nginx -t, naming it.
 {
-    my $bad = Workerbus::Nginx::repo_root() . "/t/servroot-ext/conf/bad.conf";
+    my $bad = "$ng->{root}/conf/bad.conf";
     open my $fh, ">", $bad or die $!;
-    my $mods = join "", map { "load_module $_;\n" } split ' ', ($ENV{TEST_NGINX_LOAD_MODULES} || "");
+    my $mods = join "", map { "load_module $_;\n" } Workerbus::Nginx::modules();
     print $fh "$mods events {} http { server { listen 127.0.0.1:" . Workerbus::Nginx::port()
         . "; location / { workerbus_metrics on; } } }\n";
     close $fh;
-    my $out = `${\($ENV{TEST_NGINX_BINARY} || "/usr/sbin/nginx")} -t -p t/servroot-ext/ -c $bad 2>&1`;
+    my $out = `${\Workerbus::Nginx::binary()} -t -c $bad 2>&1`;
     like($out, qr/invalid number of arguments in "workerbus_metrics" directive/, "nginx -t names workerbus_metrics");
 }
 

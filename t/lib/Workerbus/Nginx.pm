@@ -28,6 +28,15 @@ sub repo_root { abs_path(dirname(__FILE__) . "/../../..") }
 
 sub port { $ENV{TEST_NGINX_PORT} || 1984 }
 
+sub binary { $ENV{TEST_NGINX_BINARY} || "/usr/sbin/nginx" }
+
+# The load_module paths, ndk and lua first.
+sub modules {
+    return split ' ', ($ENV{TEST_NGINX_LOAD_MODULES}
+        || "/usr/lib/nginx/modules/ndk_http_module.so /usr/lib/nginx/modules/ngx_http_lua_module.so "
+           . repo_root() . "/build/ngx_workerbus_module.so");
+}
+
 # Polls $cond every 20 ms until it returns true or $secs pass; returns its last value.
 sub wait_for {
     my ($secs, $cond) = @_;
@@ -45,10 +54,8 @@ sub start {
     my $self = bless { root => $root, port => port(), workers => $o{workers} || 4 }, $class;
     remove_tree($root);
     make_path("$root/conf", "$root/logs", "$root/html", "$root/tmp");
-    my $binary = $ENV{TEST_NGINX_BINARY} || "/usr/sbin/nginx";
-    my @modules = split ' ', ($ENV{TEST_NGINX_LOAD_MODULES}
-        || "/usr/lib/nginx/modules/ndk_http_module.so /usr/lib/nginx/modules/ngx_http_lua_module.so "
-           . repo_root() . "/build/ngx_workerbus_module.so");
+    my $binary = binary();
+    my @modules = modules();
     my $lua_path = $ENV{TEST_NGINX_LUA_PATH} || repo_root() . "/lib/?.lua;;";
     my $listen = "127.0.0.1:$self->{port}" . ($o{listen_opts} ? " $o{listen_opts}" : "");
     my $user = $> == 0 ? "user root;\n" : "";
