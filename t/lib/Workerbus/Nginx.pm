@@ -20,6 +20,7 @@ use File::Path qw(make_path remove_tree);
 use IO::Socket::INET;
 use JSON::PP qw(decode_json);
 use POSIX qw(:sys_wait_h);
+use Scalar::Util ();
 use Time::HiRes qw(time sleep);
 
 our $TIMEOUT = $ENV{TEST_NGINX_TIMEOUT} || 10;
@@ -48,10 +49,28 @@ sub wait_for {
     }
 }
 
+# A master left running in this servroot by an interrupted run: stop it (by
+# its pid file), or the new nginx cannot listen and the old one would answer.
+sub stop_leftover {
+    my ($root) = @_;
+    open my $fh, "<", "$root/logs/nginx.pid" or return;
+    my ($pid) = <$fh> =~ /(\d+)/ or return;
+    open my $c, "<", "/proc/$pid/cmdline" or return;    # gone already
+    my $cmd = do { local $/; <$c> } // "";
+    return unless index($cmd, $root) >= 0;               # the pid now belongs to someone else
+    kill "QUIT", $pid;
+    wait_for(10, sub { !kill 0, $pid }) or kill "KILL", $pid;
+}
+
+our @RUNNING;
+END { $_->stop for grep { defined } @RUNNING }
+$SIG{$_} = sub { $_->stop for grep { defined } @RUNNING; exit 1 } for qw(INT TERM HUP);
+
 sub start {
     my ($class, %o) = @_;
     my $root = $o{servroot} || ($ENV{TEST_NGINX_SERVROOT} || repo_root() . "/t/servroot") . "-ext";
     my $self = bless { root => $root, port => port(), workers => $o{workers} || 4 }, $class;
+    stop_leftover($root);
     remove_tree($root);
     make_path("$root/conf", "$root/logs", "$root/html", "$root/tmp");
     my $binary = binary();
@@ -94,10 +113,12 @@ EOF
         exit 127;
     }
     $self->{pid} = $pid;
+    push @RUNNING, $self;
+    Scalar::Util::weaken($RUNNING[-1]);
     my $ready = wait_for($TIMEOUT, sub {
         return "dead" if waitpid($pid, WNOHANG) == $pid;
         my $st = eval { $self->status };
-        return 0 unless $st;
+        return 0 unless $st && ($st->{node}{master_pid} // 0) == $pid;   # ours, not a leftover
         my $n = grep { $_->{state} eq "running" } @{ $st->{workers} || [] };
         return $n >= $self->{workers};
     });
