@@ -33,7 +33,9 @@ local encode = cjson.encode
 
 local _M = { _VERSION = "0.1.0" }
 
-local DEFAULTS = { max_pending = 1000, max_bytes = 1024 * 1024, keepalive = 15 }
+-- The poller hands this worker up to 8192 events per pass before the stream
+-- can write: the defaults let a client that keeps up take such a burst.
+local DEFAULTS = { max_pending = 10000, max_bytes = 4 * 1024 * 1024, keepalive = 15 }
 
 local function check_opts(opts)
     if opts == nil then
@@ -94,6 +96,7 @@ function _M.tail(opts)
     if not zone then
         return nil, "tail: " .. tostring(aerr)
     end
+    local who = ngx.var.remote_addr .. ":" .. tostring(ngx.var.remote_port)
     local sema = semaphore.new(0)
     local q, qn, qbytes, qfirst = {}, 0, 0, nil
     local waiting, cut = false, nil
@@ -106,6 +109,8 @@ function _M.tail(opts)
         if qn + 1 > o.max_pending or qbytes + #f > o.max_bytes then
             cut = { seq = qfirst or seq, pending = qn, bytes = qbytes }
             q, qn, qbytes, qfirst = {}, 0, 0, nil   -- let the memory go now
+            log(WARN, "workerbus tail: ", who, " cutting off a slow client: ", cut.pending,
+                      " events (", cut.bytes, " bytes) wait to be sent; the stream ends after them")
         else
             qn = qn + 1
             q[qn] = f
@@ -141,7 +146,6 @@ function _M.tail(opts)
     ngx.header["Content-Type"] = "text/event-stream"
     ngx.header["Cache-Control"] = "no-cache"
     ngx.header["X-Accel-Buffering"] = "no"
-    local who = ngx.var.remote_addr .. ":" .. tostring(ngx.var.remote_port)
     local reason = "client closed the stream"
     local sent = ngx.print(": workerbus tail of zone \"", core.zone_name(), "\", worker ",
                            ngx.worker.pid(), "; payloads ", o.payload and "shown" or "hidden",
