@@ -22,6 +22,7 @@ my $ng = Workerbus::Nginx->start(
 EOF
     config => <<'EOF',
         location = /metrics { workerbus_metrics; }
+        location = /lua-metrics { content_by_lua_block { ngx.print(require("resty.workerbus").metrics()) } }
         location = /post {
             content_by_lua_block {
                 local ev = require "resty.worker.events"
@@ -117,6 +118,10 @@ SKIP: {
     my $out = `$promtool check metrics < $file 2>&1`;
     is($?, 0, "promtool still accepts the scrape with a crashed worker in it") or diag $out;
 }
+
+my $lua = $ng->get("/lua-metrics");
+like($lua, qr/^# HELP workerbus_generation .*\nworkerbus_generation 1\n/s, "resty.workerbus.metrics() gives the same text from Lua");
+is(join(",", sort keys %{ samples($lua) }), join(",", sort keys %{ scrape() }), "... with the same series");
 
 my ($code) = $ng->request("POST", "/metrics");
 is($code, 405, "POST /metrics: 405");

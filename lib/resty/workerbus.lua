@@ -94,27 +94,31 @@ function _M.zone(name)
     return z
 end
 
+-- The text a C function writes with the (buf, cap) -> full length
+-- convention: asked once for its length, then into a buffer with room.
+local function text_of(fn, what)
+    local n = tonumber(fn(nil, 0))
+    local b = get_buf(n + 1024)
+    n = tonumber(fn(b, buf_size))
+    if n > buf_size then
+        return nil, what .. " grew while being read"
+    end
+    return ffi_string(b, n)
+end
+
 -- The status document as a Lua table (the same as workerbus_status serves).
 function _M.status()
-    local n = tonumber(C.workerbus_status_json(nil, 0))
-    local b = get_buf(n + 1024)
-    n = tonumber(C.workerbus_status_json(b, buf_size))
-    if n > buf_size then
-        return nil, "status document grew while being read"
+    local text, err = text_of(C.workerbus_status_json, "status document")
+    if not text then
+        return nil, err
     end
     local cjson = require "cjson.safe"
-    return cjson.decode(ffi_string(b, n))
+    return cjson.decode(text)
 end
 
 -- The same snapshot in Prometheus's text format (what workerbus_metrics serves).
 function _M.metrics()
-    local n = tonumber(C.workerbus_metrics_text(nil, 0))
-    local b = get_buf(n + 1024)
-    n = tonumber(C.workerbus_metrics_text(b, buf_size))
-    if n > buf_size then
-        return nil, "metrics grew while being read"
-    end
-    return ffi_string(b, n)
+    return text_of(C.workerbus_metrics_text, "metrics")
 end
 
 -- Streams the event bus to the client as Server-Sent Events (a content

@@ -1,7 +1,8 @@
 //! The nginx glue: module tables, directives, zones, process hooks, the
 //! heartbeat timer and the status handler. Two nginx modules live in the one
 //! shared object: a core module (main-context directives, zones, lifecycle)
-//! and an http module (the `workerbus_status` location handler).
+//! and an http module (the `workerbus_status` and `workerbus_metrics`
+//! location handlers).
 
 // The glue's functions take the pointers nginx hands to module hooks (cycle,
 // log, configuration); nginx guarantees them valid for the call, which is the
