@@ -43,6 +43,8 @@ EOF
     is($hdr->{"content-type"}, "text/html; charset=utf-8", "a browser's Accept: the page");
     like($body, qr/^<!DOCTYPE html>/, "... an HTML document");
     unlike($body, qr/(?:src|href)\s*=\s*["']?(?:https?:)?\/\//i, "... that links no external asset");
+    ($body, $hdr) = $ng->get("/status", Accept => "application/json, text/html;q=0");
+    is($hdr->{"content-type"}, "application/json", "text/html;q=0: JSON");
     ($body, $hdr) = $ng->get("/status?format=json", Accept => "text/html");
     is($hdr->{"content-type"}, "application/json", "?format=json wins over Accept");
     ($body, $hdr) = $ng->get("/status?format=html");

@@ -142,6 +142,7 @@ like($t->{buf}, qr/: workerbus tail of zone "workerbus", worker \d+; payloads sh
 my $priv = open_stream("/tail-private");
 read_until($priv, sub { $priv->{buf} =~ /retry: 3000/ }, 10);
 
+
 my $c0 = $ng->get("/counts");
 is($c0, "0 0 0 0\n", "no tick handled yet");
 $ng->get("/post?n=300&size=10");
@@ -197,4 +198,40 @@ close $fast->{sock};
 close $slow->{sock};
 
 $ng->stop;
+
+# --- no events API configured: the tail starts the worker's poller itself,
+# and shows none of the events posted before the client connected, although
+# this worker had not read them yet.
+$ng = Workerbus::Nginx->start(
+    workers => 1,
+    config => <<'EOF',
+        location = /tail { content_by_lua_block {
+            local ok, err = require("resty.workerbus").tail { payload = true }
+            if not ok then ngx.say(err) end
+        } }
+        location = /post-raw { content_by_lua_block {
+            local core = require "resty.workerbus.events_core"   -- no poller is started
+            assert(core.attach())
+            for i = 1, tonumber(ngx.var.arg_n) do
+                assert(core.post("raw", "ev", ngx.var.arg_tag .. i, nil, 0))
+            end
+            ngx.say("posted")
+        } }
+EOF
+);
+$ng->get("/post-raw?n=5&tag=before");
+my $lag = $ng->status->{zones}[0]{events}{workers}[0]{lag};
+is($lag, 5, "the worker has not read the 5 events posted before (lag 5)");
+my $late = open_stream("/tail");
+read_until($late, sub { $late->{buf} =~ /retry: 3000/ }, 10);
+$ng->get("/post-raw?n=3&tag=after");
+read_until($late, sub { @{ frames($late) } >= 3 }, 20);
+ok(Workerbus::Nginx::wait_for(10, sub { $ng->status->{zones}[0]{events}{workers}[0]{lag} == 0 }),
+   "the tail started the worker's poller (lag 0)");
+read_until($late, sub { 0 }, 0.3);   # anything more that would arrive
+is_deeply([map { decode_json($_->{data})->{payload} } @{ frames($late) }], [qw(after1 after2 after3)],
+          "the client sees only the events posted after it connected");
+close $late->{sock};
+$ng->stop;
+
 done_testing;

@@ -77,8 +77,14 @@ pub fn wants_html(r: &ngx_http_request_t) -> bool {
     }
     let Some(accept) = header(r, b"accept") else { return false };
     accept.split(|&b| b == b',').any(|m| {
-        let m = m.split(|&b| b == b';').next().unwrap_or(&[]);
-        m.trim_ascii().eq_ignore_ascii_case(b"text/html")
+        let mut parts = m.split(|&b| b == b';');
+        let media = parts.next().unwrap_or(&[]);
+        // "text/html;q=0" means "not HTML".
+        let refused = parts.any(|p| {
+            let p = p.trim_ascii();
+            p.len() >= 3 && p[..2].eq_ignore_ascii_case(b"q=") && p[2..].iter().all(|&c| c == b'0' || c == b'.')
+        });
+        media.trim_ascii().eq_ignore_ascii_case(b"text/html") && !refused
     })
 }
 

@@ -96,13 +96,17 @@ function _M.tail(opts)
     if not zone then
         return nil, "tail: " .. tostring(aerr)
     end
+    -- Events posted from now on: a worker whose poller had nothing to do
+    -- may still hold older ones, which are not what "tail" means.
+    local _, from_seq = core.position()
+    from_seq = from_seq or 0
     local who = ngx.var.remote_addr .. ":" .. tostring(ngx.var.remote_port)
     local sema = semaphore.new(0)
     local q, qn, qbytes, qfirst = {}, 0, 0, nil
     local waiting, cut = false, nil
     local tap = {}
     function tap.record(seq, pid, source, event, ulen, dlen, p, kind)
-        if cut then
+        if cut or seq < from_seq then
             return
         end
         local f = frame(seq, pid, source, event, ulen, dlen, p, kind, o.payload)
