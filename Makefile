@@ -116,6 +116,7 @@ test: build lint test-core test-nginx
 bench: build
 	bench/run
 	bench/scrape
+	bench/tail
 
 clean:
 	rm -rf $(BUILD) target t/servroot*
