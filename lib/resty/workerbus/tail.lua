@@ -64,6 +64,21 @@ local function check_opts(opts)
     return o
 end
 
+-- Sources and event names repeat: their JSON text is kept (a bounded cache).
+local names, nnames = {}, 0
+local function name_json(s)
+    local j = names[s]
+    if not j then
+        if nnames >= 1024 then
+            names, nnames = {}, 0
+        end
+        j = encode(s)
+        names[s] = j
+        nnames = nnames + 1
+    end
+    return j
+end
+
 -- One SSE frame for a record; its JSON fields in a fixed order, for people.
 local function frame(seq, pid, source, event, ulen, dlen, p, kind, with_payload)
     local payload = ""
@@ -76,8 +91,8 @@ local function frame(seq, pid, source, event, ulen, dlen, p, kind, with_payload)
             payload = ',"payload":' .. encode(ffi_string(p, dlen))
         end
     end
-    return "id: " .. seq .. '\ndata: {"seq":' .. seq .. ',"source":' .. encode(source)
-           .. ',"event":' .. encode(event) .. ',"pid":' .. pid .. ',"size":' .. dlen
+    return "id: " .. seq .. '\ndata: {"seq":' .. seq .. ',"source":' .. name_json(source)
+           .. ',"event":' .. name_json(event) .. ',"pid":' .. pid .. ',"size":' .. dlen
            .. ',"unique":' .. (ulen > 0 and "true" or "false") .. payload .. "}\n\n"
 end
 
