@@ -56,7 +56,8 @@ SKIP: {
         unless Workerbus::Chromium::available();
 
     my $br = Workerbus::Chromium->start(size => "1280,900");
-    my $url = "http://127.0.0.1:" . Workerbus::Nginx::port() . "/status";
+    # A query argument of its own (a token, say) is kept when the page polls.
+    my $url = "http://127.0.0.1:" . Workerbus::Nginx::port() . "/status?token=abc";
     $br->navigate($url);
 
     my $rows_js = q{JSON.stringify(Array.from(document.querySelectorAll("#workers tr.worker"))
@@ -101,7 +102,8 @@ SKIP: {
     my @urls = grep { !/^data:/ } $br->requested_urls;
     my %paths = map { index($_, "$base/") == 0 ? (substr($_, length $base) => 1) : ($_ => 1) } @urls;
     delete $paths{"/favicon.ico"};
-    is_deeply([sort keys %paths], ["/status", "/status?format=json"], "the page loaded nothing but itself and its JSON");
+    is_deeply([sort keys %paths], ["/status?token=abc", "/status?token=abc&format=json"],
+              "the page loaded nothing but itself and its JSON");
     $br->stop;
 }
 
