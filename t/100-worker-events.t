@@ -1034,18 +1034,35 @@ other workers that handled it within 100 ms: 3
     location = /t {
         content_by_lua_block {
             local wb = require "resty.workerbus"
+            local function wait_for(what, f)
+                local deadline = ngx.now() + 10
+                while not f() do
+                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                    ngx.sleep(0.02)
+                end
+            end
+            local function running()
+                local r = {}
+                for _, w in ipairs(wb.status().workers) do
+                    if w.state == "running" then r[#r + 1] = w end
+                end
+                return r
+            end
+            wait_for("4 running workers", function() return #running() == 4 end)
             local victim
-            for _, w in ipairs(wb.status().workers) do
-                if w.state == "running" and w.pid ~= ngx.worker.pid() then victim = w break end
+            for _, w in ipairs(running()) do
+                if w.pid ~= ngx.worker.pid() then victim = w break end
             end
             local ffi = require "ffi"
             ffi.cdef "int kill(int pid, int sig);"
             ffi.C.kill(victim.pid, 9)
-            ngx.sleep(0.5)
             local heir
-            for _, w in ipairs(wb.status().workers) do
-                if w.pid == victim.pid then heir = w.replaced_by end
-            end
+            wait_for("the respawn to handle its own hello", function()
+                for _, w in ipairs(wb.status().workers) do
+                    if w.pid == victim.pid and w.replaced_by then heir = w.replaced_by end
+                end
+                return heir and ngx.shared.got:get("hello:" .. heir)
+            end)
             ngx.say("respawned saw its own started: ", ngx.shared.got:get("started:" .. heir),
                     ", its own hello: ", ngx.shared.got:get("hello:" .. heir))
         }

@@ -119,11 +119,9 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
         let master = unsafe { libc::getppid() };
         lc.set_master_pid(generation, l.master_pid_seen, master);
     }
-    let mut respawned = false;
-    l.record = lc.register_worker(generation, slot, pid(), now_ms(), pid_alive, |f| {
-        respawned |= matches!(f, Finding::Crashed { .. });
-        report(log, f, pid())
-    });
+    let registered = lc.register(generation, slot, pid(), now_ms(), pid_alive, |f| report(log, f, pid()));
+    let respawned = registered.is_some_and(|r| r.respawn);
+    l.record = registered.map(|r| r.index);
     if l.record.is_none() {
         ngx::ngx_log_error!(
             NGX_LOG_ERR,
