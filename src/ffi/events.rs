@@ -5,7 +5,7 @@ use core::ffi::{c_int, c_void};
 
 use crate::module::events as ev;
 use crate::module::local::local;
-use crate::module::time::now_ms;
+use crate::module::time::mono_ms;
 use crate::module::wake;
 use crate::shm::ring::{Next, RecordIn, RecordOut};
 
@@ -116,7 +116,7 @@ pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, k
         return fail(-1, "timeout must be a non-negative number");
     }
     let Some(c) = ev::claims(z) else { return fail(-1, "the zone has no claim table") };
-    match c.claim(&z.lock(), key, now_ms(), (ttl_sec * 1000.0) as u64) {
+    match c.claim(&z.lock(), key, mono_ms(), (ttl_sec * 1000.0) as u64) {
         Ok(won) => c_int::from(won),
         Err(_) => fail(-1, "the unique-event claim table is full"),
     }

@@ -12,6 +12,7 @@ use nginx_sys::{
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 
 use super::{null_command, zone};
+use crate::shm::lifecycle::{MAX_WORKER_RECORDS, records_for, records_needed};
 
 /// Zone used when the configuration names none, so that `load_module` alone
 /// is enough for the Lua modules.
@@ -90,6 +91,52 @@ pub unsafe extern "C" fn init_conf(cycle: *mut ngx_cycle_t, conf: *mut c_void) -
     if cc.hang_timeout_ms == UNSET_MSEC {
         cc.hang_timeout_ms = DEFAULT_HANG_TIMEOUT_MS;
     }
+    if add_default_zone(cycle, cc) != NGX_CONF_OK {
+        return NGX_CONF_ERROR;
+    }
+    if let Err(why) = check_workers(cycle, cc) {
+        // SAFETY: the cycle being configured has a log.
+        ngx::ngx_log_error!(NGX_LOG_EMERG, unsafe { (*cycle).log }, "{}", why);
+        return NGX_CONF_ERROR;
+    }
+    NGX_CONF_OK
+}
+
+/// worker_processes sizes every zone's lifecycle table and its ring's
+/// readers: refuse a count the tables cannot hold, or a zone too small for
+/// them, naming the directive and the value.
+fn check_workers(cycle: *mut ngx_cycle_t, cc: &CoreConf) -> Result<(), String> {
+    let workers = super::process::worker_processes(cycle) as usize;
+    super::local::local().conf_workers = workers;
+    let needed = records_needed(workers);
+    if needed > MAX_WORKER_RECORDS {
+        return Err(format!(
+            "workerbus: \"worker_processes {workers}\" is too many: the lifecycle table holds at most \
+             {MAX_WORKER_RECORDS} workers, and a reload's drain needs room for two per worker process; \
+             use at most {}",
+            MAX_WORKER_RECORDS / 2
+        ));
+    }
+    let records = records_for(workers);
+    for &z in cc.zones() {
+        // SAFETY: zones recorded in this cycle's configuration.
+        let (name, size) = unsafe { (show(&(*z).shm.name), (*z).shm.size) };
+        let need = super::parts::estimate(size, records);
+        if need > size {
+            return Err(format!(
+                "workerbus: zone \"{name}\" of {}k is too small for \"worker_processes {workers}\" \
+                 ({records} worker records and their ring readers need about {}k); \
+                 raise its size in \"workerbus_zone {name} <size>;\"",
+                size / 1024,
+                need.div_ceil(1024)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Adds the default zone when the configuration declares none.
+fn add_default_zone(cycle: *mut ngx_cycle_t, cc: &mut CoreConf) -> *mut c_char {
     if cc.nzones == 0 {
         // SAFETY: a configuration context nginx accepts for ngx_shared_memory_add:
         // it reads only cycle, pool, log and (when null) skips the file name.

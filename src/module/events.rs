@@ -15,10 +15,6 @@ use super::local::local;
 use super::wake;
 use super::zone::Zone;
 
-/// Reader slots in every ring: one per lifecycle record, so that workers of
-/// two generations sharing a slot number never share a cursor.
-pub const MAX_READERS: usize = crate::shm::lifecycle::MAX_WORKER_RECORDS;
-
 /// The zone's ring, if it has one.
 pub fn ring(zone: &Zone) -> Option<Ring> {
     zone.ring
@@ -129,7 +125,7 @@ pub fn status(zone: &Zone) -> Option<Value> {
         }));
     }
     let idle = &zone.header().idle;
-    let claims = claims(zone).map(|c| c.stats(super::time::now_ms()));
+    let claims = claims(zone).map(|c| c.stats(super::time::mono_ms()));
     Some(json!({
         "capacity": st.capacity,
         "used": st.used,

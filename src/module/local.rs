@@ -43,6 +43,9 @@ pub struct Local {
     pub wake_zones: u32,
     /// Ring reader slot of this worker (its lifecycle record index).
     pub reader: Option<usize>,
+    /// worker_processes of the configuration being loaded (master, from
+    /// init_conf to zone init): sizes the lifecycle table of fresh zones.
+    pub conf_workers: usize,
 }
 
 struct ProcessCell(UnsafeCell<Local>);
@@ -73,6 +76,7 @@ static LOCAL: ProcessCell = ProcessCell(UnsafeCell::new(Local {
     wake_ev: unsafe { core::mem::zeroed() },
     wake_zones: 0,
     reader: None,
+    conf_workers: 1,
 }));
 
 /// The process's state. Callers must not hold the reference across a call

@@ -11,6 +11,7 @@ use nginx_sys::{
 
 use crate::shm::claims::Claims;
 use crate::shm::header::{LAYOUT, MAGIC, ZoneHeader};
+use crate::shm::lifecycle::{records_for, records_needed};
 use crate::shm::lock::ShmLock;
 use crate::shm::ring::Ring;
 
@@ -120,6 +121,18 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
             );
             return NGX_ERROR as ngx_int_t;
         }
+        let workers = super::local::local().conf_workers;
+        let needed = records_needed(workers);
+        if header.lifecycle.record_count() < needed {
+            ngx::ngx_log_error!(
+                NGX_LOG_EMERG,
+                log,
+                "workerbus: zone \"{name}\" kept across reload has {} worker records, but \"worker_processes {workers}\" \
+                 needs {needed} (its workers and the draining ones); restart nginx (or rename the zone) to resize it",
+                header.lifecycle.record_count()
+            );
+            return NGX_ERROR as ngx_int_t;
+        }
         // SAFETY: zone is ours and valid.
         unsafe { (*shm_zone).data = old };
         return NGX_OK as ngx_int_t;
@@ -137,7 +150,8 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
     h.size = size as u64;
     // SAFETY: reading the master's pid, set before configuration.
     h.lifecycle.init(unsafe { nginx_sys::ngx_pid }, now_ms());
-    if let Err(why) = super::parts::lay_out(pool, h) {
+    let records = records_for(super::local::local().conf_workers);
+    if let Err(why) = super::parts::lay_out(pool, h, records) {
         ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes: {why}");
         return NGX_ERROR as ngx_int_t;
     }

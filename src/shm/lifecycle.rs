@@ -11,8 +11,26 @@ use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 /// Generation records kept: the newest ones, indexed by `generation % N`.
 pub const MAX_GENERATIONS: usize = 16;
-/// Worker records kept; ended records are recycled oldest first.
-pub const MAX_WORKER_RECORDS: usize = 128;
+/// Most worker records a table can have (one ring reader each, and the
+/// ring's limit is this).
+pub const MAX_WORKER_RECORDS: usize = 1024;
+/// Fewest worker records a table has, whatever the worker count: history.
+pub const MIN_WORKER_RECORDS: usize = 64;
+
+/// Worker records for `worker_processes`: four per worker (the running
+/// generation, one draining after a reload, and a second reload in flight),
+/// at least MIN_WORKER_RECORDS. Ended records are recycled oldest first.
+pub const fn records_for(worker_processes: usize) -> usize {
+    let n = worker_processes.saturating_mul(4);
+    let n = if n < MIN_WORKER_RECORDS { MIN_WORKER_RECORDS } else { n };
+    if n > MAX_WORKER_RECORDS { MAX_WORKER_RECORDS } else { n }
+}
+
+/// Records a configuration needs at the least: its own workers and as many
+/// of the generation it replaces, draining.
+pub const fn records_needed(worker_processes: usize) -> usize {
+    worker_processes.saturating_mul(2)
+}
 
 /// Low bits of a record's state word: the WorkerState. A Claiming word also
 /// carries the claimer's pid above them (Linux pids are below 2^22), so that
@@ -103,6 +121,8 @@ pub struct WorkerRecord {
     pub flags: AtomicU32,
     _pad: u32,
     pub generation: AtomicU64,
+    /// Monotonic milliseconds (CLOCK_MONOTONIC, system-wide), never the
+    /// wall clock: an NTP step must not make a worker look hung or dead.
     pub started_ms: AtomicU64,
     pub heartbeat_ms: AtomicU64,
     pub ended_ms: AtomicU64,
@@ -124,7 +144,11 @@ pub struct Lifecycle {
     /// no longer sets it gets the directive's back.
     pub hang_timeout_ms: AtomicU64,
     pub gens: [GenRecord; MAX_GENERATIONS],
-    pub workers: [WorkerRecord; MAX_WORKER_RECORDS],
+    /// The worker records: `records_n` of them at `records_off` bytes from
+    /// this struct (a part of the zone sized from worker_processes).
+    records_off: u64,
+    records_n: u32,
+    _pad: u32,
 }
 
 /// The worker's start was seen by resty.worker.manager (it counts in n_mine).
@@ -330,7 +354,35 @@ impl Lifecycle {
 
     /// The worker records (in use or not), in table order.
     pub fn records(&self) -> &[WorkerRecord] {
-        &self.workers
+        let n = self.records_n as usize;
+        if n == 0 {
+            return &[];
+        }
+        let p = (self as *const Lifecycle as *const u8).wrapping_add(self.records_off as usize);
+        // SAFETY: attach_records stored the offset and count of a zeroed,
+        // aligned array of n records living in the same mapping as self.
+        unsafe { core::slice::from_raw_parts(p.cast::<WorkerRecord>(), n) }
+    }
+
+    /// Bytes for `n` worker records.
+    pub const fn records_size(n: usize) -> usize {
+        n * size_of::<WorkerRecord>()
+    }
+
+    /// Links a fresh table to its worker records: `n` zeroed records at `p`,
+    /// in the same shared mapping as the table.
+    ///
+    /// # Safety
+    /// `p` must be 8-aligned, zeroed, valid for records_size(n) bytes, and
+    /// stay mapped (at the same distance from self) as long as the table.
+    pub unsafe fn attach_records(&mut self, p: *mut u8, n: usize) {
+        self.records_off = (p as usize).wrapping_sub(self as *const Lifecycle as usize) as u64;
+        self.records_n = n as u32;
+    }
+
+    /// How many worker records the table has.
+    pub fn record_count(&self) -> usize {
+        self.records_n as usize
     }
 
     /// A free record (or one whose claimer died before publishing it),
@@ -622,9 +674,31 @@ impl Lifecycle {
 mod tests {
     use super::*;
 
-    fn table() -> Box<Lifecycle> {
-        // SAFETY: every field is an atomic integer or an array of them; all-zero is valid.
-        unsafe { Box::new(core::mem::zeroed()) }
+    /// Records in the tables of these tests.
+    const RECORDS: usize = 128;
+
+    /// A table and its records in one zeroed, leaked allocation.
+    fn table() -> &'static Lifecycle {
+        let words = (size_of::<Lifecycle>() + Lifecycle::records_size(RECORDS)).div_ceil(8);
+        let mem: &'static mut [u64] = Box::leak(vec![0u64; words].into_boxed_slice());
+        let p = mem.as_mut_ptr().cast::<u8>();
+        // SAFETY: all-zero is a valid Lifecycle; the records follow it in the same allocation.
+        unsafe {
+            let t = &mut *p.cast::<Lifecycle>();
+            t.attach_records(p.add(size_of::<Lifecycle>()), RECORDS);
+            t
+        }
+    }
+
+    #[test]
+    fn records_follow_the_worker_count() {
+        assert_eq!(records_for(1), MIN_WORKER_RECORDS);
+        assert_eq!(records_for(32), 128);
+        assert_eq!(records_for(200), 800);
+        assert_eq!(records_for(600), MAX_WORKER_RECORDS);
+        assert_eq!(records_needed(512), MAX_WORKER_RECORDS);
+        let t = table();
+        assert_eq!((t.record_count(), t.records().len()), (RECORDS, RECORDS));
     }
 
     #[test]
@@ -695,13 +769,13 @@ mod tests {
     fn exited_records_are_recycled_oldest_first() {
         let t = table();
         let g = t.begin_generation(1, 1, 0, 1);
-        for n in 0..MAX_WORKER_RECORDS as i32 {
+        for n in 0..RECORDS as i32 {
             let i = t.register_worker(g, 0, 1000 + n, 0, |_| true, |_| {}).unwrap();
             t.exit_worker(i, 1000 + n, 100 + n as u64);
         }
         let i = t.register_worker(g, 0, 5000, 0, |_| true, |_| {}).unwrap();
         assert_eq!(i, 0, "the record that ended first is reused");
-        assert_eq!(t.workers().count(), MAX_WORKER_RECORDS);
+        assert_eq!(t.workers().count(), RECORDS);
     }
 
     fn alive(_: i32) -> bool {
@@ -937,7 +1011,7 @@ mod tests {
         // pid 77 claims a record and dies before publishing it.
         let stuck = t.claim_record(77, alive).unwrap();
         assert_eq!(WorkerState::from_u32(t.records()[stuck].state.load(Ordering::Relaxed)), WorkerState::Claiming);
-        for n in 1..MAX_WORKER_RECORDS as u32 {
+        for n in 1..RECORDS as u32 {
             assert!(t.register_worker(g, n, 100 + n as i32, 0, alive, |_| {}).is_some());
         }
         let dead77 = |p: i32| p != 77;
@@ -956,7 +1030,7 @@ mod tests {
     fn table_full_of_live_workers_refuses() {
         let t = table();
         let g = t.begin_generation(1, 1, 0, 1);
-        for n in 0..MAX_WORKER_RECORDS as u32 {
+        for n in 0..RECORDS as u32 {
             assert!(t.register_worker(g, n, 10 + n as i32, 0, |_| true, |_| {}).is_some());
         }
         assert!(t.register_worker(g, 999, 9999, 0, |_| true, |_| {}).is_none());
