@@ -1127,29 +1127,46 @@ qr/\A\[notice\] \d+#\d+: \*?\d* ?\[lua\] events.lua:\d+: \w+\(\): workerbus: shm
 
 
 
-=== TEST 29: wake-ups across a reload: an old-generation worker still serving a request never takes the new worker's wake-up (no heartbeat, no poll to hide it)
+=== TEST 29: wake-ups across a reload: an old-generation worker still serving a request never takes a new worker's wake-up (no heartbeat, no poll to hide it)
 --- main_config
     workerbus_heartbeat 1h;
---- workers: 1
 --- http_config
     lua_shared_dict got 1m;
+    lua_shared_dict process_events 1m;
     init_worker_by_lua_block {
         local ev = require "resty.worker.events"
-        local gen = require("resty.workerbus").generation()
+        local tag = require("resty.workerbus").generation() .. ":" .. ngx.worker.id()
         ev.register(function(data)
-            ngx.shared.got:set("seen:" .. gen .. ":" .. data, true)
+            ngx.shared.got:set("seen:" .. tag .. ":" .. data, true)
         end, "wake")
         assert(ev.configure { shm = "process_events", interval = 3600 })
     }
-    lua_shared_dict process_events 1m;
 --- config
+    location = /post {
+        content_by_lua_block {
+            -- posted by a new worker of another slot: the one of the old
+            -- worker's slot must be woken, while the old one sleeps too
+            if ngx.worker.id() == tonumber(ngx.var.arg_not) then
+                return ngx.say("again")
+            end
+            ngx.say(require("resty.worker.events").post("wake", "e", ngx.var.arg_i))
+        }
+    }
     location = /t {
         content_by_lua_block {
             local ffi = require "ffi"
             pcall(ffi.cdef, "int kill(int pid, int sig);")
-            local ev = require "resty.worker.events"
             local wb = require "resty.workerbus"
             local d = ngx.shared.got
+            local me = ngx.worker.id()
+            local function get(path)
+                local sock = ngx.socket.tcp()
+                assert(sock:connect("127.0.0.1", ngx.var.server_port))
+                assert(sock:send("GET " .. path .. " HTTP/1.0\r\nHost: x\r\n\r\n"))
+                local body = sock:receive("*a")
+                sock:close()
+                return body
+            end
             local function wait(cond, secs)
                 ngx.update_time()
                 local deadline = ngx.now() + secs
@@ -1160,39 +1177,45 @@ qr/\A\[notice\] \d+#\d+: \*?\d* ?\[lua\] events.lua:\d+: \w+\(\): workerbus: shm
                 return cond()
             end
             ngx.sleep(0.2)
+            local n = #wb.status().workers
             ffi.C.kill(require("ngx.process").get_master_pid(), 1)   -- HUP
-            -- this worker (generation 1) keeps serving us; wait for the new one
-            local new
+            -- this worker (generation 1) keeps serving us; wait for the new ones
+            local new = {}
             assert(wait(function()
+                new = {}
                 for _, w in ipairs(wb.status().workers) do
-                    if w.generation == 2 and w.state == "running" then new = w.pid end
+                    if w.generation == 2 and w.state == "running" then new[#new + 1] = w.pid end
                 end
-                return new ~= nil
-            end, 10), "no new worker")
+                return #new == n
+            end, 10), "no new workers")
             local function new_idle()
-                local st = wb.status().zones[1].events
-                for _, w in ipairs(st.workers) do
-                    if w.pid == new then return w.idle == true end
+                local idle = 0
+                for _, w in ipairs(wb.status().zones[1].events.workers) do
+                    if w.generation == 2 and w.idle == true then idle = idle + 1 end
                 end
+                return idle == n
             end
             local delivered = 0
             for i = 1, 20 do
                 wait(new_idle, 2)
-                assert(ev.post("wake", "e", tostring(i)))
-                if wait(function() return d:get("seen:2:" .. i) end, 3) then
+                local tries = 0
+                repeat   -- this worker no longer listens: a new one serves it
+                    tries = tries + 1
+                until get("/post?not=" .. me .. "&i=" .. i):find("true", 1, true) or tries > 200
+                if wait(function() return d:get("seen:2:" .. me .. ":" .. i) end, 3) then
                     delivered = delivered + 1
                 end
             end
             ngx.say("old worker still here: ", ngx.worker.exiting())
-            ngx.say("delivered to the new worker by wake-ups: ", delivered, " of 20")
+            ngx.say("delivered to the new worker of this slot by wake-ups: ", delivered, " of 20")
         }
     }
 --- request
 GET /t
---- timeout: 90
+--- timeout: 120
 --- response_body
 old worker still here: true
-delivered to the new worker by wake-ups: 20 of 20
+delivered to the new worker of this slot by wake-ups: 20 of 20
 --- no_error_log
 [error]
 
