@@ -660,3 +660,71 @@ qr/\Aworkerbus: zone "ev": a writer \(pid \d+\) died mid-post; its event was not
 --- response_body
 posting works after the death: true, counted: true
 victim was another worker: true
+
+
+
+=== TEST 10: a reload's old worker still serving a request reads no more events, so it never holds up the new workers' posts
+--- main_config
+    workerbus_zone ev 256k;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local d = ngx.shared.got
+        local gen = require("resty.workerbus").generation()
+        local ev = require "resty.worker.events"
+        ev.register(function() d:incr("handled:" .. gen .. ":" .. ngx.worker.id(), 1, 0) end, "flood")
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /flood {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local data = string.rep("x", 200)
+            local refused, err1 = 0, nil
+            for i = 1, 3000 do      -- several times what the ring holds
+                local ok, err = ev.post("flood", "e", data)
+                if not ok then refused = refused + 1; err1 = err1 or err end
+                if i % 50 == 0 then ngx.sleep(0.001) end
+            end
+            ngx.say("refused=", refused, " ", err1 or "")
+        }
+    }
+    location = /t {
+        content_by_lua_block {
+            local ffi = require "ffi"
+            pcall(ffi.cdef, "int kill(int pid, int sig);")
+            local wb = require "resty.workerbus"
+            local d = ngx.shared.got
+            ngx.sleep(0.2)
+            local n = #wb.status().workers
+            ffi.C.kill(require("ngx.process").get_master_pid(), 1)   -- HUP
+            ngx.update_time()
+            local deadline = ngx.now() + 10
+            local new
+            repeat
+                new = 0
+                for _, w in ipairs(wb.status().workers) do
+                    if w.generation == 2 and w.state == "running" then new = new + 1 end
+                end
+                ngx.sleep(0.02)
+                ngx.update_time()
+            until new == n or ngx.now() > deadline
+            -- this old worker no longer listens: a new one serves the flood
+            local sock = ngx.socket.tcp()
+            sock:settimeout(30000)
+            assert(sock:connect("127.0.0.1", ngx.var.server_port))
+            assert(sock:send("GET /flood HTTP/1.0\r\nHost: x\r\n\r\n"))
+            local body = sock:receive("*a") or ""
+            sock:close()
+            ngx.say("old worker still here: ", ngx.worker.exiting())
+            ngx.say(body:match("refused=[^\r\n]*"))
+        }
+    }
+--- request
+GET /t
+--- timeout: 60
+--- response_body
+old worker still here: true
+refused=0 
+--- no_error_log
+[error]

@@ -544,6 +544,11 @@ local function run_exit_hooks()
     if not ok then
         log(ERR, "workerbus: last event poll before exit failed: ", err)
     end
+    -- This worker reads no more: its unread events must not hold up the
+    -- others' posts while it drains requests before it exits.
+    if sema then
+        C.workerbus_ev_set_sema(nil)
+    end
 end
 
 -- Fires early (premature) when the worker starts exiting: wakes the poller
