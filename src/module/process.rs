@@ -67,7 +67,6 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         names.join(", ")
     );
     events::begin_generation(&zones, generation);
-    wake::ensure_fds(workers as usize, cycle_log(cycle));
     let l = local();
     l.generation = generation;
     l.master_pid_seen = pid();
