@@ -97,6 +97,9 @@ fn read_records(shm: &Shm, slot: usize, who: usize, total: u64, writers: usize, 
     while expect <= total && Instant::now() < deadline {
         match rd.next(&mut out, &mut buf) {
             Next::Record => {
+                // A lap is reported with the record that follows it.
+                lagged += out.missed;
+                expect += out.missed;
                 let (w, c) = (u64_at(&buf, 10) as usize, u64_at(&buf, 18));
                 let fill = (c % 61) as usize;
                 let ok = out.seq == expect

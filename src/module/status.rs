@@ -17,7 +17,7 @@ use super::http;
 use super::local::local;
 use super::metrics;
 use super::null_command;
-use super::time::now_ms;
+use super::time::{mono_ms, wall_of};
 
 pub static mut HTTP_COMMANDS: [ngx_command_t; 3] = [
     ngx_command_t {
@@ -102,11 +102,11 @@ fn lifecycle(lc: &Lifecycle, now: u64) -> (Value, Value) {
                 "pid": w.pid,
                 "generation": w.generation,
                 "state": w.state.name(),
-                "started": secs(w.started_ms),
+                "started": secs(wall_of(w.started_ms)),
                 "heartbeat_age": (now.saturating_sub(w.heartbeat_ms) as f64) / 1000.0,
             });
             if w.ended_ms != 0 {
-                o["ended"] = secs(w.ended_ms);
+                o["ended"] = secs(wall_of(w.ended_ms));
             }
             if w.replaced_by != 0 {
                 o["replaced_by"] = json!(w.replaced_by);
@@ -120,7 +120,7 @@ fn lifecycle(lc: &Lifecycle, now: u64) -> (Value, Value) {
 /// The whole status document, as seen from this process.
 pub fn snapshot() -> Value {
     let l = local();
-    let now = now_ms();
+    let now = mono_ms();
     let zones: Vec<Value> = l
         .zones
         .iter()
