@@ -11,7 +11,7 @@ use super::lifecycle::{Lifecycle, MAX_GENERATIONS};
 
 pub const MAGIC: u64 = u64::from_be_bytes(*b"wrkrbus\0");
 /// Bumped whenever any `#[repr(C)]` structure kept in a zone changes.
-pub const LAYOUT: u32 = 3;
+pub const LAYOUT: u32 = 4;
 
 #[repr(C)]
 pub struct ZoneHeader {
