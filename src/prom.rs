@@ -30,6 +30,8 @@ pub enum Get {
     Num(&'static str),
     /// A string at this pointer, mapped to a number (first match).
     Map(&'static str, &'static [(&'static str, f64)]),
+    /// The length of the array at this pointer.
+    Len(&'static str),
 }
 
 pub struct Metric {
@@ -144,10 +146,30 @@ pub const SECTIONS: &[Section] = &[
                 "Events the ring reclaimed to make room (a lagging worker may miss them).",
                 "/events/overwritten",
             ),
-            counter("workerbus_ring_refused_total", "Posts refused (too large, field too long).", "/events/rejected"),
+            counter(
+                "workerbus_ring_refused_total",
+                "Posts refused because the ring was full and a worker had not read (overflow=refuse).",
+                "/events/refused",
+            ),
+            counter(
+                "workerbus_ring_rejected_total",
+                "Posts rejected as invalid (too large, field too long).",
+                "/events/rejected",
+            ),
+            Metric {
+                name: "workerbus_ring_overflow_mode",
+                kind: Kind::Gauge,
+                help: "What a post does when the ring is full: 0 refuse, 1 overwrite the oldest events.",
+                get: Get::Map("/events/overflow", &[("refuse", 0.0), ("overwrite", 1.0)]),
+            },
             counter("workerbus_ring_dropped_total", "Posts cut off by a writer that died mid-post.", "/events/dropped"),
             counter("workerbus_ring_wakeups_total", "Wake-ups sent to idle workers.", "/events/wakeups_sent"),
-            gauge("workerbus_ring_idle_workers", "Workers whose event poller sleeps.", "/events/idle_slots"),
+            Metric {
+                name: "workerbus_ring_idle_workers",
+                kind: Kind::Gauge,
+                help: "Workers whose event poller sleeps.",
+                get: Get::Len("/events/idle_slots"),
+            },
             gauge(
                 "workerbus_unique_claims_entries",
                 "Slots of the unique-event claim table.",
@@ -179,6 +201,7 @@ pub const SECTIONS: &[Section] = &[
             counter("workerbus_worker_delivered_total", "Events the worker read from the ring.", "/delivered"),
             counter("workerbus_worker_missed_total", "Events the worker lost because the ring lapped it.", "/missed"),
             counter("workerbus_worker_wakeups_total", "Wake-ups the worker received from posters.", "/wakeups"),
+            gauge("workerbus_worker_idle", "1 while the worker's event poller sleeps.", "/idle"),
         ],
     },
 ];
@@ -246,6 +269,7 @@ fn value(v: &Value, get: Get) -> Option<f64> {
             let s = v.pointer(p)?.as_str()?;
             table.iter().find(|(k, _)| *k == s).map(|(_, n)| *n)
         }
+        Get::Len(p) => v.pointer(p)?.as_array().map(|a| a.len() as f64),
     }
 }
 
@@ -314,7 +338,8 @@ mod tests {
             ],
             "zones": [
                 { "name": "a\"b", "size": 1024, "used": 24, "free": 1000, "events": {
-                    "posted": 5, "workers": [{ "slot": 0, "pid": 11, "generation": 2, "lag": 3, "delivered": 2 }]
+                    "posted": 5, "overflow": "overwrite", "idle_slots": [0, 3],
+                    "workers": [{ "slot": 0, "pid": 11, "generation": 2, "lag": 3, "delivered": 2, "idle": true }]
                 } },
                 { "name": "plain", "size": 2048, "used": 48, "free": 2000 },
             ],
@@ -337,6 +362,9 @@ mod tests {
         assert!(t.contains("workerbus_worker_heartbeat_age_seconds{slot=\"0\",pid=\"11\",generation=\"2\"} 0.25\n"));
         assert!(t.contains("workerbus_node_start_time_seconds 1700000000.5\n"));
         assert!(t.contains("workerbus_worker_crashes_total 1\n"));
+        assert!(t.contains("workerbus_ring_overflow_mode{zone=\"a\\\"b\"} 1\n"));
+        assert!(t.contains("workerbus_ring_idle_workers{zone=\"a\\\"b\"} 2\n"));
+        assert!(t.contains("workerbus_worker_idle{zone=\"a\\\"b\",slot=\"0\",pid=\"11\",generation=\"2\"} 1\n"));
         // A family whose field is absent everywhere is left out entirely.
         assert!(!t.contains("workerbus_unique_claims_live"));
         // Every family's header appears once.

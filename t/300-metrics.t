@@ -82,6 +82,10 @@ for my $w (grep { $_->{state} eq "running" } @{ $st->{workers} }) {
     is($s->{"workerbus_worker_state{$l}"}, 0, "worker $w->{pid} is running (0)");
 }
 is($s->{'workerbus_generation_live_workers{generation="1"}'}, 4, "4 live workers in generation 1");
+is($s->{'workerbus_ring_overflow_mode{zone="workerbus"}'}, 0, "the ring refuses when full (default)");
+is($s->{'workerbus_ring_refused_total{zone="workerbus"}'}, $st->{zones}[0]{events}{refused}, "refused agrees with the JSON");
+is($s->{'workerbus_ring_idle_workers{zone="workerbus"}'}, scalar @{ $st->{zones}[0]{events}{idle_slots} },
+   "idle workers: the number of idle slots in the JSON");
 
 # Counters move after posting: exactly the events posted.
 my $before = scrape();
