@@ -15,6 +15,7 @@ my $have_promtool = system("$promtool --version >/dev/null 2>&1") == 0;
 
 my $ng = Workerbus::Nginx->start(
     workers => 4,
+    main_config => "workerbus_heartbeat 200ms;\nworkerbus_hang_timeout 2s;",
     http_config => <<'EOF',
     init_worker_by_lua_block {
         assert(require("resty.worker.events").configure { shm = "workerbus", interval = 1 })
@@ -113,6 +114,21 @@ is(scrape()->{qq(workerbus_worker_state{slot="$vw->{slot}",pid="$victim",generat
    "the killed worker's state is crashed (3)");
 ok(Workerbus::Nginx::wait_for(10, sub { scrape()->{'workerbus_generation_live_workers{generation="1"}'} == 4 }),
    "its replacement brings generation 1 back to 4 live workers");
+
+# A stopped worker is a hang: counted once, and its state comes back to
+# running when it resumes. No request is made while it is stopped (it could
+# be the one to accept it): the log says when the others have seen it.
+is(scrape()->{workerbus_worker_hangs_total}, 0, "no hang yet");
+my @now = $ng->worker_pids;
+my $sleeper = $now[0];
+my ($sw) = grep { $_->{pid} == $sleeper } @{ $ng->status->{workers} };
+my $state_key = qq(workerbus_worker_state{slot="$sw->{slot}",pid="$sleeper",generation="1"});
+kill "STOP", $sleeper;
+my $hung = Workerbus::Nginx::wait_for(20, sub { $ng->error_log =~ /worker process $sleeper \(slot \d+, generation 1\) hung/ });
+kill "CONT", $sleeper;
+ok($hung, "a SIGSTOPped worker is reported hung");
+is(scrape()->{workerbus_worker_hangs_total}, 1, "workerbus_worker_hangs_total is 1");
+ok(Workerbus::Nginx::wait_for(10, sub { scrape()->{$state_key} == 0 }), "its state is running (0) again once it resumes");
 
 SKIP: {
     skip "promtool not installed", 1 unless $have_promtool;
