@@ -231,7 +231,34 @@ ok(Workerbus::Nginx::wait_for(10, sub { $ng->status->{zones}[0]{events}{workers}
 read_until($late, sub { 0 }, 0.3);   # anything more that would arrive
 is_deeply([map { decode_json($_->{data})->{payload} } @{ frames($late) }], [qw(after1 after2 after3)],
           "the client sees only the events posted after it connected");
+
+# A graceful stop (QUIT) ends the stream with an "end" event, without waiting
+# for the keep-alive period (15 s) to pass.
+kill "QUIT", $ng->master_pid;
+my $t_quit = time;
+ok(read_until($late, sub { $late->{eof} }, 20), "QUIT: the stream ends");
+cmp_ok(time - $t_quit, "<", 10, "... before the keep-alive period could have");
+my $end = frames($late)->[-1];
+is($end->{event}, "end", "with an end event");
+is_deeply(decode_json($end->{data}), { reason => "the nginx worker is exiting" }, "saying why");
 close $late->{sock};
+$ng->stop;
+
+# Called outside a content handler: nil and why.
+$ng = Workerbus::Nginx->start(
+    workers => 1,
+    config => <<'EOF',
+        location = /early {
+            rewrite_by_lua_block {
+                local ok, err = require("resty.workerbus").tail()
+                ngx.say(ok, " ", err)
+                ngx.exit(200)
+            }
+        }
+EOF
+);
+is($ng->get("/early"), "nil tail: call it from a content handler (content_by_lua*), not in rewrite\n",
+   "tail() in rewrite_by_lua: nil and the reason");
 $ng->stop;
 
 done_testing;

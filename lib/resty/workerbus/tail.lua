@@ -23,9 +23,12 @@ local core = need "resty.workerbus.events_core"
 local ffi_string = ffi.string
 local concat = table.concat
 local type = type
+local pairs = pairs
+local pcall = pcall
 local tostring = tostring
 local ngx = ngx
 local log = ngx.log
+local ERR = ngx.ERR
 local WARN = ngx.WARN
 local INFO = ngx.INFO
 
@@ -161,52 +164,64 @@ function _M.tail(opts)
         return nil, "tail: " .. tostring(lerr)
     end
 
-    ngx.status = 200
-    ngx.header["Content-Type"] = "text/event-stream"
-    ngx.header["Cache-Control"] = "no-cache"
-    ngx.header["X-Accel-Buffering"] = "no"
     local reason = "client closed the stream"
-    local sent = ngx.print(": workerbus tail of zone \"", core.zone_name(), "\", worker ",
-                           ngx.worker.pid(), "; payloads ", o.payload and "shown" or "hidden",
-                           "\nretry: 3000\n\n")
-    if sent then
-        sent = ngx.flush(true)
-    end
-    log(INFO, "workerbus tail: ", who, " started (zone \"", core.zone_name(), "\")")
-    while sent do
-        if qn == 0 and not cut then
-            waiting = true
-            local got = sema:wait(o.keepalive)
-            waiting = false
-            if ngx.worker.exiting() then
-                reason = "worker exiting"
-                ngx.print("event: end\ndata: {\"reason\":\"the nginx worker is exiting\"}\n\n")
+    local function stream()
+        ngx.status = 200
+        ngx.header["Content-Type"] = "text/event-stream"
+        ngx.header["Cache-Control"] = "no-cache"
+        ngx.header["X-Accel-Buffering"] = "no"
+        local sent = ngx.print(": workerbus tail of zone \"", core.zone_name(), "\", worker ",
+                               ngx.worker.pid(), "; payloads ", o.payload and "shown" or "hidden",
+                               "\nretry: 3000\n\n")
+        if sent then
+            sent = ngx.flush(true)
+        end
+        log(INFO, "workerbus tail: ", who, " started (zone \"", core.zone_name(), "\")")
+        local last_write = ngx.now()
+        while sent do
+            if qn == 0 and not cut then
+                -- Wake at least every second: a reload or stop must not wait
+                -- for the keep-alive period to end this stream.
+                waiting = true
+                sema:wait(1)
+                waiting = false
+                if ngx.worker.exiting() then
+                    reason = "worker exiting"
+                    ngx.print("event: end\ndata: {\"reason\":\"the nginx worker is exiting\"}\n\n")
+                    ngx.flush(true)
+                    return
+                end
+                if qn == 0 and not cut and ngx.now() - last_write >= o.keepalive then
+                    q[1], qn = ": keep-alive\n\n", 1   -- also finds a client that left
+                end
+            end
+            if qn > 0 then
+                local batch = concat(q, "", 1, qn)
+                q, qn, qbytes, qfirst = {}, 0, 0, nil
+                sent = ngx.print(batch)
+                if sent then
+                    sent = ngx.flush(true)   -- waits while the client reads; the tap keeps counting
+                end
+                ngx.update_time()
+                last_write = ngx.now()
+            elseif cut then
+                reason = "client too slow"
+                local msg = "client too slow: more than " .. (cut.pending >= o.max_pending
+                            and (o.max_pending .. " events") or (o.max_bytes .. " bytes"))
+                            .. " were waiting to be sent; events from seq " .. cut.seq
+                            .. " on were not sent and the stream ends here"
+                log(WARN, "workerbus tail: ", who, " cut off: ", msg)
+                ngx.print("event: cutoff\ndata: ", encode({ reason = msg, first_unsent_seq = cut.seq }),
+                          "\n\n")
                 ngx.flush(true)
-                break
-            end
-            if not got and qn == 0 and not cut then
-                q[1], qn = ": keep-alive\n\n", 1   -- also finds a client that left
+                return
             end
         end
-        if qn > 0 then
-            local batch = concat(q, "", 1, qn)
-            q, qn, qbytes, qfirst = {}, 0, 0, nil
-            sent = ngx.print(batch)
-            if sent then
-                sent = ngx.flush(true)   -- waits while the client reads; the tap keeps counting
-            end
-        elseif cut then
-            reason = "client too slow"
-            local msg = "client too slow: more than " .. (cut.pending >= o.max_pending
-                        and (o.max_pending .. " events") or (o.max_bytes .. " bytes"))
-                        .. " were waiting to be sent; events from seq " .. cut.seq
-                        .. " on were not sent and the stream ends here"
-            log(WARN, "workerbus tail: ", who, " cut off: ", msg)
-            ngx.print("event: cutoff\ndata: ", encode({ reason = msg, first_unsent_seq = cut.seq }),
-                      "\n\n")
-            ngx.flush(true)
-            break
-        end
+    end
+    local sok, serr = pcall(stream)
+    if not sok then
+        reason = "error: " .. tostring(serr)
+        log(ERR, "workerbus tail: ", who, " failed: ", serr)
     end
     core.remove_tap(tap)
     core.want_loop(owner, 0)
