@@ -33,8 +33,21 @@ __DATA__
 --- config
     location = /t {
         content_by_lua_block {
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
             ngx.say("publish: ", _G.ev:publish("all", "t", "hello", { a = 1, list = { "x", "y" } }))
-            ngx.sleep(0.3)
+            wait_for(function()
+                for w = 0, 3 do
+                    if not ngx.shared.got:get("args" .. w) then return false end
+                end
+                return true
+            end)
             local cjson = require "cjson"
             for w = 0, 3 do
                 local a = cjson.decode(ngx.shared.got:get("args" .. w))
@@ -85,18 +98,26 @@ worker 3: 1 call, t/hello a=1 list=x,y from the poster: true
     location = /t {
         content_by_lua_block {
             local ev, got, ids = package.loaded.t_ev, package.loaded.t_got, package.loaded.t_ids
-            local function round()
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            local function round(expect)
                 for k in pairs(got) do got[k] = nil end
                 for _, e in ipairs { { "s1", "e1" }, { "s1", "e2" }, { "s2", "e1" } } do
                     assert(ev:publish("current", e[1], e[2]))
                 end
-                ngx.sleep(0.1)
+                wait_for(function() return #got >= expect end)
                 ngx.say(table.concat(got, " "))
             end
             ngx.say("ids: ", ids.any, " ", ids.src, " ", ids.one, " ", ids.evt)
-            round()
+            round(8)
             ngx.say("unsubscribe: ", ev:unsubscribe(ids.any), " ", ev:unsubscribe(ids.one))
-            round()
+            round(4)
         }
     }
 --- request
@@ -134,7 +155,15 @@ evt<s1/e1 src<s1/e1 src<s1/e2 evt<s2/e1
             local payload = { f = print }   -- could not be serialized
             ngx.say("publish: ", ev:publish("current", "t", "local", payload))
             ngx.say("handled at once: ", #seen)
-            ngx.sleep(0.2)
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function() return #seen >= 1 end)
             ngx.say("handled: ", #seen, ", same table: ", seen[1].data == payload,
                     ", wid: ", tostring(seen[1].wid))
             ngx.say("workers that saw it: ", ngx.shared.got:get("workers"))
@@ -171,7 +200,17 @@ workers that saw it: 1
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.5)
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function()
+                return ngx.shared.got:get("key-a") and ngx.shared.got:get("key-b")
+            end)
             for _, k in ipairs { "key-a", "key-b" } do
                 ngx.say(k, " handled ", ngx.shared.got:get(k), " time(s)")
             end
@@ -466,8 +505,21 @@ ring untouched: true
             assert(we.post("t", "a"))
             assert(package.loaded.t_ev:publish("all", "t", "b"))
             assert(we.post("t", "c"))
-            ngx.sleep(0.3)
             local d = ngx.shared.got
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function()
+                for w = 0, 3 do
+                    if d:get("old" .. w) ~= "abc" or d:get("new" .. w) ~= "abc" then return false end
+                end
+                return true
+            end)
             for w = 0, 3 do
                 ngx.say("worker ", w, ": resty.worker.events got ", d:get("old" .. w),
                         ", resty.events got ", d:get("new" .. w))
@@ -506,7 +558,15 @@ zone: ev
             local ev = package.loaded.t_ev
             assert(ev:publish("all", "t", "x", { [1] = "a", [3] = "c", [true] = 1, [2.5] = "f",
                                                 nested = { x = { 1, 2 } } }))
-            ngx.sleep(0.2)
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function() return package.loaded.t_data end)
             local d = package.loaded.t_data
             ngx.say(d[1], " ", tostring(d[2]), " ", d[3], " ", d[true], " ", d[2.5], " ",
                     d.nested.x[1], d.nested.x[2])
@@ -537,7 +597,15 @@ a nil c 1 f 12
     location = /t {
         content_by_lua_block {
             ngx.say("publish: ", package.loaded.t_ev:publish("current", "t", "boom", "secret-payload"))
-            ngx.sleep(0.1)
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function() return package.loaded.t_after.n >= 1 end)
             ngx.say("second callback ran: ", package.loaded.t_after.n)
         }
     }

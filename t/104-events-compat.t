@@ -472,6 +472,20 @@ $::Helpers . q{
                 sock:close()
             end
             ngx.say("closed by the server: ", closed, " of 20")
+            -- a request with a body nobody reads, and a body that never ends
+            for _, req in ipairs {
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nhel",
+            } do
+                local sock = ngx.socket.tcp()
+                sock:settimeout(5000)
+                assert(sock:connect("unix:$TEST_NGINX_HTML_DIR/worker_events.sock"))
+                assert(sock:send(req))
+                local status = sock:receive("*l")
+                local _, err = sock:receive("*a")
+                ngx.say("with a body: ", status, ", then ", err or "closed")
+                sock:close()
+            end
             -- a client that connects and sends nothing holds nothing of ours either
             local idle = ngx.socket.tcp()
             assert(idle:connect("unix:$TEST_NGINX_HTML_DIR/worker_events.sock"))
@@ -490,6 +504,8 @@ answer: HTTP/1.1 200 OK
 connection: close
 body: no event broker here: workerbus carries events in shared memory
 closed by the server: 20 of 20
+with a body: HTTP/1.1 200 OK, then closed
+with a body: HTTP/1.1 200 OK, then closed
 back to the base count: true
 events still flow: true
 --- no_error_log

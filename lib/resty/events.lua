@@ -10,7 +10,6 @@ local call_handler = core.call_handler
 
 local ngx = ngx
 local log = ngx.log
-local ERR = ngx.ERR
 local DEBUG = ngx.DEBUG
 local type = type
 local tostring = tostring
@@ -212,7 +211,9 @@ function _M:init_worker()
                 return dispatch(self, n, "lagged", SOURCE, nil)
             end)
         end
-        ok, err = core.want_loop(self, POLL_BOUND)
+        -- one owner for every object (all want the same bound): objects
+        -- made again and again (compat's configure) leave nothing behind
+        ok, err = core.want_loop(_M, POLL_BOUND)
         if not ok then
             return nil, err
         end
@@ -318,7 +319,6 @@ function _M:_close()
     if self._sink then
         core.remove_sink(self._sink)
         self._sink = nil
-        core.want_loop(self, 0)
     end
     self._ready = false
 end
