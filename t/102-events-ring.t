@@ -106,7 +106,7 @@ lost: 0
                 d:incr("lost" .. id, data, 0)
             end
         end)
-        local rev = require("resty.events").new {}
+        local rev = require("resty.events").new { listening = "unix:/x.sock" }
         rev:subscribe("resty-events", "lagged", function(n)
             d:incr("rlost" .. id, n, 0)
         end)
