@@ -91,6 +91,7 @@ local FLAG_EVENTS = 4
 local WID_UNIT = 65536
 local KEY_WORKER_EVENTS = 87   -- "W": prefix of resty.worker.events unique keys
 local KEY_EVENTS = 69          -- "E": prefix of resty.events unique keys
+local KEY_RECORD = 83          -- "S": prefix of a resty.events record's own claim (its seq)
 local BATCH = 8192             -- events per poller turn before it yields (a few ms of work)
 local EXIT_WATCH = 3600        -- re-arm period of the exit watcher timer
 
@@ -126,6 +127,7 @@ local buf_cap = 16384
 local buf = ffi_new("unsigned char[?]", buf_cap)
 local key_cap = 256
 local key_buf = ffi_new("unsigned char[?]", key_cap)
+local seq_box = ffi_new("uint64_t[1]")
 
 local sinks, lag_sinks, nsinks = {}, {}, 0
 -- Taps (resty.workerbus.tail): see every ring record before any claim or
@@ -382,11 +384,25 @@ local function drain_local()
     end
 end
 
--- First claim of a unique key wins; keys are kept apart per API.
-local function claim(p, ulen, api)
-    if ulen + 1 > key_cap then
-        key_cap = ulen + 1
+-- First claim of a unique key wins; keys are kept apart per API. With
+-- `seq` (resty.events), the first reader of the record claims the record
+-- itself first; it alone then claims the key, and returns 2 when the key was
+-- taken by an earlier event (a duplicate, as the original's broker says).
+local function claim(p, ulen, api, seq)
+    if ulen + 9 > key_cap then
+        key_cap = ulen + 9
         key_buf = ffi_new("unsigned char[?]", key_cap)
+    end
+    if seq then
+        key_buf[0] = KEY_RECORD
+        seq_box[0] = seq
+        ffi_copy(key_buf + 1, seq_box, 8)
+        local rc = ev_claim(zone, key_buf, 9, ttl[api] or 2)
+        if rc ~= 1 then
+            return rc
+        end
+        rc = claim(p, ulen, api, nil)
+        return rc == 0 and 2 or rc
     end
     key_buf[0] = api ~= 0 and KEY_EVENTS or KEY_WORKER_EVENTS
     ffi_copy(key_buf + 1, p, ulen)
@@ -401,8 +417,14 @@ local function handle_record()
     local event = ffi_string(buf + slen, elen)
     if ulen > 0 then
         local api = band(flags, FLAG_EVENTS)
-        local rc = claim(buf + slen + elen, ulen, api)
-        if rc == 0 then
+        local rc = claim(buf + slen + elen, ulen, api, api ~= 0 and rec.seq or nil)
+        if rc == 2 then
+            -- lua-resty-events' broker line, which operators grep
+            local w = rshift(flags, 16) - 1
+            log(DEBUG, "unique event is duplicate on worker #", w >= 0 and w or "?", ": ",
+                       ffi_string(buf + slen + elen, ulen))
+            return
+        elseif rc == 0 then
             log(DEBUG, "workerbus: skipping unique event; source=", source,
                        ", event=", event, ": another worker handles it")
             return
