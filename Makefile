@@ -22,6 +22,12 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
             libtest-base-perl libtest-simple-perl libwww-perl libtext-diff-perl libipc-run-perl \
             curl procps bc \
             postgresql postgresql-client openssl
+# Tools of the operator-facing tests: prometheus carries promtool
+# (t/300-metrics.t checks the scrape with it), chromium renders the status
+# page (t/310-status-page.t). Where one cannot be installed, deps says so and
+# its test is skipped with a message. Installing prometheus starts its
+# server: deps stops and disables it again.
+TEST_PACKAGES := prometheus chromium
 
 .PHONY: all deps build install run test test-core test-nginx lint bench bench-pg clean
 
@@ -38,6 +44,18 @@ deps:
 	  systemctl disable --now nginx >/dev/null 2>&1 || true; \
 	  service nginx stop >/dev/null 2>&1 || true; \
 	fi
+	@missing=$$(for p in $(TEST_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
+	  done); \
+	for p in $$missing; do \
+	  echo "installing $$p (for the tests)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$p >/dev/null; } \
+	    || echo "warning: could not install $$p: the tests that need it will be skipped"; \
+	  if [ $$p = prometheus ]; then \
+	    systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	    service prometheus stop >/dev/null 2>&1 || true; \
+	  fi; \
+	done
 
 # A private copy of Debian's nginx tree, configured with Debian's own flags,
 # so the module's signature matches /usr/sbin/nginx.
@@ -72,6 +90,9 @@ run: build
 	@echo
 	@echo "workerbus demo on http://127.0.0.1:$(PORT)/ (Ctrl-C stops it). Try:"
 	@echo "  curl 127.0.0.1:$(PORT)/status            # zones, generations, workers, event ring"
+	@echo "  open http://127.0.0.1:$(PORT)/status      # the same as a live page, in a browser"
+	@echo "  curl 127.0.0.1:$(PORT)/metrics           # Prometheus text format"
+	@echo "  curl -N 127.0.0.1:$(PORT)/tail           # the bus as Server-Sent Events (with payloads)"
 	@echo "  curl '127.0.0.1:$(PORT)/post?msg=hello'  # post an event to every worker"
 	@echo "  curl 127.0.0.1:$(PORT)/seen              # what this worker's handler received"
 	@echo "  kill -HUP \$$(cat $(BUILD)/run/logs/nginx.pid)   # reload: generation 2"
@@ -97,6 +118,8 @@ test: build lint test-core test-nginx
 
 bench: build
 	bench/run
+	bench/scrape
+	bench/tail
 
 # The PostgreSQL bus between two nodes through the local server (see bench/pg_run).
 bench-pg: build

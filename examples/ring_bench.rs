@@ -87,7 +87,10 @@ fn read_n(ring: &Ring, slot: usize, n: u64, deadline: Instant) -> (u64, u64) {
     let (mut got, mut lost) = (0, 0);
     while got + lost < n && Instant::now() < deadline {
         match rd.next(&mut out, &mut buf) {
-            Next::Record => got += 1,
+            Next::Record => {
+                got += 1;
+                lost += out.missed;
+            }
             Next::Lagged(k) => lost += k,
             Next::Empty => std::hint::spin_loop(),
             Next::TooSmall(_) => break,

@@ -3,6 +3,7 @@
 //! - `shm`: the nginx-independent core kept in shared zones;
 //! - `module`: the nginx glue (directives, zones, process hooks, status);
 //! - `ffi`: the C ABI for the Lua modules in lib/resty/;
+//! - `prom`: the status document as Prometheus metrics;
 //! - `pg`: the PostgreSQL LISTEN/NOTIFY bridge between nodes.
 
 #[cfg(feature = "nginx")]
@@ -10,4 +11,5 @@ pub mod ffi;
 #[cfg(feature = "nginx")]
 pub mod module;
 pub mod pg;
+pub mod prom;
 pub mod shm;

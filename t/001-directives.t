@@ -24,7 +24,7 @@ __DATA__
 --- request
 GET /t
 --- response_body
-1 zone: workerbus 16777216 bytes, used + free = size: true, event ring: 8388608 bytes
+1 zone: workerbus 33554432 bytes, used + free = size: true, event ring: 16777216 bytes
 --- no_error_log
 [error]
 
@@ -103,6 +103,39 @@ invalid number of arguments in "workerbus_zone" directive
 --- must_die
 --- error_log
 "workerbus_zone" directive: invalid zone name "a b": use letters, digits, '_', '-' and '.'
+
+
+
+=== TEST 8b: zone option other than overflow=refuse or overflow=overwrite
+--- main_config
+    workerbus_zone ring 1m overflow=drop;
+--- must_die
+--- error_log
+"workerbus_zone" directive: invalid parameter "overflow=drop" for zone "ring": use overflow=refuse (the default) or overflow=overwrite
+
+
+
+=== TEST 8c: overflow=overwrite and overflow=refuse are taken, and the status says which
+--- main_config
+    workerbus_zone a 1m overflow=overwrite;
+    workerbus_zone b 1m overflow=refuse;
+    workerbus_zone c 1m;
+--- config
+    location = /t {
+        content_by_lua_block {
+            for _, z in ipairs(require("resty.workerbus").status().zones) do
+                ngx.say(z.name, ": ", z.events.overflow)
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+a: overwrite
+b: refuse
+c: refuse
+--- no_error_log
+[error]
 
 
 

@@ -18,9 +18,21 @@ __DATA__
     location = /status { workerbus_status; }
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.3)  -- let every worker finish init_process
             local cjson = require "cjson"
-            local st = cjson.decode(ngx.location.capture("/status").body)
+            local st
+            local function wait_for(what, f)
+                local deadline = ngx.now() + 10
+                while not f() do
+                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                    ngx.sleep(0.02)
+                end
+            end
+            wait_for("4 running workers", function()
+                st = cjson.decode(ngx.location.capture("/status").body)
+                local n = 0
+                for _, w in ipairs(st.workers) do n = n + (w.state == "running" and 1 or 0) end
+                return n == 4
+            end)
             local live, slots = 0, {}
             for _, w in ipairs(st.workers) do
                 if w.state == "running" and w.generation == 1 then
@@ -64,17 +76,43 @@ qr/workerbus: generation 1 begins: master pid \d+, 4 worker processes, zones "wb
             local ffi = require "ffi"
             ffi.cdef "int kill(int pid, int sig);"
             ffi.C.kill(require("ngx.process").get_master_pid(), 1)  -- SIGHUP
-            ngx.sleep(1.5)  -- this old worker keeps serving us while new ones start
+            local function wait_for(what, f)
+                local deadline = ngx.now() + 10
+                while not f() do
+                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                    ngx.sleep(0.02)
+                end
+            end
+            -- this old worker keeps serving us until the new ones run and the
+            -- other old ones left, so that the next request reaches a new one
+            wait_for("4 workers of generation 2, 3 of generation 1 exited", function()
+                local new, gone = 0, 0
+                for _, w in ipairs(wb.status().workers) do
+                    if w.generation == 2 and w.state == "running" then new = new + 1 end
+                    if w.generation == 1 and w.state == "exited" then gone = gone + 1 end
+                end
+                return new == 4 and gone == 3 and ngx.worker.exiting()
+            end)
         }
     }
     location = /after {
         content_by_lua_block {
             local wb = require "resty.workerbus"
-            local st = wb.status()
-            local old_exited = 0
-            for _, w in ipairs(st.workers) do
-                if w.generation == 1 and w.state == "exited" then old_exited = old_exited + 1 end
+            local function wait_for(what, f)
+                local deadline = ngx.now() + 10
+                while not f() do
+                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                    ngx.sleep(0.02)
+                end
             end
+            local st, old_exited
+            wait_for("the old workers to exit", function()
+                st, old_exited = wb.status(), 0
+                for _, w in ipairs(st.workers) do
+                    if w.generation == 1 and w.state == "exited" then old_exited = old_exited + 1 end
+                end
+                return old_exited == 4
+            end)
             ngx.say("generation ", wb.generation(), ", newest ", st.current_generation,
                     ", marker survived: ", (wb.get("marker") or ""):match("^written by %d+$") ~= nil,
                     ", old workers exited: ", old_exited)
@@ -99,6 +137,19 @@ crashed
     location = /t {
         content_by_lua_block {
             local wb = require "resty.workerbus"
+            local function wait_for(what, f)
+                local deadline = ngx.now() + 10
+                while not f() do
+                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                    ngx.sleep(0.02)
+                end
+            end
+            local function live()
+                local n = 0
+                for _, w in ipairs(wb.status().workers) do n = n + (w.state == "running" and 1 or 0) end
+                return n
+            end
+            wait_for("4 running workers", function() return live() == 4 end)
             local victim
             for _, w in ipairs(wb.status().workers) do
                 if w.state == "running" and w.pid ~= ngx.worker.pid() then victim = w break end
@@ -106,12 +157,14 @@ crashed
             local ffi = require "ffi"
             ffi.cdef "int kill(int pid, int sig);"
             ffi.C.kill(victim.pid, 9)
-            ngx.sleep(0.5)  -- less than the 1s heartbeat: seen through the respawn
-            local dead, live, heir = nil, 0, nil
-            for _, w in ipairs(wb.status().workers) do
-                if w.pid == victim.pid then dead = w end
-                if w.state == "running" then live = live + 1 end
-            end
+            local dead, heir
+            wait_for("the respawn", function()
+                for _, w in ipairs(wb.status().workers) do
+                    if w.pid == victim.pid then dead = w end
+                end
+                return dead.replaced_by and live() == 4
+            end)
+            local live = live()
             for _, w in ipairs(wb.status().workers) do
                 if w.pid == dead.replaced_by then heir = w end
             end
@@ -136,7 +189,14 @@ qr/workerbus: worker process \d+ \(slot \d, generation 1\) crashed: gone without
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.3)
+            local function wait_for(what, f)
+                local deadline = ngx.now() + 10
+                while not f() do
+                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                    ngx.sleep(0.02)
+                end
+            end
+            wait_for("4 workers", function() return #require("resty.workerbus").status().workers == 4 end)
             ngx.say(#require("resty.workerbus").status().workers, " workers")
         }
     }
@@ -149,3 +209,90 @@ GET /t
  qr/workerbus: worker process \d+ exited from slot \d, generation 1 \(2 live\)/,
  qr/workerbus: worker process \d+ exited from slot \d, generation 1 \(1 live\)/,
  qr/workerbus: worker process \d+ exited from slot \d, generation 1 \(0 live\)/]
+
+
+
+=== TEST 5: a respawn whose dead predecessor a sibling's heartbeat marked first does not replay its generation's events
+--- main_config
+    workerbus_zone wb 1m;
+    workerbus_heartbeat 100ms;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local got = ngx.shared.got
+        if got:get("killed") then
+            -- the respawn: a slow start, so that a sibling's heartbeat
+            -- marks its predecessor crashed before it registers itself
+            local t0 = ngx.now()
+            repeat ngx.update_time() until ngx.now() - t0 >= 1
+        end
+        local ev = require "resty.worker.events"
+        local me = ngx.worker.pid()
+        ev.register(function(data, event)
+            got:incr(event .. ":" .. me, 1, 0)
+        end, "t")
+        assert(ev.configure { shm = "wb" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local wb = require "resty.workerbus"
+            local ev = require "resty.worker.events"
+            local got = ngx.shared.got
+            local function wait_for(what, f)
+                local deadline = ngx.now() + 10
+                while not f() do
+                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                    ngx.sleep(0.02)
+                end
+            end
+            local function running()
+                local r = {}
+                for _, w in ipairs(wb.status().workers) do
+                    if w.state == "running" then r[#r + 1] = w end
+                end
+                return r
+            end
+            wait_for("4 running workers", function() return #running() == 4 end)
+            local before = running()
+            assert(ev.post("t", "before", "x"))
+            wait_for("every worker to handle 'before'", function()
+                for _, w in ipairs(before) do
+                    if not got:get("before:" .. w.pid) then return false end
+                end
+                return true
+            end)
+            local victim
+            for _, w in ipairs(before) do
+                if w.pid ~= ngx.worker.pid() then victim = w break end
+            end
+            got:set("killed", true)
+            local ffi = require "ffi"
+            ffi.cdef "int kill(int pid, int sig);"
+            ffi.C.kill(victim.pid, 9)
+            local heir
+            wait_for("the respawn", function()
+                for _, w in ipairs(running()) do
+                    if w.slot == victim.slot and w.pid ~= victim.pid then heir = w.pid end
+                end
+                return heir ~= nil
+            end)
+            assert(ev.post("t", "after", "x"))
+            wait_for("the respawn to handle 'after'", function() return got:get("after:" .. heir) end)
+            local dead
+            for _, w in ipairs(wb.status().workers) do
+                if w.pid == victim.pid then dead = w end
+            end
+            ngx.say("dead: ", dead.state, ", replaced by the respawn: ", dead.replaced_by == heir)
+            ngx.say("respawn handled 'before': ", got:get("before:" .. heir) or 0,
+                    ", 'after': ", got:get("after:" .. heir))
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+dead: crashed, replaced by the respawn: true
+respawn handled 'before': 0, 'after': 1
+--- error_log eval
+qr/workerbus: worker process \d+ \(slot \d, generation 1\) crashed: gone without exiting/

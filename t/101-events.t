@@ -33,8 +33,21 @@ __DATA__
 --- config
     location = /t {
         content_by_lua_block {
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
             ngx.say("publish: ", _G.ev:publish("all", "t", "hello", { a = 1, list = { "x", "y" } }))
-            ngx.sleep(0.3)
+            wait_for(function()
+                for w = 0, 3 do
+                    if not ngx.shared.got:get("args" .. w) then return false end
+                end
+                return true
+            end)
             local cjson = require "cjson"
             for w = 0, 3 do
                 local a = cjson.decode(ngx.shared.got:get("args" .. w))
@@ -64,7 +77,7 @@ worker 3: 1 call, t/hello a=1 list=x,y from the poster: true
     workerbus_zone ev 4m;
 --- http_config
     init_worker_by_lua_block {
-        local ev = require("resty.events").new {}
+        local ev = require("resty.events").new { listening = "unix:/x.sock" }
         package.loaded.t_ev = ev
         local got = {}
         package.loaded.t_got = got
@@ -85,18 +98,26 @@ worker 3: 1 call, t/hello a=1 list=x,y from the poster: true
     location = /t {
         content_by_lua_block {
             local ev, got, ids = package.loaded.t_ev, package.loaded.t_got, package.loaded.t_ids
-            local function round()
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            local function round(expect)
                 for k in pairs(got) do got[k] = nil end
                 for _, e in ipairs { { "s1", "e1" }, { "s1", "e2" }, { "s2", "e1" } } do
                     assert(ev:publish("current", e[1], e[2]))
                 end
-                ngx.sleep(0.1)
+                wait_for(function() return #got >= expect end)
                 ngx.say(table.concat(got, " "))
             end
             ngx.say("ids: ", ids.any, " ", ids.src, " ", ids.one, " ", ids.evt)
-            round()
+            round(8)
             ngx.say("unsubscribe: ", ev:unsubscribe(ids.any), " ", ev:unsubscribe(ids.one))
-            round()
+            round(4)
         }
     }
 --- request
@@ -117,7 +138,7 @@ evt<s1/e1 src<s1/e1 src<s1/e2 evt<s2/e1
 --- http_config
     lua_shared_dict got 1m;
     init_worker_by_lua_block {
-        local ev = require("resty.events").new {}
+        local ev = require("resty.events").new { listening = "unix:/x.sock" }
         package.loaded.t_ev = ev
         local seen = {}
         package.loaded.t_seen = seen
@@ -134,7 +155,15 @@ evt<s1/e1 src<s1/e1 src<s1/e2 evt<s2/e1
             local payload = { f = print }   -- could not be serialized
             ngx.say("publish: ", ev:publish("current", "t", "local", payload))
             ngx.say("handled at once: ", #seen)
-            ngx.sleep(0.2)
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function() return #seen >= 1 end)
             ngx.say("handled: ", #seen, ", same table: ", seen[1].data == payload,
                     ", wid: ", tostring(seen[1].wid))
             ngx.say("workers that saw it: ", ngx.shared.got:get("workers"))
@@ -158,7 +187,7 @@ workers that saw it: 1
 --- http_config
     lua_shared_dict got 1m;
     init_worker_by_lua_block {
-        local ev = require("resty.events").new { unique_timeout = 2 }
+        local ev = require("resty.events").new { listening = "unix:/x.sock", unique_timeout = 2 }
         ev:subscribe("cache", "refresh", function(data)
             ngx.shared.got:incr(data, 1, 0)
         end)
@@ -171,7 +200,17 @@ workers that saw it: 1
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.5)
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function()
+                return ngx.shared.got:get("key-a") and ngx.shared.got:get("key-b")
+            end)
             for _, k in ipairs { "key-a", "key-b" } do
                 ngx.say(k, " handled ", ngx.shared.got:get(k), " time(s)")
             end
@@ -187,7 +226,7 @@ key-b handled 1 time(s)
 
 
 
-=== TEST 5: the broker server of an existing config still loads; run() returns at once
+=== TEST 5: the broker server of an existing config still loads; run() answers its client and returns
 --- main_config
     workerbus_zone ev 4m;
 --- http_config
@@ -211,7 +250,20 @@ key-b handled 1 time(s)
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.say("run: ", require("resty.events").run(), " ", _G.ev:run())
+            -- outside the broker location (here a timer) run() only returns
+            ngx.timer.at(0, function()
+                ngx.shared.got:set("run", tostring(require("resty.events").run()) .. " " .. tostring(_G.ev:run()))
+            end)
+            local function wait(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait(function() return ngx.shared.got:get("run") end)
+            ngx.say("run: ", ngx.shared.got:get("run"))
             local sock = ngx.socket.tcp()
             assert(sock:connect("unix:$TEST_NGINX_HTML_DIR/events.sock"))
             assert(sock:send("GET / HTTP/1.0\r\nHost: x\r\n\r\n"))
@@ -219,7 +271,7 @@ key-b handled 1 time(s)
             sock:close()
             ngx.say("broker location answers: ", status)
             assert(_G.ev:publish("all", "t", "ping"))
-            ngx.sleep(0.3)
+            wait(function() return ngx.shared.got:get("n") == 4 end)
             ngx.say("handled by ", ngx.shared.got:get("n"), " workers")
         }
     }
@@ -234,74 +286,111 @@ handled by 4 workers
 
 
 
-=== TEST 6: is_ready is false before init_worker and true after
+=== TEST 6: is_ready is false before and during init_worker, and true once the worker's poller has run
 --- main_config
     workerbus_zone ev 4m;
 --- http_config
     init_worker_by_lua_block {
-        local ev = require("resty.events").new {}
+        local ev = require("resty.events").new { listening = "unix:/x.sock" }
         local before = ev:is_ready()
         assert(ev:init_worker())
+        package.loaded.t_ev = ev
         package.loaded.t_ready = { before, ev:is_ready() }
     }
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.say("before: ", package.loaded.t_ready[1], ", after: ", package.loaded.t_ready[2])
+            local ev = package.loaded.t_ev
+            local deadline = ngx.now() + 10
+            while not ev:is_ready() and ngx.now() < deadline do
+                ngx.sleep(0.005)
+                ngx.update_time()
+            end
+            ngx.say("before: ", package.loaded.t_ready[1], ", in init_worker: ",
+                    package.loaded.t_ready[2], ", later: ", ev:is_ready(),
+                    ", poller running: ", require("resty.workerbus.events_core").poller_running())
         }
     }
 --- request
 GET /t
 --- response_body
-before: false, after: true
+before: false, in init_worker: false, later: true, poller running: true
 --- no_error_log
 [error]
 
 
 
-=== TEST 7: new() checks its options as lua-resty-events does, and raises
+=== TEST 7: new() checks its options as lua-resty-events does, non-finite and fractional numbers too, and raises with its words
 --- main_config
     workerbus_zone ev 4m;
 --- config
     location = /t {
         content_by_lua_block {
             local events = require "resty.events"
+            local L = "unix:/tmp/x.sock"
             local cases = {
-                { broker_id = "x" }, { broker_id = 4 }, { listening = 1 },
-                { listening = "/tmp/x.sock" }, { unique_timeout = "1" }, { unique_timeout = 0 },
-                { max_queue_len = "1" }, { max_queue_len = 0 }, { max_payload_len = "1" },
-                { max_payload_len = 16 * 1024 * 1024 + 1 }, { enable_privileged_agent = 1 },
-                { testing = "yes" }, { zone = 1 },
+                "nil", "string",
+                { broker_id = "x", listening = L }, { broker_id = 4, listening = L },
+                { broker_id = -1, listening = L }, { broker_id = 0.5, listening = L },
+                { broker_id = 0/0, listening = L },
+                {}, { listening = 1 }, { listening = "/tmp/x.sock" },
+                { listening = L, unique_timeout = "1" }, { listening = L, unique_timeout = 0 },
+                { listening = L, unique_timeout = 0/0 }, { listening = L, unique_timeout = math.huge },
+                { listening = L, unique_timeout = 2^31 },
+                { listening = L, max_queue_len = "1" }, { listening = L, max_queue_len = 0 },
+                { listening = L, max_queue_len = 0/0 },
+                { listening = L, max_payload_len = "1" }, { listening = L, max_payload_len = 0 },
+                { listening = L, max_payload_len = 16 * 1024 * 1024 + 1 },
+                { listening = L, max_payload_len = 0/0 },
+                { listening = L, enable_privileged_agent = 1 },
+                { listening = L, testing = "yes" }, { listening = L, zone = 1 },
             }
             for _, opts in ipairs(cases) do
-                local ok, err = pcall(events.new, opts)
+                local arg = opts
+                if opts == "nil" then arg = nil end
+                local ok, err = pcall(events.new, arg)
                 ngx.say(ok, " ", (tostring(err):gsub("^.-:%d+: ", "")))
             end
-            local ev = events.new { listening = "unix:/tmp/x.sock", broker_id = 3,
+            local ev = events.new { listening = L, broker_id = 3,
                                     unique_timeout = 1, max_queue_len = 10,
                                     max_payload_len = 1000, enable_privileged_agent = false }
             ngx.say("valid options: ", type(ev), " ", ev.opts.unique_timeout)
-            ngx.say("no options: ", type(events.new()))
+            ev = events.new { listening = L }
+            ngx.say("defaults: broker_id ", ev.opts.broker_id, ", unique_timeout ", ev.opts.unique_timeout,
+                    ", max_queue_len ", ev.opts.max_queue_len, ", max_payload_len ", ev.opts.max_payload_len,
+                    ", testing ", ev.opts.testing)
         }
     }
 --- request
 GET /t
 --- response_body
+false Expected a table, got nil
+false Expected a table, got string
 false "broker_id" option must be a number
 false "broker_id" option is invalid
+false "broker_id" option is invalid
+false "broker_id" option is invalid
+false "broker_id" option is invalid
+false "listening" option required to start
 false "listening" option must be a string
 false "listening" option must start with unix:
 false optional "unique_timeout" option must be a number
 false "unique_timeout" must be greater than 0
+false "unique_timeout" must be greater than 0
+false "unique_timeout" must be at most 2147483647
+false "unique_timeout" must be at most 2147483647
 false "max_queue_len" option must be a number
 false "max_queue_len" option is invalid
+false "max_queue_len" option is invalid
 false "max_payload_len" option must be a number
+false "max_payload_len" option is invalid
+false "max_payload_len" option is invalid
 false "max_payload_len" option is invalid
 false "enable_privileged_agent" option must be a boolean
 false "testing" option must be a boolean
 false "zone" option must be a string
 valid options: table 1
-no options: table
+defaults: broker_id 0, unique_timeout 5, max_queue_len 10240, max_payload_len 65536, testing false
 --- no_error_log
 [error]
 
@@ -312,7 +401,7 @@ no options: table
     workerbus_zone ev 4m;
 --- http_config
     init_worker_by_lua_block {
-        local ev = require("resty.events").new { max_payload_len = 100 }
+        local ev = require("resty.events").new { listening = "unix:/x.sock", max_payload_len = 100 }
         package.loaded.t_ev = ev
         assert(ev:init_worker())
     }
@@ -358,13 +447,19 @@ false id is required
             local core = require "resty.workerbus.events_core"
             local wb = require "resty.workerbus"
             local head = tonumber(core and require("ffi").C.workerbus_ev_head(wb.zone()))
-            local ev = require("resty.events").new { testing = true }
+            local ev = require("resty.events").new { listening = "unix:", testing = true }
             local got = {}
             ev:subscribe("*", "*", function(data, event, source, wid)
                 got[#got + 1] = source .. "/" .. event .. "=" .. tostring(data) .. " wid " .. tostring(wid)
             end)
             ngx.say("init_worker: ", ev:init_worker(), ", ready: ", ev:is_ready())
             ngx.say("publish: ", ev:publish("all", "s", "e", "d"))
+            local deadline = ngx.now() + 10
+            while not ev:is_ready() and ngx.now() < deadline do
+                ngx.sleep(0.005)
+                ngx.update_time()
+            end
+            ngx.say("ready later: ", ev:is_ready())
             ngx.say("handled at once: ", table.concat(got, ", "))
             ngx.say("ring untouched: ", tonumber(require("ffi").C.workerbus_ev_head(wb.zone())) == head)
         }
@@ -372,8 +467,9 @@ false id is required
 --- request
 GET /t
 --- response_body
-init_worker: true, ready: true
+init_worker: true, ready: false
 publish: true
+ready later: true
 handled at once: s/e=d wid nil
 ring untouched: true
 --- no_error_log
@@ -390,7 +486,7 @@ ring untouched: true
     init_worker_by_lua_block {
         local d = ngx.shared.got
         local id = ngx.worker.id()
-        local ev = require("resty.events").new {}
+        local ev = require("resty.events").new { listening = "unix:/x.sock" }
         package.loaded.t_ev = ev
         ev:subscribe("t", "*", function(data, event)
             d:set("new" .. id, (d:get("new" .. id) or "") .. event)
@@ -409,8 +505,21 @@ ring untouched: true
             assert(we.post("t", "a"))
             assert(package.loaded.t_ev:publish("all", "t", "b"))
             assert(we.post("t", "c"))
-            ngx.sleep(0.3)
             local d = ngx.shared.got
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function()
+                for w = 0, 3 do
+                    if d:get("old" .. w) ~= "abc" or d:get("new" .. w) ~= "abc" then return false end
+                end
+                return true
+            end)
             for w = 0, 3 do
                 ngx.say("worker ", w, ": resty.worker.events got ", d:get("old" .. w),
                         ", resty.events got ", d:get("new" .. w))
@@ -436,7 +545,7 @@ zone: ev
     workerbus_zone ev 4m;
 --- http_config
     init_worker_by_lua_block {
-        local ev = require("resty.events").new {}
+        local ev = require("resty.events").new { listening = "unix:/x.sock" }
         package.loaded.t_ev = ev
         ev:subscribe("t", "*", function(data)
             package.loaded.t_data = data
@@ -449,7 +558,15 @@ zone: ev
             local ev = package.loaded.t_ev
             assert(ev:publish("all", "t", "x", { [1] = "a", [3] = "c", [true] = 1, [2.5] = "f",
                                                 nested = { x = { 1, 2 } } }))
-            ngx.sleep(0.2)
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function() return package.loaded.t_data end)
             local d = package.loaded.t_data
             ngx.say(d[1], " ", tostring(d[2]), " ", d[3], " ", d[true], " ", d[2.5], " ",
                     d.nested.x[1], d.nested.x[2])
@@ -469,7 +586,7 @@ a nil c 1 f 12
     workerbus_zone ev 4m;
 --- http_config
     init_worker_by_lua_block {
-        local ev = require("resty.events").new {}
+        local ev = require("resty.events").new { listening = "unix:/x.sock" }
         package.loaded.t_ev = ev
         package.loaded.t_after = { n = 0 }
         ev:subscribe("t", "*", function() error("callback broke") end)
@@ -480,7 +597,15 @@ a nil c 1 f 12
     location = /t {
         content_by_lua_block {
             ngx.say("publish: ", package.loaded.t_ev:publish("current", "t", "boom", "secret-payload"))
-            ngx.sleep(0.1)
+            local function wait_for(f)
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            wait_for(function() return package.loaded.t_after.n >= 1 end)
             ngx.say("second callback ran: ", package.loaded.t_after.n)
         }
     }
@@ -502,7 +627,7 @@ secret-payload
     workerbus_zone other 1m;
 --- http_config
     init_worker_by_lua_block {
-        local ev = require("resty.events").new { zone = "other" }
+        local ev = require("resty.events").new { listening = "unix:/x.sock", zone = "other" }
         assert(ev:init_worker())
         package.loaded.t_res = { require("resty.worker.events").configure { shm = "main" } }
     }

@@ -89,9 +89,9 @@ lost: 0
 
 
 
-=== TEST 2: a stopped worker lapped by the ring gets "lagged" with the exact number of events it lost
+=== TEST 2: overflow=overwrite: a stopped worker lapped by the ring gets "lagged" with the exact number of events it lost
 --- main_config
-    workerbus_zone ev 256k;
+    workerbus_zone ev 256k overflow=overwrite;
 --- http_config
     lua_shared_dict got 1m;
     init_worker_by_lua_block {
@@ -106,7 +106,7 @@ lost: 0
                 d:incr("lost" .. id, data, 0)
             end
         end)
-        local rev = require("resty.events").new {}
+        local rev = require("resty.events").new { listening = "unix:/x.sock" }
         rev:subscribe("resty-events", "lagged", function(n)
             d:incr("rlost" .. id, n, 0)
         end)
@@ -157,7 +157,7 @@ worker 2: handled + lost = posted: true, both APIs told the same loss: true
 worker 3: handled + lost = posted: true, both APIs told the same loss: true
 the stopped worker lost events: true
 --- error_log eval
-qr/worker-events: this worker was lapped by the event ring of workerbus zone "ev" and lost \d+ events/
+qr/workerbus: this worker was lapped by the event ring of workerbus zone "ev" and lost \d+ events/
 --- no_error_log
 [error]
 
@@ -275,3 +275,473 @@ claims won 1, refused 3
 wake-ups sent: true, idle again: 4, lost: 0 0
 --- no_error_log
 [error]
+
+
+
+=== TEST 5: the original's settings (a 64m lua_shared_dict, interval = 0.01, no workerbus_zone line): a burst of 100,000 64-byte events from one handler loses none, through both APIs
+--- http_config
+    lua_shared_dict process_events 64m;
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local d = ngx.shared.got
+        local id = ngx.worker.id()
+        local ev = require "resty.worker.events"
+        local n, rn = 0, 0
+        ev.register(function() n = n + 1; if n % 5000 == 0 then d:set("n" .. id, n) end end, "burst")
+        ev.register(function(lost) d:incr("lost", lost, 0) end, "resty-worker-events", "lagged")
+        local rev = require("resty.events").new { listening = "unix:/x.sock" }
+        rev:subscribe("burst", "*", function() rn = rn + 1; if rn % 5000 == 0 then d:set("rn" .. id, rn) end end)
+        rev:subscribe("resty-events", "lagged", function(lost) d:incr("rlost", lost, 0) end)
+        assert(rev:init_worker())
+        assert(ev.configure { shm = "process_events", interval = 0.01 })
+        package.loaded.t_rev = rev
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local rev = package.loaded.t_rev
+            local d = ngx.shared.got
+            local data = string.rep("x", 64)
+            local failed = 0
+            -- one handler, no yield: the poster's own reader cannot move meanwhile
+            for i = 1, 50000 do
+                if not ev.post("burst", "e", data) then failed = failed + 1 end
+                if not rev:publish("all", "burst", "e", data) then failed = failed + 1 end
+            end
+            ngx.update_time()
+            local deadline = ngx.now() + 60
+            local done = 0
+            -- each API's handlers see every event, those of the other API included
+            while ngx.now() < deadline and done < 8 do
+                done = 0
+                for w = 0, 3 do
+                    if d:get("n" .. w) == 100000 then done = done + 1 end
+                    if d:get("rn" .. w) == 100000 then done = done + 1 end
+                end
+                ngx.sleep(0.05)
+                ngx.update_time()
+            end
+            ngx.say("posts refused: ", failed)
+            for w = 0, 3 do
+                ngx.say("worker ", w, ": ", d:get("n" .. w), " + ", d:get("rn" .. w))
+            end
+            ngx.say("lost: ", d:get("lost") or 0, " ", d:get("rlost") or 0)
+        }
+    }
+--- request
+GET /t
+--- timeout: 70
+--- response_body
+posts refused: 0
+worker 0: 100000 + 100000
+worker 1: 100000 + 100000
+worker 2: 100000 + 100000
+worker 3: 100000 + 100000
+lost: 0 0
+--- no_error_log
+[error]
+[warn]
+
+
+
+=== TEST 6: a burst that outgrows the ring: refused at the call, naming the worker that has not read and how far behind it is; every accepted event reaches every worker
+--- main_config
+    workerbus_zone ev 256k;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local d = ngx.shared.got
+        local id = ngx.worker.id()
+        d:set("pid" .. id, ngx.worker.pid())
+        local ev = require "resty.worker.events"
+        ev.register(function() d:incr("n" .. id, 1, 0) end, "flood")
+        ev.register(function(lost) d:incr("lost", lost, 0) end, "resty-worker-events", "lagged")
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local d = ngx.shared.got
+            ngx.sleep(0.2)
+            local data = string.rep("x", 64)
+            local accepted, first_err = 0, nil
+            -- more than the ring holds, without yielding: this worker's own
+            -- reader cannot move, so its records must not be overwritten
+            for i = 1, 5000 do
+                local ok, err = ev.post("flood", "e", data)
+                if ok then
+                    accepted = accepted + 1
+                elseif not first_err then
+                    first_err = err
+                end
+            end
+            ngx.say("some accepted, some refused: ", accepted > 500 and accepted < 5000)
+            local pat = '^failed posting event "e" by "flood"; the event ring is full: worker process '
+                        .. '(%d+) %(reader %d+%) has not read the last (%d+) events yet and '
+                        .. 'this one would overwrite the oldest of them %(workerbus zone "ev", ring of '
+                        .. '131072 bytes: make the zone larger, or let the ring overwrite with '
+                        .. 'overflow=overwrite%)$'
+            local pid, behind = (first_err or ""):match(pat)
+            local known = false
+            for w = 0, 3 do known = known or tonumber(pid) == d:get("pid" .. w) end
+            behind = tonumber(behind)
+            ngx.say("the error names a worker and how far behind it is: ",
+                    known and behind ~= nil and behind > 0 and behind <= accepted)
+            if not known then ngx.say(first_err) end
+            ngx.update_time()
+            local deadline = ngx.now() + 10
+            while ngx.now() < deadline do
+                local all = true
+                for w = 0, 3 do all = all and d:get("n" .. w) == accepted end
+                if all then break end
+                ngx.sleep(0.02)
+                ngx.update_time()
+            end
+            for w = 0, 3 do
+                ngx.say("worker ", w, " handled every accepted event: ", d:get("n" .. w) == accepted)
+            end
+            ngx.say("lost: ", d:get("lost") or 0)
+            local st = require("resty.workerbus").status().zones[1].events
+            ngx.say("refused counted: ", st.refused == 5000 - accepted, ", overflow: ", st.overflow)
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+some accepted, some refused: true
+the error names a worker and how far behind it is: true
+worker 0 handled every accepted event: true
+worker 1 handled every accepted event: true
+worker 2 handled every accepted event: true
+worker 3 handled every accepted event: true
+lost: 0
+refused counted: true, overflow: refuse
+--- no_error_log
+[warn]
+
+
+
+=== TEST 7: a hung worker never blocks posting: once it is reported hung it is lapped, and told the exact count when it resumes
+--- main_config
+    workerbus_zone ev 256k;
+    workerbus_heartbeat 100ms;
+    workerbus_hang_timeout 500ms;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local d = ngx.shared.got
+        local id = ngx.worker.id()
+        d:set("pid" .. id, ngx.worker.pid())
+        local ev = require "resty.worker.events"
+        ev.register(function() d:incr("handled" .. id, 1, 0) end, "flood")
+        ev.register(function(lost) d:incr("lost" .. id, lost, 0) end, "resty-worker-events", "lagged")
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ffi = require "ffi"
+            pcall(ffi.cdef, "int kill(int pid, int sig);")
+            local ev = require "resty.worker.events"
+            local wb = require "resty.workerbus"
+            local d = ngx.shared.got
+            local function wait(cond)
+                ngx.update_time()
+                local deadline = ngx.now() + 10
+                while not cond() and ngx.now() < deadline do
+                    ngx.sleep(0.02)
+                    ngx.update_time()
+                end
+                return cond()
+            end
+            ngx.sleep(0.3)
+            local victim = (ngx.worker.id() + 1) % 4
+            local vpid = d:get("pid" .. victim)
+            ffi.C.kill(vpid, 19)   -- SIGSTOP
+            ngx.say("reported hung: ", wait(function()
+                for _, w in ipairs(wb.status().workers) do
+                    if w.pid == vpid then return w.state == "hung" end
+                end
+            end))
+            local data = string.rep("x", 200)
+            local n = 3000     -- several times what the ring holds
+            local refused = 0
+            for i = 1, n do
+                if not ev.post("flood", "e", data) then refused = refused + 1 end
+                if i % 50 == 0 then ngx.sleep(0.001) end
+            end
+            ngx.say("refused: ", refused)
+            ffi.C.kill(vpid, 18)   -- SIGCONT
+            ngx.say("every worker accounted for every event: ", wait(function()
+                for w = 0, 3 do
+                    if (d:get("handled" .. w) or 0) + (d:get("lost" .. w) or 0) ~= n then return false end
+                end
+                return true
+            end))
+            ngx.say("the hung worker was told it lost events: ", (d:get("lost" .. victim) or 0) > 0)
+            local others = 0
+            for w = 0, 3 do
+                if w ~= victim then others = others + (d:get("lost" .. w) or 0) end
+            end
+            ngx.say("the others lost: ", others)
+        }
+    }
+--- request
+GET /t
+--- timeout: 30
+--- response_body
+reported hung: true
+refused: 0
+every worker accounted for every event: true
+the hung worker was told it lost events: true
+the others lost: 0
+
+
+
+=== TEST 8: overflow=overwrite: the ring overwrites its oldest records, and a lapped worker gets one "lagged" per gap with the whole count; the log line is rate-limited
+--- main_config
+    workerbus_zone ev 256k overflow=overwrite;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local d = ngx.shared.got
+        local id = ngx.worker.id()
+        d:set("pid" .. id, ngx.worker.pid())
+        local ev = require "resty.worker.events"
+        local last = "none"
+        ev.register(function(data, event, source)
+            if source == "flood" then
+                d:incr("handled" .. id, 1, 0)
+                last = "event"
+            elseif event == "lagged" then
+                d:incr("lost" .. id, data, 0)
+                d:incr("notices" .. id, 1, 0)
+                if last == "lagged" then
+                    d:incr("twice" .. id, 1, 0)   -- two notices with no event between: one gap split
+                end
+                last = "lagged"
+            end
+        end)
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ffi = require "ffi"
+            pcall(ffi.cdef, "int kill(int pid, int sig);")
+            local ev = require "resty.worker.events"
+            local d = ngx.shared.got
+            ngx.sleep(0.3)
+            local victim = (ngx.worker.id() + 1) % 4
+            local vpid = d:get("pid" .. victim)
+            ffi.C.kill(vpid, 19)   -- SIGSTOP
+            local data = string.rep("x", 300)
+            local n = 0
+            for i = 1, 2000 do
+                assert(ev.post("flood", "e", data))
+                n = n + 1
+                if i % 50 == 0 then ngx.sleep(0.001) end
+            end
+            ffi.C.kill(vpid, 18)   -- SIGCONT
+            -- keep lapping it while it catches up
+            for i = 1, 4000 do
+                assert(ev.post("flood", "e", data))
+                n = n + 1
+                if i % 20 == 0 then ngx.sleep(0) end
+            end
+            ngx.update_time()
+            local deadline = ngx.now() + 10
+            local function settled()
+                for w = 0, 3 do
+                    if (d:get("handled" .. w) or 0) + (d:get("lost" .. w) or 0) ~= n then return false end
+                end
+                return true
+            end
+            while not settled() and ngx.now() < deadline do
+                ngx.sleep(0.02)
+                ngx.update_time()
+            end
+            ngx.say("handled + lost = posted at every worker: ", settled())
+            ngx.say("the stopped worker lost events: ", (d:get("lost" .. victim) or 0) > 0)
+            local split = 0
+            for w = 0, 3 do split = split + (d:get("twice" .. w) or 0) end
+            ngx.say("gaps reported in pieces: ", split)
+            local st = require("resty.workerbus").status().zones[1].events
+            ngx.say("overflow: ", st.overflow, ", refused: ", st.refused)
+            local missed = 0
+            for _, w in ipairs(st.workers) do
+                if w.pid == vpid then missed = w.missed end
+            end
+            ngx.say("status agrees: ", missed == d:get("lost" .. victim))
+            -- the log: at most one "lapped" line per worker within 10 s
+            local per, lines = {}, 0
+            for line in io.lines(ngx.config.prefix() .. "logs/error.log") do
+                local pid = line:match("%[warn%] (%d+)#%d+: .-workerbus: this worker was lapped")
+                if pid then
+                    per[pid] = (per[pid] or 0) + 1
+                    lines = lines + 1
+                end
+            end
+            local most = 0
+            for _, n in pairs(per) do most = math.max(most, n) end
+            ngx.say("lapped lines: some: ", lines > 0, ", at most one per worker: ", most == 1)
+        }
+    }
+--- request
+GET /t
+--- timeout: 30
+--- response_body
+handled + lost = posted at every worker: true
+the stopped worker lost events: true
+gaps reported in pieces: 0
+overflow: overwrite, refused: 0
+status agrees: true
+lapped lines: some: true, at most one per worker: true
+--- no_error_log
+worker-events: this worker was lapped
+
+
+
+=== TEST 9: a writer killed in the middle of a post: logged once as a warning with its pid; the others go on
+--- main_config
+    workerbus_zone ev 1m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local d = ngx.shared.got
+        local ev = require "resty.worker.events"
+        ev.register(function() d:incr("n", 1, 0) end, "after")
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /die {
+        content_by_lua_block {
+            local ffi = require "ffi"
+            local wb = require "resty.workerbus"
+            -- never the worker serving /t: its death would end the test's own request
+            if ngx.shared.got:get("asker") == ngx.worker.pid() then
+                return ngx.exit(409)
+            end
+            ngx.shared.got:set("victim", ngx.worker.pid())
+            ffi.C.workerbus_test_die_mid_post(wb.zone("ev"))
+        }
+    }
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local d = ngx.shared.got
+            d:set("asker", ngx.worker.pid())
+            ngx.update_time()
+            local deadline = ngx.now() + 10
+            repeat   -- until another worker took /die (it answers 409 in this one)
+                local sock = ngx.socket.tcp()
+                assert(sock:connect("127.0.0.1", ngx.var.server_port))
+                assert(sock:send("GET /die HTTP/1.0\r\nHost: x\r\n\r\n"))
+                local reply = sock:receive("*a")   -- the connection closes when the worker dies
+                sock:close()
+                ngx.update_time()
+            until not (reply or ""):find("409", 1, true) or ngx.now() > deadline
+            local function gone()
+                local st = require("resty.workerbus").status().zones[1].events
+                return st.dropped == 1
+            end
+            local ok
+            repeat
+                ok = ev.post("after", "e", "x")
+                ngx.sleep(0.05)
+                ngx.update_time()
+            until (ok and gone()) or ngx.now() > deadline
+            ngx.say("posting works after the death: ", ok and true, ", counted: ", gone())
+            ngx.sleep(2.5)   -- two heartbeats: the warning is not repeated
+            ngx.say("victim was another worker: ", d:get("victim") ~= ngx.worker.pid())
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- grep_error_log eval: qr/workerbus: zone "ev": a writer \(pid \d+\) died mid-post; its event was not published/
+--- grep_error_log_out eval
+qr/\Aworkerbus: zone "ev": a writer \(pid \d+\) died mid-post; its event was not published\n\z/
+--- response_body
+posting works after the death: true, counted: true
+victim was another worker: true
+
+
+
+=== TEST 10: a reload's old worker still serving a request reads no more events, so it never holds up the new workers' posts
+--- main_config
+    workerbus_zone ev 256k;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local d = ngx.shared.got
+        local gen = require("resty.workerbus").generation()
+        local ev = require "resty.worker.events"
+        ev.register(function() d:incr("handled:" .. gen .. ":" .. ngx.worker.id(), 1, 0) end, "flood")
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /flood {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local data = string.rep("x", 200)
+            -- a new worker may be slower than the poster on a loaded machine:
+            -- its refusals are waited out; one naming the old worker is the bug
+            local old = " " .. ngx.var.arg_old .. " "
+            local by_old, posted = 0, 0
+            ngx.update_time()
+            local deadline = ngx.now() + 30
+            for i = 1, 3000 do      -- several times what the ring holds
+                while true do
+                    local ok, err = ev.post("flood", "e", data)
+                    if ok then posted = posted + 1; break end
+                    if err:find(old, 1, true) then by_old = by_old + 1 end
+                    ngx.sleep(0.005)
+                    ngx.update_time()
+                    if ngx.now() > deadline then break end
+                end
+                if i % 50 == 0 then ngx.sleep(0.001) end
+            end
+            ngx.say("posted=", posted, " refused by the old worker=", by_old)
+        }
+    }
+    location = /t {
+        content_by_lua_block {
+            local ffi = require "ffi"
+            pcall(ffi.cdef, "int kill(int pid, int sig);")
+            local wb = require "resty.workerbus"
+            local d = ngx.shared.got
+            ngx.sleep(0.2)
+            local n = #wb.status().workers
+            ffi.C.kill(require("ngx.process").get_master_pid(), 1)   -- HUP
+            ngx.update_time()
+            local deadline = ngx.now() + 10
+            local new
+            repeat
+                new = 0
+                for _, w in ipairs(wb.status().workers) do
+                    if w.generation == 2 and w.state == "running" then new = new + 1 end
+                end
+                ngx.sleep(0.02)
+                ngx.update_time()
+            until new == n or ngx.now() > deadline
+            -- this old worker no longer listens: a new one serves the flood
+            local sock = ngx.socket.tcp()
+            sock:settimeout(30000)
+            assert(sock:connect("127.0.0.1", ngx.var.server_port))
+            assert(sock:send("GET /flood?old=" .. ngx.worker.pid() .. " HTTP/1.0\r\nHost: x\r\n\r\n"))
+            local body = sock:receive("*a") or ""
+            sock:close()
+            ngx.say("old worker still here: ", ngx.worker.exiting())
+            ngx.say(body:match("posted=[^\r\n]*"))
+        }
+    }
+--- request
+GET /t
+--- timeout: 60
+--- response_body
+old worker still here: true
+posted=3000 refused by the old worker=0

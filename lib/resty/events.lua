@@ -10,13 +10,16 @@ local call_handler = core.call_handler
 
 local ngx = ngx
 local log = ngx.log
-local ERR = ngx.ERR
 local DEBUG = ngx.DEBUG
 local type = type
 local tostring = tostring
 local assert = assert
 local setmetatable = setmetatable
 local str_sub = string.sub
+local huge = math.huge
+local worker_count = ngx.worker.count
+local get_phase = ngx.get_phase
+local timer_at = ngx.timer.at
 
 local FLAG_EVENTS = core.FLAG_EVENTS
 local SOURCE = "resty-events"     -- source of this module's own "lagged" event
@@ -24,6 +27,7 @@ local POLL_BOUND = 1              -- the poller wakes at least this often (secon
 
 local UNIX_PREFIX = "unix:"
 local DEFAULT_UNIQUE_TIMEOUT = 5
+local MAX_UNIQUE_TIMEOUT = 2147483647  -- seconds; beyond it a claim would never end
 local DEFAULT_MAX_QUEUE_LEN = 1024 * 10
 local DEFAULT_MAX_PAYLOAD_LEN = 1024 * 64
 local LIMIT_MAX_PAYLOAD_LEN = 1024 * 1024 * 16
@@ -34,51 +38,65 @@ local _M = {
 }
 local _MT = { __index = _M }
 
--- The options of lua-resty-events, checked as it checks them (same
--- messages); what each one means here is in docs/events.md.
+-- A number that is neither NaN nor infinite (the original lets both through).
+local function finite(n)
+    return n == n and n ~= huge and n ~= -huge
+end
+
+-- The options of lua-resty-events, checked as it checks them and with its
+-- messages, plus the non-finite and fractional values it lets through;
+-- what each one means here is in docs/events.md.
 local function check_options(opts)
+    assert(type(opts) == "table", "Expected a table, got " .. type(opts))
+
     if opts.broker_id == nil then
         opts.broker_id = 0
     end
-    if type(opts.broker_id) ~= "number" then
+    local id = opts.broker_id
+    if type(id) ~= "number" then
         return nil, '"broker_id" option must be a number'
     end
-    local count = ngx.worker.count()
-    if opts.broker_id < 0 or (count and opts.broker_id >= count) then
+    if not finite(id) or id < 0 or id >= worker_count() or id % 1 ~= 0 then
         return nil, '"broker_id" option is invalid'
     end
 
-    -- Optional here: there is no socket to listen on.
-    if opts.listening ~= nil then
-        if type(opts.listening) ~= "string" then
-            return nil, '"listening" option must be a string'
-        end
-        if str_sub(opts.listening, 1, #UNIX_PREFIX) ~= UNIX_PREFIX then
-            return nil, '"listening" option must start with ' .. UNIX_PREFIX
-        end
+    if not opts.listening then
+        return nil, '"listening" option required to start'
+    end
+    if type(opts.listening) ~= "string" then
+        return nil, '"listening" option must be a string'
+    end
+    if str_sub(opts.listening, 1, #UNIX_PREFIX) ~= UNIX_PREFIX then
+        return nil, '"listening" option must start with ' .. UNIX_PREFIX
     end
 
     opts.unique_timeout = opts.unique_timeout or DEFAULT_UNIQUE_TIMEOUT
-    if type(opts.unique_timeout) ~= "number" then
+    local t = opts.unique_timeout
+    if type(t) ~= "number" then
         return nil, 'optional "unique_timeout" option must be a number'
     end
-    if opts.unique_timeout <= 0 then
+    if not (t > 0) then  -- NaN included
         return nil, '"unique_timeout" must be greater than 0'
+    end
+    if t > MAX_UNIQUE_TIMEOUT then  -- math.huge included
+        return nil, '"unique_timeout" must be at most ' .. MAX_UNIQUE_TIMEOUT
     end
 
     opts.max_queue_len = opts.max_queue_len or DEFAULT_MAX_QUEUE_LEN
-    if type(opts.max_queue_len) ~= "number" then
+    local q = opts.max_queue_len
+    if type(q) ~= "number" then
         return nil, '"max_queue_len" option must be a number'
     end
-    if opts.max_queue_len <= 0 then
+    if not finite(q) or q <= 0 then
         return nil, '"max_queue_len" option is invalid'
     end
 
     opts.max_payload_len = opts.max_payload_len or DEFAULT_MAX_PAYLOAD_LEN
-    if type(opts.max_payload_len) ~= "number" then
+    local m = opts.max_payload_len
+    if type(m) ~= "number" then
         return nil, '"max_payload_len" option must be a number'
     end
-    if opts.max_payload_len <= 0 or opts.max_payload_len > LIMIT_MAX_PAYLOAD_LEN then
+    if not (m > 0 and m <= LIMIT_MAX_PAYLOAD_LEN) then  -- NaN included
         return nil, '"max_payload_len" option is invalid'
     end
 
@@ -102,17 +120,13 @@ local function check_options(opts)
 end
 
 function _M.new(opts)
-    if opts == nil then
-        opts = {}
-    end
-    assert(type(opts) == "table", "Expected a table, got " .. type(opts))
     assert(check_options(opts))
     return setmetatable({
         opts = opts,
         _funcs = {},      -- id -> callback
         _lists = {},      -- source -> event -> { n = count, ids... }
         _counter = 0,
-        _ready = false,
+        _ready = false,   -- init_worker ran and the poller has run since
     }, _MT)
 end
 
@@ -171,36 +185,64 @@ local function attach(self)
     return core.attach(zone, zone ~= nil)
 end
 
+-- is_ready turns true from a timer made after the poller's: it runs once
+-- the poller has had its first turn (lua-resty-events: once connected to
+-- the broker, also from a timer).
+local function mark_ready(premature, self)
+    if not premature then
+        self._ready = true
+    end
+end
+
 function _M:init_worker()
     local opts = self.opts
-    if opts.testing then
-        self._ready = true
-        return true
-    end
-    local ok, err = attach(self)
-    if not ok then
-        return nil, err
-    end
-    core.set_ttl(FLAG_EVENTS, opts.unique_timeout)
-    if not self._sink then
-        self._sink = function(data, event, source, _, wid)
-            return dispatch(self, data, event, source, wid)
+    self._ready = false
+    if not opts.testing then
+        local ok, err = attach(self)
+        if not ok then
+            return nil, err
         end
-        core.add_sink(self._sink, function(n)
-            return dispatch(self, n, "lagged", SOURCE, nil)
-        end)
+        core.set_ttl(FLAG_EVENTS, opts.unique_timeout)
+        if not self._sink then
+            self._sink = function(data, event, source, _, wid)
+                return dispatch(self, data, event, source, wid)
+            end
+            core.add_sink(self._sink, function(n)
+                return dispatch(self, n, "lagged", SOURCE, nil)
+            end)
+        end
+        -- one owner for every object (all want the same bound): objects
+        -- made again and again (compat's configure) leave nothing behind
+        ok, err = core.want_loop(_M, POLL_BOUND)
+        if not ok then
+            return nil, err
+        end
     end
-    ok, err = core.want_loop(self, POLL_BOUND)
+    local ok, err = timer_at(0, mark_ready, self)
     if not ok then
-        return nil, err
+        return nil, "failed to create the readiness timer: " .. tostring(err)
     end
-    self._ready = true
     return true
 end
 
--- There is no broker: nothing to run. Kept so that existing
--- `listen unix:...; content_by_lua_block { ev:run() }` servers still load.
+-- There is no broker and nothing to serve: the client of the `listening`
+-- socket gets a short answer at once on the raw connection, which nginx then
+-- closes (no keepalive, no lingering close; nothing more is read), and run()
+-- returns. Called elsewhere, it only returns. See docs/events.md.
+local RUN_BODY = "no event broker here: workerbus carries events in shared memory\n"
+local RUN_ANSWER = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+                   .. #RUN_BODY .. "\r\nConnection: close\r\n\r\n" .. RUN_BODY
+
 function _M.run()
+    if get_phase() == "content" and ngx.config.subsystem == "http" then
+        local sock = ngx.req.socket(true)
+        if sock then
+            sock:settimeout(1000)
+            sock:send(RUN_ANSWER)
+        else
+            ngx.exit(444)  -- no raw socket (HTTP/2, a body being read): just close
+        end
+    end
     return true
 end
 
@@ -211,6 +253,7 @@ function _M:publish(target, source, event, data)
 
     local opts = self.opts
     if opts.testing then
+        log(DEBUG, "event published to 1 workers")
         dispatch(self, data, event, source, nil)
         return true
     end
@@ -231,6 +274,9 @@ function _M:publish(target, source, event, data)
     if not ok then
         return nil, "failed to publish event: " .. err
     end
+    -- The original's broker line; here every worker of the generation reads
+    -- the event (one of them handles a unique one).
+    log(DEBUG, "event published to ", unique and 1 or worker_count(), " workers")
     return true
 end
 
@@ -267,8 +313,18 @@ function _M:unsubscribe(id)
     return true
 end
 
+-- Detaches this object from the worker's reader (resty.events.compat's
+-- configure replaces its object with it): its callbacks get no more events.
+function _M:_close()
+    if self._sink then
+        core.remove_sink(self._sink)
+        self._sink = nil
+    end
+    self._ready = false
+end
+
 function _M:is_ready()
-    return self._ready
+    return self._ready and (self.opts.testing or core.poller_running())
 end
 
 -- Every worker of every node that shares the PostgreSQL database

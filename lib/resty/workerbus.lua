@@ -13,7 +13,7 @@ local ffi_string = ffi.string
 local type = type
 local error = error
 
-local ABI_VERSION = 1
+local ABI_VERSION = 2
 local MODULE_PATH = "/usr/lib/nginx/modules/ngx_workerbus_module.so"
 
 ffi.cdef [[
@@ -21,6 +21,7 @@ ffi.cdef [[
     const unsigned char *workerbus_last_error(size_t *len);
     int workerbus_zone(const unsigned char *name, size_t len);
     size_t workerbus_status_json(unsigned char *buf, size_t cap);
+    size_t workerbus_metrics_text(unsigned char *buf, size_t cap);
     uint64_t workerbus_generation(void);
     int workerbus_kv_set(int zone, const unsigned char *key, size_t klen,
                          const unsigned char *val, size_t vlen);
@@ -93,16 +94,37 @@ function _M.zone(name)
     return z
 end
 
+-- The text a C function writes with the (buf, cap) -> full length
+-- convention: asked once for its length, then into a buffer with room.
+local function text_of(fn, what)
+    local n = tonumber(fn(nil, 0))
+    local b = get_buf(n + 1024)
+    n = tonumber(fn(b, buf_size))
+    if n > buf_size then
+        return nil, what .. " grew while being read"
+    end
+    return ffi_string(b, n)
+end
+
 -- The status document as a Lua table (the same as workerbus_status serves).
 function _M.status()
-    local n = tonumber(C.workerbus_status_json(nil, 0))
-    local b = get_buf(n + 1024)
-    n = tonumber(C.workerbus_status_json(b, buf_size))
-    if n > buf_size then
-        return nil, "status document grew while being read"
+    local text, err = text_of(C.workerbus_status_json, "status document")
+    if not text then
+        return nil, err
     end
     local cjson = require "cjson.safe"
-    return cjson.decode(ffi_string(b, n))
+    return cjson.decode(text)
+end
+
+-- The same snapshot in Prometheus's text format (what workerbus_metrics serves).
+function _M.metrics()
+    return text_of(C.workerbus_metrics_text, "metrics")
+end
+
+-- Streams the event bus to the client as Server-Sent Events (a content
+-- handler; see lib/resty/workerbus/tail.lua for the options).
+function _M.tail(opts)
+    return require("resty.workerbus.tail").tail(opts)
 end
 
 -- Generation of this worker's configuration (one per load or reload).

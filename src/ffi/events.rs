@@ -5,7 +5,7 @@ use core::ffi::{c_int, c_void};
 
 use crate::module::events as ev;
 use crate::module::local::local;
-use crate::module::time::now_ms;
+use crate::module::time::mono_ms;
 use crate::module::wake;
 use crate::shm::ring::{Next, RecordIn, RecordOut};
 
@@ -47,7 +47,9 @@ pub unsafe extern "C" fn workerbus_ev_post(
     }
 }
 
-/// Next event for this worker: 1 record, 0 none, 2 lagged, -2 buffer too small, -1 error.
+/// Next event for this worker: 1 record (`out.missed` > 0: that many were
+/// lost right before it), 0 none, 2 lagged with no record after the gap
+/// yet, -2 buffer too small, -1 error.
 ///
 /// # Safety
 /// `out` and `need` writable, `buf` writable for `cap` bytes.
@@ -81,23 +83,47 @@ pub unsafe extern "C" fn workerbus_ev_next(
     }
 }
 
-/// The poller is about to sleep: 1 if events are already pending, else 0.
+/// The poller is about to sleep: 1 if events are already pending, else 0
+/// (this worker's reader is then flagged idle, and the next post wakes it).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
     let l = local();
     let (Some(r), Some(i)) = (ev::ring(z), l.reader) else { return 0 };
     let Some(rd) = r.reader(i) else { return 0 };
-    let pending = || rd.pending();
-    c_int::from(z.header().idle.set_idle(l.slot, pending))
+    c_int::from(!rd.set_idle(true))
 }
 
-/// Registers the ngx.semaphore posted on wake-up (NULL unregisters).
+/// Registers the ngx.semaphore posted on wake-up (NULL unregisters) and
+/// claims this worker's readers. Returns 1 when posters can wake this
+/// worker (the poller may then sleep without a timeout), 0 when it must poll.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
     crate::module::process::ensure_worker_started();
     local().sema = sem;
-    0
+    if sem.is_null() {
+        ev::release_readers();
+        return 0;
+    }
+    ev::claim_readers();
+    c_int::from(wake::available() && local().reader.is_some())
+}
+
+/// Test hook for the "writer killed mid-post" path: takes the zone's lock,
+/// writes half a record of 64 bytes, and kills this process with SIGKILL
+/// there, lock held. Used by t/102; never returns.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_test_die_mid_post(zone_index: c_int) -> c_int {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(r) = ev::ring(z) else { return fail(-1, "the zone has no event ring") };
+    // SAFETY: set by nginx at process start.
+    let pid = unsafe { nginx_sys::ngx_pid };
+    let data = [b'x'; 64];
+    let rec = RecordIn { source: b"test", event: b"cut", unique: b"", data: &data, pid, flags: 0 };
+    let _ = r.post_partial_for_test(&z.lock(), &rec);
+    // SAFETY: kill has no memory preconditions; this process dies here.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    -1
 }
 
 /// Unique events: 1 first claimer, 0 already claimed within ttl, -1 error.
@@ -116,7 +142,7 @@ pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, k
         return fail(-1, "timeout must be a non-negative number");
     }
     let Some(c) = ev::claims(z) else { return fail(-1, "the zone has no claim table") };
-    match c.claim(&z.lock(), key, now_ms(), (ttl_sec * 1000.0) as u64) {
+    match c.claim(&z.lock(), key, mono_ms(), (ttl_sec * 1000.0) as u64) {
         Ok(won) => c_int::from(won),
         Err(_) => fail(-1, "the unique-event claim table is full"),
     }

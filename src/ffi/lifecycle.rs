@@ -10,7 +10,7 @@ use core::sync::atomic::Ordering;
 
 use crate::module::local::local;
 use crate::module::process::ensure_worker_started;
-use crate::module::time::now_ms;
+use crate::module::time::mono_ms;
 use crate::shm::lifecycle::{FLAG_LEFT, FLAG_MANAGED, Lifecycle, pid_alive};
 
 use super::fail;
@@ -73,7 +73,7 @@ pub unsafe extern "C" fn workerbus_lc_counts(generation: u64, failed_sec: f64, o
         return fail(-1, "null output buffer");
     }
     let failed_ms = if failed_sec.is_finite() && failed_sec > 0.0 { (failed_sec * 1000.0) as u64 } else { 0 };
-    let (prev, mine, next) = lc.manager_counts(generation, now_ms(), failed_ms, pid_alive);
+    let (prev, mine, next) = lc.manager_counts(generation, mono_ms(), failed_ms, pid_alive);
     // SAFETY: guaranteed by the caller; checked non-null above.
     unsafe {
         *out = prev.map_or(-1, i64::from);

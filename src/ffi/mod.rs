@@ -15,7 +15,7 @@ pub mod lifecycle;
 pub mod pg;
 
 /// Bumped on any change of a signature or structure below.
-pub const ABI_VERSION: c_int = 1;
+pub const ABI_VERSION: c_int = 2;
 
 thread_local! {
     static LAST_ERROR: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -113,6 +113,22 @@ pub unsafe extern "C" fn workerbus_status_json(buf: *mut u8, cap: usize) -> usiz
         unsafe { core::ptr::copy_nonoverlapping(doc.as_ptr(), buf, doc.len()) };
     }
     doc.len()
+}
+
+/// The same snapshot as Prometheus text (what `workerbus_metrics` serves):
+/// its length; copied to `buf` when it fits in `cap`.
+///
+/// # Safety
+/// `buf` must be writable for `cap` bytes (or NULL).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_metrics_text(buf: *mut u8, cap: usize) -> usize {
+    crate::module::process::ensure_worker_started();
+    let text = crate::module::metrics::text();
+    if text.len() <= cap && !buf.is_null() {
+        // SAFETY: the caller guarantees cap writable bytes at buf.
+        unsafe { core::ptr::copy_nonoverlapping(text.as_ptr(), buf, text.len()) };
+    }
+    text.len()
 }
 
 /// Generation of this process's configuration (0 outside nginx workers).

@@ -6,17 +6,22 @@ use core::ffi::{c_char, c_void};
 use core::ptr;
 
 use nginx_sys::{
-    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t,
+    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE23, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t,
     ngx_conf_t, ngx_cycle_t, ngx_msec_t, ngx_shm_zone_t, ngx_str_t,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 
 use super::{null_command, zone};
+use crate::shm::lifecycle::{MAX_WORKER_RECORDS, records_for, records_needed};
 
 /// Zone used when the configuration names none, so that `load_module` alone
 /// is enough for the Lua modules.
 pub const DEFAULT_ZONE_NAME: &str = "workerbus";
-pub const DEFAULT_ZONE_SIZE: usize = 16 * 1024 * 1024;
+/// 32m: its ring (half the zone, 16 MB) holds 100,000 events of 64 bytes
+/// with room to spare (about 150,000 at ~110 bytes each in the ring), the
+/// burst a user of the original sizes a 64m lua_shared_dict for. Pages
+/// of a shared zone cost memory only once written.
+pub const DEFAULT_ZONE_SIZE: usize = 32 * 1024 * 1024;
 /// Below this the zone cannot hold its header, lifecycle table and a ring worth having.
 pub const MIN_ZONE_SIZE: usize = 256 * 1024;
 pub const MAX_ZONES: usize = 16;
@@ -44,7 +49,7 @@ impl CoreConf {
 pub static mut CORE_COMMANDS: [ngx_command_t; 5] = [
     ngx_command_t {
         name: ngx::ngx_string!("workerbus_zone"),
-        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE2) as _,
+        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE23) as _,
         set: Some(set_zone),
         conf: 0,
         offset: 0,
@@ -100,6 +105,52 @@ pub unsafe extern "C" fn init_conf(cycle: *mut ngx_cycle_t, conf: *mut c_void) -
     if cc.hang_timeout_ms == UNSET_MSEC {
         cc.hang_timeout_ms = DEFAULT_HANG_TIMEOUT_MS;
     }
+    if add_default_zone(cycle, cc) != NGX_CONF_OK {
+        return NGX_CONF_ERROR;
+    }
+    if let Err(why) = check_workers(cycle, cc) {
+        // SAFETY: the cycle being configured has a log.
+        ngx::ngx_log_error!(NGX_LOG_EMERG, unsafe { (*cycle).log }, "{}", why);
+        return NGX_CONF_ERROR;
+    }
+    NGX_CONF_OK
+}
+
+/// worker_processes sizes every zone's lifecycle table and its ring's
+/// readers: refuse a count the tables cannot hold, or a zone too small for
+/// them, naming the directive and the value.
+fn check_workers(cycle: *mut ngx_cycle_t, cc: &CoreConf) -> Result<(), String> {
+    let workers = super::process::worker_processes(cycle) as usize;
+    super::local::local().conf_workers = workers;
+    let needed = records_needed(workers);
+    if needed > MAX_WORKER_RECORDS {
+        return Err(format!(
+            "workerbus: \"worker_processes {workers}\" is too many: the lifecycle table holds at most \
+             {MAX_WORKER_RECORDS} workers, and a reload's drain needs room for two per worker process; \
+             use at most {}",
+            MAX_WORKER_RECORDS / 2
+        ));
+    }
+    let records = records_for(workers);
+    for &z in cc.zones() {
+        // SAFETY: zones recorded in this cycle's configuration.
+        let (name, size) = unsafe { (show(&(*z).shm.name), (*z).shm.size) };
+        let need = super::parts::estimate(size, records);
+        if need > size {
+            return Err(format!(
+                "workerbus: zone \"{name}\" of {}k is too small for \"worker_processes {workers}\" \
+                 ({records} worker records and their ring readers need about {}k); \
+                 raise its size in \"workerbus_zone {name} <size>;\"",
+                size / 1024,
+                need.div_ceil(1024)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Adds the default zone when the configuration declares none.
+fn add_default_zone(cycle: *mut ngx_cycle_t, cc: &mut CoreConf) -> *mut c_char {
     if cc.nzones == 0 {
         // SAFETY: a configuration context nginx accepts for ngx_shared_memory_add:
         // it reads only cycle, pool, log and (when null) skips the file name.
@@ -110,7 +161,7 @@ pub unsafe extern "C" fn init_conf(cycle: *mut ngx_cycle_t, conf: *mut c_void) -
             cf.pool = (*cycle).pool;
             cf.log = (*cycle).log;
         }
-        match zone::add(&mut cf, DEFAULT_ZONE_NAME.as_bytes(), DEFAULT_ZONE_SIZE) {
+        match zone::add(&mut cf, DEFAULT_ZONE_NAME.as_bytes(), DEFAULT_ZONE_SIZE, false) {
             Some(z) => {
                 cc.zones[0] = z;
                 cc.nzones = 1;
@@ -143,15 +194,34 @@ fn show(s: &ngx_str_t) -> String {
     String::from_utf8_lossy(s.as_bytes()).into_owned()
 }
 
-/// `workerbus_zone NAME SIZE;`
+/// `workerbus_zone NAME SIZE [overflow=refuse|overwrite];`
 unsafe extern "C" fn set_zone(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
     // SAFETY: NGX_DIRECT_CONF gives this module's CoreConf for the cycle.
     let cc = unsafe { &mut *(conf as *mut CoreConf) };
     // SAFETY: called by nginx as a directive handler.
-    let [name, size] = (unsafe { args(cf) }) else {
-        return emerg(cf, cmd, "takes a zone name and a size");
+    let (name, size, opt) = match unsafe { args(cf) } {
+        [name, size] => (name, size, None),
+        [name, size, opt] => (name, size, Some(opt)),
+        _ => return emerg(cf, cmd, "takes a zone name, a size and optionally overflow=refuse|overwrite"),
     };
     let name_s = show(name);
+    // What a post does when the ring is full: refused while a responsive
+    // worker has not read what it would overwrite, or overwrite the oldest.
+    let overwrite = match opt.map(|o| o.as_bytes()) {
+        None | Some(b"overflow=refuse") => false,
+        Some(b"overflow=overwrite") => true,
+        Some(_) => {
+            let o = opt.map(show).unwrap_or_default();
+            return emerg(
+                cf,
+                cmd,
+                &format!(
+                    "invalid parameter \"{o}\" for zone \"{name_s}\": use overflow=refuse (the default) or \
+                     overflow=overwrite"
+                ),
+            );
+        }
+    };
     if name.is_empty() {
         return emerg(cf, cmd, "invalid zone name \"\"");
     }
@@ -181,7 +251,7 @@ unsafe extern "C" fn set_zone(cf: *mut ngx_conf_t, cmd: *mut ngx_command_t, conf
     if cc.nzones >= MAX_ZONES {
         return emerg(cf, cmd, &format!("too many zones: at most {MAX_ZONES}"));
     }
-    match zone::add(cf, name.as_bytes(), bytes) {
+    match zone::add(cf, name.as_bytes(), bytes, overwrite) {
         Some(z) => {
             cc.zones[cc.nzones] = z;
             cc.nzones += 1;

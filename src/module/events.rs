@@ -1,23 +1,20 @@
 //! The event ring's nginx side: where each worker starts reading, posting
-//! with wake-ups, repair of records abandoned by dead writers, and the
-//! ring's figures for the status document.
+//! with wake-ups, which readers may block a post on a full ring (claimed,
+//! alive, heartbeat not overdue), repair of records abandoned by dead
+//! writers, and the ring's figures for the status document.
 
 use core::sync::atomic::Ordering;
 
-use nginx_sys::{NGX_LOG_WARN, ngx_cycle_t};
+use nginx_sys::{NGX_LOG_WARN, ngx_cycle_t, ngx_log_t};
 use serde_json::{Value, json};
 
 use crate::shm::claims::Claims;
-use crate::shm::lifecycle::MAX_GENERATIONS;
-use crate::shm::ring::{RecordIn, Ring};
+use crate::shm::lifecycle::{MAX_GENERATIONS, pid_alive};
+use crate::shm::ring::{Overflow, RecordIn, Ring};
 
 use super::local::local;
 use super::wake;
 use super::zone::Zone;
-
-/// Reader slots in every ring: one per lifecycle record, so that workers of
-/// two generations sharing a slot number never share a cursor.
-pub const MAX_READERS: usize = crate::shm::lifecycle::MAX_WORKER_RECORDS;
 
 /// The zone's ring, if it has one.
 pub fn ring(zone: &Zone) -> Option<Ring> {
@@ -64,46 +61,124 @@ pub fn init_worker(cycle: *mut ngx_cycle_t, respawned: bool) {
         };
         rd.set_cursor(start);
     }
-    wake::register(cycle, l.slot);
+    wake::register(cycle);
+}
+
+/// Monotonic milliseconds (the same clock in every process of the host;
+/// immune to wall-clock steps): readers' signs of life.
+pub fn mono_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1000).saturating_add(ts.tv_nsec as u64 / 1_000_000)
+}
+
+/// Zone init (fresh or kept across a reload): apply this configuration's
+/// overflow setting to the zone's ring.
+pub fn configure_zone(ring: Option<Ring>, overwrite: bool) {
+    if let Some(r) = ring {
+        r.set_overflow(if overwrite { Overflow::Overwrite } else { Overflow::Refuse });
+    }
+}
+
+/// The Lua poller started (its semaphore is registered): this worker's
+/// readers are read from now on, so their unread records are guarded and
+/// posters wake them at this process's address.
+pub fn claim_readers() {
+    let l = local();
+    let Some(i) = l.reader else { return };
+    // SAFETY: set by nginx at process start.
+    let pid = unsafe { nginx_sys::ngx_pid };
+    let nonce = if wake::available() { l.wake_nonce } else { 0 };
+    for z in &l.zones {
+        if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
+            rd.claim(pid, nonce, mono_ms());
+        }
+    }
+}
+
+/// Worker exit: its readers no longer guard anything.
+pub fn release_readers() {
+    let l = local();
+    let Some(i) = l.reader else { return };
+    for z in &l.zones {
+        if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
+            rd.release();
+        }
+    }
+}
+
+/// Heartbeat overrun after which a reader no longer blocks posts: the
+/// lifecycle's hang timeout (as set from Lua, else the directive).
+fn hang_ms(zone: &Zone) -> u64 {
+    // Relaxed: a setting.
+    match zone.header().lifecycle.hang_timeout_ms.load(Ordering::Relaxed) {
+        0 => local().hang_timeout_ms as u64,
+        ms => ms,
+    }
 }
 
 /// Appends an event to zone `index`; the workers whose pollers sleep are
 /// woken when this event-loop iteration ends.
 pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
     let r = ring(zone).ok_or("the zone has no event ring")?;
-    let seq = r.post(&zone.lock(), rec).map_err(|e| e.to_string())?;
+    let hang = hang_ms(zone);
+    // Called only when the post would overwrite what a claimed reader has
+    // not read: a reader blocks it while it lives and its heartbeat is not
+    // overdue (a hung or dead worker is lapped, and told when it reads).
+    let responsive = |pid: i32, beat: u64| mono_ms().saturating_sub(beat) <= hang && pid_alive(pid);
+    let seq = r.post_checked(&zone.lock(), rec, &responsive).map_err(|e| {
+        let mut m = e.to_string();
+        if matches!(e, crate::shm::ring::PostError::Full { .. }) {
+            m.push_str(&format!(
+                " (workerbus zone \"{}\", ring of {} bytes: make the zone larger, or let the ring \
+                 overwrite with overflow=overwrite)",
+                String::from_utf8_lossy(zone.name()),
+                r.capacity()
+            ));
+        }
+        m
+    })?;
     if local().is_worker {
         wake::wake_later(index);
     } else {
-        zone.header().idle.wake_idle(wake::signal);
+        wake::wake_zone(zone);
     }
     Ok(seq)
 }
 
-/// Called on every heartbeat: accounts for a writer that died mid-post, and
-/// wakes this worker's poller if events wait for it that no wake-up
-/// delivered (during a reload two generations' workers share each slot's
-/// descriptor and idle bit, and one may drain the other's wake-up). So the heartbeat, not a Lua timer, bounds the
-/// worst-case delay, and an idle worker's poller needs no timer of its own.
+/// Called on every heartbeat: a sign of life for this worker's reader (a
+/// worker whose event loop stalls stops blocking posts after the hang
+/// timeout), and accounting for writers that died mid-post, each logged
+/// once by whichever worker sees it first. Wake-ups do not depend on it.
 pub fn on_heartbeat(zone: &Zone) {
     let l = local();
-    if let (Some(r), Some(i)) = (zone.ring, l.reader)
-        && r.reader(i).is_some_and(|rd| rd.pending())
+    let Some(r) = ring(zone) else { return };
+    // SAFETY: set by nginx at process start.
+    let me = unsafe { nginx_sys::ngx_pid };
+    if let Some(rd) = l.reader.and_then(|i| r.reader(i))
+        && rd.stats().owner == me
     {
-        wake::post_sema(l.sema);
+        rd.beat(mono_ms());
     }
-    if let Some(r) = ring(zone)
-        && let Some(pid) = r.repair(&zone.lock())
-    {
-        let log = local().heartbeat.log;
-        if !log.is_null() {
-            ngx::ngx_log_error!(
-                NGX_LOG_WARN,
-                log,
-                "workerbus: zone \"{}\": a writer (pid {pid}) died mid-post; its event was not published",
-                String::from_utf8_lossy(zone.name())
-            );
-        }
+    r.repair(&zone.lock());
+    report_abandoned(zone, l.heartbeat.log);
+}
+
+/// Logs, once, the posts cut off by writers that died mid-post.
+pub fn report_abandoned(zone: &Zone, log: *mut ngx_log_t) {
+    let Some(r) = ring(zone) else { return };
+    if log.is_null() {
+        return;
+    }
+    if let Some((n, pid)) = r.unreported_abandoned() {
+        let also = if n > 1 { format!(" ({n} such posts since the last report)") } else { String::new() };
+        ngx::ngx_log_error!(
+            NGX_LOG_WARN,
+            log,
+            "workerbus: zone \"{}\": a writer (pid {pid}) died mid-post; its event was not published{also}",
+            String::from_utf8_lossy(zone.name())
+        );
     }
 }
 
@@ -126,10 +201,11 @@ pub fn status(zone: &Zone) -> Option<Value> {
             "delivered": rs.delivered,
             "missed": rs.missed,
             "wakeups": rs.wakeups,
+            "idle": rs.idle,
         }));
     }
     let idle = &zone.header().idle;
-    let claims = claims(zone).map(|c| c.stats(super::time::now_ms()));
+    let claims = claims(zone).map(|c| c.stats(super::time::mono_ms()));
     Some(json!({
         "capacity": st.capacity,
         "used": st.used,
@@ -139,6 +215,8 @@ pub fn status(zone: &Zone) -> Option<Value> {
         "posted": st.posted,
         "overwritten": st.overwritten,
         "rejected": st.rejected,
+        "refused": st.refused,
+        "overflow": if st.overwrite { "overwrite" } else { "refuse" },
         "dropped": st.abandoned,
         "unique_claims": claims.map(|c| json!({
             "entries": c.entries,
@@ -150,7 +228,7 @@ pub fn status(zone: &Zone) -> Option<Value> {
         "delivered": readers.iter().map(|x| x["delivered"].as_u64().unwrap_or(0)).sum::<u64>(),
         "lagged_missed": readers.iter().map(|x| x["missed"].as_u64().unwrap_or(0)).sum::<u64>(),
         "wakeups_sent": idle.wakeups_sent.load(Ordering::Relaxed),
-        "idle_slots": idle.idle_slots(),
+        "idle_slots": readers.iter().filter(|x| x["idle"] == true).map(|x| x["slot"].clone()).collect::<Vec<_>>(),
         "workers": readers,
     }))
 }

@@ -30,10 +30,11 @@ pub struct Local {
     pub heartbeat: ngx_event_t,
     /// What timer events' `data` points at (fd -1), for nginx's debug logging.
     pub dummy_conn: ngx_connection_t,
-    /// eventfd per worker slot, made by the master, inherited by workers.
-    pub wake_fds: Vec<i32>,
-    /// This worker's own wake-up descriptor in its event loop.
+    /// This worker's own wake-up socket in its event loop, and the nonce in its name.
     pub wake_conn: *mut ngx_connection_t,
+    pub wake_nonce: u64,
+    /// Unbound socket this process sends wake-ups from (-1 until needed).
+    pub send_fd: i32,
     pub wakeups_received: u64,
     /// The Lua poller's ngx.semaphore (ngx_http_lua_sema_t *), posted on wake-up.
     pub sema: *mut c_void,
@@ -43,6 +44,9 @@ pub struct Local {
     pub wake_zones: u32,
     /// Ring reader slot of this worker (its lifecycle record index).
     pub reader: Option<usize>,
+    /// worker_processes of the configuration being loaded (master, from
+    /// init_conf to zone init): sizes the lifecycle table of fresh zones.
+    pub conf_workers: usize,
 }
 
 struct ProcessCell(UnsafeCell<Local>);
@@ -64,8 +68,9 @@ static LOCAL: ProcessCell = ProcessCell(UnsafeCell::new(Local {
     heartbeat: unsafe { core::mem::zeroed() },
     // SAFETY: an all-zero connection is only ever read for its fd field.
     dummy_conn: unsafe { core::mem::zeroed() },
-    wake_fds: Vec::new(),
     wake_conn: core::ptr::null_mut(),
+    wake_nonce: 0,
+    send_fd: -1,
     wakeups_received: 0,
     sema: core::ptr::null_mut(),
     sema_post: None,
@@ -73,6 +78,7 @@ static LOCAL: ProcessCell = ProcessCell(UnsafeCell::new(Local {
     wake_ev: unsafe { core::mem::zeroed() },
     wake_zones: 0,
     reader: None,
+    conf_workers: 1,
 }));
 
 /// The process's state. Callers must not hold the reference across a call

@@ -1,7 +1,8 @@
 //! The nginx glue: module tables, directives, zones, process hooks, the
 //! heartbeat timer and the status handler. Two nginx modules live in the one
 //! shared object: a core module (main-context directives, zones, lifecycle)
-//! and an http module (the `workerbus_status` location handler).
+//! and an http module (the `workerbus_status` and `workerbus_metrics`
+//! location handlers).
 
 // The glue's functions take the pointers nginx hands to module hooks (cycle,
 // log, configuration); nginx guarantees them valid for the call, which is the
@@ -10,7 +11,9 @@
 
 pub mod conf;
 pub mod events;
+pub mod http;
 pub mod local;
+pub mod metrics;
 pub mod parts;
 pub mod process;
 pub mod status;
@@ -46,8 +49,8 @@ pub static mut ngx_workerbus_module: ngx_module_t = ngx_module_t {
     ..ngx_module_t::default()
 };
 
-/// The http module has no configuration of its own: `workerbus_status` only
-/// installs a content handler in the location.
+/// The http module has no configuration of its own: `workerbus_status` and
+/// `workerbus_metrics` only install a content handler in the location.
 static mut HTTP_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: None,
     postconfiguration: None,

@@ -1,16 +1,17 @@
-//! Lays out a fresh zone's parts after its header: the event ring takes
-//! half of the zone, the unique-event claim table a fixed size, the
-//! PostgreSQL bridge's state a 32nd; the rest is
-//! left to the slab allocator for what comes later.
+//! Lays out a fresh zone's parts after its header: the worker records of
+//! the lifecycle table (sized from worker_processes), the unique-event claim
+//! table (a fixed size), and the event ring (half of the zone, one reader
+//! per worker record), and the PostgreSQL bridge's state and post queue (a
+//! 32nd of the zone); the rest is left to the slab allocator.
+//! `estimate` tells nginx -t whether a zone can hold them.
 
 use nginx_sys::ngx_slab_pool_t;
 
 use crate::shm::claims::Claims;
 use crate::shm::header::ZoneHeader;
+use crate::shm::lifecycle::Lifecycle;
 use crate::shm::pgbus::PgBus;
 use crate::shm::ring::Ring;
-
-use super::events::MAX_READERS;
 
 /// Unique keys that can be claimed at once (expired ones are reused).
 pub const CLAIM_ENTRIES: usize = 1024;
@@ -26,7 +27,35 @@ fn alloc(pool: *mut ngx_slab_pool_t, h: &ZoneHeader, len: usize, what: &str) -> 
     Ok((p, off))
 }
 
-pub fn lay_out(pool: *mut ngx_slab_pool_t, h: &mut ZoneHeader) -> Result<(), String> {
+/// The ring's capacity in a zone of `size` bytes: half of it, in whole pages.
+fn ring_capacity(size: usize) -> usize {
+    (size / 2) & !4095
+}
+
+/// The PostgreSQL bridge's part: its state and a post queue of a 32nd of
+/// the zone (16k to 1m).
+fn pg_len(size: usize) -> usize {
+    PgBus::region_size((size / 32).clamp(16 << 10, 1 << 20))
+}
+
+/// Bytes of the zone the slab allocator needs for the header and parts of a
+/// zone of `size` bytes with `records` worker records, counting its own
+/// bookkeeping (about 24 bytes per 4 KiB page) and whole pages per part.
+pub fn estimate(size: usize, records: usize) -> usize {
+    let pages = |n: usize| n.div_ceil(4096) * 4096;
+    pages(size_of::<ZoneHeader>())
+        + pages(Lifecycle::records_size(records))
+        + pages(Claims::region_size(CLAIM_ENTRIES))
+        + pages(Ring::region_size(ring_capacity(size), records))
+        + pages(pg_len(size))
+        + pages(size / 4096 * 24 + 4096)
+}
+
+pub fn lay_out(pool: *mut ngx_slab_pool_t, h: &mut ZoneHeader, records: usize) -> Result<(), String> {
+    let (p, _) = alloc(pool, h, Lifecycle::records_size(records), "lifecycle table")?;
+    // SAFETY: p is a zeroed, page-aligned region for `records` records in the zone, as is the table.
+    unsafe { h.lifecycle.attach_records(p, records) };
+
     let claims_len = Claims::region_size(CLAIM_ENTRIES);
     let (p, off) = alloc(pool, h, claims_len, "unique-event claims")?;
     // SAFETY: p is a zeroed region of claims_len bytes inside the zone.
@@ -34,18 +63,18 @@ pub fn lay_out(pool: *mut ngx_slab_pool_t, h: &mut ZoneHeader) -> Result<(), Str
     h.claims_off = off;
     h.claims_len = claims_len as u64;
 
-    // Half the zone for the ring, in whole pages.
-    let capacity = ((h.size as usize) / 2) & !4095;
-    let ring_len = Ring::region_size(capacity, MAX_READERS);
+    // Half the zone for the ring, one reader per worker record: workers of
+    // two generations sharing a slot number never share a cursor.
+    let capacity = ring_capacity(h.size as usize);
+    let ring_len = Ring::region_size(capacity, records);
     let (p, off) = alloc(pool, h, ring_len, "event ring")?;
     // SAFETY: p is a zeroed region of ring_len bytes inside the zone.
-    unsafe { Ring::init(p, ring_len, capacity, MAX_READERS) }.map_err(|e| format!("event ring: {e}"))?;
+    unsafe { Ring::init(p, ring_len, capacity, records) }.map_err(|e| format!("event ring: {e}"))?;
     h.ring_off = off;
     h.ring_len = ring_len as u64;
 
-    // The PostgreSQL bridge's state and post queue (a 32nd of the zone,
-    // 16k to 1m), in every zone so that enabling the bridge needs no restart.
-    let pg_len = PgBus::region_size(((h.size as usize) / 32).clamp(16 << 10, 1 << 20));
+    // The PostgreSQL bridge, in every zone so that enabling it needs no restart.
+    let pg_len = pg_len(h.size as usize);
     let (p, off) = alloc(pool, h, pg_len, "postgres bridge")?;
     // SAFETY: p is a zeroed region of pg_len bytes inside the zone (slab allocations are 8-aligned).
     unsafe { PgBus::init(p, pg_len) }?;

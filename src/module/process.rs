@@ -13,7 +13,7 @@ use crate::shm::lifecycle::{Finding, pid_alive};
 
 use super::conf::CoreConf;
 use super::local::local;
-use super::time::now_ms;
+use super::time::{mono_ms, now_ms};
 use super::{events, ngx_workerbus_module, wake, zone};
 
 fn cycle_log(cycle: *mut ngx_cycle_t) -> *mut ngx_log_t {
@@ -32,7 +32,7 @@ pub fn core_conf(cycle: *const ngx_cycle_t) -> Option<&'static CoreConf> {
     }
 }
 
-fn worker_processes(cycle: *const ngx_cycle_t) -> u32 {
+pub fn worker_processes(cycle: *const ngx_cycle_t) -> u32 {
     // SAFETY: the core module's configuration always exists in a configured cycle.
     unsafe {
         let ctx = (*cycle).conf_ctx;
@@ -67,7 +67,6 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         names.join(", ")
     );
     events::begin_generation(&zones, generation);
-    wake::ensure_fds(workers as usize, cycle_log(cycle));
     let l = local();
     l.generation = generation;
     l.master_pid_seen = pid();
@@ -119,11 +118,9 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
         let master = unsafe { libc::getppid() };
         lc.set_master_pid(generation, l.master_pid_seen, master);
     }
-    let mut respawned = false;
-    l.record = lc.register_worker(generation, slot, pid(), now_ms(), pid_alive, |f| {
-        respawned |= matches!(f, Finding::Crashed { .. });
-        report(log, f, pid())
-    });
+    let registered = lc.register(generation, slot, pid(), mono_ms(), pid_alive, |f| report(log, f, pid()));
+    let respawned = registered.is_some_and(|r| r.respawn);
+    l.record = registered.map(|r| r.index);
     if l.record.is_none() {
         ngx::ngx_log_error!(
             NGX_LOG_ERR,
@@ -152,7 +149,7 @@ pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     let Some(primary) = l.primary().copied() else { return };
     let Some(index) = l.record else { return };
     let lc = &primary.header().lifecycle;
-    lc.exit_worker(index, pid(), now_ms());
+    lc.exit_worker(index, pid(), mono_ms());
     l.record = None;
     ngx::ngx_log_error!(
         NGX_LOG_INFO,
@@ -166,6 +163,15 @@ pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
 }
 
 fn report(log: *mut ngx_log_t, f: Finding, me: i32) {
+    if let Some(primary) = local().primary() {
+        let h = primary.header();
+        let counter = match f {
+            Finding::Crashed { .. } => &h.crashes_seen,
+            Finding::Hung { .. } => &h.hangs_seen,
+        };
+        // Relaxed: a statistic; each finding is reported once (its state change is a CAS).
+        counter.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    }
     match f {
         Finding::Crashed { pid, slot, generation } => {
             ngx::ngx_log_error!(
@@ -205,7 +211,7 @@ unsafe extern "C" fn heartbeat(ev: *mut ngx_event_t) {
     let l = local();
     // SAFETY: the event is the heartbeat event, with its log set in start_heartbeat.
     let log = unsafe { (*ev).log };
-    let now = now_ms();
+    let now = mono_ms();
     if let (Some(primary), Some(index)) = (l.primary().copied(), l.record) {
         let lc = &primary.header().lifecycle;
         if lc.heartbeat(index, pid(), now) {

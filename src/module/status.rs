@@ -1,25 +1,25 @@
 //! `workerbus_status;` in a location: a JSON snapshot of the module's zones,
-//! generations, workers and event ring. Off unless configured, like stub_status.
+//! generations, workers and event ring, or, for a browser (`Accept:
+//! text/html`), a live page that polls that JSON. Off unless configured,
+//! like stub_status. `workerbus_metrics` (metrics.rs) renders the same snapshot.
 
 use core::ffi::{c_char, c_void};
 use core::ptr;
 
-use nginx_sys::{
-    NGX_CONF_NOARGS, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_NOT_ALLOWED, NGX_OK, ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_conf_ctx_t,
-    ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_int_t,
-};
+use nginx_sys::{NGX_CONF_NOARGS, NGX_HTTP_LOC_CONF, ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t};
 use ngx::core::NGX_CONF_OK;
 use serde_json::{Value, json};
 
 use crate::shm::lifecycle::Lifecycle;
 
 use super::events;
+use super::http;
 use super::local::local;
+use super::metrics;
 use super::null_command;
-use super::time::now_ms;
+use super::time::{mono_ms, wall_of};
 
-pub static mut HTTP_COMMANDS: [ngx_command_t; 2] = [
+pub static mut HTTP_COMMANDS: [ngx_command_t; 3] = [
     ngx_command_t {
         name: ngx::ngx_string!("workerbus_status"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as _,
@@ -28,17 +28,23 @@ pub static mut HTTP_COMMANDS: [ngx_command_t; 2] = [
         offset: 0,
         post: ptr::null_mut(),
     },
+    ngx_command_t {
+        name: ngx::ngx_string!("workerbus_metrics"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as _,
+        set: Some(metrics::set_metrics),
+        conf: 0,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
     null_command(),
 ];
 
+/// The live status page: one self-contained file (inline CSS and JS) that
+/// polls this same location for JSON.
+const PAGE: &str = include_str!("status.html");
+
 unsafe extern "C" fn set_status(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
-    // SAFETY: inside an http location block cf->ctx is the location's ngx_http_conf_ctx_t,
-    // and the core module's loc conf is at its ctx_index.
-    unsafe {
-        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
-        let clcf = *(*ctx).loc_conf.add(nginx_sys::ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
-        (*clcf).handler = Some(handler);
-    }
+    http::set_handler(cf, handler);
     NGX_CONF_OK
 }
 
@@ -96,11 +102,11 @@ fn lifecycle(lc: &Lifecycle, now: u64) -> (Value, Value) {
                 "pid": w.pid,
                 "generation": w.generation,
                 "state": w.state.name(),
-                "started": secs(w.started_ms),
+                "started": secs(wall_of(w.started_ms)),
                 "heartbeat_age": (now.saturating_sub(w.heartbeat_ms) as f64) / 1000.0,
             });
             if w.ended_ms != 0 {
-                o["ended"] = secs(w.ended_ms);
+                o["ended"] = secs(wall_of(w.ended_ms));
             }
             if w.replaced_by != 0 {
                 o["replaced_by"] = json!(w.replaced_by);
@@ -114,7 +120,7 @@ fn lifecycle(lc: &Lifecycle, now: u64) -> (Value, Value) {
 /// The whole status document, as seen from this process.
 pub fn snapshot() -> Value {
     let l = local();
-    let now = now_ms();
+    let now = mono_ms();
     let zones: Vec<Value> = l
         .zones
         .iter()
@@ -148,6 +154,10 @@ pub fn snapshot() -> Value {
         doc["current_generation"] = json!(lc.current_generation());
         doc["generations"] = gens;
         doc["workers"] = workers;
+        let h = primary.header();
+        // Relaxed: statistics.
+        doc["crashes_seen"] = json!(h.crashes_seen.load(core::sync::atomic::Ordering::Relaxed));
+        doc["hangs_seen"] = json!(h.hangs_seen.load(core::sync::atomic::Ordering::Relaxed));
     }
     doc["postgres"] = crate::pg::glue::status();
     doc
@@ -156,38 +166,13 @@ pub fn snapshot() -> Value {
 unsafe extern "C" fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls a content handler with a live request.
     let r = unsafe { &mut *r };
-    if r.method & ((NGX_HTTP_GET | NGX_HTTP_HEAD) as usize) == 0 {
-        return NGX_HTTP_NOT_ALLOWED as ngx_int_t;
-    }
-    // SAFETY: as above.
-    let rc = unsafe { nginx_sys::ngx_http_discard_request_body(r) };
-    if rc != NGX_OK as ngx_int_t {
+    if let Err(rc) = http::accept_get(r) {
         return rc;
+    }
+    if http::wants_html(r) {
+        return http::send(r, "text/html; charset=utf-8", PAGE.as_bytes());
     }
     let mut body = serde_json::to_vec_pretty(&snapshot()).unwrap_or_default();
     body.push(b'\n');
-    r.headers_out.status = 200;
-    r.headers_out.content_length_n = body.len() as _;
-    r.headers_out.content_type = ngx::ngx_string!("application/json");
-    r.headers_out.content_type_len = r.headers_out.content_type.len;
-    // SAFETY: as above.
-    let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
-    if rc == nginx_sys::NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || r.header_only() != 0 {
-        return rc;
-    }
-    // SAFETY: a buffer from the request pool, freed with the request.
-    let b = unsafe { nginx_sys::ngx_create_temp_buf(r.pool, body.len()) };
-    if b.is_null() {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    }
-    // SAFETY: b has room for body.len() bytes from pos.
-    unsafe {
-        ptr::copy_nonoverlapping(body.as_ptr(), (*b).pos, body.len());
-        (*b).last = (*b).pos.add(body.len());
-        (*b).set_last_buf(1);
-        (*b).set_last_in_chain(1);
-    }
-    let mut out = ngx_chain_t { buf: b, next: ptr::null_mut() };
-    // SAFETY: out lives across the call; the filter chain copies what it keeps.
-    unsafe { nginx_sys::ngx_http_output_filter(r, &mut out) }
+    http::send(r, "application/json", &body)
 }

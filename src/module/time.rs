@@ -1,7 +1,23 @@
-//! Wall-clock milliseconds from nginx's cached time (no syscall).
+//! Clocks from nginx's cached time (no syscall). The wall clock is for
+//! display only; every judgement of age (heartbeats, hangs, claim expiry,
+//! how long ago a worker died) uses the monotonic clock, which an NTP step
+//! does not move. CLOCK_MONOTONIC counts from boot for the whole system, so
+//! stamps written by one process are comparable in every other.
 
 /// Milliseconds since the epoch, as of the event loop's last time update.
 pub fn now_ms() -> u64 {
     let tp = nginx_sys::ngx_timeofday();
     (tp.sec as u64).saturating_mul(1000).saturating_add(tp.msec as u64)
+}
+
+/// Monotonic milliseconds (nginx's `ngx_current_msec`: CLOCK_MONOTONIC_COARSE
+/// on Linux), as of the event loop's last time update.
+pub fn mono_ms() -> u64 {
+    // SAFETY: a word nginx updates on its own thread, the one running us.
+    unsafe { core::ptr::read_volatile(&raw const nginx_sys::ngx_current_msec) as u64 }
+}
+
+/// The wall-clock time (ms since the epoch) of a monotonic stamp, for display.
+pub fn wall_of(mono: u64) -> u64 {
+    now_ms().saturating_sub(mono_ms().saturating_sub(mono))
 }

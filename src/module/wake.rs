@@ -1,73 +1,124 @@
-//! Wake-ups instead of polling. The master makes one eventfd per worker slot
-//! before it forks (kept across reloads, so any worker of any generation can
-//! wake any slot); each worker adds its slot's descriptor to its event loop.
-//! A worker whose Lua poller is about to sleep sets its bit in the zone's
-//! idle mask; a poster clears the mask and writes only to the slots that
-//! were idle, so a burst of posts costs one atomic load each and no syscall.
-//! The wake-up handler posts the Lua poller's ngx.semaphore.
+//! Wake-ups instead of polling. Each worker binds its own datagram socket
+//! in the abstract unix namespace, named after its pid and a random nonce,
+//! and watches it from its event loop. A worker whose Lua poller is about
+//! to sleep sets the idle flag of its own ring reader (one per worker
+//! process, never shared between generations); a poster clears the flags
+//! and sends one datagram to each reader that was idle, at the address the
+//! reader registered with its claim. So a burst of posts costs one atomic
+//! load each and no syscall, and no worker can take another's wake-up:
+//! during a reload the two generations' workers of a slot have separate
+//! readers, flags and sockets (with an eventfd per slot shared by both, one
+//! could drain the other's wake-up). The handler posts the Lua poller's
+//! ngx.semaphore.
 
-use crate::shm::idle::MAX_WAKE_SLOTS;
 use core::ffi::c_void;
+use core::sync::atomic::Ordering;
 
-use nginx_sys::{NGX_LOG_ALERT, NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t, ngx_log_t};
+use nginx_sys::{NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t};
 
 use super::local::local;
 
 pub type SemaPost = unsafe extern "C" fn(sem: *mut c_void, n: i32) -> i32;
 
-/// Master: makes sure slots 0..n have an eventfd. Called on every load.
-pub fn ensure_fds(n: usize, log: *mut ngx_log_t) {
-    let l = local();
-    while l.wake_fds.len() < n.min(MAX_WAKE_SLOTS) {
-        // SAFETY: eventfd has no memory preconditions.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            let err = std::io::Error::last_os_error();
-            ngx::ngx_log_error!(NGX_LOG_ALERT, log, "workerbus: eventfd() failed: {err}; workers fall back to polling");
-            return;
-        }
-        l.wake_fds.push(fd);
+/// The abstract socket address of (pid, nonce), and its length.
+fn address(pid: i32, nonce: u64) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: sockaddr_un is plain data; all zero is a valid empty address.
+    let mut a: libc::sockaddr_un = unsafe { core::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // A leading NUL: the abstract namespace (no file, gone with the socket).
+    let name = format!("\0workerbus/{pid}/{nonce:016x}");
+    for (d, s) in a.sun_path.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
     }
+    let len = core::mem::offset_of!(libc::sockaddr_un, sun_path) + name.len().min(a.sun_path.len());
+    (a, len as libc::socklen_t)
 }
 
-/// Worker: adds this slot's eventfd to the event loop.
-pub fn register(cycle: *mut ngx_cycle_t, slot: u32) {
+fn datagram_socket() -> i32 {
+    // SAFETY: socket has no memory preconditions.
+    unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) }
+}
+
+fn random_nonce() -> u64 {
+    let mut n = 0u64;
+    // SAFETY: writes at most 8 bytes into n.
+    let got = unsafe { libc::getrandom((&raw mut n).cast(), 8, libc::GRND_NONBLOCK) };
+    if got != 8 {
+        // No entropy yet: the pid and the time still make a name nobody expects.
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: ts is a valid timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        n = (ts.tv_sec as u64).wrapping_mul(1_000_000_007) ^ ts.tv_nsec as u64;
+    }
+    n
+}
+
+/// Worker: binds this process's wake-up socket and adds it to the event
+/// loop. Without it (logged) the Lua poller falls back to its interval.
+pub fn register(cycle: *mut ngx_cycle_t) {
     let l = local();
-    let Some(&fd) = l.wake_fds.get(slot as usize) else { return };
-    // SAFETY: cycle is live; ngx_get_connection takes a descriptor nginx then owns in this process.
-    let c = unsafe { nginx_sys::ngx_get_connection(fd, (*cycle).log) };
+    if !l.wake_conn.is_null() {
+        return;
+    }
+    // SAFETY: cycle is live.
+    let log = unsafe { (*cycle).log };
+    let fail = |what: &str| {
+        let err = std::io::Error::last_os_error();
+        ngx::ngx_log_error!(NGX_LOG_ERR, log, "workerbus: wake-up socket: {what}: {err}; the event poller polls");
+    };
+    let fd = datagram_socket();
+    if fd < 0 {
+        return fail("socket() failed");
+    }
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let nonce = random_nonce();
+    let (addr, len) = address(pid, nonce);
+    // SAFETY: addr is a valid sockaddr_un of len bytes.
+    if unsafe { libc::bind(fd, (&raw const addr).cast(), len) } != 0 {
+        fail("bind() failed");
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        return;
+    }
+    // SAFETY: ngx_get_connection takes a descriptor nginx then owns in this process.
+    let c = unsafe { nginx_sys::ngx_get_connection(fd, log) };
     if c.is_null() {
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
         return;
     }
     // SAFETY: c is a fresh connection with its read event, from this worker's pool.
     unsafe {
         let rev = (*c).read;
         (*rev).handler = Some(on_wake);
-        (*rev).log = (*cycle).log;
+        (*rev).log = log;
         // Not a client connection: nginx must not report it as left open at exit.
         (*rev).set_channel(1);
         let add = nginx_sys::ngx_event_actions.add;
-        let ok = add.is_some_and(|f| f(rev, (libc::EPOLLIN | libc::EPOLLRDHUP) as _, 0) == 0);
-        if !ok {
-            ngx::ngx_log_error!(
-                NGX_LOG_ERR,
-                (*cycle).log,
-                "workerbus: cannot watch the wake-up descriptor; polling only"
-            );
-            nginx_sys::ngx_free_connection(c);
+        // Level-triggered (no NGX_CLEAR_EVENT): the handler drains anyway.
+        if add.is_none_or(|f| f(rev, libc::EPOLLIN as _, 0) != 0) {
+            fail("cannot watch it");
+            nginx_sys::ngx_close_connection(c);
             return;
         }
     }
     l.wake_conn = c;
+    l.wake_nonce = nonce;
 }
 
-/// Drains the eventfd and wakes the Lua poller.
+/// Whether posters can wake this worker.
+pub fn available() -> bool {
+    !local().wake_conn.is_null()
+}
+
+/// Drains the socket and wakes the Lua poller.
 unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     // SAFETY: ev is the read event of the wake-up connection registered above.
-    let c = unsafe { (*ev).data as *mut ngx_connection_t };
-    let mut v = 0u64;
-    // SAFETY: reading 8 bytes from an eventfd into a u64; non-blocking.
-    unsafe { libc::read((*c).fd, (&raw mut v).cast(), 8) };
+    let fd = unsafe { (*((*ev).data as *mut ngx_connection_t)).fd };
+    let mut b = [0u8; 8];
+    // SAFETY: reading into a local buffer from our non-blocking socket; stops at EAGAIN.
+    while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) } >= 0 {}
     let l = local();
     l.wakeups_received += 1;
     post_sema(l.sema);
@@ -123,21 +174,43 @@ unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
     let zones = core::mem::take(&mut l.wake_zones);
     for (i, z) in l.zones.iter().enumerate() {
         if zones & (1u32 << (i % 32)) != 0 {
-            z.header().idle.wake_idle(signal);
+            wake_zone(z);
         }
     }
 }
 
-/// Writes to a slot's eventfd.
-pub fn signal(slot: usize) {
-    let Some(&fd) = local().wake_fds.get(slot) else { return };
-    let one = 1u64;
-    // SAFETY: writing 8 bytes to an eventfd this process inherited from the master.
-    unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+/// Wakes every idle reader of a zone's ring, now.
+pub fn wake_zone(z: &super::zone::Zone) {
+    let Some(r) = z.ring else { return };
+    let sent = &z.header().idle.wakeups_sent;
+    r.wake_idle(|_, pid, nonce| {
+        if pid != 0 {
+            signal(pid, nonce);
+            // Relaxed: a statistic.
+            sent.fetch_add(1, Ordering::Relaxed);
+        }
+    });
 }
 
-/// Worker exit: close our copy of the descriptor's connection.
+/// Sends one datagram to the worker that registered (pid, nonce). A full
+/// queue means wake-ups are already waiting there; a gone address, that
+/// the worker is gone: both are fine to ignore.
+pub fn signal(pid: i32, nonce: u64) {
+    let l = local();
+    if l.send_fd < 0 {
+        l.send_fd = datagram_socket();
+        if l.send_fd < 0 {
+            return;
+        }
+    }
+    let (addr, len) = address(pid, nonce);
+    // SAFETY: one byte from a local to a valid address; non-blocking.
+    unsafe { libc::sendto(l.send_fd, c"w".as_ptr().cast(), 1, libc::MSG_DONTWAIT, (&raw const addr).cast(), len) };
+}
+
+/// Worker exit: stop reading (release the ring readers) and close the socket.
 pub fn unregister() {
+    super::events::release_readers();
     let l = local();
     if !l.wake_conn.is_null() {
         // SAFETY: the connection was made by register() in this process.

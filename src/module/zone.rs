@@ -11,6 +11,7 @@ use nginx_sys::{
 
 use crate::shm::claims::Claims;
 use crate::shm::header::{LAYOUT, MAGIC, ZoneHeader};
+use crate::shm::lifecycle::{records_for, records_needed};
 use crate::shm::lock::ShmLock;
 use crate::shm::ring::Ring;
 
@@ -75,8 +76,16 @@ impl ShmLock for PoolLock {
     }
 }
 
+/// What the configuration says about a zone beyond its name and size;
+/// reaches init_zone through the zone's `data` (as nginx's own modules do).
+#[repr(C)]
+struct ZoneConf {
+    overwrite: bool,
+}
+
 /// Declares a zone to nginx. Errors are logged by nginx itself.
-pub fn add(cf: *mut ngx_conf_t, name: &[u8], size: usize) -> Option<*mut ngx_shm_zone_t> {
+/// `overwrite`: a full event ring overwrites its oldest records.
+pub fn add(cf: *mut ngx_conf_t, name: &[u8], size: usize, overwrite: bool) -> Option<*mut ngx_shm_zone_t> {
     // SAFETY: the name is copied into the configuration pool, which lives as long as the cycle.
     let data = unsafe { nginx_sys::ngx_pnalloc((*cf).pool, name.len()) } as *mut u8;
     if data.is_null() {
@@ -97,7 +106,12 @@ pub fn add(cf: *mut ngx_conf_t, name: &[u8], size: usize) -> Option<*mut ngx_shm
             return None;
         }
         (*z).init = Some(init_zone);
-        (*z).data = ptr::null_mut();
+        let zc = nginx_sys::ngx_pcalloc((*cf).pool, size_of::<ZoneConf>()) as *mut ZoneConf;
+        if zc.is_null() {
+            return None;
+        }
+        (*zc).overwrite = overwrite;
+        (*z).data = zc.cast();
     }
     Some(z)
 }
@@ -109,6 +123,8 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
         let z = &*shm_zone;
         (z.shm.addr as *mut ngx_slab_pool_t, z.shm.size, z.shm.log, String::from_utf8_lossy(z.shm.name.as_bytes()))
     };
+    // SAFETY: add() set data to this cycle's ZoneConf, in the configuration pool.
+    let overwrite = unsafe { ((*shm_zone).data as *const ZoneConf).as_ref().is_some_and(|c| c.overwrite) };
     if !old.is_null() {
         // SAFETY: old is the header this module stored in the previous cycle's zone of the same mapping.
         let header = unsafe { &*(old as *const ZoneHeader) };
@@ -120,8 +136,21 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
             );
             return NGX_ERROR as ngx_int_t;
         }
+        let workers = super::local::local().conf_workers;
+        let needed = records_needed(workers);
+        if header.lifecycle.record_count() < needed {
+            ngx::ngx_log_error!(
+                NGX_LOG_EMERG,
+                log,
+                "workerbus: zone \"{name}\" kept across reload has {} worker records, but \"worker_processes {workers}\" \
+                 needs {needed} (its workers and the draining ones); restart nginx (or rename the zone) to resize it",
+                header.lifecycle.record_count()
+            );
+            return NGX_ERROR as ngx_int_t;
+        }
         // SAFETY: zone is ours and valid.
         unsafe { (*shm_zone).data = old };
+        super::events::configure_zone(ring_of(header), overwrite);
         return NGX_OK as ngx_int_t;
     }
     // SAFETY: a fresh slab pool owned by this zone; no worker runs yet.
@@ -137,10 +166,12 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
     h.size = size as u64;
     // SAFETY: reading the master's pid, set before configuration.
     h.lifecycle.init(unsafe { nginx_sys::ngx_pid }, now_ms());
-    if let Err(why) = super::parts::lay_out(pool, h) {
+    let records = records_for(super::local::local().conf_workers);
+    if let Err(why) = super::parts::lay_out(pool, h, records) {
         ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes: {why}");
         return NGX_ERROR as ngx_int_t;
     }
+    super::events::configure_zone(ring_of(h), overwrite);
     // SAFETY: pool and zone are ours; data links the zone to its header for reloads.
     unsafe {
         (*pool).data = header.cast();
@@ -148,6 +179,12 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
         set_log_ctx(pool, &name);
     }
     NGX_OK as ngx_int_t
+}
+
+/// The ring laid out in a zone, if any.
+fn ring_of(h: &ZoneHeader) -> Option<Ring> {
+    // SAFETY: the part was laid out by parts::lay_out inside this zone.
+    h.part(h.ring_off, h.ring_len).and_then(|(p, n)| unsafe { Ring::attach(p, n) }.ok())
 }
 
 /// Makes the allocator's "no memory" messages name the zone.

@@ -266,6 +266,7 @@ unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
     let lease = bus.try_lease(&lock, pid(), l.slot, l.generation, newest, now, LEASE_MS, pid_alive);
     match lease {
         Lease::Held | Lease::Acquired { .. } => {
+            bus.set_holder_nonce(l.wake_nonce);
             if p.bridge.is_none() {
                 let from = if let Lease::Acquired { from } = lease { from } else { 0 };
                 let b = Bridge::new(Env {
@@ -354,11 +355,11 @@ fn wake_holder(p: &mut PgLocal, bus: &PgBus, force: bool) {
     if !bus.take_holder_waiting() && !force {
         return;
     }
-    let (holder, slot) = bus.holder();
+    let (holder, _) = bus.holder();
     if holder == pid() {
         post_drive(p);
     } else if holder != 0 {
-        crate::module::wake::signal(slot as usize);
+        crate::module::wake::signal(holder, bus.holder_nonce());
     }
 }
 

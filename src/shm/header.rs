@@ -11,7 +11,7 @@ use super::lifecycle::{Lifecycle, MAX_GENERATIONS};
 
 pub const MAGIC: u64 = u64::from_be_bytes(*b"wrkrbus\0");
 /// Bumped whenever any `#[repr(C)]` structure kept in a zone changes.
-pub const LAYOUT: u32 = 3;
+pub const LAYOUT: u32 = 5;
 
 #[repr(C)]
 pub struct ZoneHeader {
@@ -35,6 +35,11 @@ pub struct ZoneHeader {
     pub idle: IdleMask,
     pub kv: Kv,
     pub lifecycle: Lifecycle,
+    /// Worker crashes and hangs detected on this node since the zone was
+    /// made (primary zone), each counted once by the worker that saw it:
+    /// the history table recycles records, so counting them would not do.
+    pub crashes_seen: AtomicU64,
+    pub hangs_seen: AtomicU64,
     /// PostgreSQL bridge state (shm::pgbus): byte offset from the header and length.
     pub pg_off: u64,
     pub pg_len: u64,

@@ -6,9 +6,11 @@
 //! per-entry sequence count (odd while a write is in progress) to detect and
 //! retry torn reads. A writer that dies mid-write leaves the count odd: the
 //! next writer of that entry, holding the lock, knows nobody else is writing
-//! and simply completes its own write, making the count even again.
+//! and simply completes its own write, making the count even again. Each
+//! entry names its last writer, so a reader that finds an odd count left by a
+//! dead process skips the entry at once instead of spinning.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering, fence};
 
 use super::lock::ShmLock;
 
@@ -20,6 +22,9 @@ pub const KV_VALUE_MAX: usize = 512;
 pub struct KvEntry {
     /// Even: stable. Odd: a write is in progress.
     seq: AtomicU64,
+    /// pid of the process that made the count odd last.
+    writer: AtomicI32,
+    _pad: u32,
     key_len: AtomicU32,
     value_len: AtomicU32,
     key: [AtomicU64; KV_KEY_MAX / 8],
@@ -71,20 +76,27 @@ fn load_bytes(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
 }
 
 impl KvEntry {
-    /// A consistent copy of (key, value), or None if the entry is empty.
-    fn read(&self, key: &mut Vec<u8>, value: &mut Vec<u8>) -> Option<()> {
-        // A live writer holds an entry odd for well under a microsecond; a
-        // dead one forever (until rewritten). Spin a while, then give up.
-        let mut odd_spins = 0u32;
+    /// A consistent copy of (key, value), or None if the entry is empty or
+    /// was left half-written by a dead writer. `spins` counts the waits.
+    fn read(&self, key: &mut Vec<u8>, value: &mut Vec<u8>, alive: &dyn Fn(i32) -> bool, spins: &mut u32) -> Option<()> {
+        // A live writer holds an entry odd for well under a microsecond
+        // (longer only if it is descheduled: then yield to it); a dead one
+        // until the next write, so its entry is skipped at once.
         loop {
             // Acquire: the words read below are at least as new as this count.
             let s1 = self.seq.load(Ordering::Acquire);
             if s1 & 1 == 1 {
-                odd_spins += 1;
-                if odd_spins > 100_000 {
+                // Relaxed: written before the odd count, whose Acquire load is above.
+                if !alive(self.writer.load(Ordering::Relaxed)) || *spins >= MAX_ODD_SPINS {
                     return None;
                 }
-                core::hint::spin_loop();
+                *spins += 1;
+                if spins.is_multiple_of(64) {
+                    // SAFETY: sched_yield has no preconditions.
+                    unsafe { libc::sched_yield() };
+                } else {
+                    core::hint::spin_loop();
+                }
                 continue;
             }
             let klen = (self.key_len.load(Ordering::Relaxed) as usize).min(KV_KEY_MAX);
@@ -100,6 +112,9 @@ impl KvEntry {
     }
 
     fn write(&self, key: &[u8], value: &[u8]) {
+        // Relaxed: ordered before the odd count by the Release fence below.
+        // SAFETY: getpid has no preconditions.
+        self.writer.store(unsafe { libc::getpid() }, Ordering::Relaxed);
         let s = self.seq.load(Ordering::Relaxed);
         let odd = s | 1;
         // Relaxed + Release fence: readers that see any new word see the odd count.
@@ -114,11 +129,18 @@ impl KvEntry {
     }
 }
 
+/// Waits on a live writer's odd count before a read gives up on the entry.
+const MAX_ODD_SPINS: u32 = 100_000;
+
 impl Kv {
     pub fn get(&self, key: &[u8], out: &mut Vec<u8>) -> bool {
+        self.get_with(key, out, &super::lifecycle::pid_alive, &mut 0)
+    }
+
+    fn get_with(&self, key: &[u8], out: &mut Vec<u8>, alive: &dyn Fn(i32) -> bool, spins: &mut u32) -> bool {
         let mut k = Vec::with_capacity(KV_KEY_MAX);
         for e in &self.entries {
-            if e.read(&mut k, out).is_some() && k == key {
+            if e.read(&mut k, out, alive, spins).is_some() && k == key {
                 return true;
             }
         }
@@ -153,7 +175,7 @@ impl Kv {
                 free = free.or(Some(e));
                 continue;
             }
-            if e.read(&mut k, &mut v).is_some() && k == key {
+            if e.read(&mut k, &mut v, &|_| true, &mut 0).is_some() && k == key {
                 e.write(key, value);
                 return Ok(());
             }
@@ -213,8 +235,14 @@ mod tests {
         t.set(&NoLock, b"a", b"1").unwrap();
         // A writer died after making the count odd.
         t.entries[0].seq.fetch_add(1, Ordering::Relaxed);
+        t.entries[0].writer.store(77, Ordering::Relaxed);
         let mut out = vec![];
-        assert!(!t.get(b"a", &mut out));
+        let mut spins = 0;
+        assert!(!t.get_with(b"a", &mut out, &|p| p != 77, &mut spins));
+        assert_eq!(spins, 0, "a dead writer's entry is skipped without waiting");
+        let mut spins = 0;
+        assert!(!t.get_with(b"a", &mut out, &|_| true, &mut spins));
+        assert_eq!(spins, MAX_ODD_SPINS, "a live writer is waited for, within a bound");
         t.set(&NoLock, b"a", b"2").unwrap();
         assert!(t.get(b"a", &mut out));
         assert_eq!(out, b"2");

@@ -11,8 +11,40 @@ use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 /// Generation records kept: the newest ones, indexed by `generation % N`.
 pub const MAX_GENERATIONS: usize = 16;
-/// Worker records kept; ended records are recycled oldest first.
-pub const MAX_WORKER_RECORDS: usize = 128;
+/// Most worker records a table can have (one ring reader each, and the
+/// ring's limit is this).
+pub const MAX_WORKER_RECORDS: usize = 1024;
+/// Fewest worker records a table has, whatever the worker count: history.
+pub const MIN_WORKER_RECORDS: usize = 64;
+
+/// Worker records for `worker_processes`: four per worker (the running
+/// generation, one draining after a reload, and a second reload in flight),
+/// at least MIN_WORKER_RECORDS. Ended records are recycled oldest first.
+pub const fn records_for(worker_processes: usize) -> usize {
+    let n = worker_processes.saturating_mul(4);
+    let n = if n < MIN_WORKER_RECORDS { MIN_WORKER_RECORDS } else { n };
+    if n > MAX_WORKER_RECORDS { MAX_WORKER_RECORDS } else { n }
+}
+
+/// Records a configuration needs at the least: its own workers and as many
+/// of the generation it replaces, draining.
+pub const fn records_needed(worker_processes: usize) -> usize {
+    worker_processes.saturating_mul(2)
+}
+
+/// Low bits of a record's state word: the WorkerState. A Claiming word also
+/// carries the claimer's pid above them (Linux pids are below 2^22), so that
+/// one compare-and-swap both claims the record and names who claimed it.
+const STATE_BITS: u32 = 3;
+const STATE_MASK: u32 = (1 << STATE_BITS) - 1;
+
+fn claim_word(pid: i32) -> u32 {
+    ((pid as u32) << STATE_BITS) | WorkerState::Claiming as u32
+}
+
+fn claimer(word: u32) -> i32 {
+    (word >> STATE_BITS) as i32
+}
 
 /// A worker record's state.
 #[repr(u32)]
@@ -32,7 +64,8 @@ pub enum WorkerState {
 
 impl WorkerState {
     pub fn from_u32(v: u32) -> WorkerState {
-        match v {
+        // The bits above STATE_BITS hold a claimer's pid (Claiming only).
+        match v & STATE_MASK {
             1 => WorkerState::Claiming,
             2 => WorkerState::Running,
             3 => WorkerState::Hung,
@@ -88,6 +121,8 @@ pub struct WorkerRecord {
     pub flags: AtomicU32,
     _pad: u32,
     pub generation: AtomicU64,
+    /// Monotonic milliseconds (CLOCK_MONOTONIC, system-wide), never the
+    /// wall clock: an NTP step must not make a worker look hung or dead.
     pub started_ms: AtomicU64,
     pub heartbeat_ms: AtomicU64,
     pub ended_ms: AtomicU64,
@@ -109,7 +144,11 @@ pub struct Lifecycle {
     /// no longer sets it gets the directive's back.
     pub hang_timeout_ms: AtomicU64,
     pub gens: [GenRecord; MAX_GENERATIONS],
-    pub workers: [WorkerRecord; MAX_WORKER_RECORDS],
+    /// The worker records: `records_n` of them at `records_off` bytes from
+    /// this struct (a part of the zone sized from worker_processes).
+    records_off: u64,
+    records_n: u32,
+    _pad: u32,
 }
 
 /// The worker's start was seen by resty.worker.manager (it counts in n_mine).
@@ -122,6 +161,14 @@ pub const FLAG_LEFT: u32 = 2;
 pub const GEN_MASTER_STARTED: u32 = 1;
 /// GenRecord::manager: the generation's "master exit" callback was claimed.
 pub const GEN_MASTER_EXITED: u32 = 2;
+
+/// A worker's record, and whether it replaces an earlier worker of its
+/// slot and generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Registered {
+    pub index: usize,
+    pub respawn: bool,
+}
 
 /// What a lifecycle check found, for the caller to log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,11 +278,13 @@ impl Lifecycle {
         })
     }
 
-    /// A worker starts in `slot` of `generation`. Live records of the same
-    /// slot and generation whose pid is gone are marked crashed first (the
-    /// master only respawns a slot after reaping its previous worker), and
-    /// each is reported through `found`. Returns the claimed record's index,
-    /// or None when every record is live (more than MAX_WORKER_RECORDS workers).
+    /// A worker starts in `slot` of `generation`. It is a respawn whenever
+    /// a record of the same generation and slot with another pid exists,
+    /// whoever judged that record: live records whose pid is gone are marked
+    /// crashed here (the master only respawns a slot after reaping its
+    /// previous worker) and reported through `found`; records a sibling's
+    /// heartbeat already marked crashed get their `replaced_by` too. Returns
+    /// the claimed record's index, or None when every record is live.
     pub fn register_worker(
         &self,
         generation: u64,
@@ -243,28 +292,52 @@ impl Lifecycle {
         pid: i32,
         now_ms: u64,
         alive: impl Fn(i32) -> bool,
-        mut found: impl FnMut(Finding),
+        found: impl FnMut(Finding),
     ) -> Option<usize> {
-        for rec in &self.workers {
+        self.register(generation, slot, pid, now_ms, alive, found).map(|r| r.index)
+    }
+
+    /// As register_worker, and tells whether the worker replaces an earlier
+    /// one of its slot and generation (it must not replay their events).
+    pub fn register(
+        &self,
+        generation: u64,
+        slot: u32,
+        pid: i32,
+        now_ms: u64,
+        alive: impl Fn(i32) -> bool,
+        mut found: impl FnMut(Finding),
+    ) -> Option<Registered> {
+        let mut respawn = false;
+        for rec in self.records() {
             let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
-            if !st.is_live()
+            if matches!(st, WorkerState::Free | WorkerState::Claiming)
                 || rec.generation.load(Ordering::Relaxed) != generation
                 || rec.slot.load(Ordering::Relaxed) != slot
             {
                 continue;
             }
             let old = rec.pid.load(Ordering::Relaxed);
-            if old == pid || alive(old) {
+            if old == pid {
                 continue;
             }
-            if self.end(rec, st, WorkerState::Crashed, now_ms) {
-                // Relaxed: informational, read together with the state.
-                rec.replaced_by.store(pid, Ordering::Relaxed);
+            // Any earlier worker of this slot and generation, alive or not,
+            // live or ended, makes this one a respawn.
+            respawn = true;
+            if st.is_live() {
+                if alive(old) || !self.end(rec, st, WorkerState::Crashed, now_ms) {
+                    continue;
+                }
                 found(Finding::Crashed { pid: old, slot, generation });
             }
+            if st != WorkerState::Exited {
+                // Relaxed: informational, read together with the state. The
+                // CAS keeps the first heir when two respawns raced.
+                let _ = rec.replaced_by.compare_exchange(0, pid, Ordering::Relaxed, Ordering::Relaxed);
+            }
         }
-        let index = self.claim_record()?;
-        let rec = &self.workers[index];
+        let index = self.claim_record(pid, &alive)?;
+        let rec = &self.records()[index];
         // Relaxed: the record is invisible (Claiming) until the Release below.
         rec.slot.store(slot, Ordering::Relaxed);
         rec.pid.store(pid, Ordering::Relaxed);
@@ -276,23 +349,55 @@ impl Lifecycle {
         rec.ended_ms.store(0, Ordering::Relaxed);
         // Release: publishes the fields above.
         rec.state.store(WorkerState::Running as u32, Ordering::Release);
-        Some(index)
+        Some(Registered { index, respawn })
     }
 
-    /// A free record, else the ended record that ended first.
-    fn claim_record(&self) -> Option<usize> {
+    /// The worker records (in use or not), in table order.
+    pub fn records(&self) -> &[WorkerRecord] {
+        let n = self.records_n as usize;
+        if n == 0 {
+            return &[];
+        }
+        let p = (self as *const Lifecycle as *const u8).wrapping_add(self.records_off as usize);
+        // SAFETY: attach_records stored the offset and count of a zeroed,
+        // aligned array of n records living in the same mapping as self.
+        unsafe { core::slice::from_raw_parts(p.cast::<WorkerRecord>(), n) }
+    }
+
+    /// Bytes for `n` worker records.
+    pub const fn records_size(n: usize) -> usize {
+        n * size_of::<WorkerRecord>()
+    }
+
+    /// Links a fresh table to its worker records: `n` zeroed records at `p`,
+    /// in the same shared mapping as the table.
+    ///
+    /// # Safety
+    /// `p` must be 8-aligned, zeroed, valid for records_size(n) bytes, and
+    /// stay mapped (at the same distance from self) as long as the table.
+    pub unsafe fn attach_records(&mut self, p: *mut u8, n: usize) {
+        self.records_off = (p as usize).wrapping_sub(self as *const Lifecycle as usize) as u64;
+        self.records_n = n as u32;
+    }
+
+    /// How many worker records the table has.
+    pub fn record_count(&self) -> usize {
+        self.records_n as usize
+    }
+
+    /// A free record (or one whose claimer died before publishing it),
+    /// else the ended record that ended first. The claim word carries the
+    /// claimer's pid, so a claim left by a dead process is seen as such.
+    fn claim_record(&self, pid: i32, alive: impl Fn(i32) -> bool) -> Option<usize> {
+        let mine = claim_word(pid);
         for _ in 0..8 {
             let mut oldest: Option<(usize, u32, u64)> = None;
-            for (i, rec) in self.workers.iter().enumerate() {
+            for (i, rec) in self.records().iter().enumerate() {
                 let raw = rec.state.load(Ordering::Acquire);
                 let st = WorkerState::from_u32(raw);
-                if st == WorkerState::Free {
+                if st == WorkerState::Free || (st == WorkerState::Claiming && !alive(claimer(raw))) {
                     // AcqRel: the winner owns the record's fields.
-                    if rec
-                        .state
-                        .compare_exchange(raw, WorkerState::Claiming as u32, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                    {
+                    if rec.state.compare_exchange(raw, mine, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                         return Some(i);
                     }
                     continue;
@@ -306,11 +411,7 @@ impl Lifecycle {
             }
             let (i, raw, _) = oldest?;
             // AcqRel: as above; a lost race means another worker took it, retry.
-            if self.workers[i]
-                .state
-                .compare_exchange(raw, WorkerState::Claiming as u32, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
+            if self.records()[i].state.compare_exchange(raw, mine, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                 return Some(i);
             }
         }
@@ -329,7 +430,7 @@ impl Lifecycle {
     /// The worker's own heartbeat. Returns true when it was marked hung and
     /// is now running again.
     pub fn heartbeat(&self, index: usize, pid: i32, now_ms: u64) -> bool {
-        let Some(rec) = self.workers.get(index) else { return false };
+        let Some(rec) = self.records().get(index) else { return false };
         if rec.pid.load(Ordering::Relaxed) != pid {
             return false;
         }
@@ -348,7 +449,7 @@ impl Lifecycle {
 
     /// The worker leaves through exit_process.
     pub fn exit_worker(&self, index: usize, pid: i32, now_ms: u64) {
-        let Some(rec) = self.workers.get(index) else { return };
+        let Some(rec) = self.records().get(index) else { return };
         if rec.pid.load(Ordering::Relaxed) != pid {
             return;
         }
@@ -361,9 +462,16 @@ impl Lifecycle {
 
     /// Judges every live record by its heartbeat: pid gone → crashed, pid
     /// alive but heartbeat older than `hang_ms` → hung. Any worker may run it.
+    /// A record claimed by a process that died before publishing it is freed.
     pub fn check(&self, now_ms: u64, hang_ms: u64, alive: impl Fn(i32) -> bool, mut found: impl FnMut(Finding)) {
-        for rec in &self.workers {
-            let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
+        for rec in self.records() {
+            let raw = rec.state.load(Ordering::Acquire);
+            let st = WorkerState::from_u32(raw);
+            if st == WorkerState::Claiming && !alive(claimer(raw)) {
+                // Relaxed: the record holds nothing anyone reads; a racing claim wins or we do.
+                let _ = rec.state.compare_exchange(raw, WorkerState::Free as u32, Ordering::Relaxed, Ordering::Relaxed);
+                continue;
+            }
             if !st.is_live() {
                 continue;
             }
@@ -390,7 +498,7 @@ impl Lifecycle {
 
     /// Sets FLAG_* bits on this worker's own record.
     pub fn set_flags(&self, index: usize, pid: i32, bits: u32) {
-        let Some(rec) = self.workers.get(index) else { return };
+        let Some(rec) = self.records().get(index) else { return };
         if rec.pid.load(Ordering::Relaxed) == pid {
             // Relaxed: read by the counts under the manager lock, whose
             // Release/Acquire pair orders it for the next holder.
@@ -469,7 +577,7 @@ impl Lifecycle {
     /// worker count). A live record whose pid is gone counts as a crash of now.
     pub fn managed_count(&self, generation: u64, now_ms: u64, failed_ms: u64, alive: impl Fn(i32) -> bool) -> u32 {
         let mut n = 0;
-        for rec in &self.workers {
+        for rec in self.records() {
             // Acquire: pairs with the Release that published the record.
             let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
             // Relaxed: fields of a published record; counts are taken under the manager lock.
@@ -496,7 +604,7 @@ impl Lifecycle {
     /// table, pid alive, and not gone through their manager exit.
     fn running_where(&self, include: impl Fn(u64) -> bool, alive: impl Fn(i32) -> bool) -> u32 {
         let mut n = 0;
-        for rec in &self.workers {
+        for rec in self.records() {
             // Acquire: pairs with the Release that published the record.
             let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
             // Relaxed: fields of a published record.
@@ -534,7 +642,7 @@ impl Lifecycle {
 
     /// Every record in use, in table order.
     pub fn workers(&self) -> impl Iterator<Item = WorkerView> + '_ {
-        self.workers.iter().enumerate().filter_map(|(index, rec)| {
+        self.records().iter().enumerate().filter_map(|(index, rec)| {
             let state = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
             if matches!(state, WorkerState::Free | WorkerState::Claiming) {
                 return None;
@@ -566,9 +674,31 @@ impl Lifecycle {
 mod tests {
     use super::*;
 
-    fn table() -> Box<Lifecycle> {
-        // SAFETY: every field is an atomic integer or an array of them; all-zero is valid.
-        unsafe { Box::new(core::mem::zeroed()) }
+    /// Records in the tables of these tests.
+    const RECORDS: usize = 128;
+
+    /// A table and its records in one zeroed, leaked allocation.
+    fn table() -> &'static Lifecycle {
+        let words = (size_of::<Lifecycle>() + Lifecycle::records_size(RECORDS)).div_ceil(8);
+        let mem: &'static mut [u64] = Box::leak(vec![0u64; words].into_boxed_slice());
+        let p = mem.as_mut_ptr().cast::<u8>();
+        // SAFETY: all-zero is a valid Lifecycle; the records follow it in the same allocation.
+        unsafe {
+            let t = &mut *p.cast::<Lifecycle>();
+            t.attach_records(p.add(size_of::<Lifecycle>()), RECORDS);
+            t
+        }
+    }
+
+    #[test]
+    fn records_follow_the_worker_count() {
+        assert_eq!(records_for(1), MIN_WORKER_RECORDS);
+        assert_eq!(records_for(32), 128);
+        assert_eq!(records_for(200), 800);
+        assert_eq!(records_for(600), MAX_WORKER_RECORDS);
+        assert_eq!(records_needed(512), MAX_WORKER_RECORDS);
+        let t = table();
+        assert_eq!((t.record_count(), t.records().len()), (RECORDS, RECORDS));
     }
 
     #[test]
@@ -599,6 +729,27 @@ mod tests {
     }
 
     #[test]
+    fn respawn_is_known_when_a_sibling_marked_the_dead_record_first() {
+        let t = table();
+        let g = t.begin_generation(1, 2, 0, 1);
+        let first = t.register(g, 0, 10, 0, alive, |_| {}).unwrap();
+        assert!(!first.respawn, "the slot's first worker of its generation");
+        t.register(g, 1, 11, 0, alive, |_| {}).unwrap();
+        // 10 dies; a sibling's heartbeat judges it before the respawn starts.
+        let mut seen = vec![];
+        t.check(100, 5000, |p| p != 10, |f| seen.push(f));
+        assert_eq!(seen, vec![Finding::Crashed { pid: 10, slot: 0, generation: g }]);
+        let mut again = vec![];
+        let heir = t.register(g, 0, 12, 200, |p| p != 10, |f| again.push(f)).unwrap();
+        assert!(heir.respawn, "a record of its generation and slot exists: a respawn");
+        assert!(again.is_empty(), "the crash was reported once, by the sibling");
+        assert_eq!(t.workers().find(|w| w.pid == 10).unwrap().replaced_by, 12);
+        // A new generation's worker in slot 0 is no respawn.
+        let g2 = t.begin_generation(1, 2, 300, 1);
+        assert!(!t.register(g2, 0, 20, 300, alive, |_| {}).unwrap().respawn);
+    }
+
+    #[test]
     fn hang_then_recovery() {
         let t = table();
         let g = t.begin_generation(1, 1, 0, 1);
@@ -618,13 +769,13 @@ mod tests {
     fn exited_records_are_recycled_oldest_first() {
         let t = table();
         let g = t.begin_generation(1, 1, 0, 1);
-        for n in 0..MAX_WORKER_RECORDS as i32 {
+        for n in 0..RECORDS as i32 {
             let i = t.register_worker(g, 0, 1000 + n, 0, |_| true, |_| {}).unwrap();
             t.exit_worker(i, 1000 + n, 100 + n as u64);
         }
         let i = t.register_worker(g, 0, 5000, 0, |_| true, |_| {}).unwrap();
         assert_eq!(i, 0, "the record that ended first is reused");
-        assert_eq!(t.workers().count(), MAX_WORKER_RECORDS);
+        assert_eq!(t.workers().count(), RECORDS);
     }
 
     fn alive(_: i32) -> bool {
@@ -854,10 +1005,32 @@ mod tests {
     }
 
     #[test]
+    fn a_record_whose_claimer_died_before_publishing_is_reused() {
+        let t = table();
+        let g = t.begin_generation(1, 1, 0, 1);
+        // pid 77 claims a record and dies before publishing it.
+        let stuck = t.claim_record(77, alive).unwrap();
+        assert_eq!(WorkerState::from_u32(t.records()[stuck].state.load(Ordering::Relaxed)), WorkerState::Claiming);
+        for n in 1..RECORDS as u32 {
+            assert!(t.register_worker(g, n, 100 + n as i32, 0, alive, |_| {}).is_some());
+        }
+        let dead77 = |p: i32| p != 77;
+        assert_eq!(t.register_worker(g, 0, 5000, 0, dead77, |_| {}), Some(stuck), "the dead claim is taken over");
+        // The heartbeat check frees such a record too.
+        let t = table();
+        let stuck = t.claim_record(78, alive).unwrap();
+        t.check(0, 5000, |p| p != 78, |_| {});
+        assert_eq!(WorkerState::from_u32(t.records()[stuck].state.load(Ordering::Relaxed)), WorkerState::Free);
+        let live = t.claim_record(79, alive).unwrap();
+        t.check(0, 5000, alive, |_| {});
+        assert_eq!(WorkerState::from_u32(t.records()[live].state.load(Ordering::Relaxed)), WorkerState::Claiming);
+    }
+
+    #[test]
     fn table_full_of_live_workers_refuses() {
         let t = table();
         let g = t.begin_generation(1, 1, 0, 1);
-        for n in 0..MAX_WORKER_RECORDS as u32 {
+        for n in 0..RECORDS as u32 {
             assert!(t.register_worker(g, n, 10 + n as i32, 0, |_| true, |_| {}).is_some());
         }
         assert!(t.register_worker(g, 999, 9999, 0, |_| true, |_| {}).is_none());

@@ -122,6 +122,8 @@ pub struct PgBus {
     seen: [AtomicU64; (SEEN_WINDOW / 64) as usize],
     /// Highest outbox id in the table at the last look (for the lag figure).
     pub table_max_id: AtomicU64,
+    /// The holder's wake-up address token (module::wake: pid + nonce).
+    holder_nonce: AtomicU64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -225,6 +227,18 @@ impl PgBus {
         };
         lock.unlock();
         res
+    }
+
+    /// The holder publishes how to wake it (its wake-up socket's nonce).
+    pub fn set_holder_nonce(&self, nonce: u64) {
+        // Relaxed: a hint read by posters; a stale one costs one lost
+        // wake-up, which the holder's next tick makes up for.
+        self.holder_nonce.store(nonce, Ordering::Relaxed);
+    }
+
+    pub fn holder_nonce(&self) -> u64 {
+        // Relaxed: see set_holder_nonce.
+        self.holder_nonce.load(Ordering::Relaxed)
     }
 
     /// Gives the lease up if `pid` holds it.

@@ -1,12 +1,17 @@
 //! The event ring: a multi-writer, multi-reader broadcast log of
 //! variable-size records in one preallocated shared region.
 //!
-//! - Writers serialize through a `ShmLock` and never wait for readers: when
-//!   the data area is full they move the tail past the oldest records
-//!   before writing over them.
+//! - Writers serialize through a `ShmLock` and never wait for readers. When
+//!   the data area is full, what happens depends on the ring's `Overflow`
+//!   setting: `Refuse` (the default) refuses the post while a responsive
+//!   reader (one that `claim`ed its slot and whose caller-judged liveness
+//!   holds) still has to read a record the post would overwrite; lapped,
+//!   hung or dead readers never block. `Overwrite` always moves the tail
+//!   past the oldest records before writing over them.
 //! - Positions are monotonically increasing byte offsets (`pos % capacity`
 //!   indexes the data area); every record carries its sequence number, so a
-//!   reader that was lapped learns exactly how many records it lost.
+//!   reader that was lapped learns exactly how many records it lost, once
+//!   per gap: laps met before the next record is read add up.
 //! - The publication point is `head_pos`, stored with Release after the
 //!   whole record is written. A writer that dies inside its critical section
 //!   therefore leaves nothing readers can see: no half record, no seq gap.
@@ -32,7 +37,7 @@ use super::lock::ShmLock;
 
 pub const RING_MAGIC: u64 = u64::from_be_bytes(*b"wbring\0\0");
 /// Bumped whenever `RingHeader`, `ReaderSlot` or `RecHeader` changes.
-pub const RING_LAYOUT: u32 = 1;
+pub const RING_LAYOUT: u32 = 2;
 /// Alignment the region's base needs (the cache-padded parts).
 pub const ALIGN: usize = align_of::<CachePadded<u64>>();
 pub const MIN_CAPACITY: usize = 1024;
@@ -96,6 +101,26 @@ struct WriterState {
     rejected: AtomicU64,
     /// Invalid headers met (memory corruption): the ring was reset past them.
     corrupt: AtomicU64,
+    /// A lower bound of the positions of the claimed readers that were
+    /// responsive at the last scan: evicting below it needs no scan.
+    /// Readers lower it (`fetch_min`) when they claim, beat or move back.
+    guard_pos: AtomicU64,
+    /// Posts refused because a responsive reader had not read yet.
+    refused: AtomicU64,
+    /// `abandoned` as of the last `unreported_abandoned` (logged once each).
+    reported: AtomicU64,
+    /// `Overflow` as u32; set by the owner of the configuration on each load.
+    overflow: AtomicU32,
+    _pad2: u32,
+}
+
+/// What a post does when the ring is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Refused while a responsive reader still has to read what it would overwrite.
+    Refuse = 0,
+    /// Overwrites the oldest records; lapped readers are told how many they lost.
+    Overwrite = 1,
 }
 
 #[repr(C)]
@@ -121,7 +146,14 @@ pub struct ReaderSlot {
     missed: AtomicU64,
     wakeups: AtomicU64,
     idle: AtomicU32,
-    _pad: u32,
+    /// Pid of the process reading this slot with a poller (0: none): its
+    /// unread records are guarded, and `nonce` with it names its wake-up address.
+    owner: AtomicI32,
+    nonce: AtomicU64,
+    /// The owner's last sign of life, in the caller's clock (ms).
+    beat: AtomicU64,
+    /// Records lost in laps not yet reported (reported with the next record).
+    owed: AtomicU64,
 }
 
 const fn align_up(n: usize, a: usize) -> usize {
@@ -185,6 +217,13 @@ pub enum PostError {
         len: usize,
         max: usize,
     },
+    /// The ring is full and reader `slot` (process `pid`), responsive,
+    /// has not read the last `behind` records yet.
+    Full {
+        slot: usize,
+        pid: i32,
+        behind: u64,
+    },
 }
 
 impl fmt::Display for PostError {
@@ -194,6 +233,11 @@ impl fmt::Display for PostError {
                 write!(f, "event of {size} bytes is larger than the ring's maximum of {max}")
             }
             PostError::FieldTooLong { field, len, max } => write!(f, "{field} of {len} bytes is longer than {max}"),
+            PostError::Full { slot, pid, behind } => write!(
+                f,
+                "the event ring is full: worker process {pid} (reader {slot}) has not read the last {behind} \
+                 events yet and this one would overwrite the oldest of them"
+            ),
         }
     }
 }
@@ -219,7 +263,8 @@ pub struct RecordOut {
     pub event_len: u32,
     pub unique_len: u32,
     pub data_len: u32,
-    /// On `Lagged(n)`: n (and `seq` is where reading resumes). On a record: 0.
+    /// Records lost (the ring lapped this reader) right before this one, or,
+    /// on `Lagged(n)`, n (and `seq` is where reading resumes). Else 0.
     pub missed: u64,
 }
 
@@ -231,8 +276,9 @@ pub enum Next {
     Empty,
     /// The buffer must hold this many bytes; the cursor did not move.
     TooSmall(usize),
-    /// The ring lapped this reader: exactly this many records are gone. The
-    /// cursor is now on the oldest record still present.
+    /// The ring lapped this reader: exactly this many records are gone, and
+    /// no record could be read after them yet (usually a lap is reported
+    /// with the record that follows it, in `RecordOut::missed`).
     Lagged(u64),
 }
 
@@ -253,6 +299,8 @@ pub struct RingStats {
     pub abandoned_pid: i32,
     pub rejected: u64,
     pub corrupt: u64,
+    pub refused: u64,
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -263,6 +311,8 @@ pub struct ReaderStats {
     pub missed: u64,
     pub wakeups: u64,
     pub idle: bool,
+    /// Pid of the process polling this slot (0: none).
+    pub owner: i32,
 }
 
 /// A handle to a ring in a mapped region; all state lives in the region.
@@ -316,9 +366,21 @@ impl Ring {
         h.capacity.store(capacity as u64, Ordering::Relaxed);
         h.region_len.store(len as u64, Ordering::Relaxed);
         let w = &*h.w;
-        for a in [&w.head_pos, &w.tail_pos, &w.posted, &w.overwritten, &w.abandoned, &w.rejected, &w.corrupt] {
+        for a in [
+            &w.head_pos,
+            &w.tail_pos,
+            &w.posted,
+            &w.overwritten,
+            &w.abandoned,
+            &w.rejected,
+            &w.corrupt,
+            &w.refused,
+            &w.reported,
+            &w.guard_pos,
+        ] {
             a.store(0, Ordering::Relaxed);
         }
+        w.overflow.store(Overflow::Refuse as u32, Ordering::Relaxed);
         w.head_seq.store(1, Ordering::Relaxed);
         w.last_pos.store(NO_POS, Ordering::Relaxed);
         w.in_post.store(0, Ordering::Relaxed);
@@ -326,11 +388,12 @@ impl Ring {
         w.abandoned_pid.store(0, Ordering::Relaxed);
         for i in 0..max_readers {
             if let Some(s) = ring.slot(i) {
-                for a in [&s.pos, &s.delivered, &s.missed, &s.wakeups] {
+                for a in [&s.pos, &s.delivered, &s.missed, &s.wakeups, &s.nonce, &s.beat, &s.owed] {
                     a.store(0, Ordering::Relaxed);
                 }
                 s.seq.store(1, Ordering::Relaxed);
                 s.idle.store(0, Ordering::Relaxed);
+                s.owner.store(0, Ordering::Relaxed);
             }
         }
         // Release: a process that sees the magic sees the fields above.
@@ -473,13 +536,51 @@ impl Ring {
         Some((kind, len))
     }
 
-    /// Publishes one record; returns its seq.
+    /// Publishes one record; returns its seq. Claimed readers count as responsive.
     pub fn post<L: ShmLock>(&self, lock: &L, rec: &RecordIn) -> Result<u64, PostError> {
+        self.post_checked(lock, rec, &|_, _| true)
+    }
+
+    /// Publishes one record; returns its seq. With `Overflow::Refuse`, a
+    /// claimed reader blocks the post only if `responsive(pid, beat)`.
+    pub fn post_checked<L: ShmLock>(
+        &self,
+        lock: &L,
+        rec: &RecordIn,
+        responsive: &dyn Fn(i32, u64) -> bool,
+    ) -> Result<u64, PostError> {
         let need = self.check(rec)?;
         lock.lock();
-        let seq = self.post_locked(rec, need, true);
+        let r = self.post_locked(rec, need, true, responsive);
         lock.unlock();
-        Ok(seq)
+        r
+    }
+
+    pub fn set_overflow(&self, mode: Overflow) {
+        // Relaxed: a setting; a post racing with the change may use either.
+        self.w().overflow.store(mode as u32, Ordering::Relaxed);
+    }
+
+    pub fn overflow(&self) -> Overflow {
+        // Relaxed: as above.
+        match self.w().overflow.load(Ordering::Relaxed) {
+            1 => Overflow::Overwrite,
+            _ => Overflow::Refuse,
+        }
+    }
+
+    /// Posts cut off by a dying writer since the last call, and the last
+    /// such writer's pid: exactly one caller gets each, to log it once.
+    pub fn unreported_abandoned(&self) -> Option<(u64, i32)> {
+        let w = self.w();
+        // Relaxed: counters; the CAS makes one caller own each increment.
+        let done = w.reported.load(Ordering::Relaxed);
+        let now = w.abandoned.load(Ordering::Relaxed);
+        if now <= done {
+            return None;
+        }
+        w.reported.compare_exchange(done, now, Ordering::Relaxed, Ordering::Relaxed).ok()?;
+        Some((now - done, w.abandoned_pid.load(Ordering::Relaxed)))
     }
 
     /// Test hook: takes the lock and stops half way through a post, as a
@@ -489,7 +590,7 @@ impl Ring {
     pub fn post_partial_for_test<L: ShmLock>(&self, lock: &L, rec: &RecordIn) -> Result<u64, PostError> {
         let need = self.check(rec)?;
         lock.lock();
-        Ok(self.post_locked(rec, need, false))
+        self.post_locked(rec, need, false, &|_, _| true)
     }
 
     /// The record's length in the ring, or why it cannot be posted.
@@ -557,9 +658,9 @@ impl Ring {
         r
     }
 
-    /// Moves the tail forward until `end - tail <= capacity`; returns the
-    /// new tail. Lock held. Stops at `head` (empty ring) on a bad header.
-    fn evict(&self, mut tail: u64, head: u64, end: u64) -> u64 {
+    /// Where the tail must move for `end - tail <= capacity`, and how many
+    /// records that drops. Lock held. Stops at `head` (empty ring) on a bad header.
+    fn evict(&self, mut tail: u64, head: u64, end: u64) -> (u64, u64) {
         let w = self.w();
         let mut dropped = 0;
         while end.saturating_sub(tail) > self.cap {
@@ -577,12 +678,52 @@ impl Ring {
             tail += len;
             dropped += (kind == KIND_RECORD) as u64;
         }
-        // Relaxed: a statistic.
-        w.overwritten.fetch_add(dropped, Ordering::Relaxed);
-        tail.min(head)
+        (tail.min(head), dropped)
     }
 
-    fn post_locked(&self, rec: &RecordIn, need: u64, publish: bool) -> u64 {
+    /// With `Overflow::Refuse`: the first responsive claimed reader that has
+    /// not read past `new_tail`. Lock held.
+    fn blocker(&self, tail: u64, new_tail: u64, responsive: &dyn Fn(i32, u64) -> bool) -> Result<(), PostError> {
+        let w = self.w();
+        // Acquire: pairs with the AcqRel fetch_min of readers that claim or beat.
+        let guard = w.guard_pos.load(Ordering::Acquire);
+        if new_tail <= guard {
+            return Ok(());
+        }
+        let mut min = u64::MAX;
+        for i in 0..self.max_readers {
+            let Some(s) = self.slot(i) else { break };
+            // Acquire: a reader's claim (owner) comes with its position and beat.
+            let owner = s.owner.load(Ordering::Acquire);
+            if owner == 0 {
+                continue;
+            }
+            // Relaxed: a reader only moves forward; a stale value is conservative.
+            let p = self.skip_gap(s.pos.load(Ordering::Relaxed));
+            if p < tail {
+                continue; // lapped already (it was not responsive): it has been told
+            }
+            if !responsive(owner, s.beat.load(Ordering::Relaxed)) {
+                continue;
+            }
+            if p < new_tail {
+                let behind = self.w().head_seq.load(Ordering::Relaxed).saturating_sub(s.seq.load(Ordering::Relaxed));
+                return Err(PostError::Full { slot: i, pid: owner, behind });
+            }
+            min = min.min(p);
+        }
+        // AcqRel: a reader that lowered the bound meanwhile keeps its value.
+        let _ = w.guard_pos.compare_exchange(guard, min, Ordering::AcqRel, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn post_locked(
+        &self,
+        rec: &RecordIn,
+        need: u64,
+        publish: bool,
+        responsive: &dyn Fn(i32, u64) -> bool,
+    ) -> Result<u64, PostError> {
         let w = self.w();
         self.recover();
         // Relaxed (writer fields): only the lock holder writes them; the lock orders holders.
@@ -595,7 +736,17 @@ impl Ring {
         let end = pos + need;
         let tail = w.tail_pos.load(Ordering::Relaxed);
         if end.saturating_sub(tail) > self.cap {
-            let t = self.evict(tail, head, end);
+            let (t, dropped) = self.evict(tail, head, end);
+            if self.overflow() == Overflow::Refuse
+                && let Err(e) = self.blocker(tail, t, responsive)
+            {
+                // Nothing was written: the ring is as before this call.
+                w.in_post.store(0, Ordering::Relaxed);
+                w.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+            // Relaxed: a statistic.
+            w.overwritten.fetch_add(dropped, Ordering::Relaxed);
             // Relaxed + the Release fence below: a reader that sees any byte
             // written after the fence also sees this tail (seqlock writer).
             w.tail_pos.store(t, Ordering::Relaxed);
@@ -634,7 +785,7 @@ impl Ring {
         }
         w.last_pos.store(pos, Ordering::Relaxed);
         if !publish {
-            return seq;
+            return Ok(seq);
         }
         // Release: publishes the record (and padding) to readers' Acquire of head_pos.
         w.head_pos.store(end, Ordering::Release);
@@ -642,7 +793,7 @@ impl Ring {
         w.head_seq.store(seq + 1, Ordering::Release);
         w.posted.fetch_add(1, Ordering::Relaxed);
         w.in_post.store(0, Ordering::Relaxed);
-        seq
+        Ok(seq)
     }
 
     /// The next seq to be assigned.
@@ -693,6 +844,8 @@ impl Ring {
             abandoned_pid: w.abandoned_pid.load(Ordering::Relaxed),
             rejected: w.rejected.load(Ordering::Relaxed),
             corrupt: w.corrupt.load(Ordering::Relaxed),
+            refused: w.refused.load(Ordering::Relaxed),
+            overwrite: self.overflow() == Overflow::Overwrite,
         }
     }
 
@@ -702,8 +855,9 @@ impl Ring {
         Some(Reader { ring: *self, slot: s, index: slot })
     }
 
-    /// After a post: signals every idle reader once (`signal(slot)`).
-    pub fn wake_idle(&self, mut signal: impl FnMut(usize)) {
+    /// After a post: signals every idle reader once (`signal(slot, owner
+    /// pid, nonce)`: the address its owner registered with `claim`).
+    pub fn wake_idle(&self, mut signal: impl FnMut(usize, i32, u64)) {
         // SeqCst fence: the published head is ordered before the idle flags
         // are read; pairs with the fence in Reader::set_idle (Dekker).
         fence(Ordering::SeqCst);
@@ -711,7 +865,8 @@ impl Ring {
             let Some(s) = self.slot(i) else { break };
             // Relaxed probe: in a burst nobody is idle, and this costs no write.
             if s.idle.load(Ordering::Relaxed) != 0 && s.idle.swap(0, Ordering::AcqRel) != 0 {
-                signal(i);
+                // Acquire: the claim that set these came before the idle flag.
+                signal(i, s.owner.load(Ordering::Acquire), s.nonce.load(Ordering::Relaxed));
                 // Relaxed: a statistic.
                 s.wakeups.fetch_add(1, Ordering::Relaxed);
             }
@@ -795,6 +950,42 @@ impl Reader {
         // Relaxed: the slot's own reader is its only writer.
         slot.pos.store(pos, Ordering::Relaxed);
         slot.seq.store(seq, Ordering::Relaxed);
+        // AcqRel: writers that evict past `pos` rescan the readers.
+        w.guard_pos.fetch_min(pos, Ordering::AcqRel);
+    }
+
+    /// This process now reads the slot with a poller: its unread records
+    /// are guarded (with `Overflow::Refuse`) while the caller judges it
+    /// responsive from `beat`, and posters wake it at (pid, nonce).
+    pub fn claim(&self, pid: i32, nonce: u64, now: u64) {
+        let slot = self.slot();
+        // Relaxed: published by the Release store of owner.
+        slot.beat.store(now, Ordering::Relaxed);
+        slot.nonce.store(nonce, Ordering::Relaxed);
+        slot.owner.store(pid, Ordering::Release);
+        self.lower_guard();
+    }
+
+    /// A sign of life from the owner (its heartbeat).
+    pub fn beat(&self, now: u64) {
+        // Relaxed: a reading for the liveness test, never a publication.
+        self.slot().beat.store(now, Ordering::Relaxed);
+        self.lower_guard();
+    }
+
+    /// The owner stops reading (worker exit).
+    pub fn release(&self) {
+        let slot = self.slot();
+        // Relaxed: a stale owner costs a writer one responsiveness check.
+        slot.owner.store(0, Ordering::Relaxed);
+        slot.idle.store(0, Ordering::Relaxed);
+    }
+
+    fn lower_guard(&self) {
+        // Relaxed (pos): own slot.
+        let pos = self.slot().pos.load(Ordering::Relaxed);
+        // AcqRel: pairs with the writer's scan.
+        self.ring.w().guard_pos.fetch_min(pos, Ordering::AcqRel);
     }
 
     /// Whether a record (or a lag report) is waiting at the cursor.
@@ -828,7 +1019,7 @@ impl Reader {
                     p = head; // a cursor beyond the head (corrupt slot): resume at the head
                 }
                 save(p, s);
-                return Next::Empty;
+                return self.empty(out, s);
             }
             // Acquire: pairs with the writer's tail store + Release fence.
             let tail = w.tail_pos.load(Ordering::Acquire);
@@ -875,13 +1066,14 @@ impl Reader {
                 continue;
             };
             if seq > s {
+                // Lapped: owed until the record after the gap is read, so
+                // that laps met meanwhile make one report with the whole count.
                 let n = seq - s;
                 s = seq;
-                save(p, s);
-                // Relaxed: counters read only for status.
+                // Relaxed: own slot; counters.
                 slot.missed.fetch_add(n, Ordering::Relaxed);
-                *out = RecordOut { seq: s, missed: n, ..RecordOut::default() };
-                return Next::Lagged(n);
+                slot.owed.fetch_add(n, Ordering::Relaxed);
+                continue;
             }
             if kind == KIND_PAD || seq < s {
                 p += len; // padding, or a record before the cursor
@@ -906,14 +1098,26 @@ impl Reader {
                 event_len: el as u32,
                 unique_len: ul as u32,
                 data_len: (plen - sl - el - ul) as u32,
-                missed: 0,
+                // Relaxed: own slot.
+                missed: slot.owed.swap(0, Ordering::Relaxed),
             };
             save(p + len, s + 1);
             slot.delivered.fetch_add(1, Ordering::Relaxed);
             return Next::Record;
         }
         save(p, s);
-        Next::Empty
+        self.empty(out, s)
+    }
+
+    /// Nothing to read: `Empty`, or `Lagged` if a lap is still unreported.
+    fn empty(&self, out: &mut RecordOut, s: u64) -> Next {
+        // Relaxed: own slot.
+        let n = self.slot().owed.swap(0, Ordering::Relaxed);
+        if n == 0 {
+            return Next::Empty;
+        }
+        *out = RecordOut { seq: s, missed: n, ..RecordOut::default() };
+        Next::Lagged(n)
     }
 
     /// The poller is about to sleep (`true`) or is awake (`false`). Returns
@@ -969,6 +1173,7 @@ impl Reader {
             missed: slot.missed.load(Ordering::Relaxed),
             wakeups: slot.wakeups.load(Ordering::Relaxed),
             idle: slot.idle.load(Ordering::Relaxed) != 0,
+            owner: slot.owner.load(Ordering::Relaxed),
         }
     }
 }
@@ -1065,9 +1270,10 @@ mod tests {
         }
         let oldest = ring.oldest_seq();
         assert!(oldest > 1);
+        // The lap is reported with the first record after it.
         let (n, out, _) = read(&rd);
-        assert_eq!((n, out.seq, out.missed), (Next::Lagged(oldest - 1), oldest, oldest - 1));
-        let mut got = 0;
+        assert_eq!((n, out.seq, out.missed), (Next::Record, oldest, oldest - 1));
+        let mut got = 1;
         loop {
             match read(&rd) {
                 (Next::Record, out, _) => {
@@ -1096,7 +1302,8 @@ mod tests {
         rd.set_cursor(ring.head_seq());
         assert_eq!(read(&rd).0, Next::Empty);
         rd.set_cursor(1);
-        assert_eq!(read(&rd).0, Next::Lagged(oldest - 1));
+        let (n, out, _) = read(&rd);
+        assert_eq!((n, out.seq, out.missed), (Next::Record, oldest, oldest - 1));
         // A cursor ahead of the head skips what comes before it.
         rd.set_cursor(ring.head_seq() + 2);
         for _ in 0..3 {
@@ -1218,13 +1425,111 @@ mod tests {
         assert!(rd.set_idle(true));
         let mut woken = vec![];
         ring.post(&NoLock, &rec(b"e", b"")).unwrap();
-        ring.wake_idle(|s| woken.push(s));
-        ring.wake_idle(|s| woken.push(s));
-        assert_eq!(woken, vec![2]);
+        rd.claim(4242, 77, 0);
+        ring.wake_idle(|s, pid, nonce| woken.push((s, pid, nonce)));
+        ring.wake_idle(|s, pid, nonce| woken.push((s, pid, nonce)));
+        assert_eq!(woken, vec![(2, 4242, 77)], "the address the owner claimed");
         assert!(!rd.set_idle(true), "a pending record keeps the reader awake");
         assert!(!rd.take_idle());
         assert_eq!(rd.stats().wakeups, 1);
         assert!(ring.reader(3).is_none());
+    }
+
+    /// 100 records of 56 bytes in the ring: 1024 / 56 = 18 fit.
+    fn fill(ring: &Ring, n: usize, responsive: &dyn Fn(i32, u64) -> bool) -> Vec<Result<u64, PostError>> {
+        (0..n).map(|_| ring.post_checked(&NoLock, &rec(b"e", &[1; 20]), responsive)).collect()
+    }
+
+    #[test]
+    fn full_ring_refuses_while_a_responsive_reader_has_not_read() {
+        let (_r, ring) = ring(1024, 3);
+        assert_eq!(ring.overflow(), Overflow::Refuse, "refusing is the default");
+        let slow = ring.reader(1).unwrap();
+        slow.claim(4321, 1, 1000);
+        let unclaimed = ring.reader(2).unwrap(); // no poller: never blocks
+        let res = fill(&ring, 30, &|_, _| true);
+        let ok = res.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1024 / 56, "exactly what fits was accepted");
+        let behind = ok as u64;
+        assert_eq!(res[ok], Err(PostError::Full { slot: 1, pid: 4321, behind }));
+        assert_eq!(
+            res[ok].unwrap_err().to_string(),
+            format!(
+                "the event ring is full: worker process 4321 (reader 1) has not read the last {behind} events yet \
+                 and this one would overwrite the oldest of them"
+            )
+        );
+        let st = ring.stats();
+        assert_eq!((st.refused, st.overwritten, st.posted), (30 - behind, 0, behind));
+        // Reading makes room again: nothing accepted was lost.
+        let (n, out, _) = read(&slow);
+        assert_eq!((n, out.seq, out.missed), (Next::Record, 1, 0));
+        assert_eq!(fill(&ring, 1, &|_, _| true)[0], Ok(behind + 1));
+        assert_eq!(read(&unclaimed).1.missed, 1, "the unclaimed reader was lapped and told");
+        // A reader judged unresponsive (hung or dead) is lapped and told.
+        let res = fill(&ring, 40, &|pid, beat| !(pid == 4321 && beat == 1000));
+        assert!(res.iter().all(|r| r.is_ok()));
+        let (n, out, _) = read(&slow);
+        assert_eq!(n, Next::Record);
+        assert_eq!(out.missed + 2, out.seq, "every record after seq 1 and before this one was lost, and counted");
+        // Released (the worker exited): never blocks.
+        slow.release();
+        let other = ring.reader(0).unwrap();
+        other.claim(99, 2, 5);
+        other.set_cursor(ring.head_seq());
+        assert!(fill(&ring, 15, &|_, _| true).iter().all(|r| r.is_ok()), "the released reader did not block");
+        let more = fill(&ring, 10, &|_, _| true);
+        assert!(matches!(more.last(), Some(Err(PostError::Full { slot: 0, pid: 99, .. }))), "reader 0 now guards");
+    }
+
+    #[test]
+    fn overwrite_mode_laps_responsive_readers_and_tells_them() {
+        let (_r, ring) = ring(1024, 1);
+        ring.set_overflow(Overflow::Overwrite);
+        let rd = ring.reader(0).unwrap();
+        rd.claim(4321, 1, 0);
+        assert!(fill(&ring, 100, &|_, _| true).iter().all(|r| r.is_ok()));
+        let oldest = ring.oldest_seq();
+        let (n, out, _) = read(&rd);
+        assert_eq!((n, out.seq, out.missed), (Next::Record, oldest, oldest - 1));
+        assert_eq!(ring.stats().refused, 0);
+    }
+
+    #[test]
+    fn a_reader_lapped_again_and_again_gets_one_report_per_gap() {
+        let (_r, ring) = ring(1024, 1);
+        let rd = ring.reader(0).unwrap();
+        ring.post(&NoLock, &rec(b"e", &[1; 20])).unwrap();
+        let mut out = RecordOut::default();
+        let mut small = [0u8; 4];
+        let mut reports = vec![];
+        // Each attempt finds the buffer too small and more records gone
+        // meanwhile, as a reader catching up under a fast writer would.
+        for _ in 0..5 {
+            fill(&ring, 30, &|_, _| true);
+            match rd.next(&mut out, &mut small) {
+                Next::TooSmall(_) => {}
+                other => reports.push(other),
+            }
+        }
+        let mut buf = [0u8; 64];
+        assert_eq!(rd.next(&mut out, &mut buf), Next::Record);
+        let lost = out.seq - 1;
+        assert_eq!((out.missed, rd.missed()), (lost, lost), "one report, the whole count");
+        assert!(reports.is_empty(), "{reports:?}");
+        assert_eq!(rd.next(&mut out, &mut buf), Next::Record);
+        assert_eq!(out.missed, 0);
+    }
+
+    #[test]
+    fn a_post_cut_off_by_a_dying_writer_is_reported_once() {
+        let (_r, ring) = ring(4096, 1);
+        assert_eq!(ring.unreported_abandoned(), None);
+        ring.post_partial_for_test(&NoLock, &RecordIn { pid: 77, ..rec(b"e", b"x") }).unwrap();
+        // The next writer accounts for it silently; the report is separate.
+        ring.post(&NoLock, &rec(b"e", b"")).unwrap();
+        assert_eq!(ring.unreported_abandoned(), Some((1, 77)));
+        assert_eq!(ring.unreported_abandoned(), None, "once");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 -- resty.worker.events on workerbus: the API of Kong's lua-resty-worker-events
 -- 2.0.1, with events carried by the workerbus module's event ring instead
 -- of a lua_shared_dict. See docs/worker-events.md.
+--
+-- Log lines: "worker-events: " prefixes only the handler trace, as in the
+-- original (operators grep it); this module's own lines start "workerbus: ".
 
 local need = require "resty.workerbus.need"
 
@@ -20,6 +23,9 @@ local ipairs = ipairs
 local error = error
 local assert = assert
 local setmetatable = setmetatable
+local floor = math.floor
+local ceil = math.ceil
+local huge = math.huge
 
 local SOURCE = "resty-worker-events"
 local API = 0               -- this API's flag bits in the ring records
@@ -130,6 +136,10 @@ local function configured()
     return conf_pid ~= nil and conf_pid == ngx.worker.pid() and core.attached()
 end
 
+-- Longest timeout or interval taken: a year (longer ones are mistakes,
+-- and the module's timers and claims count milliseconds).
+local MAX_SECONDS = 365 * 86400
+
 local function check_number(opts, name, positive)
     local v = opts[name]
     if v == nil then
@@ -137,6 +147,17 @@ local function check_number(opts, name, positive)
     end
     if type(v) ~= "number" then
         return nil, 'optional "' .. name .. '" option must be a number'
+    end
+    if v ~= v or v == huge or v == -huge then
+        return nil, '"' .. name .. '" must be a finite number, got ' .. tostring(v)
+    end
+    if name == "shm_retries" then
+        if v ~= floor(v) then
+            return nil, '"shm_retries" must be a whole number, got ' .. tostring(v)
+        end
+    elseif v > MAX_SECONDS then
+        return nil, '"' .. name .. '" must be at most ' .. MAX_SECONDS
+                    .. ' seconds (a year), got ' .. tostring(v)
     end
     if positive and v <= 0 then
         return nil, '"' .. name .. '" must be greater than 0'
@@ -147,6 +168,46 @@ local function check_number(opts, name, positive)
         return nil, '"' .. name .. '" must be greater than or equal to 0'
     end
     return v
+end
+
+-- A ring record of a 64-byte event: header (32) + data (64) + source and
+-- event names (16, say).
+local EVENT64 = 112
+
+local function mb(bytes)
+    return ceil(bytes / 1048576) .. "m"
+end
+
+-- Once on the node per configuration load: the dict named by `shm` is not
+-- used; if it is larger than the ring, the ring's capacity and the line
+-- that makes the ring as large.
+local function dict_notice(shm)
+    local zname = core.zone_name()
+    if not core.first_on_node("dict-notice:" .. shm) then
+        return
+    end
+    local dict = ngx.shared[shm]
+    local dict_cap = dict.capacity and dict:capacity() or 0
+    local ring_cap, zone_size
+    local st = wb.status()
+    for _, z in ipairs(st and st.zones or {}) do
+        if z.name == zname and z.events then
+            ring_cap, zone_size = z.events.capacity, z.size
+        end
+    end
+    if ring_cap and dict_cap > ring_cap then
+        log(NOTICE, "workerbus: shm \"", shm, "\" is a lua_shared_dict of ", dict_cap,
+                    " bytes, larger than the event ring of workerbus zone \"", zname,
+                    "\": ", ring_cap, " bytes, about ", floor(ring_cap / EVENT64),
+                    " events of 64 bytes; events go through the ring and the dict is not ",
+                    "used; for a ring as large as the dict, put \"workerbus_zone ", zname,
+                    " ", mb(dict_cap * 2 + (zone_size or 0) - 2 * ring_cap),
+                    ";\" in nginx.conf's main context")
+        return
+    end
+    log(NOTICE, "workerbus: shm \"", shm, "\" is a lua_shared_dict, not a ",
+                "workerbus zone; events go through the event ring of workerbus zone \"",
+                zname, "\" and the dict is not used")
 end
 
 local function zone_for(shm)
@@ -171,9 +232,7 @@ local function zone_for(shm)
     end
     if not notice_logged then
         notice_logged = true
-        log(NOTICE, "worker-events: shm \"", shm, "\" is a lua_shared_dict, not a ",
-                    "workerbus zone; events go through the event ring of workerbus zone \"",
-                    core.zone_name(), "\" and the dict is not used")
+        dict_notice(shm)
     end
     return idx
 end
@@ -182,7 +241,7 @@ local function post_stopping()
     if configured() then
         local ok, err = core.post(SOURCE, "stopping", nil, nil, API)
         if not ok then
-            log(ERR, "worker-events: cannot post the \"stopping\" event: ", err)
+            log(ERR, "workerbus: cannot post the \"stopping\" event: ", err)
         end
     end
 end
@@ -239,14 +298,14 @@ function _M.configure(opts)
         if not ok then
             conf_pid = nil
             err = 'failed posting event "started" by "' .. SOURCE .. '"; ' .. tostring(err)
-            log(ERR, "worker-events: ", err)
+            log(ERR, "workerbus: ", err)
             return nil, err
         end
     end
 
     local ok, err = core.want_loop(OWNER, new.interval)
     if not ok then
-        log(ERR, "worker-events: ", err)
+        log(ERR, "workerbus: ", err)
         return nil, err
     end
     return true
@@ -292,7 +351,7 @@ function _M.post(source, event, data, unique)
     ok, err = core.post(source, event, data, unique, API)
     if not ok then
         err = 'failed posting event "' .. event .. '" by "' .. source .. '"; ' .. tostring(err)
-        log(ERR, "worker-events: ", err)
+        log(ERR, "workerbus: ", err)
         return nil, err
     end
     return true
@@ -313,7 +372,7 @@ end
 function _M.poll()
     local res, err = core.poll()
     if not res then
-        log(ERR, "worker-events: ", err)
+        log(ERR, "workerbus: ", err)
         return nil, err
     end
     return res

@@ -9,6 +9,9 @@
 -- so both APIs can be used in one worker without taking each other's
 -- events.
 --
+-- Log lines: the handler trace keeps the original's "worker-events: "
+-- prefix (operators grep it); the module's own lines start "workerbus: ".
+--
 -- Record flags (chosen here, stored and returned as is by the module):
 --   bits 0-1   data kind: 0 raw Lua string, 1 cjson text, 2 nil,
 --              3 LuaJIT string.buffer serialization (resty.events)
@@ -73,6 +76,7 @@ ffi.cdef [[
     uint64_t workerbus_ev_head(int zone);
     uint64_t workerbus_ev_cursor(int zone);
     uint64_t workerbus_heartbeat_ms(void);
+    int workerbus_test_die_mid_post(int zone);
 ]]
 
 local ev_post = C.workerbus_ev_post
@@ -80,12 +84,14 @@ local ev_next = C.workerbus_ev_next
 local ev_idle = C.workerbus_ev_idle
 local ev_claim = C.workerbus_ev_claim
 local ev_head = C.workerbus_ev_head
+local DAY_S = 86400
 
 local KIND_RAW, KIND_JSON, KIND_NIL, KIND_SBUF = 0, 1, 2, 3
 local FLAG_EVENTS = 4
 local WID_UNIT = 65536
 local KEY_WORKER_EVENTS = 87   -- "W": prefix of resty.worker.events unique keys
 local KEY_EVENTS = 69          -- "E": prefix of resty.events unique keys
+local KEY_RECORD = 83          -- "S": prefix of a resty.events record's own claim (its seq)
 local BATCH = 8192             -- events per poller turn before it yields (a few ms of work)
 local EXIT_WATCH = 3600        -- re-arm period of the exit watcher timer
 
@@ -121,15 +127,19 @@ local buf_cap = 16384
 local buf = ffi_new("unsigned char[?]", buf_cap)
 local key_cap = 256
 local key_buf = ffi_new("unsigned char[?]", key_cap)
+local seq_box = ffi_new("uint64_t[1]")
 
 local sinks, lag_sinks, nsinks = {}, {}, 0
 local private = {}         -- source -> fn(data, event): such events go there only
+-- Taps (resty.workerbus.tail): see every ring record before any claim or
+-- decoding, and never change what the sinks get.
+local taps, ntaps = {}, 0
 local exit_hooks = {}
 
--- Local events: parallel arrays, head..tail; `before` is the ring's head seq
--- when the event was posted, so it is delivered just before the first ring
--- event posted after it.
-local lq_src, lq_ev, lq_data, lq_before = {}, {}, {}, {}
+-- Local events: parallel arrays, head..tail. A poll handles them before
+-- the ring's events, as the original handles its local queue before the
+-- events waiting in the shm.
+local lq_src, lq_ev, lq_data = {}, {}, {}
 local lq_head, lq_tail = 1, 0
 
 local busy = false         -- a poll is running (a handler calling poll gets "recursive")
@@ -139,10 +149,16 @@ local sema                 -- the poller's ngx.semaphore (kept referenced: the m
 local loop_running = false
 local waiting = false
 local interval = 0
--- Longest idle wait; the heartbeat wakes the poller sooner when needed.
+-- Idle wait when posters can wake this worker: wake-ups are reliable, so
+-- the configured interval is not used as a timeout (no polling).
 local IDLE_WAIT = 3600
-local heartbeat_s = 1
+local wakeable = false     -- the module can wake this worker's poller
 local wakes = 0  -- times the idle poller woke up, for tests and operators
+-- "lapped" log lines: at most one per LAG_LOG_EVERY seconds per worker;
+-- the ones held back are summed into the next.
+local LAG_LOG_EVERY = 10
+local lag_logged_at = nil
+local lag_held, lag_held_events = 0, 0
 local wants = {}           -- owner -> interval wanted (0: no background loop)
 
 local function reset_if_forked()
@@ -154,10 +170,11 @@ local function reset_if_forked()
     zone, zone_name, zone_explicit, max_payload = nil, "", false, 0
     local id = ngx.worker.id()
     wid_bits = id and (id + 1) * WID_UNIT or 0
-    lq_src, lq_ev, lq_data, lq_before = {}, {}, {}, {}
+    lq_src, lq_ev, lq_data = {}, {}, {}
     lq_head, lq_tail = 1, 0
     busy, ring_polled = false, false
-    sema, loop_running, waiting, interval = nil, false, false, 0
+    sema, loop_running, waiting, interval, wakeable = nil, false, false, 0, false
+    lag_logged_at, lag_held, lag_held_events = nil, 0, 0
     wants = {}
 end
 
@@ -242,6 +259,46 @@ function _M.add_private_source(source, fn)
     private[source] = fn
 end
 
+-- A tap: tap.record(seq, pid, source, event, unique_len, data_len, data_ptr,
+-- data_kind) for every ring record this worker reads (data_ptr is valid
+-- during the call only), tap.lagged(n) when the ring lapped this worker.
+function _M.add_tap(tap)
+    ntaps = ntaps + 1
+    taps[ntaps] = tap
+end
+
+function _M.remove_tap(tap)
+    for i = 1, ntaps do
+        if taps[i] == tap then
+            taps[i] = taps[ntaps]
+            taps[ntaps] = nil
+            ntaps = ntaps - 1
+            return true
+        end
+    end
+    return false
+end
+
+local function tap_record()
+    local slen, elen, ulen = rec.source_len, rec.event_len, rec.unique_len
+    local seq, pid, source = tonumber(rec.seq), rec.pid, ffi_string(buf, slen)
+    local event = ffi_string(buf + slen, elen)
+    local kind = band(rec.flags, 3)
+    for i = ntaps, 1, -1 do  -- backwards: a tap may remove itself
+        local ok, err = pcall(taps[i].record, seq, pid, source, event, ulen, rec.data_len,
+                              buf + slen + elen + ulen, kind)
+        if not ok then
+            log(ERR, "worker-events: event tap failed: ", err)
+        end
+    end
+end
+
+local function tap_lagged(n)
+    for i = ntaps, 1, -1 do
+        pcall(taps[i].lagged, n)
+    end
+end
+
 -- Called once when the worker exits, before the poller's last poll.
 function _M.on_exit(fn)
     exit_hooks[#exit_hooks + 1] = fn
@@ -311,28 +368,21 @@ end
 -- Queues an event for this worker only; data is passed as is.
 function _M.post_local(source, event, data)
     reset_if_forked()
-    local before = 0
-    if zone then
-        before = tonumber(ev_head(zone))
-    end
     local t = lq_tail + 1
     lq_tail = t
-    lq_src[t], lq_ev[t], lq_data[t], lq_before[t] = source, event, data, before
+    lq_src[t], lq_ev[t], lq_data[t] = source, event, data
     if waiting then
         sema:post(1)
     end
     return true
 end
 
--- Delivers local events posted before ring seq `upto` (all when nil).
-local function drain_local(upto)
+-- Delivers the queued local events, those their handlers queue included.
+local function drain_local()
     while lq_head <= lq_tail do
         local i = lq_head
-        if upto and lq_before[i] > upto then
-            break
-        end
         local s, e, d = lq_src[i], lq_ev[i], lq_data[i]
-        lq_src[i], lq_ev[i], lq_data[i], lq_before[i] = nil, nil, nil, nil
+        lq_src[i], lq_ev[i], lq_data[i] = nil, nil, nil
         lq_head = i + 1
         deliver(d, e, s, nil, nil)
     end
@@ -341,11 +391,25 @@ local function drain_local(upto)
     end
 end
 
--- First claim of a unique key wins; keys are kept apart per API.
-local function claim(p, ulen, api)
-    if ulen + 1 > key_cap then
-        key_cap = ulen + 1
+-- First claim of a unique key wins; keys are kept apart per API. With
+-- `seq` (resty.events), the first reader of the record claims the record
+-- itself first; it alone then claims the key, and returns 2 when the key was
+-- taken by an earlier event (a duplicate, as the original's broker says).
+local function claim(p, ulen, api, seq)
+    if ulen + 9 > key_cap then
+        key_cap = ulen + 9
         key_buf = ffi_new("unsigned char[?]", key_cap)
+    end
+    if seq then
+        key_buf[0] = KEY_RECORD
+        seq_box[0] = seq
+        ffi_copy(key_buf + 1, seq_box, 8)
+        local rc = ev_claim(zone, key_buf, 9, ttl[api] or 2)
+        if rc ~= 1 then
+            return rc
+        end
+        rc = claim(p, ulen, api, nil)
+        return rc == 0 and 2 or rc
     end
     key_buf[0] = api ~= 0 and KEY_EVENTS or KEY_WORKER_EVENTS
     ffi_copy(key_buf + 1, p, ulen)
@@ -360,13 +424,19 @@ local function handle_record()
     local event = ffi_string(buf + slen, elen)
     if ulen > 0 then
         local api = band(flags, FLAG_EVENTS)
-        local rc = claim(buf + slen + elen, ulen, api)
-        if rc == 0 then
-            log(DEBUG, "worker-events: skipping unique event; source=", source,
+        local rc = claim(buf + slen + elen, ulen, api, api ~= 0 and rec.seq or nil)
+        if rc == 2 then
+            -- lua-resty-events' broker line, which operators grep
+            local w = rshift(flags, 16) - 1
+            log(DEBUG, "unique event is duplicate on worker #", w >= 0 and w or "?", ": ",
+                       ffi_string(buf + slen + elen, ulen))
+            return
+        elseif rc == 0 then
+            log(DEBUG, "workerbus: skipping unique event; source=", source,
                        ", event=", event, ": another worker handles it")
             return
         elseif rc ~= 1 then
-            log(ERR, "worker-events: cannot determine who handles unique event; source=",
+            log(ERR, "workerbus: cannot determine who handles unique event; source=",
                      source, ", event=", event, ", dropping it: ", last_error())
             return
         end
@@ -380,13 +450,13 @@ local function handle_record()
         local err
         data, err = cjson_decode(ffi_string(p, dlen))
         if data == nil then
-            log(ERR, "worker-events: dropping event; source=", source, ", event=", event,
+            log(ERR, "workerbus: dropping event; source=", source, ", event=", event,
                      ": cannot decode its data: ", err)
             return
         end
     elseif kind == KIND_SBUF then
         if not sbuf_dec then
-            log(ERR, "worker-events: dropping event; source=", source, ", event=", event,
+            log(ERR, "workerbus: dropping event; source=", source, ", event=", event,
                      ": its data is in LuaJIT's string.buffer format, which this LuaJIT lacks")
             return
         end
@@ -395,7 +465,7 @@ local function handle_record()
         ok, data = pcall(sbuf_dec.decode, sbuf_dec)
         sbuf_dec:reset()
         if not ok then
-            log(ERR, "worker-events: dropping event; source=", source, ", event=", event,
+            log(ERR, "workerbus: dropping event; source=", source, ", event=", event,
                      ": cannot decode its data: ", data)
             return
         end
@@ -408,9 +478,22 @@ local function handle_record()
     deliver(data, event, source, pid, w > 0 and w - 1 or nil)
 end
 
+-- One call per gap, with its whole count (the module adds up laps met
+-- before the next record). The log line is rate-limited per worker.
 local function lagged(n)
-    log(WARN, "worker-events: this worker was lapped by the event ring of workerbus zone \"",
-              zone_name, "\" and lost ", n, " events")
+    local now = ngx.now()
+    if lag_logged_at and now - lag_logged_at < LAG_LOG_EVERY then
+        lag_held, lag_held_events = lag_held + 1, lag_held_events + n
+    else
+        local also = ""
+        if lag_held > 0 then
+            also = " (and " .. lag_held .. " earlier gaps, " .. lag_held_events
+                   .. " events, not logged)"
+        end
+        log(WARN, "workerbus: this worker was lapped by the event ring of workerbus zone \"",
+                  zone_name, "\" and lost ", n, " events", also)
+        lag_logged_at, lag_held, lag_held_events = now, 0, 0
+    end
     for i = 1, nsinks do
         local f = lag_sinks[i]
         if f then
@@ -425,15 +508,21 @@ local function drain(max)
     local n = 0
     local z = zone
     while true do
+        if lq_head <= lq_tail then
+            drain_local()  -- local events first, as in the original
+        end
         if not z then
-            drain_local(nil)
             return "done"
         end
         local rc = ev_next(z, rec, buf, buf_cap, need_len)
         if rc == 1 then
             ring_polled = true
-            if lq_head <= lq_tail then
-                drain_local(tonumber(rec.seq))
+            local missed = rec.missed
+            if missed > 0 then
+                lagged(tonumber(missed))
+            end
+            if ntaps > 0 then
+                tap_record()
             end
             handle_record()
             n = n + 1
@@ -445,8 +534,11 @@ local function drain(max)
             if lq_head > lq_tail then
                 return "done"
             end
-            drain_local(nil)  -- then read again: its handlers may have posted
+            -- local events queued by handlers: the loop delivers them, then reads again
         elseif rc == 2 then
+            if ntaps > 0 then
+                tap_lagged(tonumber(rec.missed))
+            end
             lagged(tonumber(rec.missed))
         elseif rc == -2 then
             local want = tonumber(need_len[0])
@@ -482,7 +574,7 @@ local function poll_running()
     if owner == MAIN or (owner ~= nil and co_status(owner) ~= "dead") then
         return true
     end
-    log(WARN, "worker-events: a poll was abandoned inside a handler (its request ",
+    log(WARN, "workerbus: a poll was abandoned inside a handler (its request ",
               "or timer ended); polling resumes")
     busy = false
     return false
@@ -527,12 +619,17 @@ local function run_exit_hooks()
     for i = 1, #exit_hooks do
         local ok, err = pcall(exit_hooks[i])
         if not ok then
-            log(ERR, "worker-events: exit hook failed: ", err)
+            log(ERR, "workerbus: events exit hook failed: ", err)
         end
     end
     local ok, err = poll()
     if not ok then
-        log(ERR, "worker-events: last poll before exit failed: ", err)
+        log(ERR, "workerbus: last event poll before exit failed: ", err)
+    end
+    -- This worker reads no more: its unread events must not hold up the
+    -- others' posts while it drains requests before it exits.
+    if sema then
+        C.workerbus_ev_set_sema(nil)
     end
 end
 
@@ -567,12 +664,11 @@ loop = function(premature)
         local s, err = semaphore.new(0)
         if not s then
             loop_running = false
-            log(ERR, "worker-events: cannot create the poller's semaphore: ", err)
+            log(ERR, "workerbus: cannot create the event poller's semaphore: ", err)
             return
         end
         sema = s
-        heartbeat_s = tonumber(C.workerbus_heartbeat_ms()) / 1000
-        C.workerbus_ev_set_sema(s.sem)
+        wakeable = C.workerbus_ev_set_sema(s.sem) == 1
     end
     if not watching then
         watching = ngx.timer.at(EXIT_WATCH, exit_watch) and true or false
@@ -583,7 +679,7 @@ loop = function(premature)
         if not res then
             errors = errors + 1
             if errors == 1 or errors % 1000 == 0 then
-                log(ERR, "worker-events: background poll failed (", errors, " times): ", err)
+                log(ERR, "workerbus: background event poll failed (", errors, " times): ", err)
             end
         end
         if exiting() then
@@ -595,12 +691,17 @@ loop = function(premature)
         end
         if res == "more" then
             ngx.sleep(0.001)  -- let requests run (sleep(0) warns without OpenResty's patch)
-        elseif res == "recursive" or not res or zone == nil or ev_idle(zone) ~= 1 then
-            -- The module's heartbeat posts the semaphore whenever events wait
-            -- for this worker, so with an interval longer than the heartbeat an
-            -- idle poller needs no timeout of its own: no idle wake-ups.
+        elseif res == "recursive" or not res then
+            -- A handler's poll is draining (or reading failed): not idle, so
+            -- nobody will wake us; look again shortly.
+            sema:wait(0.05)
+        elseif zone == nil or ev_idle(zone) ~= 1 then
+            -- Idle: this worker's reader is flagged, and the next post wakes
+            -- it. Wake-ups are reliable, so whatever the interval the
+            -- poller waits for one (the interval only serves where the
+            -- module could not set up this worker's wake-up socket).
             waiting = true
-            sema:wait(interval < heartbeat_s and interval or IDLE_WAIT)
+            sema:wait(wakeable and IDLE_WAIT or interval)
             waiting = false
             wakes = wakes + 1
         end
@@ -616,7 +717,7 @@ end
 -- `seconds` (0: it needs no poller). Starts the poller when needed.
 function _M.want_loop(owner, seconds)
     reset_if_forked()
-    wants[owner] = seconds
+    wants[owner] = seconds > 0 and seconds or nil
     local iv = 0
     for _, s in pairs(wants) do
         if s > 0 and (iv == 0 or s < iv) then
@@ -640,6 +741,16 @@ function _M.call_handler(handler, data, event, source, who, id)
                  ", event=", event, ", ", who, "=", tostring(id),
                  " error='", tostring(err), "'")
     end
+end
+
+-- True for the first caller on the node for `key` within this
+-- configuration load (a claim that lasts a year): for messages said once.
+function _M.first_on_node(key)
+    if not zone then
+        return true
+    end
+    local k = "N" .. tostring(wb.generation()) .. ":" .. key
+    return ev_claim(zone, k, #k, 365 * DAY_S) == 1
 end
 
 -- How many times the background poller woke from an idle wait.

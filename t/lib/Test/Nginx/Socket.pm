@@ -54,6 +54,7 @@ our $Timeout          = $ENV{TEST_NGINX_TIMEOUT} || 3;
 
 our $StartTimeout     = 5;     # seconds for nginx to listen (and fork workers)
 our $StopTimeout      = 10;    # seconds after QUIT before KILL
+our $NginxBlock;                # name of the block whose nginx runs, for diagnostics
 our $RetryWindow      = 0.2;   # an empty reply within this is retried once
 
 # the test script's directory: t/servroot and <repo>/lib are found from it
@@ -370,7 +371,8 @@ sub _stop_nginx (;$$) {
         }
         if (!$gone) {
             $clean = 0;
-            Test::More::diag("nginx (pid $pid) still running $timeout s after SIG$sig; sending SIGKILL");
+            my $what = defined $NginxBlock ? ", $NginxBlock" : '';
+            Test::More::diag("nginx (pid $pid$what) still running $timeout s after SIG$sig; sending SIGKILL");
             kill 'KILL', -$pid;
             kill 'KILL', $pid;
             waitpid($pid, 0);
@@ -1019,6 +1021,7 @@ sub _run_block ($$) {
     }
 
     return unless _start_nginx($name, $log_off, $stderr_off);
+    $NginxBlock = $name;
 
     my $timeout = _parse_time($block->timeout) // _parse_time($Timeout) // 3;
     my $need_array = @$reqs > 1;
