@@ -96,6 +96,9 @@ end
 -- The status document as a Lua table (the same as workerbus_status serves).
 function _M.status()
     local n = tonumber(C.workerbus_status_json(nil, 0))
+    if n == 0 then
+        return nil, "resty.workerbus: status() " .. last_error()
+    end
     local b = get_buf(n + 1024)
     n = tonumber(C.workerbus_status_json(b, buf_size))
     if n > buf_size then

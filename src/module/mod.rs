@@ -12,6 +12,7 @@ pub mod conf;
 pub mod events;
 pub mod local;
 pub mod parts;
+pub mod preload;
 pub mod process;
 pub mod status;
 pub mod time;
