@@ -51,13 +51,13 @@ __DATA__
 GET /t
 --- response_body
 ok
---- grep_error_log eval: qr/(master|worker) start id=\d+ n_prev=\w+ n_mine=\d+ n_next=\w+/
+--- grep_error_log eval: qr/(master|worker) start id=[\d-]+ n_prev=\w+ n_mine=\d+ n_next=\w+/
 --- grep_error_log_out eval
 qr/^master start id=1 n_prev=nil n_mine=0 n_next=nil
-worker start id=\d+ n_prev=nil n_mine=1 n_next=nil
-worker start id=\d+ n_prev=nil n_mine=2 n_next=nil
-worker start id=\d+ n_prev=nil n_mine=3 n_next=nil
-worker start id=\d+ n_prev=nil n_mine=4 n_next=nil
+worker start id=\d+-\d+ n_prev=nil n_mine=1 n_next=nil
+worker start id=\d+-\d+ n_prev=nil n_mine=2 n_next=nil
+worker start id=\d+-\d+ n_prev=nil n_mine=3 n_next=nil
+worker start id=\d+-\d+ n_prev=nil n_mine=4 n_next=nil
 $/
 --- no_error_log
 [error]
@@ -91,12 +91,12 @@ master start id=2 n_prev=4 n_mine=0 n_next=nil
 master exit id=1 n_prev=nil n_mine=0 n_next=[0-4]
 $/
 --- error_log eval
-[qr/worker exit id=\d+ n_prev=nil n_mine=4 n_next=\d/,
- qr/worker exit id=\d+ n_prev=nil n_mine=3 n_next=\d/,
- qr/worker exit id=\d+ n_prev=nil n_mine=2 n_next=\d/,
- qr/worker exit id=\d+ n_prev=nil n_mine=1 n_next=\d/,
- qr/worker start id=\d+ n_prev=\d n_mine=1 n_next=nil/,
- qr/worker start id=\d+ n_prev=\d n_mine=4 n_next=nil/]
+[qr/worker exit id=\d+-\d+ n_prev=nil n_mine=4 n_next=\d/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=3 n_next=\d/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=2 n_next=\d/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=1 n_next=\d/,
+ qr/worker start id=\d+-\d+ n_prev=\d n_mine=1 n_next=nil/,
+ qr/worker start id=\d+-\d+ n_prev=\d n_mine=4 n_next=nil/]
 --- no_error_log
 [error]
 running unserialized
@@ -118,10 +118,10 @@ GET /t
 --- response_body
 ok
 --- shutdown_error_log eval
-[qr/worker exit id=\d+ n_prev=nil n_mine=4 n_next=nil/,
- qr/worker exit id=\d+ n_prev=nil n_mine=3 n_next=nil/,
- qr/worker exit id=\d+ n_prev=nil n_mine=2 n_next=nil/,
- qr/worker exit id=\d+ n_prev=nil n_mine=1 n_next=nil/,
+[qr/worker exit id=\d+-\d+ n_prev=nil n_mine=4 n_next=nil/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=3 n_next=nil/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=2 n_next=nil/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=1 n_next=nil/,
  qr/master exit id=1 n_prev=nil n_mine=0 n_next=nil/]
 --- no_shutdown_error_log
 [error]
@@ -154,12 +154,12 @@ running unserialized
 GET /t
 --- response_body
 dead pid: crashed
---- grep_error_log eval: qr/worker start id=\d+ n_prev=\w+ n_mine=\d+ n_next=\w+/
+--- grep_error_log eval: qr/worker start id=\d+-\d+ n_prev=\w+ n_mine=\d+ n_next=\w+/
 --- grep_error_log_out eval
-qr/^(worker start id=\d+ n_prev=nil n_mine=[1-4] n_next=nil\n){4}worker start id=\d+ n_prev=nil n_mine=5 n_next=nil\n$/
+qr/^(worker start id=\d+-\d+ n_prev=nil n_mine=[1-4] n_next=nil\n){4}worker start id=\d+-\d+ n_prev=nil n_mine=5 n_next=nil\n$/
 --- shutdown_error_log eval
-[qr/worker exit id=\d+ n_prev=nil n_mine=4 n_next=nil/,
- qr/worker exit id=\d+ n_prev=nil n_mine=1 n_next=nil/,
+[qr/worker exit id=\d+-\d+ n_prev=nil n_mine=4 n_next=nil/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=1 n_next=nil/,
  qr/master exit id=1 n_prev=nil n_mine=0 n_next=nil/]
 
 
@@ -301,7 +301,15 @@ resty.worker.manager: on_init_by_lua must be called first, in init_by_lua
             return function(id, n_prev, n_mine, n_next)
                 local n = ngx.shared.inside:incr("n", 1, 0)
                 if n ~= 1 then ngx.log(ngx.ERR, "overlap: ", kind, " sees ", n, " callbacks running") end
-                ngx.sleep(0.05)
+                local phase = ngx.get_phase()
+                if phase == "init" or phase == "init_worker" then
+                    -- no yielding there (as in the original): a busy wait
+                    ngx.update_time()
+                    local t0 = ngx.now()
+                    repeat ngx.update_time() until ngx.now() - t0 >= 0.05
+                else
+                    ngx.sleep(0.05)
+                end
                 ngx.log(ngx.NOTICE, kind, " id=", id, " n_mine=", n_mine)
                 ngx.shared.inside:incr("n", -1)
             end
@@ -321,18 +329,18 @@ resty.worker.manager: on_init_by_lua must be called first, in init_by_lua
 GET /t
 --- response_body
 ok
---- grep_error_log eval: qr/(master|worker) start id=\d+ n_mine=\d+/
+--- grep_error_log eval: qr/(master|worker) start id=[\d-]+ n_mine=\d+/
 --- grep_error_log_out eval
 qr/^master start id=1 n_mine=0
-worker start id=\d+ n_mine=1
-worker start id=\d+ n_mine=2
-worker start id=\d+ n_mine=3
-worker start id=\d+ n_mine=4
+worker start id=\d+-\d+ n_mine=1
+worker start id=\d+-\d+ n_mine=2
+worker start id=\d+-\d+ n_mine=3
+worker start id=\d+-\d+ n_mine=4
 $/
 --- no_error_log
 overlap
 --- shutdown_error_log eval
-[qr/worker exit id=\d+ n_mine=1/,
+[qr/worker exit id=\d+-\d+ n_mine=1/,
  qr/master exit id=1 n_mine=0/]
 --- no_shutdown_error_log
 overlap
@@ -340,7 +348,7 @@ overlap
 
 
 
-=== TEST 10: QUIT during slow starts: a worker exits only after its own start, every started worker exits, master exit runs once, last
+=== TEST 10: QUIT right after slow starts: every worker's start ran before its exit, every worker exits, master exit runs once, last
 --- main_config
     workerbus_zone wb 1m;
 --- http_config
@@ -355,7 +363,10 @@ overlap
             end)
         package.loaded.cbs = {
             start = function(id, n_prev, n_mine)
-                ngx.sleep(0.3)
+                -- init_worker cannot yield: a busy wait
+                ngx.update_time()
+                local t0 = ngx.now()
+                repeat ngx.update_time() until ngx.now() - t0 >= 0.3
                 started = true
                 tally:incr("starts", 1, 0)
                 ngx.log(ngx.NOTICE, "worker start id=", id, " n_mine=", n_mine)
@@ -380,8 +391,8 @@ GET /t
 --- response_body
 ok
 --- shutdown_error_log eval
-[qr/worker exit id=\d+ n_mine=1,/,
- qr/master exit id=1 n_mine=0 n_next=nil starts=([1-4]) exits=\1,/]
+[qr/worker exit id=\d+-\d+ n_mine=1,/,
+ qr/master exit id=1 n_mine=0 n_next=nil starts=4 exits=4,/]
 --- no_shutdown_error_log
 [error]
 running unserialized
@@ -414,7 +425,44 @@ running unserialized
 --- response_body eval
 ["locked: 1\n", "ok\n"]
 --- error_log eval
-[qr/worker start id=\d+ n_prev=nil n_mine=5 n_next=nil/,
+[qr/worker start id=\d+-\d+ n_prev=nil n_mine=5 n_next=nil/,
  qr/workerbus: worker process \d+ \(slot \d, generation 1\) crashed/]
 --- no_error_log
 running unserialized
+
+
+
+=== TEST 12: master start runs in the master during init_by_lua (workers inherit what it sets), worker start before on_init_worker_by_lua returns, ids as the original's
+--- main_config
+    workerbus_zone wb 1m;
+--- http_config
+    init_by_lua_block {
+        package.loaded.t_state = "unset"
+        require("resty.worker.manager").on_init_by_lua({ shm = "wb" },
+            function(id, n_prev, n_mine, n_next)
+                package.loaded.t_state = "set by master start " .. id .. " in " .. ngx.get_phase()
+                package.loaded.t_master_pid = ngx.worker.pid()
+            end)
+    }
+    init_worker_by_lua_block {
+        local started_id
+        require("resty.worker.manager").on_init_worker_by_lua(function(id) started_id = id end)
+        package.loaded.t_started_before_return = started_id
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            ngx.say(package.loaded.t_state)
+            ngx.say("ran in the master: ", package.loaded.t_master_pid == require("ngx.process").get_master_pid())
+            local id = package.loaded.t_started_before_return
+            ngx.say("worker start ran before return, id: ", id == "1-" .. ngx.worker.pid())
+        }
+    }
+--- request
+GET /t
+--- response_body
+set by master start 1 in init
+ran in the master: true
+worker start ran before return, id: true
+--- no_error_log
+[error]

@@ -153,3 +153,40 @@ pub extern "C" fn workerbus_lc_master_started() -> u64 {
 pub extern "C" fn workerbus_lc_current_generation() -> u64 {
     lifecycle().map_or(0, |lc| lc.current_generation())
 }
+
+/// For the master start callback, in init_by_lua (the configuration phase
+/// only): writes the id of the configuration being loaded (its generation:
+/// 1 on a fresh start, one more per reload) into `id`, and n_prev (-1 = nil
+/// on a fresh start; else the workers still running), n_mine (0) and
+/// n_next (-1) into `out`. On a reload the zones of the running
+/// configuration are still mapped in the master, so the count is exact.
+///
+/// # Safety
+/// `id` must be writable, `out` writable for 3 values.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_lc_master_counts(id: *mut u64, out: *mut i64) -> c_int {
+    if !crate::module::preload::in_config_phase() {
+        return fail(-1, "only in init_by_lua, while a configuration loads");
+    }
+    if id.is_null() || out.is_null() {
+        return fail(-1, "null output buffer");
+    }
+    let l = local();
+    // The running configuration's primary zone (none on a fresh start).
+    let running = if l.generation == 0 { None } else { l.primary().map(|z| &z.header().lifecycle) };
+    let (generation, prev) = match running {
+        Some(lc) => {
+            let next = lc.current_generation() + 1;
+            (next, lc.manager_counts(next, mono_ms(), 0, pid_alive).0.map_or(-1, i64::from))
+        }
+        None => (1, -1),
+    };
+    // SAFETY: guaranteed by the caller; checked non-null above.
+    unsafe {
+        *id = generation;
+        *out = prev;
+        *out.add(1) = 0;
+        *out.add(2) = -1;
+    }
+    0
+}
