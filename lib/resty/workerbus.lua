@@ -13,7 +13,7 @@ local ffi_string = ffi.string
 local type = type
 local error = error
 
-local ABI_VERSION = 1
+local ABI_VERSION = 2
 local MODULE_PATH = "/usr/lib/nginx/modules/ngx_workerbus_module.so"
 
 ffi.cdef [[

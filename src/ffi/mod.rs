@@ -15,7 +15,7 @@ pub mod events;
 pub mod lifecycle;
 
 /// Bumped on any change of a signature or structure below.
-pub const ABI_VERSION: c_int = 1;
+pub const ABI_VERSION: c_int = 2;
 
 thread_local! {
     static LAST_ERROR: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
