@@ -140,10 +140,7 @@ pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, k
         return fail(-1, "timeout must be a non-negative number");
     }
     let Some(c) = ev::claims(z) else { return fail(-1, "the zone has no claim table") };
-    match c.claim(&z.lock(), key, mono_ms(), (ttl_sec * 1000.0) as u64) {
-        Ok(won) => c_int::from(won),
-        Err(_) => fail(-1, "the unique-event claim table is full"),
-    }
+    c_int::from(c.claim(&z.lock(), key, mono_ms(), (ttl_sec * 1000.0) as u64))
 }
 
 /// Largest source+event+unique+data accepted in one event.
