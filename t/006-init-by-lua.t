@@ -164,3 +164,85 @@ hello handled by the 3 first workers once each: 3, by the respawn: 0
 not tracked
 not delivered
 failed in this worker
+
+
+
+=== TEST 3: after such calls on a first start, a HUP gives a fully tracked generation 2 that gets its own init_by_lua event, and a QUIT ends every worker
+--- main_config
+    workerbus_zone wb 1m;
+--- http_config
+    init_by_lua_block {
+        local wb = require "resty.workerbus"
+        pcall(wb.status)
+        local ev = require "resty.worker.events"
+        assert(ev.configure { shm = "wb" })
+        assert(ev.post("boot", "hello", "x"))
+    }
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local wb = require "resty.workerbus"
+        ev.register(function()
+            assert(wb.set("hello:" .. wb.generation() .. ":" .. ngx.worker.id(), "1"))
+        end, "boot")
+    }
+--- config
+    location = /hup {
+        content_by_lua_block {
+            local wb = require "resty.workerbus"
+            local function wait_for(what, f)
+                local deadline = ngx.now() + 10
+                while not f() do
+                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                    ngx.sleep(0.02)
+                end
+            end
+            wait_for("hello at every worker of generation 1", function()
+                for w = 0, 3 do if not wb.get("hello:1:" .. w) then return false end end
+                return true
+            end)
+            local ffi = require "ffi"
+            ffi.cdef "int kill(int pid, int sig);"
+            ffi.C.kill(require("ngx.process").get_master_pid(), 1)
+            -- this old worker serves us until the new ones run and the other old ones left
+            wait_for("4 workers of generation 2, 3 of generation 1 exited", function()
+                local new, gone = 0, 0
+                for _, w in ipairs(wb.status().workers) do
+                    if w.generation == 2 and w.state == "running" then new = new + 1 end
+                    if w.generation == 1 and w.state == "exited" then gone = gone + 1 end
+                end
+                return new == 4 and gone == 3 and ngx.worker.exiting()
+            end)
+            ngx.say("reloaded")
+        }
+    }
+    location = /after {
+        content_by_lua_block {
+            local wb = require "resty.workerbus"
+            local function wait_for(what, f)
+                local deadline = ngx.now() + 10
+                while not f() do
+                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                    ngx.sleep(0.02)
+                end
+            end
+            wait_for("hello at every worker of generation 2", function()
+                for w = 0, 3 do if not wb.get("hello:2:" .. w) then return false end end
+                return true
+            end)
+            local tracked = 0
+            for _, w in ipairs(wb.status().workers) do
+                if w.generation == 2 and w.state == "running" then tracked = tracked + 1 end
+            end
+            ngx.say("generation ", wb.generation(), ": ", tracked, " tracked, each got its hello")
+        }
+    }
+--- request eval
+["GET /hup", "GET /after"]
+--- response_body eval
+["reloaded\n", "generation 2: 4 tracked, each got its hello\n"]
+--- timeout: 15
+--- no_error_log
+not tracked
+not delivered
+--- shutdown_error_log eval
+[qr/workerbus: worker process \d+ exited from slot \d, generation 2 \(0 live\)/]
