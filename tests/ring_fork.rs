@@ -206,8 +206,10 @@ fn lapped_slow_reader_is_told_exactly_what_it_missed() {
 #[test]
 fn writer_killed_mid_post_wedges_nobody() {
     let _g = serial();
-    let shm = Shm::new(DATA + Ring::region_size(64 << 10, 2));
-    let ring = make_ring(&shm, 64 << 10, 2);
+    // Room for all 1,010 records: a reader scheduled only after the writer
+    // finished (a loaded machine) must not be lapped.
+    let shm = Shm::new(DATA + Ring::region_size(256 << 10, 2));
+    let ring = make_ring(&shm, 256 << 10, 2);
     let park = |shm: &Shm, before: u64| {
         let code = write_records(shm, 0, before, 0);
         if code != 0 {
