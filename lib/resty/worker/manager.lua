@@ -95,7 +95,9 @@ end
 
 -- Takes the node-wide lock: retries every 1 ms, backing off to 10 ms. It is
 -- not reentrant, so this worker's other light threads wait as well.
-local function lock()
+-- `blocking` (init_worker, where nothing may yield): the worker blocks 1 ms
+-- between tries, and only itself.
+local function lock(blocking)
     local delay, waited = 0.001, 0
     while true do
         local rc = C.workerbus_lc_lock()
@@ -106,35 +108,21 @@ local function lock()
         elseif waited >= LOCK_WAIT then
             return nil, "still held by pid " .. C.workerbus_lc_lock_owner() .. " after " .. LOCK_WAIT .. " s"
         end
-        ngx_sleep(delay)
+        if blocking then
+            C.usleep(1000)
+        else
+            ngx_sleep(delay)
+        end
         waited = waited + delay
-        if delay < 0.01 then
+        if delay < 0.01 and not blocking then
             delay = delay * 2 < 0.01 and delay * 2 or 0.01
         end
     end
 end
 
--- The same where nothing may yield (init_worker): the worker blocks
--- between tries (1 ms), and only itself.
-local function lock_blocking()
-    local waited = 0
-    while true do
-        local rc = C.workerbus_lc_lock()
-        if rc == 1 then
-            return true
-        elseif rc < 0 then
-            return nil, wb.last_error()
-        elseif waited >= LOCK_WAIT then
-            return nil, "still held by pid " .. C.workerbus_lc_lock_owner() .. " after " .. LOCK_WAIT .. " s"
-        end
-        C.usleep(1000)
-        waited = waited + 0.001
-    end
-end
-
 -- Runs fn holding the node-wide lock: no two callbacks run at once on the node.
 local function locked(what, fn, blocking)
-    local held, err = (blocking and lock_blocking or lock)()
+    local held, err = lock(blocking)
     if not held then
         ngx_log(WARN, NAME, ": ", what, ": node lock not taken (", err, "); running unserialized")
     end
