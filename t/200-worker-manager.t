@@ -12,14 +12,44 @@ no_long_string();
 
 # $Logger defines the callbacks; $Manager installs them ("failed" is 1 s, so
 # that the hang test stays short).
+# Each callback also leaves "<kind>:<id>" in the zone's small value store
+# (not in init_by_lua, where it is not available), for the deadline waits of
+# package.loaded.t_wait.
 our $Logger = <<'_EOC_';
         local function logger(kind, pause)
             return function(id, n_prev, n_mine, n_next)
                 ngx.log(ngx.NOTICE, kind, " id=", id, " n_prev=", tostring(n_prev),
                         " n_mine=", tostring(n_mine), " n_next=", tostring(n_next))
+                if ngx.get_phase() ~= "init" then
+                    assert(require("resty.workerbus").set(kind .. ":" .. tostring(id), tostring(n_mine)))
+                end
             end
         end
         package.loaded.mgr_logger = logger
+        package.loaded.t_wait = function(what, f)
+            local deadline = ngx.now() + 10
+            while not f() do
+                if ngx.now() > deadline then error("timed out waiting for " .. what) end
+                ngx.sleep(0.02)
+            end
+        end
+        -- the running workers, once each has run its worker start
+        package.loaded.t_started = function(n)
+            local wb = require "resty.workerbus"
+            local r
+            package.loaded.t_wait(n .. " started workers", function()
+                local st = wb.status()
+                r = {}
+                for _, w in ipairs(st.workers) do
+                    if w.state == "running" and w.generation == st.current_generation
+                       and wb.get("worker start:" .. w.generation .. "-" .. w.pid) then
+                        r[#r + 1] = w
+                    end
+                end
+                return #r == n
+            end)
+            return r
+        end
 _EOC_
 
 our $Manager = <<_EOC_;
@@ -45,19 +75,19 @@ __DATA__
 --- http_config eval: $::Manager
 --- config
     location = /t {
-        content_by_lua_block { ngx.sleep(0.5) ngx.say("ok") }
+        content_by_lua_block { package.loaded.t_started(4) ngx.say("ok") }
     }
 --- request
 GET /t
 --- response_body
 ok
---- grep_error_log eval: qr/(master|worker) start id=\d+ n_prev=\w+ n_mine=\d+ n_next=\w+/
+--- grep_error_log eval: qr/(master|worker) start id=[\d-]+ n_prev=\w+ n_mine=\d+ n_next=\w+/
 --- grep_error_log_out eval
 qr/^master start id=1 n_prev=nil n_mine=0 n_next=nil
-worker start id=\d+ n_prev=nil n_mine=1 n_next=nil
-worker start id=\d+ n_prev=nil n_mine=2 n_next=nil
-worker start id=\d+ n_prev=nil n_mine=3 n_next=nil
-worker start id=\d+ n_prev=nil n_mine=4 n_next=nil
+worker start id=\d+-\d+ n_prev=nil n_mine=1 n_next=nil
+worker start id=\d+-\d+ n_prev=nil n_mine=2 n_next=nil
+worker start id=\d+-\d+ n_prev=nil n_mine=3 n_next=nil
+worker start id=\d+-\d+ n_prev=nil n_mine=4 n_next=nil
 $/
 --- no_error_log
 [error]
@@ -72,10 +102,22 @@ $/
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.5)
+            package.loaded.t_started(4)
             local ffi = require "ffi"
             ffi.cdef "int kill(int pid, int sig);"
             ffi.C.kill(require("ngx.process").get_master_pid(), 1)
+            -- this old worker answers once the new ones started and the other old ones left
+            local wb = require "resty.workerbus"
+            package.loaded.t_wait("the reload", function()
+                local new, gone = 0, 0
+                for _, w in ipairs(wb.status().workers) do
+                    if w.generation == 2 and w.state == "running" and wb.get("worker start:2-" .. w.pid) then
+                        new = new + 1
+                    end
+                    if w.generation == 1 and w.state == "exited" then gone = gone + 1 end
+                end
+                return new == 4 and gone == 3 and ngx.worker.exiting()
+            end)
             ngx.say("reloading")
         }
     }
@@ -91,12 +133,12 @@ master start id=2 n_prev=4 n_mine=0 n_next=nil
 master exit id=1 n_prev=nil n_mine=0 n_next=[0-4]
 $/
 --- error_log eval
-[qr/worker exit id=\d+ n_prev=nil n_mine=4 n_next=\d/,
- qr/worker exit id=\d+ n_prev=nil n_mine=3 n_next=\d/,
- qr/worker exit id=\d+ n_prev=nil n_mine=2 n_next=\d/,
- qr/worker exit id=\d+ n_prev=nil n_mine=1 n_next=\d/,
- qr/worker start id=\d+ n_prev=\d n_mine=1 n_next=nil/,
- qr/worker start id=\d+ n_prev=\d n_mine=4 n_next=nil/]
+[qr/worker exit id=\d+-\d+ n_prev=nil n_mine=4 n_next=\d/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=3 n_next=\d/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=2 n_next=\d/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=1 n_next=\d/,
+ qr/worker start id=\d+-\d+ n_prev=\d n_mine=1 n_next=nil/,
+ qr/worker start id=\d+-\d+ n_prev=\d n_mine=4 n_next=nil/]
 --- no_error_log
 [error]
 running unserialized
@@ -111,17 +153,17 @@ running unserialized
 --- http_config eval: $::Manager
 --- config
     location = /t {
-        content_by_lua_block { ngx.sleep(0.5) ngx.say("ok") }
+        content_by_lua_block { package.loaded.t_started(4) ngx.say("ok") }
     }
 --- request
 GET /t
 --- response_body
 ok
 --- shutdown_error_log eval
-[qr/worker exit id=\d+ n_prev=nil n_mine=4 n_next=nil/,
- qr/worker exit id=\d+ n_prev=nil n_mine=3 n_next=nil/,
- qr/worker exit id=\d+ n_prev=nil n_mine=2 n_next=nil/,
- qr/worker exit id=\d+ n_prev=nil n_mine=1 n_next=nil/,
+[qr/worker exit id=\d+-\d+ n_prev=nil n_mine=4 n_next=nil/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=3 n_next=nil/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=2 n_next=nil/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=1 n_next=nil/,
  qr/master exit id=1 n_prev=nil n_mine=0 n_next=nil/]
 --- no_shutdown_error_log
 [error]
@@ -136,30 +178,34 @@ running unserialized
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.5)
+            local wb = require "resty.workerbus"
+            local victim
+            for _, w in ipairs(package.loaded.t_started(4)) do
+                if w.pid ~= ngx.worker.pid() then victim = w break end
+            end
             local ffi = require "ffi"
             ffi.cdef "int kill(int pid, int sig);"
-            local victim
-            for _, w in ipairs(require("resty.workerbus").status().workers) do
-                if w.state == "running" and w.pid ~= ngx.worker.pid() then victim = w break end
-            end
             ffi.C.kill(victim.pid, 9)
-            ngx.sleep(0.3)
-            for _, w in ipairs(require("resty.workerbus").status().workers) do
-                if w.pid == victim.pid then ngx.say("dead pid: ", w.state) end
-            end
+            local dead
+            package.loaded.t_wait("the respawn's start", function()
+                for _, w in ipairs(wb.status().workers) do
+                    if w.pid == victim.pid then dead = w end
+                end
+                return dead.replaced_by and wb.get("worker start:1-" .. dead.replaced_by)
+            end)
+            ngx.say("dead pid: ", dead.state)
         }
     }
 --- request
 GET /t
 --- response_body
 dead pid: crashed
---- grep_error_log eval: qr/worker start id=\d+ n_prev=\w+ n_mine=\d+ n_next=\w+/
+--- grep_error_log eval: qr/worker start id=\d+-\d+ n_prev=\w+ n_mine=\d+ n_next=\w+/
 --- grep_error_log_out eval
-qr/^(worker start id=\d+ n_prev=nil n_mine=[1-4] n_next=nil\n){4}worker start id=\d+ n_prev=nil n_mine=5 n_next=nil\n$/
+qr/^(worker start id=\d+-\d+ n_prev=nil n_mine=[1-4] n_next=nil\n){4}worker start id=\d+-\d+ n_prev=nil n_mine=5 n_next=nil\n$/
 --- shutdown_error_log eval
-[qr/worker exit id=\d+ n_prev=nil n_mine=4 n_next=nil/,
- qr/worker exit id=\d+ n_prev=nil n_mine=1 n_next=nil/,
+[qr/worker exit id=\d+-\d+ n_prev=nil n_mine=4 n_next=nil/,
+ qr/worker exit id=\d+-\d+ n_prev=nil n_mine=1 n_next=nil/,
  qr/master exit id=1 n_prev=nil n_mine=0 n_next=nil/]
 
 
@@ -171,13 +217,12 @@ qr/^(worker start id=\d+ n_prev=nil n_mine=[1-4] n_next=nil\n){4}worker start id
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.5)
             local wb = require "resty.workerbus"
             local ffi = require "ffi"
             ffi.cdef "int kill(int pid, int sig);"
             local victim
-            for _, w in ipairs(wb.status().workers) do
-                if w.state == "running" and w.pid ~= ngx.worker.pid() then victim = w break end
+            for _, w in ipairs(package.loaded.t_started(4)) do
+                if w.pid ~= ngx.worker.pid() then victim = w break end
             end
             local function state()
                 for _, w in ipairs(wb.status().workers) do
@@ -185,16 +230,16 @@ qr/^(worker start id=\d+ n_prev=nil n_mine=[1-4] n_next=nil\n){4}worker start id
                 end
             end
             ffi.C.kill(victim.pid, 19)  -- SIGSTOP
-            ngx.sleep(3)
+            package.loaded.t_wait("hung", function() return state() == "hung" end)
             ngx.say("stopped: ", state())
             ffi.C.kill(victim.pid, 18)  -- SIGCONT
-            ngx.sleep(1.5)
+            package.loaded.t_wait("running again", function() return state() == "running" end)
             ngx.say("continued: ", state())
         }
     }
 --- request
 GET /t
---- timeout: 8
+--- timeout: 25
 --- response_body
 stopped: hung
 continued: running
@@ -301,7 +346,15 @@ resty.worker.manager: on_init_by_lua must be called first, in init_by_lua
             return function(id, n_prev, n_mine, n_next)
                 local n = ngx.shared.inside:incr("n", 1, 0)
                 if n ~= 1 then ngx.log(ngx.ERR, "overlap: ", kind, " sees ", n, " callbacks running") end
-                ngx.sleep(0.05)
+                local phase = ngx.get_phase()
+                if phase == "init" or phase == "init_worker" then
+                    -- no yielding there (as in the original): a busy wait
+                    ngx.update_time()
+                    local t0 = ngx.now()
+                    repeat ngx.update_time() until ngx.now() - t0 >= 0.05
+                else
+                    ngx.sleep(0.05)
+                end
                 ngx.log(ngx.NOTICE, kind, " id=", id, " n_mine=", n_mine)
                 ngx.shared.inside:incr("n", -1)
             end
@@ -321,18 +374,18 @@ resty.worker.manager: on_init_by_lua must be called first, in init_by_lua
 GET /t
 --- response_body
 ok
---- grep_error_log eval: qr/(master|worker) start id=\d+ n_mine=\d+/
+--- grep_error_log eval: qr/(master|worker) start id=[\d-]+ n_mine=\d+/
 --- grep_error_log_out eval
 qr/^master start id=1 n_mine=0
-worker start id=\d+ n_mine=1
-worker start id=\d+ n_mine=2
-worker start id=\d+ n_mine=3
-worker start id=\d+ n_mine=4
+worker start id=\d+-\d+ n_mine=1
+worker start id=\d+-\d+ n_mine=2
+worker start id=\d+-\d+ n_mine=3
+worker start id=\d+-\d+ n_mine=4
 $/
 --- no_error_log
 overlap
 --- shutdown_error_log eval
-[qr/worker exit id=\d+ n_mine=1/,
+[qr/worker exit id=\d+-\d+ n_mine=1/,
  qr/master exit id=1 n_mine=0/]
 --- no_shutdown_error_log
 overlap
@@ -340,7 +393,7 @@ overlap
 
 
 
-=== TEST 10: QUIT during slow starts: a worker exits only after its own start, every started worker exits, master exit runs once, last
+=== TEST 10: QUIT during slow starts (each blocks its worker, serialized): a start always precedes its exit, master exit runs once, after the exits of every worker started by then
 --- main_config
     workerbus_zone wb 1m;
 --- http_config
@@ -355,7 +408,10 @@ overlap
             end)
         package.loaded.cbs = {
             start = function(id, n_prev, n_mine)
-                ngx.sleep(0.3)
+                -- init_worker cannot yield: a busy wait
+                ngx.update_time()
+                local t0 = ngx.now()
+                repeat ngx.update_time() until ngx.now() - t0 >= 0.3
                 started = true
                 tally:incr("starts", 1, 0)
                 ngx.log(ngx.NOTICE, "worker start id=", id, " n_mine=", n_mine)
@@ -380,7 +436,7 @@ GET /t
 --- response_body
 ok
 --- shutdown_error_log eval
-[qr/worker exit id=\d+ n_mine=1,/,
+[qr/worker exit id=\d+-\d+ n_mine=1,/,
  qr/master exit id=1 n_mine=0 n_next=nil starts=([1-4]) exits=\1,/]
 --- no_shutdown_error_log
 [error]
@@ -395,7 +451,7 @@ running unserialized
 --- config
     location = /hold {
         content_by_lua_block {
-            ngx.sleep(0.5)
+            package.loaded.t_started(4)
             local ffi = require "ffi"
             ffi.cdef "int kill(int pid, int sig); int workerbus_lc_lock(void);"
             ngx.say("locked: ", ffi.C.workerbus_lc_lock())
@@ -405,16 +461,60 @@ running unserialized
     }
     location = /after {
         content_by_lua_block {
-            ngx.sleep(1)  -- far less than the 30 s a live holder would be waited for
+            -- within 10 s: far less than the 30 s a live holder would be waited for
+            local wb = require "resty.workerbus"
+            package.loaded.t_wait("the respawn's start", function()
+                for _, w in ipairs(wb.status().workers) do
+                    if w.state == "running" and wb.get("worker start:1-" .. w.pid) == "5" then return true end
+                end
+            end)
             ngx.say("ok")
         }
     }
 --- request eval
 ["GET /hold", "GET /after"]
+--- timeout: 15
 --- response_body eval
 ["locked: 1\n", "ok\n"]
 --- error_log eval
-[qr/worker start id=\d+ n_prev=nil n_mine=5 n_next=nil/,
+[qr/worker start id=\d+-\d+ n_prev=nil n_mine=5 n_next=nil/,
  qr/workerbus: worker process \d+ \(slot \d, generation 1\) crashed/]
 --- no_error_log
 running unserialized
+
+
+
+=== TEST 12: master start runs in the master during init_by_lua (workers inherit what it sets), worker start before on_init_worker_by_lua returns, ids as the original's
+--- main_config
+    workerbus_zone wb 1m;
+--- http_config
+    init_by_lua_block {
+        package.loaded.t_state = "unset"
+        require("resty.worker.manager").on_init_by_lua({ shm = "wb" },
+            function(id, n_prev, n_mine, n_next)
+                package.loaded.t_state = "set by master start " .. id .. " in " .. ngx.get_phase()
+                package.loaded.t_master_pid = ngx.worker.pid()
+            end)
+    }
+    init_worker_by_lua_block {
+        local started_id
+        require("resty.worker.manager").on_init_worker_by_lua(function(id) started_id = id end)
+        package.loaded.t_started_before_return = started_id
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            ngx.say(package.loaded.t_state)
+            ngx.say("ran in the master: ", package.loaded.t_master_pid == require("ngx.process").get_master_pid())
+            local id = package.loaded.t_started_before_return
+            ngx.say("worker start ran before return, id: ", id == "1-" .. ngx.worker.pid())
+        }
+    }
+--- request
+GET /t
+--- response_body
+set by master start 1 in init
+ran in the master: true
+worker start ran before return, id: true
+--- no_error_log
+[error]

@@ -98,6 +98,9 @@ end
 -- convention: asked once for its length, then into a buffer with room.
 local function text_of(fn, what)
     local n = tonumber(fn(nil, 0))
+    if n == 0 then
+        return nil, "resty.workerbus: " .. what .. " " .. last_error()
+    end
     local b = get_buf(n + 1024)
     n = tonumber(fn(b, buf_size))
     if n > buf_size then
@@ -108,7 +111,7 @@ end
 
 -- The status document as a Lua table (the same as workerbus_status serves).
 function _M.status()
-    local text, err = text_of(C.workerbus_status_json, "status document")
+    local text, err = text_of(C.workerbus_status_json, "status()")
     if not text then
         return nil, err
     end
@@ -118,7 +121,7 @@ end
 
 -- The same snapshot in Prometheus's text format (what workerbus_metrics serves).
 function _M.metrics()
-    return text_of(C.workerbus_metrics_text, "metrics")
+    return text_of(C.workerbus_metrics_text, "metrics()")
 end
 
 -- Streams the event bus to the client as Server-Sent Events (a content

@@ -11,7 +11,36 @@ use crate::shm::ring::{Next, RecordIn, RecordOut};
 
 use super::{bytes, fail, zone};
 
-/// Appends one event; returns its seq (> 0) or -1.
+/// # Safety
+/// Every pointer must be readable for its length.
+#[allow(clippy::too_many_arguments)]
+unsafe fn record<'a>(
+    src: *const u8,
+    slen: usize,
+    event: *const u8,
+    elen: usize,
+    uniq: *const u8,
+    ulen: usize,
+    data: *const u8,
+    dlen: usize,
+    flags: u32,
+) -> RecordIn<'a> {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        RecordIn {
+            source: bytes(src, slen),
+            event: bytes(event, elen),
+            unique: bytes(uniq, ulen),
+            data: bytes(data, dlen),
+            // SAFETY: set by nginx at process start.
+            pid: nginx_sys::ngx_pid,
+            flags,
+        }
+    }
+}
+
+/// Appends one event; returns its seq (> 0) or -1. In init_by_lua the
+/// event is held until the workers of the generation start (returns 0).
 ///
 /// # Safety
 /// Every pointer must be readable for its length.
@@ -28,19 +57,14 @@ pub unsafe extern "C" fn workerbus_ev_post(
     dlen: usize,
     flags: u32,
 ) -> i64 {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") as i64 };
+    if crate::module::preload::in_config_phase() {
+        // SAFETY: guaranteed by the caller.
+        let rec = unsafe { record(src, slen, event, elen, uniq, ulen, data, dlen, flags) };
+        return crate::module::preload::hold(zone_index, &rec).unwrap_or_else(|e| fail(-1, e) as i64);
+    }
+    let Some(z) = zone(zone_index) else { return -1 };
     // SAFETY: guaranteed by the caller.
-    let rec = unsafe {
-        RecordIn {
-            source: bytes(src, slen),
-            event: bytes(event, elen),
-            unique: bytes(uniq, ulen),
-            data: bytes(data, dlen),
-            // SAFETY: set by nginx at process start.
-            pid: nginx_sys::ngx_pid,
-            flags,
-        }
-    };
+    let rec = unsafe { record(src, slen, event, elen, uniq, ulen, data, dlen, flags) };
     match ev::post(zone_index as usize, z, &rec) {
         Ok(seq) => seq as i64,
         Err(e) => fail(-1, e) as i64,
@@ -61,7 +85,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
     cap: usize,
     need: *mut usize,
 ) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(z) = zone(zone_index) else { return -1 };
     let Some(r) = ev::ring(z) else { return fail(-1, "the zone has no event ring") };
     let Some(rd) = local().reader.and_then(|i| r.reader(i)) else {
         return fail(-1, "this process reads no events (not an nginx worker, or not tracked)");
@@ -87,7 +111,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
 /// (this worker's reader is then flagged idle, and the next post wakes it).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(z) = zone(zone_index) else { return -1 };
     let l = local();
     let (Some(r), Some(i)) = (ev::ring(z), l.reader) else { return 0 };
     let Some(rd) = r.reader(i) else { return 0 };
@@ -132,7 +156,7 @@ pub extern "C" fn workerbus_test_die_mid_post(zone_index: c_int) -> c_int {
 /// `key` readable for `klen`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, klen: usize, ttl_sec: f64) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(z) = zone(zone_index) else { return -1 };
     // SAFETY: guaranteed by the caller.
     let key = unsafe { bytes(key, klen) };
     if key.is_empty() {
@@ -142,15 +166,15 @@ pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, k
         return fail(-1, "timeout must be a non-negative number");
     }
     let Some(c) = ev::claims(z) else { return fail(-1, "the zone has no claim table") };
-    match c.claim(&z.lock(), key, mono_ms(), (ttl_sec * 1000.0) as u64) {
-        Ok(won) => c_int::from(won),
-        Err(_) => fail(-1, "the unique-event claim table is full"),
-    }
+    c_int::from(c.claim(&z.lock(), key, mono_ms(), (ttl_sec * 1000.0) as u64))
 }
 
 /// Largest source+event+unique+data accepted in one event.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_max_payload(zone_index: c_int) -> usize {
+    if crate::module::preload::in_config_phase() {
+        return crate::module::preload::max_payload(zone_index);
+    }
     zone(zone_index).and_then(ev::ring).map_or(0, |r| r.max_record_payload())
 }
 

@@ -15,10 +15,19 @@ use crate::shm::lifecycle::{FLAG_LEFT, FLAG_MANAGED, Lifecycle, pid_alive};
 
 use super::fail;
 
-const NO_ZONE: &str = "no workerbus zone in this process";
+fn no_zone() -> &'static str {
+    if crate::module::preload::in_config_phase() {
+        crate::module::preload::NOT_HERE
+    } else {
+        "no workerbus zone in this process"
+    }
+}
 const NO_RECORD: &str = "this worker is not in the lifecycle table (not a worker process, or the table is full)";
 
 fn lifecycle() -> Option<&'static Lifecycle> {
+    if crate::module::preload::in_config_phase() {
+        return None;
+    }
     ensure_worker_started();
     local().primary().map(|z| &z.header().lifecycle)
 }
@@ -30,7 +39,7 @@ fn pid() -> i32 {
 
 /// Sets FLAG_* bits on this worker's own record.
 fn mark(bits: u32) -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
     let Some(index) = local().record else { return fail(-1, NO_RECORD) };
     lc.set_flags(index, pid(), bits);
     0
@@ -41,7 +50,7 @@ fn mark(bits: u32) -> c_int {
 /// taken over.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_lock() -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
     c_int::from(lc.try_lock(pid(), pid_alive))
 }
 
@@ -56,7 +65,7 @@ pub extern "C" fn workerbus_lc_unlock() {
 /// pid holding the manager lock, 0 when free, -1 error.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_lock_owner() -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
     lc.lock_owner()
 }
 
@@ -68,7 +77,7 @@ pub extern "C" fn workerbus_lc_lock_owner() -> c_int {
 /// `out` must be writable for 3 values.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_lc_counts(generation: u64, failed_sec: f64, out: *mut i64) -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
     if out.is_null() {
         return fail(-1, "null output buffer");
     }
@@ -100,14 +109,14 @@ pub extern "C" fn workerbus_lc_leave() -> c_int {
 /// 1 for the one caller that runs the master-start callback of `generation`, else 0.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_claim_master_start(generation: u64) -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
     c_int::from(lc.claim_master_start(generation))
 }
 
 /// 1 for the one caller that runs the master-exit callback of `generation`, else 0.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_claim_master_exit(generation: u64) -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
     c_int::from(lc.claim_master_exit(generation))
 }
 
@@ -115,7 +124,7 @@ pub extern "C" fn workerbus_lc_claim_master_exit(generation: u64) -> c_int {
 /// claimed); -2 when that generation is not in the table; -1 error.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_gen_flags(generation: u64) -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
     lc.gen_flags(generation).map_or(-2, |f| f as c_int)
 }
 
@@ -123,7 +132,7 @@ pub extern "C" fn workerbus_lc_gen_flags(generation: u64) -> c_int {
 /// directive's). Every configuration load resets it.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_set_hang_timeout(sec: f64) -> c_int {
-    let Some(lc) = lifecycle() else { return fail(-1, NO_ZONE) };
+    let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
     if !(sec.is_finite() && sec >= 0.0) {
         return fail(-1, "hang timeout must be a non-negative number");
     }
@@ -143,4 +152,41 @@ pub extern "C" fn workerbus_lc_master_started() -> u64 {
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_current_generation() -> u64 {
     lifecycle().map_or(0, |lc| lc.current_generation())
+}
+
+/// For the master start callback, in init_by_lua (the configuration phase
+/// only): writes the id of the configuration being loaded (its generation:
+/// 1 on a fresh start, one more per reload) into `id`, and n_prev (-1 = nil
+/// on a fresh start; else the workers still running), n_mine (0) and
+/// n_next (-1) into `out`. On a reload the zones of the running
+/// configuration are still mapped in the master, so the count is exact.
+///
+/// # Safety
+/// `id` must be writable, `out` writable for 3 values.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_lc_master_counts(id: *mut u64, out: *mut i64) -> c_int {
+    if !crate::module::preload::in_config_phase() {
+        return fail(-1, "only in init_by_lua, while a configuration loads");
+    }
+    if id.is_null() || out.is_null() {
+        return fail(-1, "null output buffer");
+    }
+    let l = local();
+    // The running configuration's primary zone (none on a fresh start).
+    let running = if l.generation == 0 { None } else { l.primary().map(|z| &z.header().lifecycle) };
+    let (generation, prev) = match running {
+        Some(lc) => {
+            let next = lc.current_generation() + 1;
+            (next, lc.manager_counts(next, mono_ms(), 0, pid_alive).0.map_or(-1, i64::from))
+        }
+        None => (1, -1),
+    };
+    // SAFETY: guaranteed by the caller; checked non-null above.
+    unsafe {
+        *id = generation;
+        *out = prev;
+        *out.add(1) = 0;
+        *out.add(2) = -1;
+    }
+    0
 }

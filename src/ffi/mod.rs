@@ -8,6 +8,7 @@ use core::cell::RefCell;
 use core::ffi::c_int;
 
 use crate::module::local::local;
+use crate::module::preload;
 use crate::module::zone::Zone;
 
 pub mod events;
@@ -41,10 +42,19 @@ pub unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
     unsafe { core::slice::from_raw_parts(p, len) }
 }
 
-/// The zone behind an index from `workerbus_zone`.
+/// The zone behind an index from `workerbus_zone`; None with the reason
+/// recorded (see `workerbus_last_error`).
 pub fn zone(index: c_int) -> Option<&'static Zone> {
+    if preload::in_config_phase() {
+        fail(-1, preload::NOT_HERE);
+        return None;
+    }
     crate::module::process::ensure_worker_started();
-    usize::try_from(index).ok().and_then(|i| local().zones.get(i))
+    let z = usize::try_from(index).ok().and_then(|i| local().zones.get(i));
+    if z.is_none() {
+        fail(-1, format!("bad zone index {index}"));
+    }
+    z
 }
 
 #[unsafe(no_mangle)]
@@ -74,6 +84,9 @@ pub unsafe extern "C" fn workerbus_last_error(len: *mut usize) -> *const u8 {
 pub unsafe extern "C" fn workerbus_zone(name: *const u8, len: usize) -> c_int {
     // SAFETY: guaranteed by the caller.
     let name = unsafe { bytes(name, len) };
+    if preload::in_config_phase() {
+        return preload::zone_index(name).unwrap_or_else(|e| fail(-1, e));
+    }
     crate::module::process::ensure_worker_started();
     let l = local();
     if l.zones.is_empty() {
@@ -106,6 +119,10 @@ pub unsafe extern "C" fn workerbus_zone(name: *const u8, len: usize) -> c_int {
 /// `buf` must be writable for `cap` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_status_json(buf: *mut u8, cap: usize) -> usize {
+    if preload::in_config_phase() {
+        fail(-1, preload::NOT_HERE);
+        return 0;
+    }
     crate::module::process::ensure_worker_started();
     let doc = serde_json::to_vec(&crate::module::status::snapshot()).unwrap_or_default();
     if doc.len() <= cap && !buf.is_null() {
@@ -149,7 +166,7 @@ pub unsafe extern "C" fn workerbus_kv_set(
     val: *const u8,
     vlen: usize,
 ) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(z) = zone(zone_index) else { return -1 };
     // SAFETY: guaranteed by the caller.
     let (k, v) = unsafe { (bytes(key, klen), bytes(val, vlen)) };
     match z.header().kv.set(&z.lock(), k, v) {
@@ -172,7 +189,7 @@ pub unsafe extern "C" fn workerbus_kv_get(
     cap: usize,
     vlen: *mut usize,
 ) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(z) = zone(zone_index) else { return -1 };
     // SAFETY: guaranteed by the caller.
     let k = unsafe { bytes(key, klen) };
     let mut out = Vec::new();

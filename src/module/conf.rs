@@ -93,6 +93,11 @@ pub unsafe extern "C" fn create_conf(cycle: *mut ngx_cycle_t) -> *mut c_void {
         (*p).heartbeat_ms = UNSET_MSEC;
         (*p).hang_timeout_ms = UNSET_MSEC;
     }
+    // A configuration load begins: init_by_lua may run before init_module.
+    let l = super::local::local();
+    l.loading = true;
+    l.loading_conf = p;
+    l.held.clear();
     p.cast()
 }
 

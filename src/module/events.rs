@@ -223,7 +223,7 @@ pub fn status(zone: &Zone) -> Option<Value> {
             "live": c.live,
             "won": c.won,
             "refused": c.refused,
-            "table_full": c.full,
+            "evicted": c.evicted,
         })),
         "delivered": readers.iter().map(|x| x["delivered"].as_u64().unwrap_or(0)).sum::<u64>(),
         "lagged_missed": readers.iter().map(|x| x["missed"].as_u64().unwrap_or(0)).sum::<u64>(),

@@ -47,6 +47,12 @@ pub struct Local {
     /// worker_processes of the configuration being loaded (master, from
     /// init_conf to zone init): sizes the lifecycle table of fresh zones.
     pub conf_workers: usize,
+    /// Between create_conf and init_module (master): the configuration
+    /// phase, where init_by_lua runs; its configuration, and the events
+    /// posted there (see preload.rs).
+    pub loading: bool,
+    pub loading_conf: *mut super::conf::CoreConf,
+    pub held: Vec<super::preload::Held>,
 }
 
 struct ProcessCell(UnsafeCell<Local>);
@@ -79,6 +85,9 @@ static LOCAL: ProcessCell = ProcessCell(UnsafeCell::new(Local {
     wake_zones: 0,
     reader: None,
     conf_workers: 1,
+    loading: false,
+    loading_conf: core::ptr::null_mut(),
+    held: Vec::new(),
 }));
 
 /// The process's state. Callers must not hold the reference across a call

@@ -15,6 +15,7 @@ pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod parts;
+pub mod preload;
 pub mod process;
 pub mod status;
 pub mod time;

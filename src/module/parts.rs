@@ -13,8 +13,12 @@ use crate::shm::lifecycle::Lifecycle;
 use crate::shm::pgbus::PgBus;
 use crate::shm::ring::Ring;
 
-/// Unique keys that can be claimed at once (expired ones are reused).
-pub const CLAIM_ENTRIES: usize = 1024;
+/// Unique-event claim entries of a zone: one per KiB of zone (at least
+/// 1024): a 16 MiB zone holds 16384 claims at once (384 KiB). Beyond that
+/// a claim evicts the one nearest its expiry; none is refused.
+fn claim_entries(size: usize) -> usize {
+    (size / 1024).max(1024)
+}
 
 /// Allocates `len` zeroed bytes in the zone and returns their offset from the header.
 fn alloc(pool: *mut ngx_slab_pool_t, h: &ZoneHeader, len: usize, what: &str) -> Result<(*mut u8, u64), String> {
@@ -45,7 +49,7 @@ pub fn estimate(size: usize, records: usize) -> usize {
     let pages = |n: usize| n.div_ceil(4096) * 4096;
     pages(size_of::<ZoneHeader>())
         + pages(Lifecycle::records_size(records))
-        + pages(Claims::region_size(CLAIM_ENTRIES))
+        + pages(Claims::region_size(claim_entries(size)))
         + pages(Ring::region_size(ring_capacity(size), records))
         + pages(pg_len(size))
         + pages(size / 4096 * 24 + 4096)
@@ -56,10 +60,11 @@ pub fn lay_out(pool: *mut ngx_slab_pool_t, h: &mut ZoneHeader, records: usize) -
     // SAFETY: p is a zeroed, page-aligned region for `records` records in the zone, as is the table.
     unsafe { h.lifecycle.attach_records(p, records) };
 
-    let claims_len = Claims::region_size(CLAIM_ENTRIES);
+    let entries = claim_entries(h.size as usize);
+    let claims_len = Claims::region_size(entries);
     let (p, off) = alloc(pool, h, claims_len, "unique-event claims")?;
     // SAFETY: p is a zeroed region of claims_len bytes inside the zone.
-    unsafe { Claims::init(p, claims_len, CLAIM_ENTRIES) }.map_err(|e| format!("claims: {e:?}"))?;
+    unsafe { Claims::init(p, claims_len, entries) }.map_err(|e| format!("claims: {e:?}"))?;
     h.claims_off = off;
     h.claims_len = claims_len as u64;
 

@@ -14,7 +14,7 @@ use crate::shm::lifecycle::{Finding, pid_alive};
 use super::conf::CoreConf;
 use super::local::local;
 use super::time::{mono_ms, now_ms};
-use super::{events, ngx_workerbus_module, wake, zone};
+use super::{events, ngx_workerbus_module, preload, wake, zone};
 
 fn cycle_log(cycle: *mut ngx_cycle_t) -> *mut ngx_log_t {
     // SAFETY: nginx passes a live cycle to every process hook.
@@ -53,7 +53,10 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         return NGX_OK as ngx_int_t;
     }
     let zones = zone::of_cycle(cycle);
-    let Some(primary) = zones.first().copied() else { return NGX_OK as ngx_int_t };
+    let Some(primary) = zones.first().copied() else {
+        preload::flush(&[], cycle_log(cycle));
+        return NGX_OK as ngx_int_t;
+    };
     let workers = worker_processes(cycle);
     let first_seq = events::head_seq(&primary);
     let generation = primary.header().lifecycle.begin_generation(pid(), workers, now_ms(), first_seq);
@@ -67,6 +70,8 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         names.join(", ")
     );
     events::begin_generation(&zones, generation);
+    // Events posted in init_by_lua: after the generation's first event.
+    preload::flush(&zones, cycle_log(cycle));
     let l = local();
     l.generation = generation;
     l.master_pid_seen = pid();
@@ -95,6 +100,11 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
     // SAFETY: globals nginx sets before calling init_process.
     let (process, slot) = unsafe { (nginx_sys::ngx_process as u32, nginx_sys::ngx_worker as u32) };
     if process != NGX_PROCESS_WORKER && process != NGX_PROCESS_SINGLE {
+        return;
+    }
+    // init_by_lua in the master (or a single process) before init_module:
+    // starting here would leave every forked worker believing it started.
+    if preload::in_config_phase() {
         return;
     }
     let l = local();

@@ -1,7 +1,13 @@
 //! Unique-event claims: the first process to claim a key handles the event;
 //! the key stays claimed until its expiry.
 //!
-//! A fixed open-addressing table of (hash, second hash, expiry) entries.
+//! A fixed open-addressing table of (hash, second hash, expiry) entries. A
+//! key lives within MAX_PROBE entries of its home slot, so a claim looks at
+//! no more than that many, whatever the table holds: O(1) under the lock.
+//! A claim never fails for want of room: when every entry of its window
+//! holds a live claim of another key, it takes the entry nearest its expiry
+//! (that key's duplicates may then be handled once more; counted as
+//! `evicted`), so a unique event is never dropped.
 //! Claims are rare and must be exact, so they serialize through the zone's
 //! `ShmLock` (force-unlocked by nginx when a holder dies). A claimer that
 //! dies mid-write leaves at worst an entry that names no real key or that
@@ -9,8 +15,8 @@
 //! hashes of different construction make a false match (one key refused
 //! because of another) negligible (~2^-128 per pair of keys).
 //!
-//! Entries are never emptied, only reused once expired, so a never-used
-//! entry ends a probe chain.
+//! Entries are never emptied, only reused once expired (or evicted), so a
+//! never-used entry ends a probe chain early.
 
 use core::fmt;
 use core::mem::size_of;
@@ -20,7 +26,10 @@ use super::lock::ShmLock;
 
 pub const CLAIMS_MAGIC: u64 = u64::from_be_bytes(*b"wbclaim\0");
 /// Bumped whenever `ClaimsHeader` or `ClaimEntry` changes.
-pub const CLAIMS_LAYOUT: u32 = 1;
+pub const CLAIMS_LAYOUT: u32 = 2;
+/// Entries a claim examines at most: a key is stored within this many
+/// entries of its home slot.
+pub const MAX_PROBE: usize = 32;
 /// A zone's table size unless configured otherwise.
 pub const DEFAULT_ENTRIES: usize = 1024;
 pub const MAX_ENTRIES: usize = 1 << 20;
@@ -31,10 +40,11 @@ struct ClaimsHeader {
     layout: AtomicU32,
     entries: AtomicU32,
     region_len: AtomicU64,
-    /// Claims won, refused (held by someone else) and failed (table full).
+    /// Claims won, refused (held by someone else), and won by evicting
+    /// the live claim nearest its expiry.
     won: AtomicU64,
     refused: AtomicU64,
-    full: AtomicU64,
+    evicted: AtomicU64,
 }
 
 #[repr(C)]
@@ -75,16 +85,6 @@ impl fmt::Display for ClaimsError {
     }
 }
 
-/// Every entry holds a live claim of another key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClaimsFull;
-
-impl fmt::Display for ClaimsFull {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "every unique-event claim entry is in use")
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClaimsStats {
     pub entries: u32,
@@ -92,7 +92,15 @@ pub struct ClaimsStats {
     pub live: u32,
     pub won: u64,
     pub refused: u64,
-    pub full: u64,
+    /// Claims that took the entry of a live claim (nearest its expiry).
+    pub evicted: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    Won,
+    Refused,
+    Evicted,
 }
 
 /// A handle to a claims table in a mapped region.
@@ -156,7 +164,7 @@ impl Claims {
         h.layout.store(CLAIMS_LAYOUT, Ordering::Relaxed);
         h.entries.store(entries as u32, Ordering::Relaxed);
         h.region_len.store(len as u64, Ordering::Relaxed);
-        for a in [&h.won, &h.refused, &h.full] {
+        for a in [&h.won, &h.refused, &h.evicted] {
             a.store(0, Ordering::Relaxed);
         }
         for i in 0..entries {
@@ -228,60 +236,82 @@ impl Claims {
         self.entries
     }
 
-    /// Ok(true) for the first claimer of `key` (it then holds the key until
-    /// `now_ms + ttl_ms`), Ok(false) while someone else holds it.
+    /// True for the first claimer of `key` (it then holds the key until
+    /// `now_ms + ttl_ms`), false while someone else holds it. Never fails:
+    /// see the module's notes on eviction.
     /// `now_ms` must come from one clock shared by all processes (monotonic).
-    pub fn claim<L: ShmLock>(&self, lock: &L, key: &[u8], now_ms: u64, ttl_ms: u64) -> Result<bool, ClaimsFull> {
+    pub fn claim<L: ShmLock>(&self, lock: &L, key: &[u8], now_ms: u64, ttl_ms: u64) -> bool {
+        self.claim_probing(lock, key, now_ms, ttl_ms).0
+    }
+
+    /// As `claim`, and how many entries it examined.
+    fn claim_probing<L: ShmLock>(&self, lock: &L, key: &[u8], now_ms: u64, ttl_ms: u64) -> (bool, usize) {
         let (h1, h2) = hashes(key);
         let expires = now_ms.saturating_add(ttl_ms);
         lock.lock();
-        let r = self.claim_locked(h1, h2, now_ms, expires);
+        let (r, probes) = self.claim_locked(h1, h2, now_ms, expires);
         lock.unlock();
         let h = self.header();
         // Relaxed: statistics.
         match r {
-            Ok(true) => h.won.fetch_add(1, Ordering::Relaxed),
-            Ok(false) => h.refused.fetch_add(1, Ordering::Relaxed),
-            Err(_) => h.full.fetch_add(1, Ordering::Relaxed),
+            Claim::Won => h.won.fetch_add(1, Ordering::Relaxed),
+            Claim::Refused => h.refused.fetch_add(1, Ordering::Relaxed),
+            Claim::Evicted => {
+                h.won.fetch_add(1, Ordering::Relaxed);
+                h.evicted.fetch_add(1, Ordering::Relaxed)
+            }
         };
-        r
+        (r != Claim::Refused, probes)
     }
 
-    fn claim_locked(&self, h1: u64, h2: u64, now_ms: u64, expires: u64) -> Result<bool, ClaimsFull> {
+    fn claim_locked(&self, h1: u64, h2: u64, now_ms: u64, expires: u64) -> (Claim, usize) {
         let start = (h1 % self.entries as u64) as usize;
+        let window = MAX_PROBE.min(self.entries);
         let mut free = None;
-        for i in 0..self.entries {
+        // The live entry nearest its expiry, taken when nothing is free.
+        let mut nearest: Option<(&ClaimEntry, u64)> = None;
+        let mut probes = 0;
+        for i in 0..window {
             let Some(e) = self.entry((start + i) % self.entries) else { break };
+            probes += 1;
             // Relaxed (all entry accesses): the lock orders every writer.
             let eh1 = e.h1.load(Ordering::Relaxed);
             if eh1 == 0 {
                 free = free.or(Some(e));
                 break; // end of the probe chain: the key is nowhere further
             }
-            let live = e.expires_ms.load(Ordering::Relaxed) > now_ms;
+            let exp = e.expires_ms.load(Ordering::Relaxed);
+            let live = exp > now_ms;
             if eh1 == h1 && e.h2.load(Ordering::Relaxed) == h2 {
                 if live {
-                    return Ok(false);
+                    return (Claim::Refused, probes);
                 }
                 e.expires_ms.store(expires, Ordering::Relaxed);
-                return Ok(true);
+                return (Claim::Won, probes);
             }
             if !live && free.is_none() {
                 free = Some(e); // reusable, but the key may still be further on
             }
+            if live && nearest.is_none_or(|(_, x)| exp < x) {
+                nearest = Some((e, exp));
+            }
         }
-        let e = free.ok_or(ClaimsFull)?;
+        let (e, how) = match (free, nearest) {
+            (Some(e), _) => (e, Claim::Won),
+            (None, Some((e, _))) => (e, Claim::Evicted),
+            (None, None) => return (Claim::Won, probes), // no entry at all: cannot happen (entries >= 1)
+        };
         e.h1.store(h1, Ordering::Relaxed);
         e.h2.store(h2, Ordering::Relaxed);
         e.expires_ms.store(expires, Ordering::Relaxed);
-        Ok(true)
+        (how, probes)
     }
 
     /// Whether `key` is claimed at `now_ms`. No lock: a snapshot.
     pub fn is_claimed(&self, key: &[u8], now_ms: u64) -> bool {
         let (h1, h2) = hashes(key);
         let start = (h1 % self.entries as u64) as usize;
-        for i in 0..self.entries {
+        for i in 0..MAX_PROBE.min(self.entries) {
             let Some(e) = self.entry((start + i) % self.entries) else { break };
             // Relaxed: a snapshot; a claim racing with this call may or may not show.
             let eh1 = e.h1.load(Ordering::Relaxed);
@@ -308,7 +338,7 @@ impl Claims {
             live,
             won: h.won.load(Ordering::Relaxed),
             refused: h.refused.load(Ordering::Relaxed),
-            full: h.full.load(Ordering::Relaxed),
+            evicted: h.evicted.load(Ordering::Relaxed),
         }
     }
 }
@@ -329,42 +359,58 @@ mod tests {
     #[test]
     fn first_claimer_wins_until_expiry() {
         let (_m, c) = table(16);
-        assert_eq!(c.claim(&NoLock, b"k", 1000, 500), Ok(true));
-        assert_eq!(c.claim(&NoLock, b"k", 1001, 500), Ok(false));
-        assert_eq!(c.claim(&NoLock, b"other", 1001, 500), Ok(true));
+        assert!(c.claim(&NoLock, b"k", 1000, 500));
+        assert!(!c.claim(&NoLock, b"k", 1001, 500));
+        assert!(c.claim(&NoLock, b"other", 1001, 500));
         assert!(c.is_claimed(b"k", 1499));
         assert!(!c.is_claimed(b"k", 1500));
-        assert_eq!(c.claim(&NoLock, b"k", 1500, 500), Ok(true), "expired: claimable again");
-        assert_eq!(c.claim(&NoLock, b"k", 1999, 500), Ok(false));
-        assert_eq!(c.claim(&NoLock, b"", 0, 10), Ok(true), "the empty key is a key like any other");
+        assert!(c.claim(&NoLock, b"k", 1500, 500), "expired: claimable again");
+        assert!(!c.claim(&NoLock, b"k", 1999, 500));
+        assert!(c.claim(&NoLock, b"", 0, 10), "the empty key is a key like any other");
         let st = c.stats(1600);
-        assert_eq!((st.live, st.won, st.refused, st.full), (1, 4, 2, 0), "only k (until 2000) is live");
+        assert_eq!((st.live, st.won, st.refused, st.evicted), (1, 4, 2, 0), "only k (until 2000) is live");
     }
 
     #[test]
-    fn full_table_refuses_then_reuses_expired_entries() {
+    fn a_full_table_evicts_the_claim_nearest_expiry_and_never_refuses_a_new_key() {
         let (_m, c) = table(8);
         for i in 0..8u32 {
-            assert_eq!(c.claim(&NoLock, &i.to_le_bytes(), 0, 100 + i as u64), Ok(true));
+            assert!(c.claim(&NoLock, &i.to_le_bytes(), 0, 100 + i as u64));
         }
-        assert_eq!(c.claim(&NoLock, b"ninth", 50, 100), Err(ClaimsFull));
-        // The first expires at 100: the ninth key takes its entry, and the
-        // keys still live keep their claims.
-        assert_eq!(c.claim(&NoLock, b"ninth", 100, 100), Ok(true));
-        assert_eq!(c.claim(&NoLock, &7u32.to_le_bytes(), 100, 100), Ok(false));
-        assert_eq!(c.claim(&NoLock, b"ninth", 150, 100), Ok(false));
-        assert_eq!(c.stats(100).full, 1);
+        // Every entry is live: the ninth key takes the entry expiring first (key 0).
+        assert!(c.claim(&NoLock, b"ninth", 50, 100));
+        assert!(!c.claim(&NoLock, b"ninth", 60, 100), "the ninth key is held now");
+        assert!(!c.claim(&NoLock, &7u32.to_le_bytes(), 60, 100), "the other keys keep their claims");
+        assert!(c.claim(&NoLock, &0u32.to_le_bytes(), 60, 100), "the evicted key lost its claim early");
+        assert_eq!(c.stats(60).evicted, 2);
+    }
+
+    #[test]
+    fn many_more_keys_than_entries_in_one_timeout_are_all_claimed_in_bounded_steps() {
+        let (_m, c) = table(1024);
+        let mut worst = 0;
+        for i in 0..100_000u32 {
+            let key = format!("key-{i}");
+            let (won, probes) = c.claim_probing(&NoLock, key.as_bytes(), 1000, 60_000);
+            assert!(won, "unique event {i} would have been dropped");
+            worst = worst.max(probes);
+            // A second worker reading the same event right after is refused.
+            assert!(!c.claim(&NoLock, key.as_bytes(), 1001, 60_000));
+        }
+        assert!(worst <= MAX_PROBE, "a claim examined {worst} entries");
+        let st = c.stats(1001);
+        assert_eq!((st.won, st.refused), (100_000, 100_000));
     }
 
     #[test]
     fn attach_checks_the_region() {
         let (mut m, c) = table(32);
         let (p, len) = (m.as_mut_ptr() as *mut u8, Claims::region_size(32));
-        c.claim(&NoLock, b"kept", 0, 1000).unwrap();
+        assert!(c.claim(&NoLock, b"kept", 0, 1000));
         // SAFETY (all): the region is ours; bad sizes are refused before access.
         unsafe {
             let again = Claims::attach(p, len).unwrap();
-            assert_eq!(again.claim(&NoLock, b"kept", 1, 1000), Ok(false));
+            assert!(!again.claim(&NoLock, b"kept", 1, 1000));
             assert_eq!(
                 Claims::attach(p, len + 8).err(),
                 Some(ClaimsError::RegionSize { found: len as u64, expected: len as u64 + 8 })

@@ -20,6 +20,7 @@ local type = type
 local tostring = tostring
 local select = select
 local ipairs = ipairs
+local pairs = pairs
 local error = error
 local assert = assert
 local setmetatable = setmetatable
@@ -132,7 +133,20 @@ local shm_name
 local settings = {}
 local notice_logged = false
 
+-- Options of a configure() made in init_by_lua (the master): each worker
+-- configures itself with them at its first call (register, post, poll,
+-- configured), as no timer can start there.
+local master_opts
+
 local function configured()
+    if master_opts and conf_pid ~= ngx.worker.pid() and ngx.get_phase() ~= "init" then
+        local opts = master_opts
+        master_opts = nil  -- this worker's copy: once per worker
+        local ok, err = _M.configure(opts)
+        if not ok then
+            log(ERR, "worker-events: configure from init_by_lua failed in this worker: ", err)
+        end
+    end
     return conf_pid ~= nil and conf_pid == ngx.worker.pid() and core.attached()
 end
 
@@ -292,6 +306,16 @@ function _M.configure(opts)
     settings = new
     core.set_ttl(API, new.timeout)
 
+    if ngx.get_phase() == "init" then
+        -- The master: posts are held for the workers; each worker posts its
+        -- own "started" and starts its poller when it configures.
+        local copy = {}
+        for k, v in pairs(opts) do copy[k] = v end
+        copy.shm = shm_name
+        master_opts = copy
+        return true
+    end
+
     if not started then
         -- We're live: every worker (this one included) gets "started".
         local ok, err = core.post(SOURCE, "started", nil, nil, API)
@@ -370,6 +394,7 @@ function _M.post_local(source, event, data)
 end
 
 function _M.poll()
+    configured()
     local res, err = core.poll()
     if not res then
         log(ERR, "workerbus: ", err)
@@ -416,6 +441,7 @@ local function register(callback, weak, source, ...)
 end
 
 function _M.register(callback, source, ...)
+    configured()
     register(callback, false, source, ...)
     return true
 end

@@ -5,7 +5,6 @@
 -- guessed from heartbeats kept in a shared dict. See docs/worker-manager.md.
 
 local ffi = require "ffi"
-local bit = require "bit"
 local wb = require "resty.workerbus"
 
 local C = wb.C
@@ -14,7 +13,6 @@ local error = error
 local tostring = tostring
 local tonumber = tonumber
 local xpcall = xpcall
-local band = bit.band
 local traceback = debug.traceback
 local ngx = ngx
 local ngx_log = ngx.log
@@ -36,6 +34,8 @@ ffi.cdef [[
     int workerbus_lc_gen_flags(uint64_t generation);
     int workerbus_lc_set_hang_timeout(double sec);
     uint64_t workerbus_lc_current_generation(void);
+    int workerbus_lc_master_counts(uint64_t *id, int64_t *out);
+    int usleep(unsigned int usec);
 ]]
 
 local _M = { _VERSION = "0.1.0" }
@@ -45,16 +45,16 @@ local NAME = "resty.worker.manager"
 -- it (a callback that never returns, a stopped holder) the callback runs
 -- unserialized, with a warning.
 local LOCK_WAIT = 30
--- Longest wait of an old worker's exit for the new generation's master
--- start, on a reload (see await_next_master).
+-- Longest wait of an old worker's exit for the new generation's first
+-- worker, on a reload (see await_next_generation).
 local RELOAD_WAIT = 2
-local GEN_MASTER_STARTED = 1
 -- A timer that only ever fires prematurely: when the worker exits.
 local FOREVER = 365 * 24 * 3600
 
 local conf    -- set by on_init_by_lua
 local worker  -- set by on_init_worker_by_lua
 local counts = ffi.new("int64_t[3]")
+local master_id = ffi.new("uint64_t[1]")
 
 local function raise(msg, level)
     error(NAME .. ": " .. msg, level + 1)
@@ -95,7 +95,9 @@ end
 
 -- Takes the node-wide lock: retries every 1 ms, backing off to 10 ms. It is
 -- not reentrant, so this worker's other light threads wait as well.
-local function lock()
+-- `blocking` (init_worker, where nothing may yield): the worker blocks 1 ms
+-- between tries, and only itself.
+local function lock(blocking)
     local delay, waited = 0.001, 0
     while true do
         local rc = C.workerbus_lc_lock()
@@ -106,17 +108,21 @@ local function lock()
         elseif waited >= LOCK_WAIT then
             return nil, "still held by pid " .. C.workerbus_lc_lock_owner() .. " after " .. LOCK_WAIT .. " s"
         end
-        ngx_sleep(delay)
+        if blocking then
+            C.usleep(1000)
+        else
+            ngx_sleep(delay)
+        end
         waited = waited + delay
-        if delay < 0.01 then
+        if delay < 0.01 and not blocking then
             delay = delay * 2 < 0.01 and delay * 2 or 0.01
         end
     end
 end
 
 -- Runs fn holding the node-wide lock: no two callbacks run at once on the node.
-local function locked(what, fn)
-    local held, err = lock()
+local function locked(what, fn, blocking)
+    local held, err = lock(blocking)
     if not held then
         ngx_log(WARN, NAME, ": ", what, ": node lock not taken (", err, "); running unserialized")
     end
@@ -129,21 +135,19 @@ local function locked(what, fn)
     end
 end
 
--- On a reload the master starts the new generation's workers, then tells
--- the old ones to quit. The original ran "master start" in init_by_lua, in
--- the master, before that; here it runs in the first new worker. So an old
--- worker's exit waits for it (RELOAD_WAIT at most, for a new configuration
--- that does not use this module): "master start" then sees every old worker
--- (n_prev) and the old workers' exits see the new generation (n_next).
-local function await_next_master(generation)
+-- On a reload the master runs the new configuration's init_by_lua (master
+-- start, which then sees every old worker in n_prev), starts the new
+-- workers, then tells the old ones to quit. An old worker's exit waits for
+-- the first new worker to be tracked (RELOAD_WAIT at most, for a new
+-- configuration that does not use this module), so that it sees n_next.
+local function await_next_generation(generation)
     local waited = 0
     while waited < RELOAD_WAIT do
-        local newest = C.workerbus_lc_current_generation()
-        if newest <= generation then
+        if C.workerbus_lc_current_generation() <= generation then
             return
         end
-        local flags = C.workerbus_lc_gen_flags(newest)
-        if flags < 0 or band(flags, GEN_MASTER_STARTED) ~= 0 then
+        local _, _, n_next = get_counts(generation, 0)
+        if n_next and n_next > 0 then
             return
         end
         ngx_sleep(0.005)
@@ -151,24 +155,16 @@ local function await_next_master(generation)
     end
 end
 
-local function on_start(premature)
-    if premature then
-        return  -- exiting before the start ran: this worker never counted
-    end
+-- The worker start, in init_worker: before on_init_worker_by_lua returns.
+local function on_start()
     local w = worker
-    w.starting = true
     locked("worker start", function()
-        local generation = w.generation
-        if C.workerbus_lc_claim_master_start(generation) == 1 then
-            call("master start", conf.master_start, generation, get_counts(generation, conf.failed))
-        end
         if C.workerbus_lc_mark_started() < 0 then
             error("worker not tracked, its callbacks do not run: " .. wb.last_error())
         end
         w.started = true
-        call("worker start", w.start, worker_pid(), get_counts(generation, conf.failed))
-    end)
-    w.starting = false
+        call("worker start", w.start, w.id, get_counts(w.generation, conf.failed))
+    end, true)
 end
 
 local function on_exit(premature)
@@ -176,19 +172,16 @@ local function on_exit(premature)
         return
     end
     local w = worker
-    while w.starting do
-        ngx_sleep(0.005)  -- a start still in progress runs to its end first
-    end
     if not w.started then
         return
     end
     local generation = w.generation
-    await_next_master(generation)
+    await_next_generation(generation)
     locked("worker exit", function()
         -- No `failed` grace here: a dead worker must not keep the last
         -- living one from seeing n_mine == 1.
         local n_prev, n_mine, n_next = get_counts(generation, 0)
-        call("worker exit", w.exit, worker_pid(), n_prev, n_mine, n_next)
+        call("worker exit", w.exit, w.id, n_prev, n_mine, n_next)
         if C.workerbus_lc_leave() < 0 then
             ngx_log(ERR, NAME, ": ", wb.last_error())
         end
@@ -199,8 +192,10 @@ local function on_exit(premature)
 end
 
 --- In init_by_lua. opts: shm (required, a name; see the docs), interval
--- (heartbeat, s, default 10), failed (s, default 5). The master callbacks
--- get the generation number as their id.
+-- (heartbeat, s, default 10), failed (s, default 5). The master start
+-- callback runs here, in the master, before this returns: what it sets up
+-- is inherited by every worker. The master callbacks get the generation
+-- number as their id (1 at a fresh start, one more per reload).
 function _M.on_init_by_lua(opts, master_start_cb, master_exit_cb)
     check_phase("on_init_by_lua", "init", "init_by_lua")
     if conf then
@@ -227,10 +222,18 @@ function _M.on_init_by_lua(opts, master_start_cb, master_exit_cb)
         master_start = master_start_cb,
         master_exit = master_exit_cb,
     }
+    if C.workerbus_lc_master_counts(master_id, counts) < 0 then
+        raise("cannot count workers: " .. wb.last_error(), 2)
+    end
+    local n_prev, n_next = tonumber(counts[0]), tonumber(counts[2])
+    conf.master_id = tonumber(master_id[0])
+    call("master start", master_start_cb, conf.master_id, n_prev >= 0 and n_prev or nil,
+         tonumber(counts[1]), n_next >= 0 and n_next or nil)
     return true
 end
 
---- In init_worker_by_lua. The worker callbacks get the worker's pid as their id.
+--- In init_worker_by_lua. The worker start callback runs before this
+-- returns. The worker callbacks get "<master id>-<pid>" as their id.
 function _M.on_init_worker_by_lua(start_cb, exit_cb)
     check_phase("on_init_worker_by_lua", "init_worker", "init_worker_by_lua")
     if not conf then
@@ -245,9 +248,9 @@ function _M.on_init_worker_by_lua(start_cb, exit_cb)
         start = start_cb,
         exit = exit_cb,
         generation = wb.generation(),
-        starting = false,
         started = false,
     }
+    worker.id = worker.generation .. "-" .. worker_pid()
     -- The privileged agent runs init_worker_by_lua too, but is no worker.
     local okp, process = pcall(require, "ngx.process")
     if okp and process.type() == "privileged agent" then
@@ -256,15 +259,12 @@ function _M.on_init_worker_by_lua(start_cb, exit_cb)
     if C.workerbus_lc_set_hang_timeout(conf.failed) < 0 then
         ngx_log(ERR, NAME, ": cannot set the hang timeout: ", wb.last_error())
     end
-    -- init_worker cannot wait for the lock; timers can. The exit timer is
-    -- armed now, so that an exit during a slow start is never missed.
+    -- The exit runs as the premature run of a timer armed now.
     local ok, err = timer_at(FOREVER, on_exit)
-    if ok then
-        ok, err = timer_at(0, on_start)
-    end
     if not ok then
         raise("cannot start: " .. tostring(err), 2)
     end
+    on_start()
     return true
 end
 
