@@ -728,3 +728,58 @@ old worker still here: true
 refused=0 
 --- no_error_log
 [error]
+
+
+
+=== TEST 11: a dead worker never blocks posting: its reader is lapped at once, before any heartbeat notices the death
+--- main_config
+    workerbus_zone ev 256k;
+    workerbus_heartbeat 1h;
+    workerbus_hang_timeout 1h;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local d = ngx.shared.got
+        local id = ngx.worker.id()
+        d:set("pid" .. id, ngx.worker.pid())
+        local ev = require "resty.worker.events"
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ffi = require "ffi"
+            pcall(ffi.cdef, "int kill(int pid, int sig);")
+            local ev = require "resty.worker.events"
+            local d = ngx.shared.got
+            ngx.sleep(0.3)
+            local victim = d:get("pid" .. (ngx.worker.id() + 1) % 4)
+            ffi.C.kill(victim, 19)   -- SIGSTOP: it stops reading, its heartbeat cannot tell (1h)
+            local data = string.rep("x", 200)
+            local refused = 0
+            for i = 1, 2000 do
+                if not ev.post("flood", "e", data) then refused = refused + 1 end
+                if i % 50 == 0 then ngx.sleep(0.001) end
+            end
+            ngx.say("a stopped (alive, heartbeat not overdue) worker blocks: ", refused > 0)
+            ffi.C.kill(victim, 9)
+            ngx.update_time()
+            local deadline = ngx.now() + 10
+            while ffi.C.kill(victim, 0) == 0 and ngx.now() < deadline do   -- until the master reaps it
+                ngx.sleep(0.01)
+                ngx.update_time()
+            end
+            refused = 0
+            for i = 1, 2000 do
+                if not ev.post("flood", "e", data) then refused = refused + 1 end
+                if i % 50 == 0 then ngx.sleep(0.001) end
+            end
+            ngx.say("once dead, refused: ", refused)
+        }
+    }
+--- request
+GET /t
+--- timeout: 30
+--- response_body
+a stopped (alive, heartbeat not overdue) worker blocks: true
+once dead, refused: 0
