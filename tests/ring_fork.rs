@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use support::{Shm, fork, mix, my_pid, serial, wait, wait_until, yield_cpu};
 use workerbus::shm::claims::Claims;
 use workerbus::shm::lock::{PidLock, PidLockRef};
-use workerbus::shm::ring::{Next, RecordIn, RecordOut, Ring};
+use workerbus::shm::ring::{Next, PostError, RecordIn, RecordOut, Ring};
 
 /// Control page: the lock at 0, flags and results after it; the ring or
 /// the claims table from `DATA` on (page-aligned, so ALIGN-aligned too).
@@ -67,8 +67,13 @@ fn write_records(shm: &Shm, w: u64, n: u64, spin: u32) -> i32 {
         data[16..16 + fill].fill(i as u8);
         let rec =
             RecordIn { source: b"writer", event: b"tick", unique: b"", data: &data[..16 + fill], pid, flags: w as u32 };
-        if ring.post(&lock, &rec).is_err() {
-            return 2;
+        // A full ring refuses while a claimed reader has not read: wait for it.
+        loop {
+            match ring.post(&lock, &rec) {
+                Ok(_) => break,
+                Err(PostError::Full { .. }) => yield_cpu(),
+                Err(_) => return 2,
+            }
         }
         for _ in 0..spin {
             std::hint::spin_loop();
@@ -234,6 +239,9 @@ fn writer_killed_mid_post_wedges_nobody() {
     assert!(wait_until(Duration::from_secs(10), || flag(&shm, 0).load(Ordering::Acquire) == 1));
     let lock_word: &PidLock = shm.at(LOCK);
     assert_eq!(lock_word.owner(), dying);
+    // The reader is guarded (as a worker with a poller is): however the
+    // machine schedules it, the writer waits for it rather than lap it.
+    ring.reader(0).unwrap().claim(1, 0, 0);
     let reader = fork(|| read_records(&shm, 0, 0, 1010, 2, 0));
     let writer = fork(|| write_records(&shm, 1, 1000, 0));
     std::thread::sleep(Duration::from_millis(100));
@@ -250,6 +258,7 @@ fn writer_killed_mid_post_wedges_nobody() {
     let st = ring.stats();
     assert_eq!((st.posted, st.head_seq, st.abandoned, st.abandoned_pid), (1010, 1011, 1, dying));
     assert_eq!(lock_word.steals(), 1);
+    ring.reader(0).unwrap().release();
 
     // Again, but nobody posts after the death: a timer's repair() finds it.
     flag(&shm, 0).store(0, Ordering::Relaxed);

@@ -202,6 +202,8 @@ pub fn status(zone: &Zone) -> Option<Value> {
             "missed": rs.missed,
             "wakeups": rs.wakeups,
             "idle": rs.idle,
+            // Read by a running poller: its unread events are guarded.
+            "poller": rs.owner != 0,
         }));
     }
     let idle = &zone.header().idle;

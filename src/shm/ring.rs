@@ -703,14 +703,15 @@ impl Ring {
             if p < tail {
                 continue; // lapped already (it was not responsive): it has been told
             }
-            if !responsive(owner, s.beat.load(Ordering::Relaxed)) {
+            if p >= new_tail {
+                min = min.min(p); // unaffected; responsive or not, a lower bound is safe
                 continue;
             }
-            if p < new_tail {
+            // Only a reader this post would lap costs a liveness check (a syscall).
+            if responsive(owner, s.beat.load(Ordering::Relaxed)) {
                 let behind = self.w().head_seq.load(Ordering::Relaxed).saturating_sub(s.seq.load(Ordering::Relaxed));
                 return Err(PostError::Full { slot: i, pid: owner, behind });
             }
-            min = min.min(p);
         }
         // AcqRel: a reader that lowered the bound meanwhile keeps its value.
         let _ = w.guard_pos.compare_exchange(guard, min, Ordering::AcqRel, Ordering::Relaxed);

@@ -686,7 +686,12 @@ loop = function(premature)
             break
         end
         if interval <= 0 then
+            -- Manual poll() only from now on: this worker no longer guards
+            -- unread events (a full ring laps it, and tells it), and a new
+            -- poller claims them again.
             loop_running = false
+            C.workerbus_ev_set_sema(nil)
+            sema = nil
             return
         end
         if res == "more" then
