@@ -289,7 +289,7 @@ wake-ups sent: true, idle again: 4, lost: 0 0
         local n, rn = 0, 0
         ev.register(function() n = n + 1; if n % 5000 == 0 then d:set("n" .. id, n) end end, "burst")
         ev.register(function(lost) d:incr("lost", lost, 0) end, "resty-worker-events", "lagged")
-        local rev = require("resty.events").new {}
+        local rev = require("resty.events").new { listening = "unix:/x.sock" }
         rev:subscribe("burst", "*", function() rn = rn + 1; if rn % 5000 == 0 then d:set("rn" .. id, rn) end end)
         rev:subscribe("resty-events", "lagged", function(lost) d:incr("rlost", lost, 0) end)
         assert(rev:init_worker())
