@@ -4,6 +4,7 @@
 
 use core::ffi::c_void;
 
+use crate::shm::lock::ShmLock;
 use nginx_sys::{
     NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
     ngx_core_conf_t, ngx_cycle_t, ngx_event_t, ngx_int_t, ngx_log_t,
@@ -159,16 +160,22 @@ pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     let Some(primary) = l.primary().copied() else { return };
     let Some(index) = l.record else { return };
     let lc = &primary.header().lifecycle;
+    // Exits serialized on the zone's mutex (nginx frees it if we die holding
+    // it): workers leaving at the same instant each log a distinct count,
+    // and the last one logs 0.
+    let lock = primary.lock();
+    lock.lock();
     lc.exit_worker(index, pid(), mono_ms());
+    let live = lc.live_count(l.generation);
+    lock.unlock();
     l.record = None;
     ngx::ngx_log_error!(
         NGX_LOG_INFO,
         cycle_log(cycle),
-        "workerbus: worker process {} exited from slot {}, generation {} ({} live)",
+        "workerbus: worker process {} exited from slot {}, generation {} ({live} live)",
         pid(),
         l.slot,
-        l.generation,
-        lc.live_count(l.generation)
+        l.generation
     );
 }
 

@@ -95,6 +95,10 @@ pub fn register(cycle: *mut ngx_cycle_t) {
         (*rev).log = log;
         // Not a client connection: nginx must not report it as left open at exit.
         (*rev).set_channel(1);
+        // "Idle": at the start of a graceful shutdown nginx calls our handler
+        // with `close` set, which is how the poller learns it must stop
+        // (its semaphore wait would otherwise hold the worker up).
+        (*c).set_idle(1);
         let add = nginx_sys::ngx_event_actions.add;
         // Level-triggered (no NGX_CLEAR_EVENT): the handler drains anyway.
         if add.is_none_or(|f| f(rev, libc::EPOLLIN as _, 0) != 0) {
@@ -115,7 +119,27 @@ pub fn available() -> bool {
 /// Drains the socket and wakes the Lua poller.
 unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     // SAFETY: ev is the read event of the wake-up connection registered above.
-    let fd = unsafe { (*((*ev).data as *mut ngx_connection_t)).fd };
+    let c = unsafe { (*ev).data as *mut ngx_connection_t };
+    // SAFETY: as above; nginx sets `close` on idle connections when it starts
+    // a graceful shutdown. Cleared so later wake-ups read as wake-ups again.
+    let closing = unsafe {
+        let closing = (*c).close() != 0;
+        (*c).set_close(0);
+        closing
+    };
+    if closing {
+        // The semaphore's resumption is a posted event, and nginx 1.22 does
+        // not run posted events before it blocks in epoll again: a datagram
+        // to ourselves ends that wait at once, so the poller stops now
+        // rather than at the next timer (the heartbeat, or never).
+        let l = local();
+        post_sema(l.sema);
+        // SAFETY: set by nginx at process start.
+        signal(unsafe { nginx_sys::ngx_pid }, l.wake_nonce);
+        return;
+    }
+    // SAFETY: as above.
+    let fd = unsafe { (*c).fd };
     let mut b = [0u8; 8];
     // SAFETY: reading into a local buffer from our non-blocking socket; stops at EAGAIN.
     while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) } >= 0 {}
