@@ -1263,3 +1263,39 @@ GET /t
 --- grep_error_log eval: qr/(?:worker-events|workerbus): (?:event callback failed|failed posting)/
 --- grep_error_log_out eval
 qr/\A(?=.*^workerbus: failed posting$)(?=.*^worker-events: event callback failed$)(?:(?:worker-events: event callback failed|workerbus: failed posting)\n)+\z/ms
+
+
+
+=== TEST 31: a graceful QUIT does not wait for the idle poller (no heartbeat, no interval to end its wait): every worker exits through nginx
+--- main_config
+    workerbus_heartbeat 1h;
+--- http_config
+    lua_shared_dict process_events 1m;
+    init_worker_by_lua_block {
+        assert(require("resty.worker.events").configure { shm = "process_events", interval = 3600 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local wb = require "resty.workerbus"
+            ngx.update_time()
+            local deadline = ngx.now() + 10
+            local idle
+            repeat   -- every poller asleep on its semaphore
+                idle = 0
+                for _, w in ipairs(wb.status().zones[1].events.workers) do
+                    if w.idle == true then idle = idle + 1 end
+                end
+                ngx.sleep(0.02)
+                ngx.update_time()
+            until idle == 4 or ngx.now() > deadline
+            ngx.say("idle pollers: ", idle)
+        }
+    }
+--- request
+GET /t
+--- response_body
+idle pollers: 4
+--- shutdown_error_log eval
+qr/workerbus: worker process \d+ exited from slot \d, generation 1 \(0 live\)/
