@@ -14,6 +14,7 @@ pub mod local;
 pub mod parts;
 pub mod process;
 pub mod status;
+pub mod sync;
 pub mod time;
 pub mod wake;
 pub mod zone;

@@ -1,12 +1,14 @@
 //! Lays out a fresh zone's parts after its header: the event ring takes
-//! half of the zone, the unique-event claim table a fixed size; the rest is
-//! left to the slab allocator for what comes later.
+//! half of the zone, the unique-event claim table and resty.sync's table a
+//! fixed size each; the rest is left to the slab allocator (resty.sync's
+//! updates live there).
 
 use nginx_sys::ngx_slab_pool_t;
 
 use crate::shm::claims::Claims;
 use crate::shm::header::ZoneHeader;
 use crate::shm::ring::Ring;
+use crate::shm::sync::SyncTable;
 
 use super::events::MAX_READERS;
 
@@ -40,5 +42,11 @@ pub fn lay_out(pool: *mut ngx_slab_pool_t, h: &mut ZoneHeader) -> Result<(), Str
     unsafe { Ring::init(p, ring_len, capacity, MAX_READERS) }.map_err(|e| format!("event ring: {e}"))?;
     h.ring_off = off;
     h.ring_len = ring_len as u64;
+
+    // resty.sync's fixed table; its updates take slab blocks later.
+    let sync_len = SyncTable::region_size();
+    let (_, off) = alloc(pool, h, sync_len, "sync table")?;
+    h.sync_off = off;
+    h.sync_len = sync_len as u64;
     Ok(())
 }

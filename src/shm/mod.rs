@@ -6,6 +6,8 @@ pub mod claims;
 pub mod header;
 pub mod idle;
 pub mod kv;
+pub mod lease;
 pub mod lifecycle;
 pub mod lock;
 pub mod ring;
+pub mod sync;
