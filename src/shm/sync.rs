@@ -63,6 +63,7 @@ pub struct Task {
     pending: AtomicU64,
     pending_pid: AtomicI32,
     last_pid: AtomicI32,
+    /// Bytes of the published data.
     pub size: AtomicU64,
     pub modified_ms: AtomicU64,
     pub runs: AtomicU64,
@@ -281,7 +282,7 @@ impl SyncTable {
         unsafe { core::ptr::write_unaligned(p as *mut BlockHead, head) };
         let old = t.block.swap(off, Ordering::Relaxed);
         t.pending.store(0, Ordering::Relaxed);
-        t.size.store(size as u64, Ordering::Relaxed);
+        t.size.store(data.len() as u64, Ordering::Relaxed);
         t.modified_ms.store(now_ms, Ordering::Relaxed);
         t.last_pid.store(pid, Ordering::Relaxed);
         // Release: a reader that sees the new sequence and then takes the lock
