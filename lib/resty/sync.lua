@@ -330,10 +330,12 @@ local function run_timer(premature, self, task)
 end
 
 schedule = function(self, task, delay)
-    if task.scheduled then
+    if task.scheduled or exiting() then
         return
     end
-    local ok, err = timer_at(delay > 0 and delay or 0, run_timer, self, task)
+    -- At least 1 ms: a 0 s timer made by an expiring timer expires in the
+    -- same pass, and a chain of them would never let the event loop turn.
+    local ok, err = timer_at(delay > 0.001 and delay or 0.001, run_timer, self, task)
     if not ok then
         log(ERR, "sync: cannot schedule tag \"", task.tag, "\": ", err)
         return

@@ -37,8 +37,15 @@ pub struct ZoneSlab<'a>(pub &'a Zone);
 
 impl Slab for ZoneSlab<'_> {
     fn alloc(&self, len: usize) -> Option<u64> {
-        // SAFETY: a live slab pool; the store holds its mutex (zone.lock()).
-        let p = unsafe { nginx_sys::ngx_slab_alloc_locked(self.0.pool, len) } as *mut u8;
+        // SAFETY: a live slab pool; the store holds its mutex (zone.lock()), under
+        // which log_nomem is only changed here: the store reports a refused
+        // update itself (size, free bytes), so nginx's own "no memory" line is off.
+        let p = unsafe {
+            (*self.0.pool).set_log_nomem(0);
+            let p = nginx_sys::ngx_slab_alloc_locked(self.0.pool, len);
+            (*self.0.pool).set_log_nomem(1);
+            p
+        } as *mut u8;
         if p.is_null() {
             return None;
         }
