@@ -20,7 +20,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
             libtest-base-perl libtest-simple-perl libwww-perl libtext-diff-perl libipc-run-perl \
             curl procps bc
 
-.PHONY: all deps build install run test test-core test-nginx lint bench clean
+.PHONY: all deps build install run test test-core test-nginx lint bench bench-sync clean
 
 all: build
 
@@ -94,6 +94,9 @@ test: build lint test-core test-nginx
 
 bench: build
 	bench/run
+
+bench-sync: build
+	bench/sync_run
 
 clean:
 	rm -rf $(BUILD) target t/servroot*
