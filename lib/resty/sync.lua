@@ -54,6 +54,7 @@ ffi.cdef [[
     int workerbus_sync_read(int zone, int task, workerbus_sync_head_t *head, unsigned char *buf, size_t cap);
     void workerbus_sync_record_run(int zone, int task, uint64_t started_ms, uint64_t duration_us,
                                    const unsigned char *err, size_t elen);
+    uint64_t workerbus_sync_last_run_ms(int zone, int task);
 ]]
 
 -- Lua type tags, as src/module/sync.rs names them.
@@ -349,8 +350,13 @@ local function tick(premature, self)
     local going = premature or exiting()
     local role = C.workerbus_sync_tick(self.zone, self.inst, self.lease_ms, going and 1 or 0)
     if role == 1 and not going then
+        -- A new runner keeps its predecessor's schedule.
         for i = 1, #self.order do
-            schedule(self, self.order[i], 0)
+            local task = self.order[i]
+            if not task.scheduled then
+                local last = tonumber(C.workerbus_sync_last_run_ms(self.zone, task.idx)) / 1000
+                schedule(self, task, last + self.interval - now())
+            end
         end
     end
 end

@@ -181,3 +181,12 @@ pub unsafe extern "C" fn workerbus_sync_record_run(
     let e = if err.is_null() { None } else { Some(unsafe { bytes(err, elen) }) };
     t.record_run(&z.lock(), task.max(0) as usize, started_ms, duration_us, e);
 }
+
+/// When the task's last counted run started (ms since the epoch; 0: never),
+/// so that a new runner keeps the schedule of the previous one.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_sync_last_run_ms(zone_index: c_int, task: c_int) -> u64 {
+    let Some(t) = zone(zone_index).and_then(sy::table) else { return 0 };
+    // Relaxed: a schedule hint.
+    t.task_ref(task.max(0) as usize).map_or(0, |t| t.last_run_ms.load(Ordering::Relaxed))
+}
