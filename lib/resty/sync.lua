@@ -272,6 +272,10 @@ local function fetch(self, task)
     if data == nil then
         return nil, dt
     end
+    if C.workerbus_sync_runner(self.zone, self.inst) ~= ngx.worker.pid() then
+        -- Taken over while the callback ran (this worker was stuck): the new runner decides.
+        return nil, "no longer the runner; this update is dropped"
+    end
     local seq = C.workerbus_sync_publish(self.zone, task.idx, vt, vs, #vs, dt, ds, #ds)
     if seq < 0 then
         return nil, last_error() .. "; previous data kept"
