@@ -331,6 +331,7 @@ $::Helpers . <<'_EOC_';
             return "data"
         end, "t"))
         assert(s:start())
+        SYNCER = s
         -- A worker that is not the runner kills it while a run is under way.
         local ffi = require "ffi"
         ffi.cdef "int kill(int pid, int sig);"
@@ -377,6 +378,9 @@ _EOC_
             local n = d:get("n")
             T.wait(function() return d:get("n") >= n + 3 end)
             ngx.say("overlap: ", tostring(T.overlap(victim, killed)))
+            local inst = require("resty.workerbus").status().zones[1].sync[1]
+            ngx.say("status: runner changed ", inst.runner_pid ~= victim and inst.runner_pid == SYNCER:runner(),
+                    ", takeovers >= 1: ", inst.takeovers >= 1, ", runner changes >= 2: ", inst.runner_changes >= 2)
         }
     }
 --- request eval
@@ -386,6 +390,7 @@ _EOC_
 "another worker ran: true
 within interval + lease (3.5 s): true
 overlap: nil
+status: runner changed true, takeovers >= 1: true, runner changes >= 2: true
 "]
 --- timeout: 25
 --- error_log eval
@@ -965,5 +970,50 @@ GET /t
 fetched over a cosocket
 --- error_log eval
 qr/\[info\] .*sync: tag "t" failed in init_worker \(callback raised: .*API disabled in the context of init_worker_by_lua\*\); retried from a timer/
+--- no_error_log
+[error]
+
+
+
+=== TEST 15: a worker copies an update out of the zone once per version, however often it reads
+--- main_config
+    workerbus_zone wb 4m;
+--- http_config eval
+$::Helpers . <<'_EOC_';
+    init_worker_by_lua_block {
+        local sync = require "resty.sync"
+        local s = assert(sync.new(0.1, "wb"))
+        assert(s:register(function(mode)
+            local v = ngx.shared.src:get("version") or "v1"
+            return mode == sync.ACTION_VERSION and v or string.rep(v, 1000)
+        end, "t"))
+        assert(s:start())
+        SYNCER = s
+    }
+_EOC_
+--- config
+    location = /t {
+        content_by_lua_block {
+            local T = package.loaded.T
+            local sync = require "resty.sync"
+            local s = SYNCER
+            T.wait(function() return s:get_version("t") == "v1" end)
+            local c0 = sync.copies()
+            for _ = 1, 1000 do
+                s:get_data("t") s:get_version("t") s:get("t") s:get_last_modified_time("t")
+            end
+            ngx.say("copies for 4000 reads of one version: ", sync.copies() - c0)
+            ngx.shared.src:set("version", "v2")
+            T.wait(function() return s:get_version("t") == "v2" end)
+            for _ = 1, 1000 do s:get_data("t") end
+            ngx.say("copies after a new version: ", sync.copies() - c0, ", data ", #s:get_data("t"))
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+copies for 4000 reads of one version: 0
+copies after a new version: 1, data 2000
 --- no_error_log
 [error]

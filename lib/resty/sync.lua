@@ -77,6 +77,7 @@ local buf = ffi_new("unsigned char[?]", buf_size)
 local ordinals = {}     -- shm -> instances made under that name in this worker
 local by_event = {}     -- "<zone>:<task>" -> task, for on_update
 local sink_added = false
+local copies = 0        -- updates copied out of the zone by this worker
 
 local function encode(v, allow_table)
     local t = type(v)
@@ -131,6 +132,7 @@ local function refresh(task)
     task.data = decode(head.dtype, buf + vlen, dlen)
     task.modified = tonumber(head.modified_ms) / 1000
     task.seq = tonumber(head.seq)
+    copies = copies + 1
     return true
 end
 
@@ -466,6 +468,11 @@ function _M.on_update(self, tag, fn)
     end
     task.handlers[#task.handlers + 1] = fn
     return true
+end
+
+-- How many updates this worker copied out of the zone (all instances).
+function _M.copies()
+    return copies
 end
 
 -- The pid of the worker running this instance's callbacks (0: none yet).
