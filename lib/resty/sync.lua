@@ -119,7 +119,7 @@ local function refresh(task)
     end
     local z = task.zone
     local rc = C.workerbus_sync_read(z, task.idx, head, buf, buf_size)
-    if rc == -2 then
+    while rc == -2 do   -- again if a larger update landed between the two reads
         buf_size = tonumber(head.vlen + head.dlen)
         buf = ffi_new("unsigned char[?]", buf_size)
         rc = C.workerbus_sync_read(z, task.idx, head, buf, buf_size)
