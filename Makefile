@@ -29,7 +29,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
 # server: deps stops and disables it again.
 TEST_PACKAGES := prometheus chromium
 
-.PHONY: all deps build install run test test-core test-nginx lint bench bench-pg clean
+.PHONY: all deps build install run test test-core test-nginx lint bench bench-pg bench-sync clean
 
 all: build
 
@@ -124,6 +124,9 @@ bench: build
 # The PostgreSQL bus between two nodes through the local server (see bench/pg_run).
 bench-pg: build
 	bench/pg_run
+
+bench-sync: build
+	bench/sync_run
 
 clean:
 	rm -rf $(BUILD) target t/servroot*

@@ -14,6 +14,7 @@ use crate::module::zone::Zone;
 pub mod events;
 pub mod lifecycle;
 pub mod pg;
+pub mod sync;
 
 /// Bumped on any change of a signature or structure below.
 pub const ABI_VERSION: c_int = 2;

@@ -18,6 +18,7 @@ pub mod parts;
 pub mod preload;
 pub mod process;
 pub mod status;
+pub mod sync;
 pub mod time;
 pub mod wake;
 pub mod zone;

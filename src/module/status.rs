@@ -135,6 +135,9 @@ pub fn snapshot() -> Value {
             if let Some(ev) = events::status(z) {
                 o["events"] = ev;
             }
+            if let Some(sy) = super::sync::status(z) {
+                o["sync"] = sy;
+            }
             o
         })
         .collect();

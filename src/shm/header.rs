@@ -11,7 +11,7 @@ use super::lifecycle::{Lifecycle, MAX_GENERATIONS};
 
 pub const MAGIC: u64 = u64::from_be_bytes(*b"wrkrbus\0");
 /// Bumped whenever any `#[repr(C)]` structure kept in a zone changes.
-pub const LAYOUT: u32 = 5;
+pub const LAYOUT: u32 = 6;
 
 #[repr(C)]
 pub struct ZoneHeader {
@@ -43,6 +43,9 @@ pub struct ZoneHeader {
     /// PostgreSQL bridge state (shm::pgbus): byte offset from the header and length.
     pub pg_off: u64,
     pub pg_len: u64,
+    /// resty.sync's table (instances, leases, tasks): offset and length (0 = none).
+    pub sync_off: u64,
+    pub sync_len: u64,
 }
 
 impl ZoneHeader {

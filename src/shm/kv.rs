@@ -57,7 +57,7 @@ impl core::fmt::Display for KvError {
 
 // Words are stored as atomics so racing readers are defined behaviour; the
 // sequence count, not the words, decides whether a copy is valid.
-fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
+pub(crate) fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
     for (word, chunk) in words.iter().zip(bytes.chunks(8)) {
         let mut b = [0u8; 8];
         b[..chunk.len()].copy_from_slice(chunk);
@@ -66,7 +66,7 @@ fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
     }
 }
 
-fn load_bytes(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
+pub(crate) fn load_bytes(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
     out.clear();
     for word in words.iter().take(len.div_ceil(8)) {
         // Relaxed: validated by the sequence count re-check.

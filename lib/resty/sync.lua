@@ -1,0 +1,483 @@
+-- resty.sync: data synchronized by version (the lua-resty-sync 0.06 API) on
+-- the workerbus module. The module keeps, per instance, a runner lease
+-- (exactly one worker of the node runs the callbacks) and, per task, the
+-- last update (version, data, last-modified time) as one block in a zone's
+-- slab. This file only encodes Lua values, calls the FFI and schedules runs.
+-- See docs/sync.md.
+
+local ffi = require "ffi"
+local need = require "resty.workerbus.need"
+
+local wb = need "resty.workerbus"
+local core = need "resty.workerbus.events_core"
+local cjson = require("cjson.safe").new()
+
+local C = ffi.C
+local ffi_string = ffi.string
+local ffi_new = ffi.new
+local type = type
+local tostring = tostring
+local tonumber = tonumber
+local pcall = pcall
+local xpcall = xpcall
+local traceback = debug.traceback
+local setmetatable = setmetatable
+local str_format = string.format
+local str_find = string.find
+local ngx = ngx
+local log = ngx.log
+local ERR = ngx.ERR
+local WARN = ngx.WARN
+local INFO = ngx.INFO
+local now = ngx.now
+local update_time = ngx.update_time
+local timer_at = ngx.timer.at
+local exiting = ngx.worker.exiting
+local last_error = wb.last_error
+
+ffi.cdef [[
+    typedef struct {
+        uint64_t seq;
+        uint64_t modified_ms;
+        uint32_t vtype, dtype;
+        uint64_t vlen, dlen;
+    } workerbus_sync_head_t;
+    int workerbus_sync_instance(int zone, const unsigned char *key, size_t klen, uint64_t interval_ms);
+    int workerbus_sync_task(int zone, int inst, const unsigned char *tag, size_t tlen);
+    const uint32_t *workerbus_sync_seq_ptr(int zone, int task);
+    int workerbus_sync_tick(int zone, int inst, uint64_t lease_ms, int exiting);
+    int workerbus_sync_runner(int zone, int inst);
+    int workerbus_sync_begin_run(int zone, int inst);
+    void workerbus_sync_end_run(int zone, int inst);
+    int64_t workerbus_sync_publish(int zone, int task, uint32_t vtype, const unsigned char *v, size_t vlen,
+                                   uint32_t dtype, const unsigned char *d, size_t dlen);
+    int workerbus_sync_read(int zone, int task, workerbus_sync_head_t *head, unsigned char *buf, size_t cap);
+    void workerbus_sync_record_run(int zone, int task, uint64_t started_ms, uint64_t duration_us,
+                                   const unsigned char *err, size_t elen);
+    uint64_t workerbus_sync_last_run_ms(int zone, int task);
+]]
+
+-- Lua type tags, as src/module/sync.rs names them.
+local T_STRING, T_NUMBER, T_BOOLEAN, T_TABLE = 1, 2, 3, 4
+local EVENT_SOURCE = "workerbus.sync"
+-- Longest pause between two lease ticks, and the lease in ticks.
+local MAX_TICK = 1
+local LEASE_TICKS, MIN_LEASE = 3, 3
+
+local _M = {
+    _VERSION = "0.06",
+    ACTION_DATA = 0,
+    ACTION_VERSION = 1,
+}
+
+local mt = { __index = _M }
+local head = ffi_new("workerbus_sync_head_t")
+local buf_size = 4096
+local buf = ffi_new("unsigned char[?]", buf_size)
+local ordinals = {}     -- shm -> instances made under that name in this worker
+local by_event = {}     -- "<zone>:<task>" -> task, for on_update
+local sink_added = false
+local copies = 0        -- updates copied out of the zone by this worker
+
+local function encode(v, allow_table)
+    local t = type(v)
+    if t == "string" then
+        return T_STRING, v
+    elseif t == "number" then
+        return T_NUMBER, str_format("%.17g", v)
+    elseif t == "boolean" then
+        return T_BOOLEAN, v and "1" or "0"
+    elseif t == "table" and allow_table then
+        local s, err = cjson.encode(v)
+        if not s then
+            return nil, "table cannot be serialized: " .. tostring(err)
+        end
+        return T_TABLE, s
+    end
+    return nil, "a value of type " .. t .. " is not supported (string, number, boolean"
+                .. (allow_table and ", table)" or ")")
+end
+
+local function decode(t, p, n)
+    local s = ffi_string(p, n)
+    if t == T_NUMBER then
+        return tonumber(s)
+    elseif t == T_BOOLEAN then
+        return s == "1"
+    elseif t == T_TABLE then
+        return cjson.decode(s)
+    end
+    return s
+end
+
+-- Copies the task's update out of the zone when its sequence changed.
+-- Returns true when the task has data.
+local function refresh(task)
+    local s = task.seqp[0]
+    if s == task.seq then
+        return s ~= 0
+    end
+    local z = task.zone
+    local rc = C.workerbus_sync_read(z, task.idx, head, buf, buf_size)
+    while rc == -2 do   -- again if a larger update landed between the two reads
+        buf_size = tonumber(head.vlen + head.dlen)
+        buf = ffi_new("unsigned char[?]", buf_size)
+        rc = C.workerbus_sync_read(z, task.idx, head, buf, buf_size)
+    end
+    if rc ~= 1 then
+        return false
+    end
+    local vlen, dlen = tonumber(head.vlen), tonumber(head.dlen)
+    task.version = decode(head.vtype, buf, vlen)
+    task.data = decode(head.dtype, buf + vlen, dlen)
+    task.modified = tonumber(head.modified_ms) / 1000
+    task.seq = tonumber(head.seq)
+    copies = copies + 1
+    return true
+end
+
+local function notify(task)
+    if not refresh(task) or task.notified == task.seq then
+        return
+    end
+    task.notified = task.seq
+    local hs = task.handlers
+    for i = 1, #hs do
+        local ok, err = xpcall(hs[i], traceback, task.data, task.version)
+        if not ok then
+            log(ERR, "sync: on_update handler of tag \"", task.tag, "\" failed: ", err)
+        end
+    end
+end
+
+local function on_event(data, event, source)
+    if source ~= EVENT_SOURCE then
+        return
+    end
+    local task = by_event[event]
+    if task then
+        notify(task)
+    end
+end
+
+-- The ring lapped this worker: look at every task.
+local function on_lagged()
+    for _, task in pairs(by_event) do
+        notify(task)
+    end
+end
+
+function _M.new(interval, shm)
+    if type(interval) ~= "number" or not (interval > 0) or interval == math.huge then
+        return nil, "interval must be a number greater than 0"
+    end
+    if type(shm) ~= "string" then
+        return nil, "shm must be a string"
+    end
+    local zone, key
+    local z = C.workerbus_zone(shm, #shm)
+    if z >= 0 then
+        zone, key = z, shm
+    elseif ngx.shared[shm] then
+        -- A lua_shared_dict name: the instance lives in the primary workerbus zone.
+        local err
+        zone, err = wb.zone(nil)
+        if not zone then
+            return nil, err
+        end
+        key = "dict:" .. shm
+    else
+        return nil, "no shared memory zone \"" .. shm .. "\": declare \"workerbus_zone "
+                    .. shm .. " <size>;\" or \"lua_shared_dict " .. shm .. " <size>;\""
+    end
+    local n = (ordinals[shm] or 0) + 1
+    key = key .. "#" .. n
+    local inst = C.workerbus_sync_instance(zone, key, #key, interval * 1000)
+    if inst < 0 then
+        return nil, last_error()
+    end
+    ordinals[shm] = n
+    local tick = interval < MAX_TICK and interval or MAX_TICK
+    local lease = tick * LEASE_TICKS
+    return setmetatable({
+        interval = interval,
+        zone = zone,
+        inst = inst,
+        key = key,
+        tick = tick,
+        lease_ms = (lease > MIN_LEASE and lease or MIN_LEASE) * 1000,
+        tasks = {},
+        order = {},
+        started = false,
+    }, mt)
+end
+
+function _M.register(self, callback, tag)
+    if self.started then
+        return nil, "cannot register after start"
+    end
+    if type(callback) ~= "function" then
+        return nil, "callback must be a function"
+    end
+    if type(tag) ~= "string" then
+        return nil, "tag must be a string"
+    end
+    if self.tasks[tag] then
+        return nil, "tag \"" .. tag .. "\" is already registered"
+    end
+    local idx = C.workerbus_sync_task(self.zone, self.inst, tag, #tag)
+    if idx < 0 then
+        return nil, "tag \"" .. tag .. "\": " .. last_error()
+    end
+    local task = {
+        tag = tag,
+        callback = callback,
+        zone = self.zone,
+        idx = idx,
+        seqp = C.workerbus_sync_seq_ptr(self.zone, idx),
+        seq = 0,
+        notified = 0,
+        handlers = {},
+        scheduled = false,
+    }
+    self.tasks[tag] = task
+    self.order[#self.order + 1] = task
+    by_event[self.zone .. ":" .. idx] = task
+    return true
+end
+
+-- The callback's answer for `mode`, or nil, err.
+local function ask(task, mode, allow_table)
+    local ok, v = pcall(task.callback, mode)
+    if not ok then
+        return nil, "callback raised: " .. tostring(v)
+    end
+    if v == nil then
+        return nil, "callback returned nil for the " .. (mode == 1 and "version" or "data")
+    end
+    local t, s = encode(v, allow_table)
+    if not t then
+        return nil, (mode == 1 and "version: " or "data: ") .. s
+    end
+    return v, t, s
+end
+
+local function fetch(self, task)
+    local version, vt, vs = ask(task, 1, false)
+    if version == nil then
+        return nil, vt
+    end
+    if refresh(task) and task.version == version then
+        return true
+    end
+    local data, dt, ds = ask(task, 0, true)
+    if data == nil then
+        return nil, dt
+    end
+    if C.workerbus_sync_runner(self.zone, self.inst) ~= ngx.worker.pid() then
+        -- Taken over while the callback ran (this worker was stuck): the new runner decides.
+        return nil, "no longer the runner; this update is dropped"
+    end
+    local seq = C.workerbus_sync_publish(self.zone, task.idx, vt, vs, #vs, dt, ds, #ds)
+    if seq < 0 then
+        return nil, last_error() .. "; previous data kept"
+    end
+    notify(task)
+    local ok, err = core.post(EVENT_SOURCE, self.zone .. ":" .. task.idx, tostring(seq), nil, 0)
+    if not ok then
+        log(WARN, "sync: tag \"", task.tag, "\": update ", tostring(seq),
+                  " published, but its event was not posted: ", err)
+    end
+    return true
+end
+
+-- One run of one task; `in_init`: from init_worker, where a failure is
+-- retried at once from a timer (no cosocket or ngx.sleep there).
+local function run(self, task, in_init)
+    if C.workerbus_sync_begin_run(self.zone, self.inst) ~= 1 then
+        return false
+    end
+    update_time()
+    local started = now()
+    local ok, res, err = pcall(fetch, self, task)
+    C.workerbus_sync_end_run(self.zone, self.inst)
+    update_time()
+    local dur_us = (now() - started) * 1e6
+    if not ok then
+        err = res
+    elseif res == true then
+        C.workerbus_sync_record_run(self.zone, task.idx, started * 1000, dur_us, nil, 0)
+        return true
+    end
+    local msg = tostring(err)
+    if in_init then
+        log(INFO, "sync: tag \"", task.tag, "\" failed in init_worker (", msg, "); retried from a timer")
+        return false, msg
+    end
+    log(ERR, "sync: tag \"", task.tag, "\" of \"", self.key, "\": ", msg)
+    C.workerbus_sync_record_run(self.zone, task.idx, started * 1000, dur_us, msg, #msg)
+    return false, msg
+end
+
+local schedule
+
+-- `task.scheduled` stays true from scheduling to the end of the run, so a
+-- tick never starts a second run of a task while one is under way.
+local function run_timer(premature, self, task)
+    if premature or exiting()
+       or C.workerbus_sync_tick(self.zone, self.inst, self.lease_ms, 0) ~= 1 then
+        task.scheduled = false
+        return
+    end
+    update_time()
+    local started = now()
+    run(self, task, false)
+    task.scheduled = false
+    schedule(self, task, started + self.interval - now())
+end
+
+schedule = function(self, task, delay)
+    if task.scheduled or exiting() then
+        return
+    end
+    -- At least 1 ms: a 0 s timer made by an expiring timer expires in the
+    -- same pass, and a chain of them would never let the event loop turn.
+    local ok, err = timer_at(delay > 0.001 and delay or 0.001, run_timer, self, task)
+    if not ok then
+        log(ERR, "sync: cannot schedule tag \"", task.tag, "\": ", err)
+        return
+    end
+    task.scheduled = true
+end
+
+-- Every worker, every tick: renew, take or leave the runner lease; a new
+-- runner starts every task's schedule.
+local function tick(premature, self)
+    local going = premature or exiting()
+    local role = C.workerbus_sync_tick(self.zone, self.inst, self.lease_ms, going and 1 or 0)
+    if role == 1 and not going then
+        -- A new runner keeps its predecessor's schedule.
+        for i = 1, #self.order do
+            local task = self.order[i]
+            if not task.scheduled then
+                local last = tonumber(C.workerbus_sync_last_run_ms(self.zone, task.idx)) / 1000
+                schedule(self, task, last + self.interval - now())
+            end
+        end
+    end
+end
+
+function _M.start(self)
+    if self.started then
+        return nil, "already started"
+    end
+    self.started = true
+    if not sink_added then
+        local ok, err = core.attach(nil, false)
+        if not ok then
+            return nil, "cannot attach to the event ring: " .. tostring(err)
+        end
+        sink_added = true
+        core.add_sink(on_event, on_lagged)
+        local ok, err = core.want_loop("resty.sync", 3600)
+        if not ok then
+            log(ERR, "sync: on_update will not fire: ", err)
+        end
+    end
+    local in_init = ngx.get_phase() == "init_worker"
+    local role = C.workerbus_sync_tick(self.zone, self.inst, self.lease_ms, 0)
+    if role == 1 then
+        update_time()
+        local started = now()
+        for i = 1, #self.order do
+            local task = self.order[i]
+            local ok = run(self, task, in_init)
+            -- A failure in init_worker is retried at once; the rest wait an interval.
+            schedule(self, task, ok and started + self.interval - now() or 0)
+        end
+    end
+    local ok, err = ngx.timer.every(self.tick, tick, self)
+    if not ok then
+        return nil, "cannot start the sync timer: " .. tostring(err)
+    end
+    return true
+end
+
+local function task_of(self, tag)
+    if not self.started then
+        return nil, "not started: call start() first"
+    end
+    if type(tag) ~= "string" then
+        return nil, "tag must be a string"
+    end
+    local task = self.tasks[tag]
+    if not task then
+        return nil, "unknown tag \"" .. tag .. "\""
+    end
+    if not refresh(task) then
+        return nil, "no data"
+    end
+    return task
+end
+
+function _M.get_version(self, tag)
+    local task, err = task_of(self, tag)
+    if not task then
+        return nil, err
+    end
+    return task.version
+end
+
+-- A table is decoded once per version and shared by every call: read-only.
+function _M.get_data(self, tag)
+    local task, err = task_of(self, tag)
+    if not task then
+        return nil, err
+    end
+    return task.data
+end
+
+function _M.get_last_modified_time(self, tag)
+    local task, err = task_of(self, tag)
+    if not task then
+        return nil, err
+    end
+    return task.modified
+end
+
+-- data, version, last_modified of one and the same update.
+function _M.get(self, tag)
+    local task, err = task_of(self, tag)
+    if not task then
+        return nil, err
+    end
+    return task.data, task.version, task.modified
+end
+
+-- fn(data, version) runs in every worker once per new version it sees.
+function _M.on_update(self, tag, fn)
+    if type(tag) ~= "string" then
+        return nil, "tag must be a string"
+    end
+    if type(fn) ~= "function" then
+        return nil, "handler must be a function"
+    end
+    local task = self.tasks[tag]
+    if not task then
+        return nil, "unknown tag \"" .. tag .. "\""
+    end
+    task.handlers[#task.handlers + 1] = fn
+    return true
+end
+
+-- How many updates this worker copied out of the zone (all instances).
+function _M.copies()
+    return copies
+end
+
+-- The pid of the worker running this instance's callbacks (0: none yet).
+function _M.runner(self)
+    return C.workerbus_sync_runner(self.zone, self.inst)
+end
+
+return _M

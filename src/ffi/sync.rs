@@ -1,0 +1,192 @@
+//! FFI for resty.sync. The contract is written out in lib/resty/sync.lua's
+//! cdef block. Instances and tasks are passed as indexes into the zone's
+//! sync table, never as pointers (except the read-only sequence word).
+
+use core::ffi::c_int;
+use core::sync::atomic::Ordering;
+
+use crate::module::sync::{self as sy, ZoneSlab};
+use crate::module::time::now_ms;
+use crate::shm::lease::Role;
+use crate::shm::sync::BlockHead;
+
+use super::{bytes, fail, zone};
+
+fn pid() -> i32 {
+    // SAFETY: set by nginx at process start.
+    unsafe { nginx_sys::ngx_pid }
+}
+
+/// Index of the instance named `key` (made on first use), or -1.
+///
+/// # Safety
+/// `key` readable for `klen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_sync_instance(
+    zone_index: c_int,
+    key: *const u8,
+    klen: usize,
+    interval_ms: u64,
+) -> c_int {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(t) = sy::table(z) else { return fail(-1, "the zone has no sync table") };
+    // SAFETY: guaranteed by the caller.
+    let key = unsafe { bytes(key, klen) };
+    match t.instance(&z.lock(), key) {
+        Ok(i) => {
+            // Relaxed: a figure for status.
+            t.instances[i].interval_ms.store(interval_ms, Ordering::Relaxed);
+            i as c_int
+        }
+        Err(e) => fail(-1, e.to_string()),
+    }
+}
+
+/// Index of task `tag` of instance `inst` (made on first use), or -1.
+///
+/// # Safety
+/// `tag` readable for `tlen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_sync_task(zone_index: c_int, inst: c_int, tag: *const u8, tlen: usize) -> c_int {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(t) = sy::table(z) else { return fail(-1, "the zone has no sync table") };
+    // SAFETY: guaranteed by the caller.
+    let tag = unsafe { bytes(tag, tlen) };
+    match t.task(&z.lock(), inst.max(0) as usize, tag) {
+        Ok(i) => i as c_int,
+        Err(e) => fail(-1, e.to_string()),
+    }
+}
+
+/// The task's update sequence word (its low 32 bits change on every
+/// update); Lua reads it directly to learn whether to copy. NULL on error.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_sync_seq_ptr(zone_index: c_int, task: c_int) -> *const u32 {
+    let Some(t) = zone(zone_index).and_then(sy::table) else { return core::ptr::null() };
+    t.seq_ptr(task.max(0) as usize)
+}
+
+/// One tick of the instance's runner lease: 1 this worker is the runner
+/// (start runs), 2 it is but must start nothing (old generation, exiting),
+/// 0 another worker is, -1 error.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_sync_tick(zone_index: c_int, inst: c_int, lease_ms: u64, exiting: c_int) -> c_int {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    match sy::tick(z, inst.max(0) as usize, lease_ms, exiting != 0) {
+        Some(Role::Owner | Role::TookOver { .. }) => 1,
+        Some(Role::Retiring) => 2,
+        Some(Role::Other { .. }) => 0,
+        None => fail(-1, "bad sync instance"),
+    }
+}
+
+/// The instance's runner pid (0: none).
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_sync_runner(zone_index: c_int, inst: c_int) -> c_int {
+    let Some(t) = zone(zone_index).and_then(sy::table) else { return 0 };
+    t.instances.get(inst.max(0) as usize).map_or(0, |i| i.lease.owner())
+}
+
+/// A run starts: 1 if this worker still holds the lease (the run is then
+/// counted in it until workerbus_sync_end_run), else 0.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_sync_begin_run(zone_index: c_int, inst: c_int) -> c_int {
+    let Some(t) = zone(zone_index).and_then(sy::table) else { return 0 };
+    t.instances.get(inst.max(0) as usize).map_or(0, |i| c_int::from(i.lease.begin_run(pid())))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_sync_end_run(zone_index: c_int, inst: c_int) {
+    if let Some(i) = zone(zone_index).and_then(sy::table).and_then(|t| t.instances.get(inst.max(0) as usize)) {
+        i.lease.end_run(pid());
+    }
+}
+
+/// Publishes an update of `task`: version and data with their Lua type
+/// tags, as one unit. Returns its sequence (> 0) or -1 (nothing changed).
+///
+/// # Safety
+/// `v` readable for `vlen`, `d` for `dlen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_sync_publish(
+    zone_index: c_int,
+    task: c_int,
+    vtype: u32,
+    v: *const u8,
+    vlen: usize,
+    dtype: u32,
+    d: *const u8,
+    dlen: usize,
+) -> i64 {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") as i64 };
+    let Some(t) = sy::table(z) else { return fail(-1, "the zone has no sync table") as i64 };
+    // SAFETY: guaranteed by the caller.
+    let (v, d) = unsafe { (bytes(v, vlen), bytes(d, dlen)) };
+    let slab = ZoneSlab(z);
+    match t.publish(&z.lock(), &slab, task.max(0) as usize, pid(), sy::alive, vtype, v, dtype, d, now_ms()) {
+        Ok(seq) => seq as i64,
+        Err(e) => fail(-1, e.to_string()) as i64,
+    }
+}
+
+/// Copies the task's published update: `head` gets its head, `buf` its
+/// version then data bytes. 1 copied, 0 nothing published yet, -2 `buf` too
+/// small (head then holds the lengths: call again with vlen + dlen bytes).
+///
+/// # Safety
+/// `head` writable, `buf` writable for `cap` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_sync_read(
+    zone_index: c_int,
+    task: c_int,
+    head: *mut BlockHead,
+    buf: *mut u8,
+    cap: usize,
+) -> c_int {
+    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(t) = sy::table(z) else { return fail(-1, "the zone has no sync table") };
+    let slab = ZoneSlab(z);
+    let r = t.read(&z.lock(), &slab, task.max(0) as usize, |h, v, d| {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *head = *h };
+        if v.len() + d.len() > cap {
+            return -2;
+        }
+        // SAFETY: buf has cap >= vlen + dlen writable bytes.
+        unsafe {
+            core::ptr::copy_nonoverlapping(v.as_ptr(), buf, v.len());
+            core::ptr::copy_nonoverlapping(d.as_ptr(), buf.add(v.len()), d.len());
+        }
+        1
+    });
+    r.unwrap_or(0)
+}
+
+/// Counts a finished run (its error, if any, is kept for the status).
+///
+/// # Safety
+/// `err` readable for `elen` (NULL: the run succeeded).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_sync_record_run(
+    zone_index: c_int,
+    task: c_int,
+    started_ms: u64,
+    duration_us: u64,
+    err: *const u8,
+    elen: usize,
+) {
+    let Some(z) = zone(zone_index) else { return };
+    let Some(t) = sy::table(z) else { return };
+    // SAFETY: guaranteed by the caller.
+    let e = if err.is_null() { None } else { Some(unsafe { bytes(err, elen) }) };
+    t.record_run(&z.lock(), task.max(0) as usize, started_ms, duration_us, e);
+}
+
+/// When the task's last counted run started (ms since the epoch; 0: never),
+/// so that a new runner keeps the schedule of the previous one.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_sync_last_run_ms(zone_index: c_int, task: c_int) -> u64 {
+    let Some(t) = zone(zone_index).and_then(sy::table) else { return 0 };
+    // Relaxed: a schedule hint.
+    t.task_ref(task.max(0) as usize).map_or(0, |t| t.last_run_ms.load(Ordering::Relaxed))
+}
