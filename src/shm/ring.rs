@@ -111,7 +111,9 @@ struct WriterState {
     reported: AtomicU64,
     /// `Overflow` as u32; set by the owner of the configuration on each load.
     overflow: AtomicU32,
-    _pad2: u32,
+    /// 1 + the highest reader index ever claimed: posters' scans (idle
+    /// flags, guarded readers) stop there instead of at `max_readers`.
+    readers_hi: AtomicU32,
 }
 
 /// What a post does when the ring is full.
@@ -381,6 +383,7 @@ impl Ring {
             a.store(0, Ordering::Relaxed);
         }
         w.overflow.store(Overflow::Refuse as u32, Ordering::Relaxed);
+        w.readers_hi.store(0, Ordering::Relaxed);
         w.head_seq.store(1, Ordering::Relaxed);
         w.last_pos.store(NO_POS, Ordering::Relaxed);
         w.in_post.store(0, Ordering::Relaxed);
@@ -691,7 +694,7 @@ impl Ring {
             return Ok(());
         }
         let mut min = u64::MAX;
-        for i in 0..self.max_readers {
+        for i in 0..self.readers_hi() {
             let Some(s) = self.slot(i) else { break };
             // Acquire: a reader's claim (owner) comes with its position and beat.
             let owner = s.owner.load(Ordering::Acquire);
@@ -850,6 +853,12 @@ impl Ring {
         }
     }
 
+    /// Slots a scan for claimed (or idle) readers must cover.
+    fn readers_hi(&self) -> usize {
+        // Acquire: pairs with the claim's AcqRel fetch_max.
+        (self.w().readers_hi.load(Ordering::Acquire) as usize).min(self.max_readers)
+    }
+
     /// The reader in `slot`, if it exists. One process uses a slot at a time.
     pub fn reader(&self, slot: usize) -> Option<Reader> {
         let s = self.slot(slot)?;
@@ -862,7 +871,7 @@ impl Ring {
         // SeqCst fence: the published head is ordered before the idle flags
         // are read; pairs with the fence in Reader::set_idle (Dekker).
         fence(Ordering::SeqCst);
-        for i in 0..self.max_readers {
+        for i in 0..self.readers_hi() {
             let Some(s) = self.slot(i) else { break };
             // Relaxed probe: in a burst nobody is idle, and this costs no write.
             if s.idle.load(Ordering::Relaxed) != 0 && s.idle.swap(0, Ordering::AcqRel) != 0 {
@@ -964,6 +973,8 @@ impl Reader {
         slot.beat.store(now, Ordering::Relaxed);
         slot.nonce.store(nonce, Ordering::Relaxed);
         slot.owner.store(pid, Ordering::Release);
+        // AcqRel: posters that see the new bound see this slot's claim.
+        self.ring.w().readers_hi.fetch_max(self.index as u32 + 1, Ordering::AcqRel);
         self.lower_guard();
     }
 
@@ -1133,6 +1144,8 @@ impl Reader {
         // SeqCst + fence: pairs with the poster's fence in wake_idle (publish
         // head; read flags) so that one of the two sides sees the other.
         slot.idle.store(1, Ordering::SeqCst);
+        // SeqCst (under the same fence): posters' scans cover this slot.
+        self.ring.w().readers_hi.fetch_max(self.index as u32 + 1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if self.pending() {
             slot.idle.store(0, Ordering::Relaxed);
