@@ -71,9 +71,10 @@ pub unsafe extern "C" fn workerbus_ev_post(
     }
 }
 
-/// Next event for this worker: 1 record (`out.missed` > 0: that many were
-/// lost right before it), 0 none, 2 lagged with no record after the gap
-/// yet, -2 buffer too small, -1 error.
+/// Next event for this worker: 1 record, 3 record after a gap (`out.missed`
+/// were lost right before it: Lua reads that 64-bit field only then), 0
+/// none, 2 lagged with no record after the gap yet, -2 buffer too small,
+/// -1 error.
 ///
 /// # Safety
 /// `out` and `need` writable, `buf` writable for `cap` bytes.
@@ -93,6 +94,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
     // SAFETY: guaranteed by the caller.
     let (out, buf) = unsafe { (&mut *out, core::slice::from_raw_parts_mut(buf, cap)) };
     match rd.next(out, buf) {
+        Next::Record if out.missed > 0 => 3,
         Next::Record => 1,
         Next::Empty => 0,
         Next::Lagged(missed) => {

@@ -1110,8 +1110,8 @@ impl Reader {
                 event_len: el as u32,
                 unique_len: ul as u32,
                 data_len: (plen - sl - el - ul) as u32,
-                // Relaxed: own slot.
-                missed: slot.owed.swap(0, Ordering::Relaxed),
+                // Relaxed: own slot (a plain load first: no locked op per record).
+                missed: if slot.owed.load(Ordering::Relaxed) != 0 { slot.owed.swap(0, Ordering::Relaxed) } else { 0 },
             };
             save(p + len, s + 1);
             slot.delivered.fetch_add(1, Ordering::Relaxed);

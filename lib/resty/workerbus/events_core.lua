@@ -515,11 +515,10 @@ local function drain(max)
             return "done"
         end
         local rc = ev_next(z, rec, buf, buf_cap, need_len)
-        if rc == 1 then
+        if rc == 1 or rc == 3 then
             ring_polled = true
-            local missed = rec.missed
-            if missed > 0 then
-                lagged(tonumber(missed))
+            if rc == 3 then
+                lagged(tonumber(rec.missed))  -- lost right before this record
             end
             if ntaps > 0 then
                 tap_record()
