@@ -29,7 +29,9 @@ pub unsafe extern "C" fn workerbus_sync_instance(
     interval_ms: u64,
 ) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
-    let Some(t) = sy::table(z) else { return fail(-1, "the zone has no sync table") };
+    let Some(t) = sy::table_or_make(z) else {
+        return fail(-1, "no room in the zone for resty.sync's table");
+    };
     // SAFETY: guaranteed by the caller.
     let key = unsafe { bytes(key, klen) };
     match t.instance(&z.lock(), key) {

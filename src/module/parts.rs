@@ -1,10 +1,10 @@
 //! Lays out a fresh zone's parts after its header: the worker records of
 //! the lifecycle table (sized from worker_processes), the unique-event claim
 //! table, the event ring (half of the zone, one reader per worker record),
-//! the PostgreSQL bridge's state and post queue (a 32nd of the zone) and
-//! resty.sync's table (a fixed size); the rest is left to the slab
-//! allocator (resty.sync's updates live there). `estimate` tells nginx -t
-//! whether a zone can hold them.
+//! and the PostgreSQL bridge's state and post queue (a 32nd of the zone);
+//! the rest is left to the slab allocator (resty.sync's table, made on the
+//! zone's first sync.new, and its updates live there). `estimate` tells
+//! nginx -t whether a zone can hold them.
 
 use nginx_sys::ngx_slab_pool_t;
 
@@ -13,7 +13,6 @@ use crate::shm::header::ZoneHeader;
 use crate::shm::lifecycle::Lifecycle;
 use crate::shm::pgbus::PgBus;
 use crate::shm::ring::Ring;
-use crate::shm::sync::SyncTable;
 
 /// Unique-event claim entries of a zone: one per KiB of zone (at least
 /// 1024): a 16 MiB zone holds 16384 claims at once (384 KiB). Beyond that
@@ -54,7 +53,6 @@ pub fn estimate(size: usize, records: usize) -> usize {
         + pages(Claims::region_size(claim_entries(size)))
         + pages(Ring::region_size(ring_capacity(size), records))
         + pages(pg_len(size))
-        + pages(SyncTable::region_size())
         + pages(size / 4096 * 24 + 4096)
 }
 
@@ -88,11 +86,5 @@ pub fn lay_out(pool: *mut ngx_slab_pool_t, h: &mut ZoneHeader, records: usize) -
     unsafe { PgBus::init(p, pg_len) }?;
     h.pg_off = off;
     h.pg_len = pg_len as u64;
-
-    // resty.sync's fixed table; its updates take slab blocks later.
-    let sync_len = SyncTable::region_size();
-    let (_, off) = alloc(pool, h, sync_len, "sync table")?;
-    h.sync_off = off;
-    h.sync_len = sync_len as u64;
     Ok(())
 }

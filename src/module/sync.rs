@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::shm::lease::{Me, Role, Why};
 use crate::shm::lifecycle::pid_alive;
+use crate::shm::lock::ShmLock;
 use crate::shm::sync::{Slab, SyncTable};
 
 use super::local::local;
@@ -21,15 +22,41 @@ pub const T_NUMBER: u32 = 2;
 pub const T_BOOLEAN: u32 = 3;
 pub const T_TABLE: u32 = 4;
 
-/// The zone's sync table, if it has one.
+/// The zone's sync table, if one was made.
 pub fn table(zone: &Zone) -> Option<&'static SyncTable> {
     let h = zone.header();
-    let (p, len) = h.part(h.sync_off, h.sync_len)?;
+    // Acquire: pairs with the Release store in make_table (length, zeroed table).
+    let off = h.sync_off.load(Ordering::Acquire);
+    let (p, len) = h.part(off, h.sync_len.load(Ordering::Relaxed))?;
     if len < SyncTable::region_size() {
         return None;
     }
-    // SAFETY: laid out by parts::lay_out in this zone, which stays mapped for the process's life.
+    // SAFETY: made by make_table in this zone, which stays mapped for the process's life.
     Some(unsafe { SyncTable::at(p) })
+}
+
+/// The zone's sync table, made on first use (the first sync.new on the
+/// zone); None when the zone has no room left for it.
+pub fn table_or_make(zone: &Zone) -> Option<&'static SyncTable> {
+    if let Some(t) = table(zone) {
+        return Some(t);
+    }
+    let lock = zone.lock();
+    lock.lock();
+    let made = table(zone).is_some() || {
+        let len = SyncTable::region_size();
+        // SAFETY: a live slab pool whose mutex we hold; a zeroed table is a valid, empty one.
+        let p = unsafe { nginx_sys::ngx_slab_calloc_locked(zone.pool, len) } as *mut u8;
+        if !p.is_null() {
+            let h = zone.header();
+            h.sync_len.store(len as u64, Ordering::Relaxed);
+            // Release: the length and the zeroed table before the offset.
+            h.sync_off.store((p as usize).wrapping_sub(zone.header as usize) as u64, Ordering::Release);
+        }
+        !p.is_null()
+    };
+    lock.unlock();
+    if made { table(zone) } else { None }
 }
 
 /// The zone's slab pool as the store's allocator; called with the pool's mutex held.

@@ -43,9 +43,12 @@ pub struct ZoneHeader {
     /// PostgreSQL bridge state (shm::pgbus): byte offset from the header and length.
     pub pg_off: u64,
     pub pg_len: u64,
-    /// resty.sync's table (instances, leases, tasks): offset and length (0 = none).
-    pub sync_off: u64,
-    pub sync_len: u64,
+    /// resty.sync's table (instances, leases, tasks): offset (0 = not made
+    /// yet: the first sync.new on the zone makes it, so zones that never
+    /// sync spend nothing on it) and length. The length is stored first; the
+    /// offset (Release) publishes both.
+    pub sync_off: AtomicU64,
+    pub sync_len: AtomicU64,
 }
 
 impl ZoneHeader {
