@@ -148,9 +148,20 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
             );
             return NGX_ERROR as ngx_int_t;
         }
+        let ring = match attach_parts(header) {
+            Ok((ring, _)) => ring,
+            Err(why) => {
+                ngx::ngx_log_error!(
+                    NGX_LOG_EMERG,
+                    log,
+                    "workerbus: zone \"{name}\" kept across reload: {why}; restart nginx to recreate it"
+                );
+                return NGX_ERROR as ngx_int_t;
+            }
+        };
         // SAFETY: zone is ours and valid.
         unsafe { (*shm_zone).data = old };
-        super::events::configure_zone(ring_of(header), overwrite);
+        super::events::configure_zone(ring, overwrite);
         return NGX_OK as ngx_int_t;
     }
     // SAFETY: a fresh slab pool owned by this zone; no worker runs yet.
@@ -171,7 +182,14 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
         ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes: {why}");
         return NGX_ERROR as ngx_int_t;
     }
-    super::events::configure_zone(ring_of(h), overwrite);
+    let ring = match attach_parts(h) {
+        Ok((ring, _)) => ring,
+        Err(why) => {
+            ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes: {why}");
+            return NGX_ERROR as ngx_int_t;
+        }
+    };
+    super::events::configure_zone(ring, overwrite);
     // SAFETY: pool and zone are ours; data links the zone to its header for reloads.
     unsafe {
         (*pool).data = header.cast();
@@ -181,10 +199,20 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
     NGX_OK as ngx_int_t
 }
 
-/// The ring laid out in a zone, if any.
-fn ring_of(h: &ZoneHeader) -> Option<Ring> {
-    // SAFETY: the part was laid out by parts::lay_out inside this zone.
-    h.part(h.ring_off, h.ring_len).and_then(|(p, n)| unsafe { Ring::attach(p, n) }.ok())
+/// A zone's ring and claim table, attached; an error names the part that
+/// does not check out (a zone kept across a reload by another build).
+fn attach_parts(h: &ZoneHeader) -> Result<(Option<Ring>, Option<Claims>), String> {
+    let ring = match h.part(h.ring_off, h.ring_len) {
+        // SAFETY: the part was laid out by parts::lay_out inside this zone.
+        Some((p, n)) => Some(unsafe { Ring::attach(p, n) }.map_err(|e| format!("event ring: {e}"))?),
+        None => None,
+    };
+    let claims = match h.part(h.claims_off, h.claims_len) {
+        // SAFETY: as above.
+        Some((p, n)) => Some(unsafe { Claims::attach(p, n) }.map_err(|e| format!("unique-event claims: {e:?}"))?),
+        None => None,
+    };
+    Ok((ring, claims))
 }
 
 /// Makes the allocator's "no memory" messages name the zone.
@@ -214,10 +242,8 @@ pub fn of_cycle(cycle: *const ngx_cycle_t) -> Vec<Zone> {
                 let header = z.data as *mut ZoneHeader;
                 // SAFETY: init_zone laid out (or checked) this header before any process looks at it.
                 let h = unsafe { &*header };
-                // SAFETY: the parts were laid out by parts::lay_out inside this zone.
-                let ring = h.part(h.ring_off, h.ring_len).and_then(|(p, n)| unsafe { Ring::attach(p, n) }.ok());
-                // SAFETY: as above.
-                let claims = h.part(h.claims_off, h.claims_len).and_then(|(p, n)| unsafe { Claims::attach(p, n) }.ok());
+                // init_zone refused any zone whose parts do not attach.
+                let (ring, claims) = attach_parts(h).unwrap_or((None, None));
                 out.push(Zone {
                     shm: z as *const ngx_shm_zone_t as *mut ngx_shm_zone_t,
                     pool: z.shm.addr as *mut ngx_slab_pool_t,

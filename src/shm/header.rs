@@ -26,8 +26,6 @@ pub struct ZoneHeader {
     /// Unique-event claims: byte offset from the header and length.
     pub claims_off: u64,
     pub claims_len: u64,
-    /// Lua poll passes and other counters that belong to no one part.
-    pub counters: [AtomicU64; 8],
     /// Ring head when each generation began (by generation % MAX_GENERATIONS):
     /// where that generation's workers start reading.
     pub first_seq: [AtomicU64; MAX_GENERATIONS],

@@ -205,15 +205,7 @@ pub struct GenView {
     pub first_seq: u64,
 }
 
-/// `kill(pid, 0)`: false only when the process certainly does not exist.
-pub fn pid_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 performs only the existence and permission check.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-}
+pub use super::pid::alive as pid_alive;
 
 impl Lifecycle {
     /// Called once on a fresh (zero-filled) zone.

@@ -54,7 +54,7 @@ impl PidLock {
                 return;
             }
             fails = fails.wrapping_add(1);
-            if owner != 0 && fails.is_multiple_of(SPINS_BEFORE_CHECK) && !pid_exists(owner) {
+            if owner != 0 && fails.is_multiple_of(SPINS_BEFORE_CHECK) && !super::pid::alive(owner) {
                 // AcqRel: one waiter wins the steal, and it sees the dead holder's writes.
                 if self.owner.compare_exchange(owner, pid, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     // SeqCst fence: the dead holder's last stores are ordered before our
@@ -79,16 +79,6 @@ impl PidLock {
         // plain store) leaves alone a lock that was stolen from us meanwhile.
         let _ = self.owner.compare_exchange(pid, 0, Ordering::Release, Ordering::Relaxed);
     }
-}
-
-/// false only when `pid` certainly does not exist (a zombie still exists).
-fn pid_exists(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 performs only the existence and permission check.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// A `PidLock` in a shared region, used by one process: the pid is taken

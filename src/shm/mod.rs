@@ -10,5 +10,6 @@ pub mod lease;
 pub mod lifecycle;
 pub mod lock;
 pub mod pgbus;
+pub mod pid;
 pub mod ring;
 pub mod sync;
