@@ -270,13 +270,8 @@ impl Lifecycle {
         })
     }
 
-    /// A worker starts in `slot` of `generation`. It is a respawn whenever
-    /// a record of the same generation and slot with another pid exists,
-    /// whoever judged that record: live records whose pid is gone are marked
-    /// crashed here (the master only respawns a slot after reaping its
-    /// previous worker) and reported through `found`; records a sibling's
-    /// heartbeat already marked crashed get their `replaced_by` too. Returns
-    /// the claimed record's index, or None when every record is live.
+    /// The tests' shorthand for `register`: the claimed record's index.
+    #[cfg(test)]
     pub fn register_worker(
         &self,
         generation: u64,
@@ -289,8 +284,15 @@ impl Lifecycle {
         self.register(generation, slot, pid, now_ms, alive, found).map(|r| r.index)
     }
 
-    /// As register_worker, and tells whether the worker replaces an earlier
-    /// one of its slot and generation (it must not replay their events).
+    /// A worker starts in `slot` of `generation`. It is a respawn whenever
+    /// a record of the same generation and slot with another pid exists,
+    /// whoever judged that record: live records whose pid is gone are marked
+    /// crashed here (the master only respawns a slot after reaping its
+    /// previous worker) and reported through `found`; records a sibling's
+    /// heartbeat already marked crashed get their `replaced_by` too. Returns
+    /// the claimed record and whether the worker replaces an earlier one of
+    /// its slot and generation (it must not replay their events), or None
+    /// when every record is live.
     pub fn register(
         &self,
         generation: u64,
