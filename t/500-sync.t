@@ -946,7 +946,7 @@ $::Helpers . <<'_EOC_';
         local s = assert(sync.new(60, "wb"))
         assert(s:register(function(mode)
             local sock = ngx.socket.tcp()   -- raises in init_worker
-            local ok, err = sock:connect("127.0.0.1", $TEST_NGINX_PORT)
+            local ok, err = sock:connect("127.0.0.1", $TEST_NGINX_SERVER_PORT)
             if not ok then return nil end
             sock:close()
             return mode == sync.ACTION_VERSION and "v" or "fetched over a cosocket"
