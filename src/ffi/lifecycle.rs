@@ -8,8 +8,8 @@
 use core::ffi::c_int;
 use core::sync::atomic::Ordering;
 
-use crate::module::local::local;
 use crate::module::process::ensure_worker_started;
+use crate::module::process_state::local;
 use crate::module::time::mono_ms;
 use crate::shm::lifecycle::{FLAG_LEFT, FLAG_MANAGED, Lifecycle, pid_alive};
 

@@ -7,13 +7,13 @@
 use core::cell::RefCell;
 use core::ffi::c_int;
 
-use crate::module::local::local;
 use crate::module::preload;
+use crate::module::process_state::local;
 use crate::module::zone::Zone;
 
-pub mod events;
 pub mod lifecycle;
 pub mod pg;
+pub mod ring;
 pub mod sync;
 
 /// Bumped on any change of a signature or structure below.

@@ -94,7 +94,7 @@ pub unsafe extern "C" fn create_conf(cycle: *mut ngx_cycle_t) -> *mut c_void {
         (*p).hang_timeout_ms = UNSET_MSEC;
     }
     // A configuration load begins: init_by_lua may run before init_module.
-    let l = super::local::local();
+    let l = super::process_state::local();
     l.loading = true;
     l.loading_conf = p;
     l.held.clear();
@@ -126,7 +126,7 @@ pub unsafe extern "C" fn init_conf(cycle: *mut ngx_cycle_t, conf: *mut c_void) -
 /// them, naming the directive and the value.
 fn check_workers(cycle: *mut ngx_cycle_t, cc: &CoreConf) -> Result<(), String> {
     let workers = super::process::worker_processes(cycle) as usize;
-    super::local::local().conf_workers = workers;
+    super::process_state::local().conf_workers = workers;
     let needed = records_needed(workers);
     if needed > MAX_WORKER_RECORDS {
         return Err(format!(
@@ -140,7 +140,7 @@ fn check_workers(cycle: *mut ngx_cycle_t, cc: &CoreConf) -> Result<(), String> {
     for &z in cc.zones() {
         // SAFETY: zones recorded in this cycle's configuration.
         let (name, size) = unsafe { (show(&(*z).shm.name), (*z).shm.size) };
-        let need = super::parts::estimate(size, records);
+        let need = super::layout::estimate(size, records);
         if need > size {
             return Err(format!(
                 "workerbus: zone \"{name}\" of {}k is too small for \"worker_processes {workers}\" \

@@ -10,13 +10,13 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref, clippy::missing_safety_doc)]
 
 pub mod conf;
-pub mod events;
 pub mod http;
-pub mod local;
+pub mod layout;
 pub mod metrics;
-pub mod parts;
 pub mod preload;
 pub mod process;
+pub mod process_state;
+pub mod ring_glue;
 pub mod status;
 pub mod sync;
 pub mod time;

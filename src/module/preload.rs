@@ -14,7 +14,7 @@ use nginx_sys::{NGX_LOG_ERR, NGX_PROCESS_WORKER, ngx_log_t};
 use crate::shm::ring::RecordIn;
 
 use super::conf::{CoreConf, DEFAULT_ZONE_NAME};
-use super::local::local;
+use super::process_state::local;
 use super::zone::Zone;
 
 /// Largest event (source + event + unique + data) held for the workers.
@@ -134,7 +134,7 @@ pub fn flush(zones: &[Zone], log: *mut ngx_log_t) {
         let rec =
             RecordIn { source: &h.source, event: &h.event, unique: &h.unique, data: &h.data, pid, flags: h.flags };
         let posted = match zones.iter().position(|z| z.name() == h.zone) {
-            Some(i) => super::events::post(i, &zones[i], &rec).map(|_| ()),
+            Some(i) => super::ring_glue::post(i, &zones[i], &rec).map(|_| ()),
             None => Err("the zone is not in the configuration".into()),
         };
         if let Err(e) = posted {

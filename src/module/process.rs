@@ -13,9 +13,9 @@ use nginx_sys::{
 use crate::shm::lifecycle::{Finding, pid_alive};
 
 use super::conf::CoreConf;
-use super::local::local;
+use super::process_state::local;
 use super::time::{mono_ms, now_ms};
-use super::{events, ngx_workerbus_module, preload, wake, zone};
+use super::{ngx_workerbus_module, preload, ring_glue, wake, zone};
 
 fn cycle_log(cycle: *mut ngx_cycle_t) -> *mut ngx_log_t {
     // SAFETY: nginx passes a live cycle to every process hook.
@@ -59,7 +59,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         return NGX_OK as ngx_int_t;
     };
     let workers = worker_processes(cycle);
-    let first_seq = events::head_seq(&primary);
+    let first_seq = ring_glue::head_seq(&primary);
     let generation = primary.header().lifecycle.begin_generation(pid(), workers, now_ms(), first_seq);
     let names: Vec<String> =
         zones.iter().map(|z| format!("\"{}\" {}k", String::from_utf8_lossy(z.name()), z.size() / 1024)).collect();
@@ -70,7 +70,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         pid(),
         names.join(", ")
     );
-    events::begin_generation(&zones, generation);
+    ring_glue::begin_generation(&zones, generation);
     // Events posted in init_by_lua: after the generation's first event.
     preload::flush(&zones, cycle_log(cycle));
     let l = local();
@@ -147,7 +147,7 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
         pid(),
         lc.live_count(generation)
     );
-    events::init_worker(cycle, respawned);
+    ring_glue::init_worker(cycle, respawned);
     crate::pg::glue::init_worker(cycle);
     start_heartbeat(log);
 }
@@ -249,7 +249,7 @@ unsafe extern "C" fn heartbeat(ev: *mut ngx_event_t) {
         lc.check(now, hang_ms, pid_alive, |f| report(log, f, pid()));
     }
     for z in &l.zones {
-        events::on_heartbeat(z);
+        ring_glue::on_heartbeat(z);
     }
     // SAFETY: as in start_heartbeat.
     unsafe { nginx_sys::ngx_add_timer(ev, l.heartbeat_ms) };

@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 
 use crate::shm::lifecycle::Lifecycle;
 
-use super::events;
 use super::http;
-use super::local::local;
 use super::metrics;
 use super::null_command;
+use super::process_state::local;
+use super::ring_glue;
 use super::time::{mono_ms, wall_of};
 
 pub static mut HTTP_COMMANDS: [ngx_command_t; 3] = [
@@ -132,7 +132,7 @@ pub fn snapshot() -> Value {
                 "used": size.saturating_sub(free),
                 "free": free,
             });
-            if let Some(ev) = events::status(z) {
+            if let Some(ev) = ring_glue::status(z) {
                 o["events"] = ev;
             }
             if let Some(sy) = super::sync::status(z) {

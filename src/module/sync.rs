@@ -12,7 +12,7 @@ use crate::shm::lifecycle::pid_alive;
 use crate::shm::lock::ShmLock;
 use crate::shm::sync::{Slab, SyncTable};
 
-use super::local::local;
+use super::process_state::local;
 use super::time::now_ms;
 use super::zone::Zone;
 

@@ -16,7 +16,7 @@ use core::sync::atomic::Ordering;
 
 use nginx_sys::{NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t};
 
-use super::local::local;
+use super::process_state::local;
 
 pub type SemaPost = unsafe extern "C" fn(sem: *mut c_void, n: i32) -> i32;
 
@@ -234,7 +234,7 @@ pub fn signal(pid: i32, nonce: u64) {
 
 /// Worker exit: stop reading (release the ring readers) and close the socket.
 pub fn unregister() {
-    super::events::release_readers();
+    super::ring_glue::release_readers();
     let l = local();
     if !l.wake_conn.is_null() {
         // SAFETY: the connection was made by register() in this process.

@@ -136,7 +136,7 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
             );
             return NGX_ERROR as ngx_int_t;
         }
-        let workers = super::local::local().conf_workers;
+        let workers = super::process_state::local().conf_workers;
         let needed = records_needed(workers);
         if header.lifecycle.record_count() < needed {
             ngx::ngx_log_error!(
@@ -161,7 +161,7 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
         };
         // SAFETY: zone is ours and valid.
         unsafe { (*shm_zone).data = old };
-        super::events::configure_zone(ring, overwrite);
+        super::ring_glue::configure_zone(ring, overwrite);
         return NGX_OK as ngx_int_t;
     }
     // SAFETY: a fresh slab pool owned by this zone; no worker runs yet.
@@ -177,8 +177,8 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
     h.size = size as u64;
     // SAFETY: reading the master's pid, set before configuration.
     h.lifecycle.init(unsafe { nginx_sys::ngx_pid }, now_ms());
-    let records = records_for(super::local::local().conf_workers);
-    if let Err(why) = super::parts::lay_out(pool, h, records) {
+    let records = records_for(super::process_state::local().conf_workers);
+    if let Err(why) = super::layout::lay_out(pool, h, records) {
         ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes: {why}");
         return NGX_ERROR as ngx_int_t;
     }
@@ -189,7 +189,7 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
             return NGX_ERROR as ngx_int_t;
         }
     };
-    super::events::configure_zone(ring, overwrite);
+    super::ring_glue::configure_zone(ring, overwrite);
     // SAFETY: pool and zone are ours; data links the zone to its header for reloads.
     unsafe {
         (*pool).data = header.cast();

@@ -18,7 +18,7 @@ use postgres_protocol::escape::escape_identifier;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
-use crate::module::events as ring_events;
+use crate::module::ring_glue;
 use crate::module::time::now_ms;
 use crate::module::zone::Zone;
 use crate::shm::pgbus::{CH_LISTENING, CH_WANTED, PgBus, ST_BACKOFF, ST_CONNECTING, ST_READY};
@@ -778,14 +778,14 @@ impl Bridge {
                 return false;
             };
             let rec = RecordIn { source: e.source, event: e.event, unique: b"", data: e.data, pid: 0, flags: e.flags };
-            ring_events::post(0, &self.env.zone, &rec)
+            ring_glue::post(0, &self.env.zone, &rec)
         } else {
             let mut data = Vec::with_capacity(origin.len() + 1 + payload.len());
             data.extend_from_slice(origin);
             data.push(0);
             data.extend_from_slice(payload);
             let rec = RecordIn { source: wire::RING_SOURCE, event: ch, unique: b"", data: &data, pid: 0, flags: 0 };
-            ring_events::post(0, &self.env.zone, &rec)
+            ring_glue::post(0, &self.env.zone, &rec)
         };
         if let Err(e) = res {
             self.env.bus.counters.undeliverable.fetch_add(1, Relaxed);

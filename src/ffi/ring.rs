@@ -3,8 +3,8 @@
 
 use core::ffi::{c_int, c_void};
 
-use crate::module::events as ev;
-use crate::module::local::local;
+use crate::module::process_state::local;
+use crate::module::ring_glue as ev;
 use crate::module::time::mono_ms;
 use crate::module::wake;
 use crate::shm::ring::{Next, RecordIn, RecordOut};

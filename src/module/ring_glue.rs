@@ -12,7 +12,7 @@ use crate::shm::claims::Claims;
 use crate::shm::lifecycle::{MAX_GENERATIONS, pid_alive};
 use crate::shm::ring::{Overflow, RecordIn, Ring};
 
-use super::local::local;
+use super::process_state::local;
 use super::wake;
 use super::zone::Zone;
 
