@@ -11,7 +11,7 @@ use nginx_sys::{
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 
-use super::{null_command, zone};
+use super::{directive, null_command, zone};
 use crate::shm::lifecycle::{MAX_WORKER_RECORDS, records_for, records_needed};
 
 /// Zone used when the configuration names none, so that `load_module` alone
@@ -46,39 +46,14 @@ impl CoreConf {
     }
 }
 
+/// Where every directive of the core module may stand: the main context only.
+const MAIN: u32 = NGX_MAIN_CONF | NGX_DIRECT_CONF;
+
 pub static mut CORE_COMMANDS: [ngx_command_t; 5] = [
-    ngx_command_t {
-        name: ngx::ngx_string!("workerbus_zone"),
-        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE23) as _,
-        set: Some(set_zone),
-        conf: 0,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx::ngx_string!("workerbus_heartbeat"),
-        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE1) as _,
-        set: Some(set_heartbeat),
-        conf: 0,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx::ngx_string!("workerbus_hang_timeout"),
-        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_TAKE1) as _,
-        set: Some(set_hang_timeout),
-        conf: 0,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx::ngx_string!("workerbus_postgres"),
-        type_: (NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_1MORE) as _,
-        set: Some(crate::pg::glue::set_postgres),
-        conf: 0,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
+    directive(ngx::ngx_string!("workerbus_zone"), MAIN | NGX_CONF_TAKE23, set_zone),
+    directive(ngx::ngx_string!("workerbus_heartbeat"), MAIN | NGX_CONF_TAKE1, set_heartbeat),
+    directive(ngx::ngx_string!("workerbus_hang_timeout"), MAIN | NGX_CONF_TAKE1, set_hang_timeout),
+    directive(ngx::ngx_string!("workerbus_postgres"), MAIN | NGX_CONF_1MORE, crate::pg::glue::set_postgres),
     null_command(),
 ];
 

@@ -96,6 +96,17 @@ pub fn zone_tag() -> *mut c_void {
     (&raw mut ngx_workerbus_module).cast()
 }
 
+/// A directive of this module: its name, the contexts and argument counts
+/// nginx accepts it with, and the handler that parses it (handlers find
+/// their configuration themselves, so conf and offset stay 0).
+pub const fn directive(
+    name: nginx_sys::ngx_str_t,
+    flags: u32,
+    set: unsafe extern "C" fn(*mut nginx_sys::ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+) -> ngx_command_t {
+    ngx_command_t { name, type_: flags as _, set: Some(set), conf: 0, offset: 0, post: ptr::null_mut() }
+}
+
 /// End marker of a command table.
 pub const fn null_command() -> ngx_command_t {
     ngx_command_t {

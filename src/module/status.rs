@@ -4,7 +4,6 @@
 //! like stub_status. `workerbus_metrics` (metrics.rs) renders the same snapshot.
 
 use core::ffi::{c_char, c_void};
-use core::ptr;
 
 use nginx_sys::{NGX_CONF_NOARGS, NGX_HTTP_LOC_CONF, ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t};
 use ngx::core::NGX_CONF_OK;
@@ -14,28 +13,14 @@ use crate::shm::lifecycle::Lifecycle;
 
 use super::http;
 use super::metrics;
-use super::null_command;
 use super::process_state::local;
 use super::ring_glue;
 use super::time::{mono_ms, wall_of};
+use super::{directive, null_command};
 
 pub static mut HTTP_COMMANDS: [ngx_command_t; 3] = [
-    ngx_command_t {
-        name: ngx::ngx_string!("workerbus_status"),
-        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as _,
-        set: Some(set_status),
-        conf: 0,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx::ngx_string!("workerbus_metrics"),
-        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as _,
-        set: Some(metrics::set_metrics),
-        conf: 0,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
+    directive(ngx::ngx_string!("workerbus_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status),
+    directive(ngx::ngx_string!("workerbus_metrics"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, metrics::set_metrics),
     null_command(),
 ];
 
