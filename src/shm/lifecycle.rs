@@ -664,6 +664,7 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shm::testing::{Shm, fork, wait};
 
     /// Records in the tables of these tests.
     const RECORDS: usize = 128;
@@ -878,79 +879,25 @@ mod tests {
         assert_eq!(t.hang_timeout_ms.load(Ordering::Relaxed), 0);
     }
 
-    /// A Lifecycle and a plain counter in one MAP_SHARED mapping, for forked children.
-    struct Shared {
-        ptr: *mut u8,
-        len: usize,
-    }
-
-    impl Shared {
-        fn new() -> Shared {
-            let len = core::mem::size_of::<Lifecycle>() + 64;
-            // SAFETY: an anonymous shared mapping; no address hint, checked below.
-            let ptr = unsafe {
-                libc::mmap(
-                    core::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(ptr, libc::MAP_FAILED);
-            Shared { ptr: ptr.cast(), len }
-        }
-
-        fn table(&self) -> &Lifecycle {
-            // SAFETY: the mapping is zero-filled (a valid, empty table), page-aligned and lives as long as self.
-            unsafe { &*self.ptr.cast::<Lifecycle>() }
-        }
-
-        /// A word guarded by the manager lock only: plain loads and stores.
-        fn counter(&self) -> *mut u64 {
-            // SAFETY: the 64 bytes after the table are in the mapping and 8-aligned.
-            unsafe { self.ptr.add(core::mem::size_of::<Lifecycle>().next_multiple_of(8)).cast() }
-        }
-    }
-
-    impl Drop for Shared {
-        fn drop(&mut self) {
-            // SAFETY: unmaps exactly what new() mapped; no reference outlives self.
-            unsafe { libc::munmap(self.ptr.cast(), self.len) };
-        }
-    }
-
-    fn fork_child(f: impl FnOnce() -> i32) -> i32 {
-        // SAFETY: the child only touches the shared mapping, atomics and
-        // async-signal-safe calls, then leaves with _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            let code = f();
-            // SAFETY: ends the child without running the parent's test harness.
-            unsafe { libc::_exit(code) };
-        }
-        pid
-    }
-
-    fn reap(pid: i32) -> i32 {
-        let mut status = 0;
-        // SAFETY: pid is our child; status is writable.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 }
+    /// A Lifecycle and, after it, a plain counter in one MAP_SHARED mapping, for forked children.
+    fn shared_table() -> (Shm, usize) {
+        let counter_off = core::mem::size_of::<Lifecycle>().next_multiple_of(8);
+        (Shm::new(counter_off + 8), counter_off)
     }
 
     #[test]
     fn manager_lock_serializes_processes_and_survives_a_holder_dying() {
         const CHILDREN: usize = 4;
         const ROUNDS: u64 = 300;
-        let shm = Shared::new();
-        let counter = shm.counter() as usize;
+        let (shm, counter_off) = shared_table();
+        // The mapping is zero-filled (a valid, empty table) and page-aligned.
+        let table = || shm.at::<Lifecycle>(0);
+        // A word guarded by the manager lock only: plain loads and stores.
+        let counter = shm.ptr.wrapping_add(counter_off) as usize;
         let pids: Vec<i32> = (0..CHILDREN)
             .map(|_| {
-                let t = shm.table();
-                fork_child(move || {
+                let t = table();
+                fork(move || {
                     // SAFETY: getpid has no preconditions.
                     let me = unsafe { libc::getpid() };
                     for _ in 0..ROUNDS {
@@ -972,20 +919,24 @@ mod tests {
             })
             .collect();
         for pid in pids {
-            assert_eq!(reap(pid), 0);
+            assert_eq!(wait(pid), 0);
         }
         // SAFETY: every child has exited; the parent is the word's only user.
-        assert_eq!(unsafe { *shm.counter() }, CHILDREN as u64 * ROUNDS, "an increment was lost: two holders at once");
+        assert_eq!(
+            unsafe { *(counter as *const u64) },
+            CHILDREN as u64 * ROUNDS,
+            "an increment was lost: two holders at once"
+        );
 
         // A holder killed while holding the lock: once reaped (as nginx's
         // master reaps its workers), the next caller takes the lock over.
-        let t = shm.table();
-        let holder = fork_child(|| {
+        let t = table();
+        let holder = fork(|| {
             // SAFETY: getpid has no preconditions.
             let me = unsafe { libc::getpid() };
             if t.try_lock(me, pid_alive) { 0 } else { 1 }
         });
-        assert_eq!(reap(holder), 0);
+        assert_eq!(wait(holder), 0);
         assert_eq!(t.lock_owner(), holder, "the dead holder never unlocked");
         // SAFETY: getpid has no preconditions.
         let me = unsafe { libc::getpid() };
