@@ -155,11 +155,11 @@ fn ring_at(shm: &Shm) -> Ring {
     unsafe { Ring::attach(shm.ptr.add(DATA), shm.len - DATA) }.expect("ring attach")
 }
 
-/// Posts until killed (or `limit` posts): `done` counts the posts that
-/// returned, so a killed writer had at most one more in flight.
-fn ring_writer(shm: &Shm, id: usize, limit: u64) -> i32 {
-    let (ring, lock, pid) = (ring_at(shm), lock(shm), my_pid());
-    let mut buf = [0u8; 8 + RING_FILL as usize];
+/// Writes `op(payload)` with counters from `done(id)` on, until killed
+/// (or `limit` writes): `done` counts the writes that returned, so a killed
+/// writer had at most one more in flight. `op` returns false on an error.
+fn counted_writes(shm: &Shm, id: usize, limit: u64, max_fill: u64, mut op: impl FnMut(&[u8]) -> bool) -> i32 {
+    let mut buf = [0u8; 8 + 512];
     // Relaxed (done): this writer's own word; the parent reads it after reaping.
     let done = done(shm, id);
     loop {
@@ -167,18 +167,28 @@ fn ring_writer(shm: &Shm, id: usize, limit: u64) -> i32 {
         if c >= limit {
             return 0;
         }
-        let len = payload(id as u64, c, RING_FILL, &mut buf);
-        let rec = RecordIn { source: b"kw", event: b"post", unique: b"", data: &buf[..len], pid, flags: id as u32 };
-        loop {
-            match ring.post(&lock, &rec) {
-                Ok(_) => break,
-                // The guarded reader has not read yet: wait for it.
-                Err(PostError::Full { .. }) => yield_cpu(),
-                Err(_) => return 2,
-            }
+        let len = payload(id as u64, c, max_fill, &mut buf);
+        if !op(&buf[..len]) {
+            return 2;
         }
         done.store(c + 1, Ordering::Relaxed);
     }
+}
+
+/// Posts until killed (or `limit` posts).
+fn ring_writer(shm: &Shm, id: usize, limit: u64) -> i32 {
+    let (ring, lock, pid) = (ring_at(shm), lock(shm), my_pid());
+    counted_writes(shm, id, limit, RING_FILL, |data| {
+        let rec = RecordIn { source: b"kw", event: b"post", unique: b"", data, pid, flags: id as u32 };
+        loop {
+            match ring.post(&lock, &rec) {
+                Ok(_) => return true,
+                // The guarded reader has not read yet: wait for it.
+                Err(PostError::Full { .. }) => yield_cpu(),
+                Err(_) => return false,
+            }
+        }
+    })
 }
 
 /// Reads until the parent publishes the final head and every seq before it
@@ -393,24 +403,10 @@ fn lane_key(lane: usize) -> Vec<u8> {
     format!("lane-{lane}").into_bytes()
 }
 
-/// Sets its lane's key until killed (or `limit` sets); `done` counts the
-/// sets that returned.
+/// Sets its lane's key until killed (or `limit` sets).
 fn kv_writer(shm: &Shm, lane: usize, id: usize, limit: u64) -> i32 {
     let (kv, lock, key) = (kv_at(shm), lock(shm), lane_key(lane));
-    let mut buf = [0u8; 8 + KV_FILL as usize];
-    // Relaxed (done): this writer's own word; the parent reads it after reaping.
-    let done = done(shm, id);
-    loop {
-        let c = done.load(Ordering::Relaxed);
-        if c >= limit {
-            return 0;
-        }
-        let len = payload(id as u64, c, KV_FILL, &mut buf);
-        if kv.set(&lock, &key, &buf[..len]).is_err() {
-            return 2;
-        }
-        done.store(c + 1, Ordering::Relaxed);
-    }
+    counted_writes(shm, id, limit, KV_FILL, |value| kv.set(&lock, &key, value).is_ok())
 }
 
 /// Reads every lane until told to stop: each value intact, and each lane's
