@@ -18,50 +18,23 @@ const LOCK: usize = 0;
 const RESULTS: usize = 64;
 const DATA: usize = 4096;
 
-struct Shm {
-    ptr: *mut u8,
-    len: usize,
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::{Shm, fork, wait};
+
+fn word(shm: &Shm, i: usize) -> &AtomicU64 {
+    shm.at(RESULTS + i * 8)
 }
 
-impl Shm {
-    fn new(len: usize) -> Shm {
-        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
-        let p = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Shm { ptr: p as *mut u8, len }
-    }
-
-    fn word(&self, i: usize) -> &AtomicU64 {
-        // SAFETY: inside the control page, 8-aligned; AtomicU64 accepts any bits.
-        unsafe { &*(self.ptr.add(RESULTS + i * 8) as *const AtomicU64) }
-    }
-
-    fn lock(&self) -> PidLockRef {
-        // SAFETY: the lock word lives in the mapping, which outlives the handle.
-        unsafe { PidLockRef::new(self.ptr.add(LOCK) as *const PidLock) }
-    }
-
-    fn ring(&self) -> Ring {
-        // SAFETY: page-aligned shared mapping; fresh per run, so `init` is
-        // alone; it outlives every handle.
-        unsafe { Ring::init(self.ptr.add(DATA), self.len - DATA, CAPACITY, 4) }.expect("ring init")
-    }
+fn lock(shm: &Shm) -> PidLockRef {
+    // SAFETY: the lock word lives in the mapping, which outlives the handle.
+    unsafe { PidLockRef::new(shm.at::<PidLock>(LOCK)) }
 }
 
-impl Drop for Shm {
-    fn drop(&mut self) {
-        // SAFETY: our mapping; children have exited.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
+fn ring(shm: &Shm) -> Ring {
+    // SAFETY: page-aligned shared mapping; fresh per run, so `init` is
+    // alone; it outlives every handle.
+    unsafe { Ring::init(shm.ptr.add(DATA), shm.len - DATA, CAPACITY, 4) }.expect("ring init")
 }
 
 fn fresh() -> Shm {
@@ -99,23 +72,6 @@ fn read_n(ring: &Ring, slot: usize, n: u64, deadline: Instant) -> (u64, u64) {
     (got, lost)
 }
 
-fn fork(f: impl FnOnce()) -> i32 {
-    // SAFETY: the child runs `f` then _exit, never returning into main.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        f();
-        // SAFETY: leave without running the parent's copied exit handlers.
-        unsafe { libc::_exit(0) };
-    }
-    pid
-}
-
-fn reap(pid: i32) {
-    let mut status = 0;
-    // SAFETY: valid out-pointer.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -129,7 +85,7 @@ fn main() {
     let mut post_ns = vec![];
     for _ in 0..RUNS {
         let shm = fresh();
-        let (ring, lock) = (shm.ring(), shm.lock());
+        let (ring, lock) = (ring(&shm), lock(&shm));
         post_n(&ring, &lock, 10_000); // warm the pages
         let t = Instant::now();
         post_n(&ring, &lock, POSTS);
@@ -139,7 +95,7 @@ fn main() {
     let mut reads_per_s = vec![];
     for _ in 0..RUNS {
         let shm = fresh();
-        let (ring, lock) = (shm.ring(), shm.lock());
+        let (ring, lock) = (ring(&shm), lock(&shm));
         post_n(&ring, &lock, READS);
         let t = Instant::now();
         let (got, _) = read_n(&ring, 0, READS, Instant::now() + Duration::from_secs(5));
@@ -150,10 +106,19 @@ fn main() {
     let mut two_writers_ns = vec![];
     for _ in 0..RUNS {
         let shm = fresh();
-        let ring = shm.ring();
+        let ring = ring(&shm);
         let t = Instant::now();
-        let pids: Vec<i32> = (0..2).map(|_| fork(|| post_n(&ring, &shm.lock(), POSTS / 2))).collect();
-        pids.into_iter().for_each(reap);
+        let pids: Vec<i32> = (0..2)
+            .map(|_| {
+                fork(|| {
+                    post_n(&ring, &lock(&shm), POSTS / 2);
+                    0
+                })
+            })
+            .collect();
+        for pid in pids {
+            wait(pid);
+        }
         two_writers_ns.push(t.elapsed().as_nanos() as f64 / POSTS as f64);
     }
 
@@ -161,23 +126,27 @@ fn main() {
     let (mut wr_ns, mut wr_reads, mut wr_lost) = (vec![], vec![], vec![]);
     for _ in 0..RUNS {
         let shm = fresh();
-        let ring = shm.ring();
+        let ring = ring(&shm);
         let reader = fork(|| {
             let t = Instant::now();
             let (got, lost) = read_n(&ring, 0, POSTS, Instant::now() + Duration::from_secs(5));
-            shm.word(0).store(got, Ordering::Relaxed);
-            shm.word(1).store(lost, Ordering::Relaxed);
-            shm.word(2).store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            word(&shm, 0).store(got, Ordering::Relaxed);
+            word(&shm, 1).store(lost, Ordering::Relaxed);
+            word(&shm, 2).store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            0
         });
         let t = Instant::now();
-        let writer = fork(|| post_n(&ring, &shm.lock(), POSTS));
-        reap(writer);
+        let writer = fork(|| {
+            post_n(&ring, &lock(&shm), POSTS);
+            0
+        });
+        wait(writer);
         wr_ns.push(t.elapsed().as_nanos() as f64 / POSTS as f64);
-        reap(reader);
+        wait(reader);
         let (got, lost, ns) = (
-            shm.word(0).load(Ordering::Relaxed),
-            shm.word(1).load(Ordering::Relaxed),
-            shm.word(2).load(Ordering::Relaxed),
+            word(&shm, 0).load(Ordering::Relaxed),
+            word(&shm, 1).load(Ordering::Relaxed),
+            word(&shm, 2).load(Ordering::Relaxed),
         );
         wr_reads.push(got as f64 / (ns as f64 / 1e9));
         wr_lost.push(lost as f64);

@@ -59,8 +59,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         return NGX_OK as ngx_int_t;
     };
     let workers = worker_processes(cycle);
-    let first_seq = ring_glue::head_seq(&primary);
-    let generation = primary.header().lifecycle.begin_generation(pid(), workers, now_ms(), first_seq);
+    let generation = primary.header().lifecycle.begin_generation(pid(), workers, now_ms());
     let names: Vec<String> =
         zones.iter().map(|z| format!("\"{}\" {}k", String::from_utf8_lossy(z.name()), z.size() / 1024)).collect();
     ngx::ngx_log_error!(

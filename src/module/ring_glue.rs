@@ -40,6 +40,13 @@ pub fn begin_generation(zones: &[Zone], generation: u64) {
     }
 }
 
+/// Where `generation`'s workers start reading the zone's ring (as long as
+/// the lifecycle table keeps that generation: both recycle the same way).
+pub fn first_seq(zone: &Zone, generation: u64) -> u64 {
+    // Relaxed: written by the master before it forked this generation's workers.
+    zone.header().first_seq[(generation as usize) % MAX_GENERATIONS].load(Ordering::Relaxed)
+}
+
 /// Worker start: position this worker's cursor in every zone's ring, then
 /// watch the wake-up descriptor. A worker replacing a crashed one starts at
 /// the head (replaying its predecessor's generation would repeat side
@@ -52,13 +59,7 @@ pub fn init_worker(cycle: *mut ngx_cycle_t, respawned: bool) {
     for z in &l.zones {
         let Some(r) = ring(z) else { continue };
         let Some(rd) = r.reader(reader) else { continue };
-        let start = if respawned {
-            r.head_seq()
-        } else {
-            // Relaxed: written by the master before it forked us.
-            let first = z.header().first_seq[(l.generation as usize) % MAX_GENERATIONS].load(Ordering::Relaxed);
-            first.max(1)
-        };
+        let start = if respawned { r.head_seq() } else { first_seq(z, l.generation).max(1) };
         rd.set_cursor(start);
     }
     wake::register(cycle);
@@ -206,7 +207,6 @@ pub fn status(zone: &Zone) -> Option<Value> {
             "poller": rs.owner != 0,
         }));
     }
-    let idle = &zone.header().idle;
     let claims = claims(zone).map(|c| c.stats(super::time::mono_ms()));
     Some(json!({
         "capacity": st.capacity,
@@ -229,7 +229,7 @@ pub fn status(zone: &Zone) -> Option<Value> {
         })),
         "delivered": readers.iter().map(|x| x["delivered"].as_u64().unwrap_or(0)).sum::<u64>(),
         "lagged_missed": readers.iter().map(|x| x["missed"].as_u64().unwrap_or(0)).sum::<u64>(),
-        "wakeups_sent": idle.wakeups_sent.load(Ordering::Relaxed),
+        "wakeups_sent": st.wakeups,
         "idle_slots": readers.iter().filter(|x| x["idle"] == true).map(|x| x["slot"].clone()).collect::<Vec<_>>(),
         "workers": readers,
     }))

@@ -16,6 +16,7 @@ use super::metrics;
 use super::process_state::local;
 use super::ring_glue;
 use super::time::{mono_ms, wall_of};
+use super::zone::Zone;
 use super::{directive, null_command};
 
 pub static mut HTTP_COMMANDS: [ngx_command_t; 3] = [
@@ -62,7 +63,8 @@ fn node(lc: &Lifecycle) -> Value {
     })
 }
 
-fn lifecycle(lc: &Lifecycle, now: u64) -> (Value, Value) {
+fn lifecycle(primary: &Zone, now: u64) -> (Value, Value) {
+    let lc = &primary.header().lifecycle;
     let gens: Vec<Value> = lc
         .generations()
         .iter()
@@ -73,7 +75,7 @@ fn lifecycle(lc: &Lifecycle, now: u64) -> (Value, Value) {
                 "worker_processes": g.worker_count,
                 "started": secs(g.started_ms),
                 "live_workers": lc.live_count(g.generation),
-                "first_event_seq": g.first_seq,
+                "first_event_seq": ring_glue::first_seq(primary, g.generation),
             })
         })
         .collect();
@@ -137,7 +139,7 @@ pub fn snapshot() -> Value {
     });
     if let Some(primary) = l.primary() {
         let lc = &primary.header().lifecycle;
-        let (gens, workers) = lifecycle(lc, now);
+        let (gens, workers) = lifecycle(primary, now);
         doc["node"] = node(lc);
         doc["current_generation"] = json!(lc.current_generation());
         doc["generations"] = gens;

@@ -12,7 +12,6 @@
 //! ngx.semaphore.
 
 use core::ffi::c_void;
-use core::sync::atomic::Ordering;
 
 use nginx_sys::{NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t};
 
@@ -206,12 +205,9 @@ unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
 /// Wakes every idle reader of a zone's ring, now.
 pub fn wake_zone(z: &super::zone::Zone) {
     let Some(r) = z.ring else { return };
-    let sent = &z.header().idle.wakeups_sent;
     r.wake_idle(|_, pid, nonce| {
         if pid != 0 {
             signal(pid, nonce);
-            // Relaxed: a statistic.
-            sent.fetch_add(1, Ordering::Relaxed);
         }
     });
 }

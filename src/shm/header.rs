@@ -5,13 +5,12 @@
 
 use core::sync::atomic::AtomicU64;
 
-use super::idle::IdleMask;
 use super::kv::Kv;
 use super::lifecycle::{Lifecycle, MAX_GENERATIONS};
 
 pub const MAGIC: u64 = u64::from_be_bytes(*b"wrkrbus\0");
 /// Bumped whenever any `#[repr(C)]` structure kept in a zone changes.
-pub const LAYOUT: u32 = 6;
+pub const LAYOUT: u32 = 7;
 
 #[repr(C)]
 pub struct ZoneHeader {
@@ -27,10 +26,9 @@ pub struct ZoneHeader {
     pub claims_off: u64,
     pub claims_len: u64,
     /// Ring head when each generation began (by generation % MAX_GENERATIONS):
-    /// where that generation's workers start reading.
+    /// where that generation's workers start reading. The one home of a
+    /// generation's first event: the status document reads it here too.
     pub first_seq: [AtomicU64; MAX_GENERATIONS],
-    /// Workers whose event poller sleeps, for wake-ups.
-    pub idle: IdleMask,
     pub kv: Kv,
     pub lifecycle: Lifecycle,
     /// Worker crashes and hangs detected on this node since the zone was

@@ -13,6 +13,7 @@
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering, fence};
 
 use super::lock::ShmLock;
+use super::racy;
 
 pub const KV_ENTRIES: usize = 32;
 pub const KV_KEY_MAX: usize = 64;
@@ -55,26 +56,6 @@ impl core::fmt::Display for KvError {
     }
 }
 
-// Words are stored as atomics so racing readers are defined behaviour; the
-// sequence count, not the words, decides whether a copy is valid.
-pub(crate) fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
-    for (word, chunk) in words.iter().zip(bytes.chunks(8)) {
-        let mut b = [0u8; 8];
-        b[..chunk.len()].copy_from_slice(chunk);
-        // Relaxed: ordered by the entry's sequence count and its fences.
-        word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
-    }
-}
-
-pub(crate) fn load_bytes(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
-    out.clear();
-    for word in words.iter().take(len.div_ceil(8)) {
-        // Relaxed: validated by the sequence count re-check.
-        out.extend_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
-    }
-    out.truncate(len);
-}
-
 impl KvEntry {
     /// A consistent copy of (key, value), or None if the entry is empty or
     /// was left half-written by a dead writer. `spins` counts the waits.
@@ -101,8 +82,9 @@ impl KvEntry {
             }
             let klen = (self.key_len.load(Ordering::Relaxed) as usize).min(KV_KEY_MAX);
             let vlen = (self.value_len.load(Ordering::Relaxed) as usize).min(KV_VALUE_MAX);
-            load_bytes(&self.key, klen, key);
-            load_bytes(&self.value, vlen, value);
+            // Racy copies (see racy.rs): the count re-check below validates them.
+            racy::load_vec(&self.key, klen, key);
+            racy::load_vec(&self.value, vlen, value);
             // Acquire fence: the loads above complete before the re-check.
             fence(Ordering::Acquire);
             if self.seq.load(Ordering::Relaxed) == s1 {
@@ -122,8 +104,8 @@ impl KvEntry {
         fence(Ordering::Release);
         self.key_len.store(key.len() as u32, Ordering::Relaxed);
         self.value_len.store(value.len() as u32, Ordering::Relaxed);
-        store_bytes(&self.key, key);
-        store_bytes(&self.value, value);
+        racy::store(&self.key, &[key]);
+        racy::store(&self.value, &[value]);
         // Release: publishes the words with the even count.
         self.seq.store(odd + 1, Ordering::Release);
     }
@@ -189,13 +171,7 @@ impl Kv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shm::lock::ShmLock;
-
-    struct NoLock;
-    impl ShmLock for NoLock {
-        fn lock(&self) {}
-        fn unlock(&self) {}
-    }
+    use crate::shm::lock::NoLock;
 
     fn kv() -> Box<Kv> {
         // SAFETY: atomics only; all-zero is the empty table.

@@ -103,8 +103,6 @@ pub struct GenRecord {
     pub master_pid: AtomicI32,
     pub worker_count: AtomicU32,
     pub started_ms: AtomicU64,
-    /// Event ring head when this generation began: its workers start reading here.
-    pub first_seq: AtomicU64,
     /// GEN_* bits: resty.worker.manager's once-per-generation claims.
     pub manager: AtomicU32,
     _pad: u32,
@@ -202,7 +200,6 @@ pub struct GenView {
     pub master_pid: i32,
     pub worker_count: u32,
     pub started_ms: u64,
-    pub first_seq: u64,
 }
 
 pub use super::pid::alive as pid_alive;
@@ -216,7 +213,9 @@ impl Lifecycle {
     }
 
     /// A new configuration load; master only, so it has no concurrent writer.
-    pub fn begin_generation(&self, master_pid: i32, worker_count: u32, now_ms: u64, first_seq: u64) -> u64 {
+    /// (Where its workers start reading each zone's ring is the zone
+    /// header's `first_seq`.)
+    pub fn begin_generation(&self, master_pid: i32, worker_count: u32, now_ms: u64) -> u64 {
         // Relaxed: the master is this field's only writer.
         let generation = self.generation.load(Ordering::Relaxed) + 1;
         let rec = &self.gens[(generation as usize) % MAX_GENERATIONS];
@@ -224,7 +223,6 @@ impl Lifecycle {
         rec.master_pid.store(master_pid, Ordering::Relaxed);
         rec.worker_count.store(worker_count, Ordering::Relaxed);
         rec.started_ms.store(now_ms, Ordering::Relaxed);
-        rec.first_seq.store(first_seq, Ordering::Relaxed);
         rec.manager.store(0, Ordering::Relaxed);
         // Relaxed: a setting; the new generation's workers set it again if they want it.
         self.hang_timeout_ms.store(0, Ordering::Relaxed);
@@ -266,7 +264,6 @@ impl Lifecycle {
             master_pid: rec.master_pid.load(Ordering::Relaxed),
             worker_count: rec.worker_count.load(Ordering::Relaxed),
             started_ms: rec.started_ms.load(Ordering::Relaxed),
-            first_seq: rec.first_seq.load(Ordering::Relaxed),
         })
     }
 
@@ -667,6 +664,7 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shm::testing::{Shm, fork, wait};
 
     /// Records in the tables of these tests.
     const RECORDS: usize = 128;
@@ -699,19 +697,19 @@ mod tests {
     fn generations_count_up_and_wrap() {
         let t = table();
         for g in 1..=20 {
-            assert_eq!(t.begin_generation(100, 4, g * 10, g), g);
+            assert_eq!(t.begin_generation(100, 4, g * 10), g);
         }
         let gens = t.generations();
         assert_eq!(gens.len(), MAX_GENERATIONS);
         assert_eq!(gens.first().map(|g| g.generation), Some(5));
-        assert_eq!(gens.last().map(|g| (g.generation, g.first_seq)), Some((20, 20)));
+        assert_eq!(gens.last().map(|g| (g.generation, g.started_ms)), Some((20, 200)));
         assert!(t.generation(4).is_none());
     }
 
     #[test]
     fn respawn_in_same_slot_marks_dead_pid_crashed() {
         let t = table();
-        let g = t.begin_generation(1, 2, 0, 1);
+        let g = t.begin_generation(1, 2, 0);
         t.register_worker(g, 0, 10, 0, |_| true, |_| {}).unwrap();
         t.register_worker(g, 1, 11, 0, |_| true, |_| {}).unwrap();
         let mut seen = vec![];
@@ -725,7 +723,7 @@ mod tests {
     #[test]
     fn respawn_is_known_when_a_sibling_marked_the_dead_record_first() {
         let t = table();
-        let g = t.begin_generation(1, 2, 0, 1);
+        let g = t.begin_generation(1, 2, 0);
         let first = t.register(g, 0, 10, 0, alive, |_| {}).unwrap();
         assert!(!first.respawn, "the slot's first worker of its generation");
         t.register(g, 1, 11, 0, alive, |_| {}).unwrap();
@@ -739,14 +737,14 @@ mod tests {
         assert!(again.is_empty(), "the crash was reported once, by the sibling");
         assert_eq!(t.workers().find(|w| w.pid == 10).unwrap().replaced_by, 12);
         // A new generation's worker in slot 0 is no respawn.
-        let g2 = t.begin_generation(1, 2, 300, 1);
+        let g2 = t.begin_generation(1, 2, 300);
         assert!(!t.register(g2, 0, 20, 300, alive, |_| {}).unwrap().respawn);
     }
 
     #[test]
     fn hang_then_recovery() {
         let t = table();
-        let g = t.begin_generation(1, 1, 0, 1);
+        let g = t.begin_generation(1, 1, 0);
         let i = t.register_worker(g, 0, 10, 0, |_| true, |_| {}).unwrap();
         let mut seen = vec![];
         t.check(1000, 5000, |_| true, |f| seen.push(f));
@@ -762,7 +760,7 @@ mod tests {
     #[test]
     fn exited_records_are_recycled_oldest_first() {
         let t = table();
-        let g = t.begin_generation(1, 1, 0, 1);
+        let g = t.begin_generation(1, 1, 0);
         for n in 0..RECORDS as i32 {
             let i = t.register_worker(g, 0, 1000 + n, 0, |_| true, |_| {}).unwrap();
             t.exit_worker(i, 1000 + n, 100 + n as u64);
@@ -779,7 +777,7 @@ mod tests {
     #[test]
     fn manager_counts_see_starts_crashes_and_neighbours() {
         let t = table();
-        let g1 = t.begin_generation(1, 2, 0, 1);
+        let g1 = t.begin_generation(1, 2, 0);
         let a = t.register_worker(g1, 0, 10, 0, alive, |_| {}).unwrap();
         t.register_worker(g1, 1, 11, 0, alive, |_| {}).unwrap();
         assert_eq!(t.manager_counts(g1, 0, 5000, alive), (None, 0, None), "first generation: no n_prev");
@@ -790,7 +788,7 @@ mod tests {
         t.set_flags(b, 12, FLAG_MANAGED);
         // 11 was never managed: the respawn counts 2, not 3.
         assert_eq!(t.manager_counts(g1, 100, 5000, alive).1, 2);
-        let g2 = t.begin_generation(1, 2, 200, 1);
+        let g2 = t.begin_generation(1, 2, 200);
         assert_eq!(t.manager_counts(g1, 200, 5000, alive), (None, 2, Some(0)));
         assert_eq!(t.manager_counts(g2, 200, 5000, alive), (Some(2), 0, None));
         let c = t.register_worker(g2, 0, 20, 300, alive, |_| {}).unwrap();
@@ -806,7 +804,7 @@ mod tests {
     #[test]
     fn crashed_managed_worker_counts_until_failed_expires() {
         let t = table();
-        let g = t.begin_generation(1, 1, 0, 1);
+        let g = t.begin_generation(1, 1, 0);
         let a = t.register_worker(g, 0, 10, 0, alive, |_| {}).unwrap();
         t.set_flags(a, 10, FLAG_MANAGED);
         let b = t.register_worker(g, 0, 11, 1000, |p| p != 10, |_| {}).unwrap();
@@ -819,12 +817,12 @@ mod tests {
     #[test]
     fn dead_pid_not_yet_judged_counts_as_crashed_now() {
         let t = table();
-        let g = t.begin_generation(1, 2, 0, 1);
+        let g = t.begin_generation(1, 2, 0);
         for (slot, pid) in [(0, 10), (1, 11)] {
             let i = t.register_worker(g, slot, pid, 0, alive, |_| {}).unwrap();
             t.set_flags(i, pid, FLAG_MANAGED);
         }
-        let g2 = t.begin_generation(1, 2, 0, 1);
+        let g2 = t.begin_generation(1, 2, 0);
         // 11 was killed; no heartbeat or respawn has marked it yet.
         let dead = |p: i32| p != 11;
         assert_eq!(t.managed_count(g, 0, 5000, dead), 2, "a start still sees it (within `failed`)");
@@ -851,7 +849,7 @@ mod tests {
         let t = table();
         assert!(!t.claim_master_start(1), "a generation not in the table cannot be claimed");
         for _ in 0..3 {
-            t.begin_generation(1, 1, 0, 1);
+            t.begin_generation(1, 1, 0);
         }
         assert!(t.claim_master_start(3));
         assert!(!t.claim_master_start(3));
@@ -866,7 +864,7 @@ mod tests {
         assert_eq!(t.gen_flags(4), None);
         // The record is reused MAX_GENERATIONS loads later, with its bits cleared.
         for _ in 0..MAX_GENERATIONS {
-            t.begin_generation(1, 1, 0, 1);
+            t.begin_generation(1, 1, 0);
         }
         assert_eq!(t.gen_flags(2 + MAX_GENERATIONS as u64), Some(0));
         assert_eq!(t.gen_flags(2), None);
@@ -875,85 +873,31 @@ mod tests {
     #[test]
     fn a_configuration_load_resets_the_hang_timeout_override() {
         let t = table();
-        t.begin_generation(1, 1, 0, 1);
+        t.begin_generation(1, 1, 0);
         t.hang_timeout_ms.store(1000, Ordering::Relaxed);
-        t.begin_generation(1, 1, 0, 1);
+        t.begin_generation(1, 1, 0);
         assert_eq!(t.hang_timeout_ms.load(Ordering::Relaxed), 0);
     }
 
-    /// A Lifecycle and a plain counter in one MAP_SHARED mapping, for forked children.
-    struct Shared {
-        ptr: *mut u8,
-        len: usize,
-    }
-
-    impl Shared {
-        fn new() -> Shared {
-            let len = core::mem::size_of::<Lifecycle>() + 64;
-            // SAFETY: an anonymous shared mapping; no address hint, checked below.
-            let ptr = unsafe {
-                libc::mmap(
-                    core::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(ptr, libc::MAP_FAILED);
-            Shared { ptr: ptr.cast(), len }
-        }
-
-        fn table(&self) -> &Lifecycle {
-            // SAFETY: the mapping is zero-filled (a valid, empty table), page-aligned and lives as long as self.
-            unsafe { &*self.ptr.cast::<Lifecycle>() }
-        }
-
-        /// A word guarded by the manager lock only: plain loads and stores.
-        fn counter(&self) -> *mut u64 {
-            // SAFETY: the 64 bytes after the table are in the mapping and 8-aligned.
-            unsafe { self.ptr.add(core::mem::size_of::<Lifecycle>().next_multiple_of(8)).cast() }
-        }
-    }
-
-    impl Drop for Shared {
-        fn drop(&mut self) {
-            // SAFETY: unmaps exactly what new() mapped; no reference outlives self.
-            unsafe { libc::munmap(self.ptr.cast(), self.len) };
-        }
-    }
-
-    fn fork_child(f: impl FnOnce() -> i32) -> i32 {
-        // SAFETY: the child only touches the shared mapping, atomics and
-        // async-signal-safe calls, then leaves with _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            let code = f();
-            // SAFETY: ends the child without running the parent's test harness.
-            unsafe { libc::_exit(code) };
-        }
-        pid
-    }
-
-    fn reap(pid: i32) -> i32 {
-        let mut status = 0;
-        // SAFETY: pid is our child; status is writable.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 }
+    /// A Lifecycle and, after it, a plain counter in one MAP_SHARED mapping, for forked children.
+    fn shared_table() -> (Shm, usize) {
+        let counter_off = core::mem::size_of::<Lifecycle>().next_multiple_of(8);
+        (Shm::new(counter_off + 8), counter_off)
     }
 
     #[test]
     fn manager_lock_serializes_processes_and_survives_a_holder_dying() {
         const CHILDREN: usize = 4;
         const ROUNDS: u64 = 300;
-        let shm = Shared::new();
-        let counter = shm.counter() as usize;
+        let (shm, counter_off) = shared_table();
+        // The mapping is zero-filled (a valid, empty table) and page-aligned.
+        let table = || shm.at::<Lifecycle>(0);
+        // A word guarded by the manager lock only: plain loads and stores.
+        let counter = shm.ptr.wrapping_add(counter_off) as usize;
         let pids: Vec<i32> = (0..CHILDREN)
             .map(|_| {
-                let t = shm.table();
-                fork_child(move || {
+                let t = table();
+                fork(move || {
                     // SAFETY: getpid has no preconditions.
                     let me = unsafe { libc::getpid() };
                     for _ in 0..ROUNDS {
@@ -975,20 +919,24 @@ mod tests {
             })
             .collect();
         for pid in pids {
-            assert_eq!(reap(pid), 0);
+            assert_eq!(wait(pid), 0);
         }
         // SAFETY: every child has exited; the parent is the word's only user.
-        assert_eq!(unsafe { *shm.counter() }, CHILDREN as u64 * ROUNDS, "an increment was lost: two holders at once");
+        assert_eq!(
+            unsafe { *(counter as *const u64) },
+            CHILDREN as u64 * ROUNDS,
+            "an increment was lost: two holders at once"
+        );
 
         // A holder killed while holding the lock: once reaped (as nginx's
         // master reaps its workers), the next caller takes the lock over.
-        let t = shm.table();
-        let holder = fork_child(|| {
+        let t = table();
+        let holder = fork(|| {
             // SAFETY: getpid has no preconditions.
             let me = unsafe { libc::getpid() };
             if t.try_lock(me, pid_alive) { 0 } else { 1 }
         });
-        assert_eq!(reap(holder), 0);
+        assert_eq!(wait(holder), 0);
         assert_eq!(t.lock_owner(), holder, "the dead holder never unlocked");
         // SAFETY: getpid has no preconditions.
         let me = unsafe { libc::getpid() };
@@ -1001,7 +949,7 @@ mod tests {
     #[test]
     fn a_record_whose_claimer_died_before_publishing_is_reused() {
         let t = table();
-        let g = t.begin_generation(1, 1, 0, 1);
+        let g = t.begin_generation(1, 1, 0);
         // pid 77 claims a record and dies before publishing it.
         let stuck = t.claim_record(77, alive).unwrap();
         assert_eq!(WorkerState::from_u32(t.records()[stuck].state.load(Ordering::Relaxed)), WorkerState::Claiming);
@@ -1023,7 +971,7 @@ mod tests {
     #[test]
     fn table_full_of_live_workers_refuses() {
         let t = table();
-        let g = t.begin_generation(1, 1, 0, 1);
+        let g = t.begin_generation(1, 1, 0);
         for n in 0..RECORDS as u32 {
             assert!(t.register_worker(g, n, 10 + n as i32, 0, |_| true, |_| {}).is_some());
         }

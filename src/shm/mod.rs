@@ -4,12 +4,18 @@
 
 pub mod claims;
 pub mod header;
-pub mod idle;
 pub mod kv;
 pub mod lease;
 pub mod lifecycle;
 pub mod lock;
 pub mod pgbus;
 pub mod pid;
+pub mod racy;
 pub mod ring;
 pub mod sync;
+
+/// The tests' shared mapping and fork helpers: one file, used by the unit
+/// tests here and by the fork tests in tests/ (as their `support` module).
+#[cfg(test)]
+#[path = "../../tests/support/mod.rs"]
+pub(crate) mod testing;

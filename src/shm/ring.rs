@@ -17,7 +17,9 @@
 //!   therefore leaves nothing readers can see: no half record, no seq gap.
 //!   The next writer notices (`in_post` still set), counts it and goes on.
 //! - Readers take no lock. They copy a record, then re-check that the tail
-//!   has not passed it (seqlock style); a torn copy is discarded.
+//!   has not passed it (seqlock style); a torn copy is discarded. Payload
+//!   bytes are copied in and out with racy.rs's word-wise atomic copies, so
+//!   that the race the re-check resolves is not undefined behaviour.
 //!
 //! Region layout (the caller provides it, `ALIGN`-aligned):
 //! `RingHeader | ReaderSlot × max_readers | data area (capacity bytes)`.
@@ -28,16 +30,16 @@
 
 use core::fmt;
 use core::mem::size_of;
-use core::ptr;
 use core::sync::atomic::{AtomicI32, AtomicU16, AtomicU32, AtomicU64, Ordering, fence};
 
 use crossbeam_utils::CachePadded;
 
 use super::lock::ShmLock;
+use super::racy;
 
 pub const RING_MAGIC: u64 = u64::from_be_bytes(*b"wbring\0\0");
 /// Bumped whenever `RingHeader`, `ReaderSlot` or `RecHeader` changes.
-pub const RING_LAYOUT: u32 = 2;
+pub const RING_LAYOUT: u32 = 3;
 /// Alignment the region's base needs (the cache-padded parts).
 pub const ALIGN: usize = align_of::<CachePadded<u64>>();
 pub const MIN_CAPACITY: usize = 1024;
@@ -55,7 +57,8 @@ const MAX_STEPS: usize = 256;
 
 /// Record header, in the data area. The same 8 bytes of a record can be
 /// read by a lapped reader while a writer reuses them, so every field is an
-/// atomic; payload bytes are copied raw and validated by the tail re-check.
+/// atomic; payload bytes are atomic words too (racy.rs), validated by the
+/// tail re-check.
 #[repr(C)]
 struct RecHeader {
     /// Records: their seq. Padding: the seq of the record that follows.
@@ -114,6 +117,9 @@ struct WriterState {
     /// 1 + the highest reader index ever claimed: posters' scans (idle
     /// flags, guarded readers) stop there instead of at `max_readers`.
     readers_hi: AtomicU32,
+    _pad2: u32,
+    /// Idle readers woken by posters (each reader's share is in its slot).
+    wakeups: AtomicU64,
 }
 
 /// What a post does when the ring is full.
@@ -175,8 +181,6 @@ pub enum RingError {
     NotARing,
     Layout { found: u32, expected: u32 },
     RegionSize { found: u64, expected: u64 },
-    Capacity { found: u64, expected: u64 },
-    Readers { found: u32, expected: u32 },
 }
 
 impl fmt::Display for RingError {
@@ -196,12 +200,6 @@ impl fmt::Display for RingError {
             }
             RingError::RegionSize { found, expected } => {
                 write!(f, "ring was made for a {found}-byte region, not {expected}")
-            }
-            RingError::Capacity { found, expected } => {
-                write!(f, "ring has capacity {found} bytes, not the configured {expected}")
-            }
-            RingError::Readers { found, expected } => {
-                write!(f, "ring has {found} reader slots, not the configured {expected}")
             }
         }
     }
@@ -302,6 +300,8 @@ pub struct RingStats {
     pub rejected: u64,
     pub corrupt: u64,
     pub refused: u64,
+    /// Idle readers woken (`wake_idle`), all readers together.
+    pub wakeups: u64,
     pub overwrite: bool,
 }
 
@@ -379,6 +379,7 @@ impl Ring {
             &w.refused,
             &w.reported,
             &w.guard_pos,
+            &w.wakeups,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -446,18 +447,6 @@ impl Ring {
         Ok(Ring { base, data: base.wrapping_add(data_offset(readers)), cap, max_readers: readers })
     }
 
-    /// Refuses a ring whose capacity or reader count differs from the
-    /// configured ones (a zone kept across a reload with new settings).
-    pub fn expect(self, capacity: usize, max_readers: usize) -> Result<Ring, RingError> {
-        if self.cap != capacity as u64 {
-            return Err(RingError::Capacity { found: self.cap, expected: capacity as u64 });
-        }
-        if self.max_readers != max_readers {
-            return Err(RingError::Readers { found: self.max_readers as u32, expected: max_readers as u32 });
-        }
-        Ok(self)
-    }
-
     fn header(&self) -> &RingHeader {
         // SAFETY: `init`/`attach` checked alignment and size; the caller keeps
         // the region mapped; every field is an atomic.
@@ -491,6 +480,20 @@ impl Ring {
         // SAFETY: idx + HDR <= capacity, so the header lies in the data area,
         // 8-aligned (the data area is ALIGN-aligned); it holds only atomics.
         Some(unsafe { &*(self.data.add(idx as usize) as *const RecHeader) })
+    }
+
+    /// The words holding the payload of `plen` bytes of the record at `pos`
+    /// (empty if they would not lie inside the data area: a garbage length).
+    fn payload(&self, pos: u64, plen: usize) -> &[AtomicU64] {
+        let idx = (pos % self.cap) as usize + HDR;
+        let words = racy::words_for(plen);
+        if !idx.is_multiple_of(8) || idx.saturating_add(words.saturating_mul(8)) > self.cap as usize {
+            return &[];
+        }
+        // SAFETY: idx + 8 * words <= capacity (checked), so the words lie in
+        // the data area, 8-aligned (it is ALIGN-aligned, idx a multiple of
+        // 8), which holds only atomically accessed bytes (racy.rs).
+        unsafe { core::slice::from_raw_parts(self.data.add(idx) as *const AtomicU64, words) }
     }
 
     /// `pos`, or the start of the next lap when no header fits before the end.
@@ -775,17 +778,11 @@ impl Ring {
             h.source_len.store(rec.source.len() as u16, Ordering::Relaxed);
             h.event_len.store(rec.event.len() as u16, Ordering::Relaxed);
             h.unique_len.store(rec.unique.len() as u16, Ordering::Relaxed);
-            let mut dst = (pos % self.cap) as usize + HDR;
             let fields = [rec.source, rec.event, rec.unique, rec.data];
             let fields = if publish { &fields[..] } else { &fields[..2] };
-            for f in fields {
-                // SAFETY: dst + f.len() <= idx + need <= capacity (check() bounds
-                // the payload, the pad placement keeps the record in the data
-                // area); the bytes are ours under the lock, and readers that
-                // race with us discard their copy (tail re-check).
-                unsafe { ptr::copy_nonoverlapping(f.as_ptr(), self.data.add(dst), f.len()) };
-                dst += f.len();
-            }
+            // Atomic stores (racy.rs): a lapped reader may be copying these
+            // bytes right now; it discards its copy (tail re-check).
+            racy::store(self.payload(pos, plen), fields);
         }
         w.last_pos.store(pos, Ordering::Relaxed);
         if !publish {
@@ -849,6 +846,7 @@ impl Ring {
             rejected: w.rejected.load(Ordering::Relaxed),
             corrupt: w.corrupt.load(Ordering::Relaxed),
             refused: w.refused.load(Ordering::Relaxed),
+            wakeups: w.wakeups.load(Ordering::Relaxed),
             overwrite: self.overflow() == Overflow::Overwrite,
         }
     }
@@ -877,8 +875,9 @@ impl Ring {
             if s.idle.load(Ordering::Relaxed) != 0 && s.idle.swap(0, Ordering::AcqRel) != 0 {
                 // Acquire: the claim that set these came before the idle flag.
                 signal(i, s.owner.load(Ordering::Acquire), s.nonce.load(Ordering::Relaxed));
-                // Relaxed: a statistic.
+                // Relaxed: statistics.
                 s.wakeups.fetch_add(1, Ordering::Relaxed);
+                self.w().wakeups.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -1057,15 +1056,14 @@ impl Reader {
                 h.unique_len.load(Ordering::Relaxed) as usize,
             );
             let copy = matches!(len, Some((KIND_RECORD, _))) && seq == s && plen <= buf.len();
-            if copy {
-                // SAFETY: rec_len checked idx + HDR + plen <= capacity, and
-                // plen <= buf.len(); a concurrent overwrite makes the bytes
-                // wrong, never out of bounds, and the re-check discards them.
-                unsafe {
-                    ptr::copy_nonoverlapping(ring.data.add((p % ring.cap) as usize + HDR), buf.as_mut_ptr(), plen)
-                };
+            if copy && let Some(dst) = buf.get_mut(..plen) {
+                // A racy copy (racy.rs): a writer that lapped us may be
+                // overwriting these bytes; the re-check below discards them then.
+                racy::load(ring.payload(p, plen), dst);
             }
-            // Acquire fence: the reads above complete before the tail re-check.
+            // Acquire fence: the reads above (header and payload) complete
+            // before the tail re-check; pairs with the writer's Release fence
+            // after its tail store (seqlock).
             fence(Ordering::Acquire);
             if w.tail_pos.load(Ordering::Relaxed) > p {
                 continue; // overwritten while we read: the next pass reports the lag
@@ -1154,19 +1152,6 @@ impl Reader {
         true
     }
 
-    /// Clears the idle flag; true if it was set (the caller then signals
-    /// this reader, and the wake-up is counted).
-    pub fn take_idle(&self) -> bool {
-        let slot = self.slot();
-        // AcqRel: exactly one poster takes each idle flag.
-        let was = slot.idle.swap(0, Ordering::AcqRel) != 0;
-        if was {
-            // Relaxed: a statistic.
-            slot.wakeups.fetch_add(1, Ordering::Relaxed);
-        }
-        was
-    }
-
     pub fn delivered(&self) -> u64 {
         // Relaxed: a statistic.
         self.slot().delivered.load(Ordering::Relaxed)
@@ -1196,30 +1181,13 @@ impl Reader {
 mod tests {
     use super::*;
     use crate::shm::lock::NoLock;
+    use crate::shm::testing::Shm;
 
-    /// A heap region aligned like a shared one.
-    struct Region {
-        words: Vec<CachePadded<[u64; 16]>>,
-    }
-
-    impl Region {
-        fn new(len: usize) -> Region {
-            let n = len.div_ceil(size_of::<CachePadded<[u64; 16]>>());
-            Region { words: (0..n).map(|_| CachePadded::new([0u64; 16])).collect() }
-        }
-        fn ptr(&mut self) -> *mut u8 {
-            self.words.as_mut_ptr() as *mut u8
-        }
-        fn len(&self) -> usize {
-            self.words.len() * size_of::<CachePadded<[u64; 16]>>()
-        }
-    }
-
-    fn ring(cap: usize, readers: usize) -> (Region, Ring) {
-        let mut r = Region::new(Ring::region_size(cap, readers));
-        let len = r.len();
-        // SAFETY: the region is ours, aligned, and lives as long as the test's handle.
-        let ring = unsafe { Ring::init(r.ptr(), len, cap, readers) }.unwrap();
+    fn ring(cap: usize, readers: usize) -> (Shm, Ring) {
+        let r = Shm::new(Ring::region_size(cap, readers));
+        let len = r.len;
+        // SAFETY: the mapping is ours, page-aligned, and lives as long as the test's handle.
+        let ring = unsafe { Ring::init(r.ptr, len, cap, readers) }.unwrap();
         (r, ring)
     }
 
@@ -1368,8 +1336,8 @@ mod tests {
 
     #[test]
     fn init_and_attach_check_the_region() {
-        let mut r = Region::new(Ring::region_size(8192, 4) + 256);
-        let (p, len) = (r.ptr(), r.len());
+        let r = Shm::new(Ring::region_size(8192, 4) + 256);
+        let (p, len) = (r.ptr, r.len);
         // SAFETY (all calls): the region is ours and aligned; misaligned and
         // short inputs are refused before any access.
         unsafe {
@@ -1380,16 +1348,9 @@ mod tests {
             assert!(matches!(Ring::init(p, 100, 8192, 4), Err(RingError::RegionTooSmall { .. })));
             let ring = Ring::init(p, len, 8192, 4).unwrap();
             ring.post(&NoLock, &rec(b"kept", b"")).unwrap();
-            let again = Ring::attach(p, len).unwrap().expect(8192, 4).unwrap();
+            let again = Ring::attach(p, len).unwrap();
             assert_eq!(again.head_seq(), 2, "attach keeps the contents");
-            assert_eq!(
-                Ring::attach(p, len).unwrap().expect(4096, 4).err(),
-                Some(RingError::Capacity { found: 8192, expected: 4096 })
-            );
-            assert_eq!(
-                Ring::attach(p, len).unwrap().expect(8192, 8).err().map(|e| e.to_string()),
-                Some("ring has 4 reader slots, not the configured 8".into())
-            );
+            assert_eq!((again.capacity(), again.max_readers()), (8192, 4));
             assert_eq!(
                 Ring::attach(p, len - 128).err(),
                 Some(RingError::RegionSize { found: len as u64, expected: len as u64 - 128 })
@@ -1444,8 +1405,7 @@ mod tests {
         ring.wake_idle(|s, pid, nonce| woken.push((s, pid, nonce)));
         assert_eq!(woken, vec![(2, 4242, 77)], "the address the owner claimed");
         assert!(!rd.set_idle(true), "a pending record keeps the reader awake");
-        assert!(!rd.take_idle());
-        assert_eq!(rd.stats().wakeups, 1);
+        assert_eq!((rd.stats().wakeups, rd.stats().idle, ring.stats().wakeups), (1, false, 1));
         assert!(ring.reader(3).is_none());
     }
 
@@ -1548,14 +1508,14 @@ mod tests {
 
     #[test]
     fn garbage_in_the_data_area_never_panics() {
-        let (mut r, ring) = ring(1024, 1);
+        let (r, ring) = ring(1024, 1);
         let rd = ring.reader(0).unwrap();
         for _ in 0..10 {
             ring.post(&NoLock, &rec(b"e", &[1; 30])).unwrap();
         }
         let data_off = data_offset(1);
         // Scribble over the data area; readers and writers must carry on.
-        let base = r.ptr();
+        let base = r.ptr;
         for i in 0..1024 {
             // SAFETY: inside the region we own.
             unsafe { *base.add(data_off + i) = (i * 7919) as u8 };

@@ -16,9 +16,9 @@
 
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use super::kv::{load_bytes, store_bytes};
 use super::lease::Lease;
 use super::lock::ShmLock;
+use super::racy;
 
 pub const SYNC_INSTANCES: usize = 32;
 pub const SYNC_TASKS: usize = 128;
@@ -125,7 +125,7 @@ fn key_eq(words: &[AtomicU64], len: &AtomicU32, key: &[u8], scratch: &mut Vec<u8
     if n != key.len() {
         return false;
     }
-    load_bytes(words, n, scratch);
+    racy::load_vec(words, n, scratch);
     scratch.as_slice() == key
 }
 
@@ -185,7 +185,7 @@ impl SyncTable {
         }
         let i = free.ok_or(SyncError::Full("instances", SYNC_INSTANCES))?;
         let inst = &self.instances[i];
-        store_bytes(&inst.key, key);
+        racy::store(&inst.key, &[key]);
         // Release: the key words before the length that makes them visible.
         inst.key_len.store(key.len() as u32, Ordering::Release);
         Ok(i)
@@ -212,7 +212,7 @@ impl SyncTable {
         }
         let i = free.ok_or(SyncError::Full("tasks", SYNC_TASKS))?;
         let t = &self.tasks[i];
-        store_bytes(&t.key, tag);
+        racy::store(&t.key, &[tag]);
         // Relaxed + Release below: published with the length.
         t.instance.store(instance as u32, Ordering::Relaxed);
         t.key_len.store(tag.len() as u32, Ordering::Release);
@@ -343,7 +343,7 @@ impl SyncTable {
             t.failures.fetch_add(1, Ordering::Relaxed);
             let e = &e[..e.len().min(SYNC_ERR_MAX)];
             let _g = Guard::new(lock);
-            store_bytes(&t.err, e);
+            racy::store(&t.err, &[e]);
             t.err_len.store(e.len() as u32, Ordering::Relaxed);
         }
     }
@@ -358,7 +358,7 @@ impl SyncTable {
                 continue;
             }
             let mut k = vec![];
-            load_bytes(&t.key, n, &mut k);
+            racy::load_vec(&t.key, n, &mut k);
             // Relaxed: stored before the length.
             out.push((i, t.instance.load(Ordering::Relaxed) as usize, k));
         }
@@ -369,7 +369,7 @@ impl SyncTable {
         let mut k = vec![];
         if let Some(inst) = self.instances.get(i) {
             // Acquire: the key words were stored before the length.
-            load_bytes(&inst.key, inst.key_len.load(Ordering::Acquire) as usize, &mut k);
+            racy::load_vec(&inst.key, inst.key_len.load(Ordering::Acquire) as usize, &mut k);
         }
         k
     }
@@ -380,7 +380,7 @@ impl SyncTable {
         if let Some(t) = self.tasks.get(i) {
             let _g = Guard::new(lock);
             // Relaxed: under the lock.
-            load_bytes(&t.err, t.err_len.load(Ordering::Relaxed) as usize, &mut e);
+            racy::load_vec(&t.err, t.err_len.load(Ordering::Relaxed) as usize, &mut e);
         }
         e
     }

@@ -103,3 +103,41 @@ pub fn yield_cpu() {
 pub fn mix(h: u64, x: u64) -> u64 {
     (h ^ x).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(17)
 }
+
+/// SIGKILLs our child `pid` and reaps it: its exit status (128 + 9 unless
+/// it had already exited).
+pub fn kill(pid: i32) -> i32 {
+    // SAFETY: signalling our own child, not yet reaped (its pid is not reused).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait(pid)
+}
+
+/// Milliseconds of the monotonic clock, the same in every process.
+pub fn mono_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// xorshift64*: reproducible random choices from a printed seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+/// `TEST_SEED` if set, else one from the clock (callers print it, so that
+/// a failure can be replayed with `TEST_SEED=...`).
+pub fn seed() -> u64 {
+    if let Some(s) = std::env::var("TEST_SEED").ok().and_then(|s| s.parse().ok()) {
+        return s;
+    }
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    t | 1
+}
