@@ -9,7 +9,7 @@ use core::ffi::c_int;
 use core::sync::atomic::Ordering;
 
 use crate::module::process::ensure_worker_started;
-use crate::module::process_state::local;
+use crate::module::process_state::this_process;
 use crate::module::time::mono_ms;
 use crate::shm::lifecycle::{FLAG_LEFT, FLAG_MANAGED, Lifecycle, pid_alive};
 
@@ -29,7 +29,7 @@ fn lifecycle() -> Option<&'static Lifecycle> {
         return None;
     }
     ensure_worker_started();
-    local().primary().map(|z| &z.header().lifecycle)
+    this_process().primary().map(|z| &z.header().lifecycle)
 }
 
 fn pid() -> i32 {
@@ -40,7 +40,7 @@ fn pid() -> i32 {
 /// Sets FLAG_* bits on this worker's own record.
 fn mark(bits: u32) -> c_int {
     let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
-    let Some(index) = local().record else { return fail(-1, NO_RECORD) };
+    let Some(index) = this_process().record.get() else { return fail(-1, NO_RECORD) };
     lc.set_flags(index, pid(), bits);
     0
 }
@@ -171,9 +171,9 @@ pub unsafe extern "C" fn workerbus_lc_master_counts(id: *mut u64, out: *mut i64)
     if id.is_null() || out.is_null() {
         return fail(-1, "null output buffer");
     }
-    let l = local();
+    let l = this_process();
     // The running configuration's primary zone (none on a fresh start).
-    let running = if l.generation == 0 { None } else { l.primary().map(|z| &z.header().lifecycle) };
+    let running = if l.generation.get() == 0 { None } else { l.primary().map(|z| &z.header().lifecycle) };
     let (generation, prev) = match running {
         Some(lc) => {
             let next = lc.current_generation() + 1;

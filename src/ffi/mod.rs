@@ -8,7 +8,7 @@ use core::cell::RefCell;
 use core::ffi::c_int;
 
 use crate::module::preload;
-use crate::module::process_state::local;
+use crate::module::process_state::this_process;
 use crate::module::zone::Zone;
 
 pub mod lifecycle;
@@ -45,13 +45,13 @@ pub unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
 
 /// The zone behind an index from `workerbus_zone`; None with the reason
 /// recorded (see `workerbus_last_error`).
-pub fn zone(index: c_int) -> Option<&'static Zone> {
+pub fn zone(index: c_int) -> Option<Zone> {
     if preload::in_config_phase() {
         fail(-1, preload::NOT_HERE);
         return None;
     }
     crate::module::process::ensure_worker_started();
-    let z = usize::try_from(index).ok().and_then(|i| local().zones.get(i));
+    let z = usize::try_from(index).ok().and_then(|i| this_process().zone_at(i));
     if z.is_none() {
         fail(-1, format!("bad zone index {index}"));
     }
@@ -89,17 +89,17 @@ pub unsafe extern "C" fn workerbus_zone(name: *const u8, len: usize) -> c_int {
         return preload::zone_index(name).unwrap_or_else(|e| fail(-1, e));
     }
     crate::module::process::ensure_worker_started();
-    let l = local();
-    if l.zones.is_empty() {
+    let zones = this_process().zones();
+    if zones.is_empty() {
         return fail(-1, "no workerbus zone in this process (called outside an nginx worker?)");
     }
     if name.is_empty() {
         return 0;
     }
-    match l.zones.iter().position(|z| z.name() == name) {
+    match zones.iter().position(|z| z.name() == name) {
         Some(i) => i as c_int,
         None => {
-            let known: Vec<String> = l.zones.iter().map(|z| String::from_utf8_lossy(z.name()).into_owned()).collect();
+            let known: Vec<String> = zones.iter().map(|z| String::from_utf8_lossy(z.name()).into_owned()).collect();
             fail(
                 -1,
                 format!(
@@ -152,7 +152,7 @@ pub unsafe extern "C" fn workerbus_metrics_text(buf: *mut u8, cap: usize) -> usi
 /// Generation of this process's configuration (0 outside nginx workers).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_generation() -> u64 {
-    local().generation
+    this_process().generation.get()
 }
 
 /// Stores a small named value in the zone (see shm::kv for the limits).

@@ -3,8 +3,9 @@
 
 use core::ffi::{c_int, c_void};
 
-use crate::module::process_state::local;
+use crate::module::process_state::this_process;
 use crate::module::ring_glue as ev;
+use crate::module::sema;
 use crate::module::time::mono_ms;
 use crate::module::wake;
 use crate::shm::ring::{Next, RecordIn, RecordOut};
@@ -65,7 +66,7 @@ pub unsafe extern "C" fn workerbus_ev_post(
     let Some(z) = zone(zone_index) else { return -1 };
     // SAFETY: guaranteed by the caller.
     let rec = unsafe { record(src, slen, event, elen, uniq, ulen, data, dlen, flags) };
-    match ev::post(zone_index as usize, z, &rec) {
+    match ev::post(zone_index as usize, &z, &rec) {
         Ok(seq) => seq as i64,
         Err(e) => fail(-1, e) as i64,
     }
@@ -87,8 +88,8 @@ pub unsafe extern "C" fn workerbus_ev_next(
     need: *mut usize,
 ) -> c_int {
     let Some(z) = zone(zone_index) else { return -1 };
-    let Some(r) = ev::ring(z) else { return fail(-1, "the zone has no event ring") };
-    let Some(rd) = local().reader.and_then(|i| r.reader(i)) else {
+    let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
+    let Some(rd) = this_process().reader.get().and_then(|i| r.reader(i)) else {
         return fail(-1, "this process reads no events (not an nginx worker, or not tracked)");
     };
     // SAFETY: guaranteed by the caller.
@@ -114,8 +115,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return -1 };
-    let l = local();
-    let (Some(r), Some(i)) = (ev::ring(z), l.reader) else { return 0 };
+    let (Some(r), Some(i)) = (ev::ring(&z), this_process().reader.get()) else { return 0 };
     let Some(rd) = r.reader(i) else { return 0 };
     c_int::from(!rd.set_idle(true))
 }
@@ -126,13 +126,13 @@ pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
     crate::module::process::ensure_worker_started();
-    local().sema = sem;
+    sema::register(sem);
     if sem.is_null() {
         ev::release_readers();
         return 0;
     }
     ev::claim_readers();
-    c_int::from(wake::available() && local().reader.is_some())
+    c_int::from(wake::available() && this_process().reader.get().is_some())
 }
 
 /// Test hook for the "writer killed mid-post" path: takes the zone's lock,
@@ -141,7 +141,7 @@ pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_test_die_mid_post(zone_index: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
-    let Some(r) = ev::ring(z) else { return fail(-1, "the zone has no event ring") };
+    let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
     // SAFETY: set by nginx at process start.
     let pid = unsafe { nginx_sys::ngx_pid };
     let data = [b'x'; 64];
@@ -167,7 +167,7 @@ pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, k
     if !(ttl_sec.is_finite() && ttl_sec >= 0.0) {
         return fail(-1, "timeout must be a non-negative number");
     }
-    let Some(c) = ev::claims(z) else { return fail(-1, "the zone has no claim table") };
+    let Some(c) = ev::claims(&z) else { return fail(-1, "the zone has no claim table") };
     c_int::from(c.claim(&z.lock(), key, mono_ms(), (ttl_sec * 1000.0) as u64))
 }
 
@@ -177,26 +177,26 @@ pub extern "C" fn workerbus_ev_max_payload(zone_index: c_int) -> usize {
     if crate::module::preload::in_config_phase() {
         return crate::module::preload::max_payload(zone_index);
     }
-    zone(zone_index).and_then(ev::ring).map_or(0, |r| r.max_record_payload())
+    zone(zone_index).and_then(|z| ev::ring(&z)).map_or(0, |r| r.max_record_payload())
 }
 
 /// Next seq the ring will assign.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_head(zone_index: c_int) -> u64 {
-    zone(zone_index).map_or(0, ev::head_seq)
+    zone(zone_index).map_or(0, |z| ev::head_seq(&z))
 }
 
 /// This worker's next seq to read.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
-    let reader = local().reader;
-    zone(zone_index).and_then(ev::ring).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
+    let reader = this_process().reader.get();
+    zone(zone_index).and_then(|z| ev::ring(&z)).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
 }
 
 /// Wakes this worker's own poller (a post_local from a request handler).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_wake_self() {
-    wake::post_sema(local().sema);
+    sema::post();
 }
 
 /// The module's heartbeat period in ms: it wakes a poller that has events
@@ -204,5 +204,5 @@ pub extern "C" fn workerbus_ev_wake_self() {
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_heartbeat_ms() -> u64 {
     crate::module::process::ensure_worker_started();
-    local().heartbeat_ms as u64
+    this_process().heartbeat_ms.get() as u64
 }

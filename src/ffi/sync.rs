@@ -29,7 +29,7 @@ pub unsafe extern "C" fn workerbus_sync_instance(
     interval_ms: u64,
 ) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
-    let Some(t) = sy::table_or_make(z) else {
+    let Some(t) = sy::table_or_make(&z) else {
         return fail(-1, "no room in the zone for resty.sync's table");
     };
     // SAFETY: guaranteed by the caller.
@@ -51,7 +51,7 @@ pub unsafe extern "C" fn workerbus_sync_instance(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_sync_task(zone_index: c_int, inst: c_int, tag: *const u8, tlen: usize) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
-    let Some(t) = sy::table(z) else { return fail(-1, "the zone has no sync table") };
+    let Some(t) = sy::table(&z) else { return fail(-1, "the zone has no sync table") };
     // SAFETY: guaranteed by the caller.
     let tag = unsafe { bytes(tag, tlen) };
     match t.task(&z.lock(), inst.max(0) as usize, tag) {
@@ -64,7 +64,7 @@ pub unsafe extern "C" fn workerbus_sync_task(zone_index: c_int, inst: c_int, tag
 /// update); Lua reads it directly to learn whether to copy. NULL on error.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_seq_ptr(zone_index: c_int, task: c_int) -> *const u32 {
-    let Some(t) = zone(zone_index).and_then(sy::table) else { return core::ptr::null() };
+    let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return core::ptr::null() };
     t.seq_ptr(task.max(0) as usize)
 }
 
@@ -74,7 +74,7 @@ pub extern "C" fn workerbus_sync_seq_ptr(zone_index: c_int, task: c_int) -> *con
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_tick(zone_index: c_int, inst: c_int, lease_ms: u64, exiting: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
-    match sy::tick(z, inst.max(0) as usize, lease_ms, exiting != 0) {
+    match sy::tick(&z, inst.max(0) as usize, lease_ms, exiting != 0) {
         Some(Role::Owner | Role::TookOver { .. }) => 1,
         Some(Role::Retiring) => 2,
         Some(Role::Other { .. }) => 0,
@@ -85,7 +85,7 @@ pub extern "C" fn workerbus_sync_tick(zone_index: c_int, inst: c_int, lease_ms: 
 /// The instance's runner pid (0: none).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_runner(zone_index: c_int, inst: c_int) -> c_int {
-    let Some(t) = zone(zone_index).and_then(sy::table) else { return 0 };
+    let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return 0 };
     t.instances.get(inst.max(0) as usize).map_or(0, |i| i.lease.owner())
 }
 
@@ -93,13 +93,13 @@ pub extern "C" fn workerbus_sync_runner(zone_index: c_int, inst: c_int) -> c_int
 /// counted in it until workerbus_sync_end_run), else 0.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_begin_run(zone_index: c_int, inst: c_int) -> c_int {
-    let Some(t) = zone(zone_index).and_then(sy::table) else { return 0 };
+    let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return 0 };
     t.instances.get(inst.max(0) as usize).map_or(0, |i| c_int::from(i.lease.begin_run(pid())))
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_end_run(zone_index: c_int, inst: c_int) {
-    if let Some(i) = zone(zone_index).and_then(sy::table).and_then(|t| t.instances.get(inst.max(0) as usize)) {
+    if let Some(i) = zone(zone_index).and_then(|z| sy::table(&z)).and_then(|t| t.instances.get(inst.max(0) as usize)) {
         i.lease.end_run(pid());
     }
 }
@@ -121,10 +121,10 @@ pub unsafe extern "C" fn workerbus_sync_publish(
     dlen: usize,
 ) -> i64 {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") as i64 };
-    let Some(t) = sy::table(z) else { return fail(-1, "the zone has no sync table") as i64 };
+    let Some(t) = sy::table(&z) else { return fail(-1, "the zone has no sync table") as i64 };
     // SAFETY: guaranteed by the caller.
     let (v, d) = unsafe { (bytes(v, vlen), bytes(d, dlen)) };
-    let slab = ZoneSlab(z);
+    let slab = ZoneSlab(&z);
     match t.publish(&z.lock(), &slab, task.max(0) as usize, pid(), sy::alive, vtype, v, dtype, d, now_ms()) {
         Ok(seq) => seq as i64,
         Err(e) => fail(-1, e.to_string()) as i64,
@@ -146,8 +146,8 @@ pub unsafe extern "C" fn workerbus_sync_read(
     cap: usize,
 ) -> c_int {
     let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
-    let Some(t) = sy::table(z) else { return fail(-1, "the zone has no sync table") };
-    let slab = ZoneSlab(z);
+    let Some(t) = sy::table(&z) else { return fail(-1, "the zone has no sync table") };
+    let slab = ZoneSlab(&z);
     let r = t.read(&z.lock(), &slab, task.max(0) as usize, |h, v, d| {
         // SAFETY: guaranteed by the caller.
         unsafe { *head = *h };
@@ -178,7 +178,7 @@ pub unsafe extern "C" fn workerbus_sync_record_run(
     elen: usize,
 ) {
     let Some(z) = zone(zone_index) else { return };
-    let Some(t) = sy::table(z) else { return };
+    let Some(t) = sy::table(&z) else { return };
     // SAFETY: guaranteed by the caller.
     let e = if err.is_null() { None } else { Some(unsafe { bytes(err, elen) }) };
     t.record_run(&z.lock(), task.max(0) as usize, started_ms, duration_us, e);
@@ -188,7 +188,7 @@ pub unsafe extern "C" fn workerbus_sync_record_run(
 /// so that a new runner keeps the schedule of the previous one.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_last_run_ms(zone_index: c_int, task: c_int) -> u64 {
-    let Some(t) = zone(zone_index).and_then(sy::table) else { return 0 };
+    let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return 0 };
     // Relaxed: a schedule hint.
     t.task_ref(task.max(0) as usize).map_or(0, |t| t.last_run_ms.load(Ordering::Relaxed))
 }

@@ -69,10 +69,10 @@ pub unsafe extern "C" fn create_conf(cycle: *mut ngx_cycle_t) -> *mut c_void {
         (*p).hang_timeout_ms = UNSET_MSEC;
     }
     // A configuration load begins: init_by_lua may run before init_module.
-    let l = super::process_state::local();
-    l.loading = true;
-    l.loading_conf = p;
-    l.held.clear();
+    let l = super::process_state::this_process();
+    l.loading.set(true);
+    l.loading_conf.set(p);
+    drop(l.take_held());
     p.cast()
 }
 
@@ -101,7 +101,7 @@ pub unsafe extern "C" fn init_conf(cycle: *mut ngx_cycle_t, conf: *mut c_void) -
 /// them, naming the directive and the value.
 fn check_workers(cycle: *mut ngx_cycle_t, cc: &CoreConf) -> Result<(), String> {
     let workers = super::process::worker_processes(cycle) as usize;
-    super::process_state::local().conf_workers = workers;
+    super::process_state::this_process().conf_workers.set(workers);
     let needed = records_needed(workers);
     if needed > MAX_WORKER_RECORDS {
         return Err(format!(

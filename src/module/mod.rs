@@ -17,6 +17,7 @@ pub mod preload;
 pub mod process;
 pub mod process_state;
 pub mod ring_glue;
+pub mod sema;
 pub mod status;
 pub mod sync;
 pub mod time;

@@ -14,7 +14,7 @@ use nginx_sys::{NGX_LOG_ERR, NGX_PROCESS_WORKER, ngx_log_t};
 use crate::shm::ring::RecordIn;
 
 use super::conf::{CoreConf, DEFAULT_ZONE_NAME};
-use super::process_state::local;
+use super::process_state::this_process;
 use super::zone::Zone;
 
 /// Largest event (source + event + unique + data) held for the workers.
@@ -40,13 +40,13 @@ pub struct Held {
 pub fn in_config_phase() -> bool {
     // SAFETY: set by nginx at process start.
     let process = unsafe { nginx_sys::ngx_process } as u32;
-    local().loading && process != NGX_PROCESS_WORKER
+    this_process().loading.get() && process != NGX_PROCESS_WORKER
 }
 
 fn conf() -> Option<&'static CoreConf> {
     // SAFETY: set by create_conf to the configuration of the cycle being
     // loaded, which outlives the configuration phase.
-    unsafe { local().loading_conf.as_ref() }
+    unsafe { this_process().loading_conf.get().as_ref() }
 }
 
 fn zone_name(cc: &CoreConf, i: usize) -> Option<Vec<u8>> {
@@ -106,31 +106,32 @@ pub fn hold(index: i32, rec: &RecordIn) -> Result<i64, String> {
             max_payload(index)
         ));
     }
-    let l = local();
-    let total: usize = l.held.iter().map(|h| h.source.len() + h.event.len() + h.unique.len() + h.data.len()).sum();
-    if total + len > MAX_HELD_BYTES {
-        return Err(format!("events posted in init_by_lua exceed {} bytes in all", MAX_HELD_BYTES));
-    }
-    l.held.push(Held {
-        zone,
-        source: rec.source.to_vec(),
-        event: rec.event.to_vec(),
-        unique: rec.unique.to_vec(),
-        data: rec.data.to_vec(),
-        flags: rec.flags,
-    });
-    Ok(0)
+    this_process().with_held(|held| {
+        let total: usize = held.iter().map(|h| h.source.len() + h.event.len() + h.unique.len() + h.data.len()).sum();
+        if total + len > MAX_HELD_BYTES {
+            return Err(format!("events posted in init_by_lua exceed {} bytes in all", MAX_HELD_BYTES));
+        }
+        held.push(Held {
+            zone,
+            source: rec.source.to_vec(),
+            event: rec.event.to_vec(),
+            unique: rec.unique.to_vec(),
+            data: rec.data.to_vec(),
+            flags: rec.flags,
+        });
+        Ok(0)
+    })
 }
 
 /// init_module: the configuration phase ends; post what it held into the
 /// new generation (its first event was recorded before).
 pub fn flush(zones: &[Zone], log: *mut ngx_log_t) {
-    let l = local();
-    l.loading = false;
-    l.loading_conf = core::ptr::null_mut();
+    let l = this_process();
+    l.loading.set(false);
+    l.loading_conf.set(core::ptr::null_mut());
     // SAFETY: set by nginx at process start.
     let pid = unsafe { nginx_sys::ngx_pid };
-    for h in core::mem::take(&mut l.held) {
+    for h in l.take_held() {
         let rec =
             RecordIn { source: &h.source, event: &h.event, unique: &h.unique, data: &h.data, pid, flags: h.flags };
         let posted = match zones.iter().position(|z| z.name() == h.zone) {

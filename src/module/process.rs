@@ -13,7 +13,7 @@ use nginx_sys::{
 use crate::shm::lifecycle::{Finding, pid_alive};
 
 use super::conf::CoreConf;
-use super::process_state::local;
+use super::process_state::this_process;
 use super::time::{mono_ms, now_ms};
 use super::{ngx_workerbus_module, preload, ring_glue, wake, zone};
 
@@ -72,10 +72,10 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     ring_glue::begin_generation(&zones, generation);
     // Events posted in init_by_lua: after the generation's first event.
     preload::flush(&zones, cycle_log(cycle));
-    let l = local();
-    l.generation = generation;
-    l.master_pid_seen = pid();
-    l.zones = zones;
+    let l = this_process();
+    l.generation.set(generation);
+    l.master_pid_seen.set(pid());
+    l.set_zones(zones);
     NGX_OK as ngx_int_t
 }
 
@@ -90,7 +90,7 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 /// first FFI call of a worker may arrive before init_process; it then does
 /// the worker's start itself. Idempotent and cheap once done.
 pub fn ensure_worker_started() {
-    if !local().worker_started {
+    if !this_process().worker_started.get() {
         // SAFETY: ngx_cycle is the running cycle of this process.
         worker_start(unsafe { nginx_sys::ngx_cycle });
     }
@@ -107,31 +107,30 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
     if preload::in_config_phase() {
         return;
     }
-    let l = local();
-    if l.worker_started {
+    let l = this_process();
+    if l.worker_started.replace(true) {
         return;
     }
-    l.worker_started = true;
     let log = cycle_log(cycle);
-    l.zones = zone::of_cycle(cycle);
-    l.is_worker = true;
-    l.slot = slot;
+    l.set_zones(zone::of_cycle(cycle));
+    l.is_worker.set(true);
+    l.slot.set(slot);
     if let Some(cc) = core_conf(cycle) {
-        l.heartbeat_ms = cc.heartbeat_ms;
-        l.hang_timeout_ms = cc.hang_timeout_ms;
+        l.heartbeat_ms.set(cc.heartbeat_ms);
+        l.hang_timeout_ms.set(cc.hang_timeout_ms);
     }
-    let Some(primary) = l.primary().copied() else { return };
+    let Some(primary) = l.primary() else { return };
     let lc = &primary.header().lifecycle;
-    let generation = l.generation;
+    let generation = l.generation.get();
     if process == NGX_PROCESS_WORKER {
         // SAFETY: getppid has no preconditions; a worker's parent is its master.
         let master = unsafe { libc::getppid() };
-        lc.set_master_pid(generation, l.master_pid_seen, master);
+        lc.set_master_pid(generation, l.master_pid_seen.get(), master);
     }
     let registered = lc.register(generation, slot, pid(), mono_ms(), pid_alive, |f| report(log, f, pid()));
     let respawned = registered.is_some_and(|r| r.respawn);
-    l.record = registered.map(|r| r.index);
-    if l.record.is_none() {
+    l.record.set(registered.map(|r| r.index));
+    if registered.is_none() {
         ngx::ngx_log_error!(
             NGX_LOG_ERR,
             log,
@@ -155,9 +154,9 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
 pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     crate::pg::glue::exit_worker();
     wake::unregister();
-    let l = local();
-    let Some(primary) = l.primary().copied() else { return };
-    let Some(index) = l.record else { return };
+    let l = this_process();
+    let Some(primary) = l.primary() else { return };
+    let Some(index) = l.record.get() else { return };
     let lc = &primary.header().lifecycle;
     // Exits serialized on the zone's mutex (nginx frees it if we die holding
     // it): workers leaving at the same instant each log a distinct count,
@@ -165,21 +164,21 @@ pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     let lock = primary.lock();
     lock.lock();
     lc.exit_worker(index, pid(), mono_ms());
-    let live = lc.live_count(l.generation);
+    let live = lc.live_count(l.generation.get());
     lock.unlock();
-    l.record = None;
+    l.record.set(None);
     ngx::ngx_log_error!(
         NGX_LOG_INFO,
         cycle_log(cycle),
         "workerbus: worker process {} exited from slot {}, generation {} ({live} live)",
         pid(),
-        l.slot,
-        l.generation
+        l.slot.get(),
+        l.generation.get()
     );
 }
 
 fn report(log: *mut ngx_log_t, f: Finding, me: i32) {
-    if let Some(primary) = local().primary() {
+    if let Some(primary) = this_process().primary() {
         let h = primary.header();
         let counter = match f {
             Finding::Crashed { .. } => &h.crashes_seen,
@@ -209,26 +208,29 @@ fn report(log: *mut ngx_log_t, f: Finding, me: i32) {
 }
 
 fn start_heartbeat(log: *mut ngx_log_t) {
-    let l = local();
-    let ev = &mut l.heartbeat;
-    ev.handler = Some(heartbeat);
-    ev.log = log;
-    // nginx's timer code logs ev->data as a connection's fd at debug level:
-    // point it at a dummy connection, as nginx's own timers do.
-    l.dummy_conn.fd = -1;
-    ev.data = (&raw mut l.dummy_conn).cast::<c_void>();
-    // A cancelable timer does not hold up a graceful shutdown.
-    ev.set_cancelable(1);
-    // SAFETY: the event lives in process-static memory for the life of the process.
-    unsafe { nginx_sys::ngx_add_timer(ev, l.heartbeat_ms) };
+    let l = this_process();
+    let ev = l.heartbeat_event();
+    // SAFETY: the event and the dummy connection live in process-static
+    // memory for the life of the process, touched by this thread only.
+    unsafe {
+        (*ev).handler = Some(heartbeat);
+        (*ev).log = log;
+        // nginx's timer code logs ev->data as a connection's fd at debug
+        // level: point it at a dummy connection, as nginx's own timers do.
+        (*l.dummy_connection()).fd = -1;
+        (*ev).data = l.dummy_connection().cast::<c_void>();
+        // A cancelable timer does not hold up a graceful shutdown.
+        (*ev).set_cancelable(1);
+        nginx_sys::ngx_add_timer(ev, l.heartbeat_ms.get());
+    }
 }
 
 unsafe extern "C" fn heartbeat(ev: *mut ngx_event_t) {
-    let l = local();
+    let l = this_process();
     // SAFETY: the event is the heartbeat event, with its log set in start_heartbeat.
     let log = unsafe { (*ev).log };
     let now = mono_ms();
-    if let (Some(primary), Some(index)) = (l.primary().copied(), l.record) {
+    if let (Some(primary), Some(index)) = (l.primary(), l.record.get()) {
         let lc = &primary.header().lifecycle;
         if lc.heartbeat(index, pid(), now) {
             ngx::ngx_log_error!(
@@ -236,20 +238,20 @@ unsafe extern "C" fn heartbeat(ev: *mut ngx_event_t) {
                 log,
                 "workerbus: worker process {} (slot {}, generation {}) recovered: heartbeat resumed",
                 pid(),
-                l.slot,
-                l.generation
+                l.slot.get(),
+                l.generation.get()
             );
         }
         // Relaxed: a setting, set once from Lua.
         let hang_ms = match lc.hang_timeout_ms.load(core::sync::atomic::Ordering::Relaxed) {
-            0 => l.hang_timeout_ms as u64,
+            0 => l.hang_timeout_ms.get() as u64,
             ms => ms,
         };
         lc.check(now, hang_ms, pid_alive, |f| report(log, f, pid()));
     }
-    for z in &l.zones {
+    for z in &l.zones() {
         ring_glue::on_heartbeat(z);
     }
     // SAFETY: as in start_heartbeat.
-    unsafe { nginx_sys::ngx_add_timer(ev, l.heartbeat_ms) };
+    unsafe { nginx_sys::ngx_add_timer(ev, l.heartbeat_ms.get()) };
 }

@@ -12,7 +12,7 @@ use crate::shm::claims::Claims;
 use crate::shm::lifecycle::{MAX_GENERATIONS, pid_alive};
 use crate::shm::ring::{Overflow, RecordIn, Ring};
 
-use super::process_state::local;
+use super::process_state::this_process;
 use super::wake;
 use super::zone::Zone;
 
@@ -53,13 +53,13 @@ pub fn first_seq(zone: &Zone, generation: u64) -> u64 {
 /// effects); any other starts at its generation's first event, so it also
 /// sees what was posted before its Lua code configured.
 pub fn init_worker(cycle: *mut ngx_cycle_t, respawned: bool) {
-    let l = local();
-    let Some(reader) = l.record else { return };
-    l.reader = Some(reader);
-    for z in &l.zones {
+    let l = this_process();
+    let Some(reader) = l.record.get() else { return };
+    l.reader.set(Some(reader));
+    for z in &l.zones() {
         let Some(r) = ring(z) else { continue };
         let Some(rd) = r.reader(reader) else { continue };
-        let start = if respawned { r.head_seq() } else { first_seq(z, l.generation).max(1) };
+        let start = if respawned { r.head_seq() } else { first_seq(z, l.generation.get()).max(1) };
         rd.set_cursor(start);
     }
     wake::register(cycle);
@@ -86,12 +86,12 @@ pub fn configure_zone(ring: Option<Ring>, overwrite: bool) {
 /// readers are read from now on, so their unread records are guarded and
 /// posters wake them at this process's address.
 pub fn claim_readers() {
-    let l = local();
-    let Some(i) = l.reader else { return };
+    let l = this_process();
+    let Some(i) = l.reader.get() else { return };
     // SAFETY: set by nginx at process start.
     let pid = unsafe { nginx_sys::ngx_pid };
-    let nonce = if wake::available() { l.wake_nonce } else { 0 };
-    for z in &l.zones {
+    let nonce = if wake::available() { l.wake_nonce.get() } else { 0 };
+    for z in &l.zones() {
         if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
             rd.claim(pid, nonce, mono_ms());
         }
@@ -100,9 +100,9 @@ pub fn claim_readers() {
 
 /// Worker exit: its readers no longer guard anything.
 pub fn release_readers() {
-    let l = local();
-    let Some(i) = l.reader else { return };
-    for z in &l.zones {
+    let l = this_process();
+    let Some(i) = l.reader.get() else { return };
+    for z in &l.zones() {
         if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
             rd.release();
         }
@@ -114,7 +114,7 @@ pub fn release_readers() {
 fn hang_ms(zone: &Zone) -> u64 {
     // Relaxed: a setting.
     match zone.header().lifecycle.hang_timeout_ms.load(Ordering::Relaxed) {
-        0 => local().hang_timeout_ms as u64,
+        0 => this_process().hang_timeout_ms.get() as u64,
         ms => ms,
     }
 }
@@ -140,7 +140,7 @@ pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
         }
         m
     })?;
-    if local().is_worker {
+    if this_process().is_worker.get() {
         wake::wake_later(index);
     } else {
         wake::wake_zone(zone);
@@ -153,17 +153,19 @@ pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
 /// timeout), and accounting for writers that died mid-post, each logged
 /// once by whichever worker sees it first. Wake-ups do not depend on it.
 pub fn on_heartbeat(zone: &Zone) {
-    let l = local();
+    let l = this_process();
     let Some(r) = ring(zone) else { return };
     // SAFETY: set by nginx at process start.
     let me = unsafe { nginx_sys::ngx_pid };
-    if let Some(rd) = l.reader.and_then(|i| r.reader(i))
+    if let Some(rd) = l.reader.get().and_then(|i| r.reader(i))
         && rd.stats().owner == me
     {
         rd.beat(mono_ms());
     }
     r.repair(&zone.lock());
-    report_abandoned(zone, l.heartbeat.log);
+    // SAFETY: the heartbeat event lives in process-static memory; its log
+    // is set before its timer first fires (and null until then).
+    report_abandoned(zone, unsafe { (*l.heartbeat_event()).log });
 }
 
 /// Logs, once, the posts cut off by writers that died mid-post.

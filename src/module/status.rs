@@ -13,7 +13,7 @@ use crate::shm::lifecycle::Lifecycle;
 
 use super::http;
 use super::metrics;
-use super::process_state::local;
+use super::process_state::this_process;
 use super::ring_glue;
 use super::time::{mono_ms, wall_of};
 use super::zone::Zone;
@@ -106,10 +106,10 @@ fn lifecycle(primary: &Zone, now: u64) -> (Value, Value) {
 
 /// The whole status document, as seen from this process.
 pub fn snapshot() -> Value {
-    let l = local();
+    let l = this_process();
     let now = mono_ms();
     let zones: Vec<Value> = l
-        .zones
+        .zones()
         .iter()
         .map(|z| {
             let (size, free) = (z.size(), z.free_bytes());
@@ -134,12 +134,12 @@ pub fn snapshot() -> Value {
         "abi": crate::ffi::ABI_VERSION,
         // SAFETY: set by nginx at process start.
         "pid": unsafe { nginx_sys::ngx_pid },
-        "generation": l.generation,
+        "generation": l.generation.get(),
         "zones": zones,
     });
     if let Some(primary) = l.primary() {
         let lc = &primary.header().lifecycle;
-        let (gens, workers) = lifecycle(primary, now);
+        let (gens, workers) = lifecycle(&primary, now);
         doc["node"] = node(lc);
         doc["current_generation"] = json!(lc.current_generation());
         doc["generations"] = gens;

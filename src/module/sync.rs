@@ -12,7 +12,7 @@ use crate::shm::lifecycle::pid_alive;
 use crate::shm::lock::ShmLock;
 use crate::shm::sync::{Slab, SyncTable};
 
-use super::process_state::local;
+use super::process_state::this_process;
 use super::time::now_ms;
 use super::zone::Zone;
 
@@ -100,7 +100,7 @@ pub fn alive(pid: i32) -> bool {
     if !pid_alive(pid) {
         return false;
     }
-    let Some(primary) = local().primary() else { return true };
+    let Some(primary) = this_process().primary() else { return true };
     let mut tracked = false;
     for w in primary.header().lifecycle.workers().filter(|w| w.pid == pid) {
         if w.state.is_live() {
@@ -120,9 +120,10 @@ fn pid() -> i32 {
 pub fn tick(zone: &Zone, inst: usize, lease_ms: u64, exiting: bool) -> Option<Role> {
     let t = table(zone)?;
     let i = t.instances.get(inst)?;
-    let l = local();
-    let current = l.primary().map_or(l.generation, |p| p.header().lifecycle.current_generation());
-    let me = Me { pid: pid(), generation: l.generation, current_generation: current, exiting };
+    let l = this_process();
+    let generation = l.generation.get();
+    let current = l.primary().map_or(generation, |p| p.header().lifecycle.current_generation());
+    let me = Me { pid: pid(), generation, current_generation: current, exiting };
     let role = i.lease.tick(&zone.lock(), me, now_ms(), lease_ms, alive);
     // SAFETY: the cycle's log is valid in a running worker.
     let log = unsafe { (*nginx_sys::ngx_cycle).log };

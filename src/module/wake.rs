@@ -11,13 +11,10 @@
 //! could drain the other's wake-up). The handler posts the Lua poller's
 //! ngx.semaphore.
 
-use core::ffi::c_void;
-
 use nginx_sys::{NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t};
 
-use super::process_state::local;
-
-pub type SemaPost = unsafe extern "C" fn(sem: *mut c_void, n: i32) -> i32;
+use super::process_state::this_process;
+use super::sema;
 
 /// The abstract socket address of (pid, nonce), and its length.
 fn address(pid: i32, nonce: u64) -> (libc::sockaddr_un, libc::socklen_t) {
@@ -55,8 +52,8 @@ fn random_nonce() -> u64 {
 /// Worker: binds this process's wake-up socket and adds it to the event
 /// loop. Without it (logged) the Lua poller falls back to its interval.
 pub fn register(cycle: *mut ngx_cycle_t) {
-    let l = local();
-    if !l.wake_conn.is_null() {
+    let l = this_process();
+    if !l.wake_conn.get().is_null() {
         return;
     }
     // SAFETY: cycle is live.
@@ -106,13 +103,13 @@ pub fn register(cycle: *mut ngx_cycle_t) {
             return;
         }
     }
-    l.wake_conn = c;
-    l.wake_nonce = nonce;
+    l.wake_conn.set(c);
+    l.wake_nonce.set(nonce);
 }
 
 /// Whether posters can wake this worker.
 pub fn available() -> bool {
-    !local().wake_conn.is_null()
+    !this_process().wake_conn.get().is_null()
 }
 
 /// Drains the socket and wakes the Lua poller.
@@ -131,10 +128,9 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
         // not run posted events before it blocks in epoll again: a datagram
         // to ourselves ends that wait at once, so the poller stops now
         // rather than at the next timer (the heartbeat, or never).
-        let l = local();
-        post_sema(l.sema);
+        sema::post();
         // SAFETY: set by nginx at process start.
-        signal(unsafe { nginx_sys::ngx_pid }, l.wake_nonce);
+        signal(unsafe { nginx_sys::ngx_pid }, this_process().wake_nonce.get());
         return;
     }
     // SAFETY: as above.
@@ -142,33 +138,11 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     let mut b = [0u8; 8];
     // SAFETY: reading into a local buffer from our non-blocking socket; stops at EAGAIN.
     while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) } >= 0 {}
-    let l = local();
-    l.wakeups_received += 1;
-    post_sema(l.sema);
+    let l = this_process();
+    l.wakeups_received.set(l.wakeups_received.get() + 1);
+    sema::post();
     // The PostgreSQL bridge's holder is woken through the same descriptor.
     crate::pg::glue::on_wake();
-}
-
-/// Posts the registered ngx.semaphore (lua-nginx-module's FFI entry point,
-/// looked up once; it only bumps the count and posts an nginx event).
-pub fn post_sema(sem: *mut c_void) {
-    if sem.is_null() {
-        return;
-    }
-    let l = local();
-    if l.sema_post.is_none() {
-        // SAFETY: dlsym with a NUL-terminated name; the Lua module is loaded RTLD_GLOBAL.
-        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"ngx_http_lua_ffi_sema_post".as_ptr()) };
-        if p.is_null() {
-            return;
-        }
-        // SAFETY: the symbol has this signature in lua-nginx-module 0.10.x.
-        l.sema_post = Some(unsafe { core::mem::transmute::<*mut c_void, SemaPost>(p) });
-    }
-    if let Some(f) = l.sema_post {
-        // SAFETY: sem was registered by Lua from a live ngx.semaphore it keeps referenced.
-        unsafe { f(sem, 1) };
-    }
 }
 
 /// Wakes the idle workers of zone `index` at the end of this event-loop
@@ -176,26 +150,28 @@ pub fn post_sema(sem: *mut c_void) {
 /// one wake-up per idle worker in all, not one each time a fast reader
 /// drained the ring and went idle again.
 pub fn wake_later(index: usize) {
-    let l = local();
-    l.wake_zones |= 1u32 << (index % 32);
-    let ev = &mut l.wake_ev;
-    if ev.posted() != 0 {
-        return;
+    let l = this_process();
+    l.wake_zones.set(l.wake_zones.get() | 1u32 << (index % 32));
+    let ev = l.wake_event();
+    // SAFETY: the event lives in process-static memory, and only this
+    // thread touches it (nginx's posted queue is this loop's too).
+    unsafe {
+        if (*ev).posted() != 0 {
+            return;
+        }
+        if (*ev).handler.is_none() {
+            (*ev).handler = Some(on_deferred_wake);
+            (*ev).data = l.dummy_connection().cast();
+            (*ev).log = (*nginx_sys::ngx_cycle).log;
+        }
+        nginx_sys::ngx_post_event(ev, &raw mut nginx_sys::ngx_posted_events);
     }
-    if ev.handler.is_none() {
-        ev.handler = Some(on_deferred_wake);
-        ev.data = (&raw mut l.dummy_conn).cast();
-        // SAFETY: ngx_cycle is the running cycle of this worker.
-        ev.log = unsafe { (*nginx_sys::ngx_cycle).log };
-    }
-    // SAFETY: the event lives in process-static memory; the queue is nginx's own.
-    unsafe { nginx_sys::ngx_post_event(ev, &raw mut nginx_sys::ngx_posted_events) };
 }
 
 unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
-    let l = local();
-    let zones = core::mem::take(&mut l.wake_zones);
-    for (i, z) in l.zones.iter().enumerate() {
+    let l = this_process();
+    let zones = l.wake_zones.replace(0);
+    for (i, z) in l.zones().iter().enumerate() {
         if zones & (1u32 << (i % 32)) != 0 {
             wake_zone(z);
         }
@@ -216,26 +192,27 @@ pub fn wake_zone(z: &super::zone::Zone) {
 /// queue means wake-ups are already waiting there; a gone address, that
 /// the worker is gone: both are fine to ignore.
 pub fn signal(pid: i32, nonce: u64) {
-    let l = local();
-    if l.send_fd < 0 {
-        l.send_fd = datagram_socket();
-        if l.send_fd < 0 {
+    let l = this_process();
+    if l.send_fd.get() < 0 {
+        l.send_fd.set(datagram_socket());
+        if l.send_fd.get() < 0 {
             return;
         }
     }
     let (addr, len) = address(pid, nonce);
     // SAFETY: one byte from a local to a valid address; non-blocking.
-    unsafe { libc::sendto(l.send_fd, c"w".as_ptr().cast(), 1, libc::MSG_DONTWAIT, (&raw const addr).cast(), len) };
+    unsafe {
+        libc::sendto(l.send_fd.get(), c"w".as_ptr().cast(), 1, libc::MSG_DONTWAIT, (&raw const addr).cast(), len)
+    };
 }
 
 /// Worker exit: stop reading (release the ring readers) and close the socket.
 pub fn unregister() {
     super::ring_glue::release_readers();
-    let l = local();
-    if !l.wake_conn.is_null() {
+    let c = this_process().wake_conn.replace(core::ptr::null_mut());
+    if !c.is_null() {
         // SAFETY: the connection was made by register() in this process.
-        unsafe { nginx_sys::ngx_close_connection(l.wake_conn) };
-        l.wake_conn = core::ptr::null_mut();
+        unsafe { nginx_sys::ngx_close_connection(c) };
     }
-    l.sema = core::ptr::null_mut();
+    sema::register(core::ptr::null_mut());
 }

@@ -39,8 +39,12 @@ impl Zone {
         unsafe { (*self.shm).shm.size }
     }
 
-    pub fn header(&self) -> &ZoneHeader {
-        // SAFETY: header was laid out (or checked) by init_zone before any process used the zone.
+    /// The zone's header, for as long as the process runs: a worker never
+    /// unmaps its zones, and the master replaces its zone list in
+    /// init_module, before nginx unmaps the zones a reload dropped.
+    pub fn header(&self) -> &'static ZoneHeader {
+        // SAFETY: header was laid out (or checked) by init_zone before any
+        // process used the zone, and stays mapped as said above.
         unsafe { &*self.header }
     }
 
@@ -136,7 +140,7 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
             );
             return NGX_ERROR as ngx_int_t;
         }
-        let workers = super::process_state::local().conf_workers;
+        let workers = super::process_state::this_process().conf_workers.get();
         let needed = records_needed(workers);
         if header.lifecycle.record_count() < needed {
             ngx::ngx_log_error!(
@@ -177,7 +181,7 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
     h.size = size as u64;
     // SAFETY: reading the master's pid, set before configuration.
     h.lifecycle.init(unsafe { nginx_sys::ngx_pid }, now_ms());
-    let records = records_for(super::process_state::local().conf_workers);
+    let records = records_for(super::process_state::this_process().conf_workers.get());
     if let Err(why) = super::layout::lay_out(pool, h, records) {
         ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes: {why}");
         return NGX_ERROR as ngx_int_t;

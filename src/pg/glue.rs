@@ -6,7 +6,7 @@
 // for the call by nginx's contract, so these lints would only repeat it.
 #![allow(clippy::not_unsafe_ptr_arg_deref, clippy::missing_safety_doc)]
 
-use core::cell::UnsafeCell;
+use core::cell::{Cell, OnceCell, UnsafeCell};
 use core::ffi::{c_char, c_void};
 use core::sync::atomic::Ordering::Relaxed;
 use std::collections::HashMap;
@@ -17,7 +17,7 @@ use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use serde_json::{Value, json};
 
 use crate::module::conf::CoreConf;
-use crate::module::process_state::local;
+use crate::module::process_state::{OneThread, this_process};
 use crate::module::time::now_ms;
 use crate::module::zone::Zone;
 use crate::shm::lifecycle::pid_alive;
@@ -36,31 +36,63 @@ pub struct PgSetup {
 const TICK_MS: u64 = 500;
 const LEASE_MS: u64 = 3000;
 
-struct PgLocal {
-    setup: Option<&'static PgSetup>,
-    bus: Option<&'static PgBus>,
-    zone: Option<Zone>,
+/// This worker's side of the bridge, made once in init_worker and then
+/// reached by shared reference only (see module::process_state for the
+/// rule): the settings are fixed, the rest are `Cell`s taken out and put
+/// back around their use, and the events nginx points at are handed out
+/// as raw pointers.
+struct PgWorker {
+    setup: &'static PgSetup,
+    bus: &'static PgBus,
+    zone: Zone,
     origin: String,
-    tick: ngx_event_t,
-    drive: ngx_event_t,
-    timer: ngx_event_t,
-    dummy: ngx_connection_t,
-    bridge: Option<Box<Bridge>>,
+    tick: UnsafeCell<ngx_event_t>,
+    drive: UnsafeCell<ngx_event_t>,
+    timer: UnsafeCell<ngx_event_t>,
+    dummy: UnsafeCell<ngx_connection_t>,
+    /// The holder's session; out of the cell while it runs.
+    bridge: Cell<Option<Box<Bridge>>>,
     /// Channels this worker's Lua code waits on or subscribes to, with counts.
-    interest: HashMap<Vec<u8>, u32>,
-    stopped: bool,
+    interest: Cell<HashMap<Vec<u8>, u32>>,
+    stopped: Cell<bool>,
 }
 
-struct Cell(UnsafeCell<Option<PgLocal>>);
-// SAFETY: nginx runs a process's module code on its one event-loop thread.
-unsafe impl Sync for Cell {}
-static PG: Cell = Cell(UnsafeCell::new(None));
+impl PgWorker {
+    fn has_bridge(&self) -> bool {
+        let b = self.bridge.take();
+        let has = b.is_some();
+        self.bridge.set(b);
+        has
+    }
 
-#[allow(clippy::mut_from_ref)]
-fn pg() -> Option<&'static mut PgLocal> {
-    // SAFETY: single-threaded per process (see Cell); no caller keeps the
-    // reference across a call that re-enters this module.
-    unsafe { (*PG.0.get()).as_mut() }
+    /// Ends the session, if any.
+    fn drop_bridge(&self) -> bool {
+        match self.bridge.take() {
+            Some(mut b) => {
+                b.shutdown();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn with_interest<R>(&self, f: impl FnOnce(&mut HashMap<Vec<u8>, u32>) -> R) -> R {
+        let mut m = self.interest.take();
+        let r = f(&mut m);
+        self.interest.set(m);
+        r
+    }
+
+    fn log(&self) -> *mut nginx_sys::ngx_log_t {
+        // SAFETY: our own event, set up in init_worker; only this thread touches it.
+        unsafe { (*self.tick.get()).log }
+    }
+}
+
+static PG: OneThread<OnceCell<PgWorker>> = OneThread::new(OnceCell::new());
+
+fn pg() -> Option<&'static PgWorker> {
+    PG.get().get()
 }
 
 fn pid() -> i32 {
@@ -145,12 +177,16 @@ fn node_origin(zone: &Zone) -> String {
     wire::clean_origin(&format!("{}/{m}/{s}", crate::module::status::host_name()))
 }
 
-fn init_event(
-    ev: &mut ngx_event_t,
+/// # Safety
+/// `ev` must be an event of this process that no timer or queue holds yet.
+unsafe fn init_event(
+    ev: *mut ngx_event_t,
     dummy: *mut ngx_connection_t,
     log: *mut nginx_sys::ngx_log_t,
     h: unsafe extern "C" fn(*mut ngx_event_t),
 ) {
+    // SAFETY: guaranteed by the caller.
+    let ev = unsafe { &mut *ev };
     ev.handler = Some(h);
     ev.log = log;
     // nginx's timer code logs ev->data as a connection at debug level.
@@ -167,8 +203,8 @@ pub fn init_worker(cycle: *mut ngx_cycle_t) {
     }
     // SAFETY: set by set_postgres; lives in the cycle pool as long as this cycle.
     let setup: &'static PgSetup = unsafe { &*cc.pg };
-    let l = local();
-    let Some(zone) = l.primary().copied() else { return };
+    let l = this_process();
+    let Some(zone) = l.primary() else { return };
     let h = zone.header();
     // SAFETY: laid out by parts::lay_out inside this zone.
     let bus = h.part(h.pg_off, h.pg_len).and_then(|(p, n)| unsafe { PgBus::attach(p, n) });
@@ -183,33 +219,36 @@ pub fn init_worker(cycle: *mut ngx_cycle_t) {
         );
         return;
     };
-    // SAFETY: a process-static slot; written once here, before any event uses it.
-    let slot = unsafe { &mut *PG.0.get() };
-    *slot = Some(PgLocal {
-        setup: Some(setup),
-        bus: Some(bus),
-        zone: Some(zone),
+    let worker = PgWorker {
+        setup,
+        bus,
+        zone,
         origin: node_origin(&zone),
         // SAFETY: all-zero events and connection are nginx's unused states.
-        tick: unsafe { core::mem::zeroed() },
+        tick: UnsafeCell::new(unsafe { core::mem::zeroed() }),
         // SAFETY: as above.
-        drive: unsafe { core::mem::zeroed() },
+        drive: UnsafeCell::new(unsafe { core::mem::zeroed() }),
         // SAFETY: as above.
-        timer: unsafe { core::mem::zeroed() },
+        timer: UnsafeCell::new(unsafe { core::mem::zeroed() }),
         // SAFETY: as above.
-        dummy: unsafe { core::mem::zeroed() },
-        bridge: None,
-        interest: HashMap::new(),
-        stopped: false,
-    });
+        dummy: UnsafeCell::new(unsafe { core::mem::zeroed() }),
+        bridge: Cell::new(None),
+        interest: Cell::new(HashMap::new()),
+        stopped: Cell::new(false),
+    };
+    if PG.get().set(worker).is_err() {
+        return; // init_worker runs once per worker
+    }
     let Some(p) = pg() else { return };
-    p.dummy.fd = -1;
-    let dummy = &raw mut p.dummy;
-    init_event(&mut p.tick, dummy, log, on_tick);
-    init_event(&mut p.drive, dummy, log, on_drive);
-    init_event(&mut p.timer, dummy, log, on_timer);
-    // SAFETY: the event lives in process-static memory.
-    unsafe { nginx_sys::ngx_add_timer(&mut p.tick, 1) };
+    // SAFETY: the worker's events and dummy connection live in process-static
+    // memory from here on; only this thread touches them.
+    unsafe {
+        (*p.dummy.get()).fd = -1;
+        init_event(p.tick.get(), p.dummy.get(), log, on_tick);
+        init_event(p.drive.get(), p.dummy.get(), log, on_drive);
+        init_event(p.timer.get(), p.dummy.get(), log, on_timer);
+        nginx_sys::ngx_add_timer(p.tick.get(), 1);
+    }
 }
 
 /// Worker exit: close the session, give the lease up.
@@ -218,23 +257,19 @@ pub fn exit_worker() {
     stop(p);
 }
 
-fn stop(p: &mut PgLocal) {
-    p.stopped = true;
-    if let Some(mut b) = p.bridge.take() {
-        b.shutdown();
-    }
-    if let (Some(bus), Some(z)) = (p.bus, p.zone.as_ref()) {
-        bus.release(&z.lock(), pid());
-    }
+fn stop(p: &PgWorker) {
+    p.stopped.set(true);
+    p.drop_bridge();
+    p.bus.release(&p.zone.lock(), pid());
     // SAFETY: our own events; removing them from the timer tree / posted queue.
     unsafe {
-        for ev in [&raw mut p.tick, &raw mut p.timer] {
+        for ev in [p.tick.get(), p.timer.get()] {
             if (*ev).timer_set() != 0 {
                 nginx_sys::ngx_del_timer(ev);
             }
         }
-        if p.drive.posted() != 0 {
-            nginx_sys::ngx_delete_posted_event(&mut p.drive);
+        if (*p.drive.get()).posted() != 0 {
+            nginx_sys::ngx_delete_posted_event(p.drive.get());
         }
     }
 }
@@ -246,28 +281,30 @@ fn exiting() -> bool {
 
 unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
     let Some(p) = pg() else { return };
-    if p.stopped {
+    if p.stopped.get() {
         return;
     }
     if exiting() {
         stop(p);
         return;
     }
-    let (Some(setup), Some(bus), Some(zone)) = (p.setup, p.bus, p.zone) else { return };
+    let (setup, bus, zone) = (p.setup, p.bus, p.zone);
     let now = now_ms();
     let lock = zone.lock();
     // Every node listens to the cluster-wide events channel.
     let mut added = bus.want_channel(&lock, wire::EVENTS_CHANNEL.as_bytes(), now).unwrap_or(false);
-    for ch in p.interest.keys() {
-        added |= bus.want_channel(&lock, ch, now).unwrap_or(false);
-    }
-    let l = local();
+    p.with_interest(|interest| {
+        for ch in interest.keys() {
+            added |= bus.want_channel(&lock, ch, now).unwrap_or(false);
+        }
+    });
+    let l = this_process();
     let newest = zone.header().lifecycle.current_generation();
-    let lease = bus.try_lease(&lock, pid(), l.slot, l.generation, newest, now, LEASE_MS, pid_alive);
+    let lease = bus.try_lease(&lock, pid(), l.slot.get(), l.generation.get(), newest, now, LEASE_MS, pid_alive);
     match lease {
         Lease::Held | Lease::Acquired { .. } => {
-            bus.set_holder_nonce(l.wake_nonce);
-            if p.bridge.is_none() {
+            bus.set_holder_nonce(l.wake_nonce.get());
+            if !p.has_bridge() {
                 let from = if let Lease::Acquired { from } = lease { from } else { 0 };
                 let b = Bridge::new(Env {
                     conf: &setup.cfg,
@@ -275,25 +312,25 @@ unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
                     bus,
                     zone,
                     origin: p.origin.clone(),
-                    log: p.tick.log,
-                    drive_ev: &raw mut p.drive,
-                    timer_ev: &raw mut p.timer,
+                    log: p.log(),
+                    drive_ev: p.drive.get(),
+                    timer_ev: p.timer.get(),
                 });
                 b.log_takeover(from);
-                p.bridge = Some(Box::new(b));
+                p.bridge.set(Some(Box::new(b)));
             }
             // Also the holder's periodic work (UNLISTEN, retention) runs from drive.
             post_drive(p);
         }
         Lease::Other(_) => {
-            if let Some(mut b) = p.bridge.take() {
+            if p.has_bridge() {
                 ngx::ngx_log_error!(
                     nginx_sys::NGX_LOG_INFO,
-                    p.tick.log,
+                    p.log(),
                     "workerbus: postgres: worker process {} hands the connection over",
                     pid()
                 );
-                b.shutdown();
+                p.drop_bridge();
             }
             if added {
                 wake_holder(p, bus, true);
@@ -301,13 +338,16 @@ unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
         }
     }
     // SAFETY: the event lives in process-static memory.
-    unsafe { nginx_sys::ngx_add_timer(&mut p.tick, TICK_MS as _) };
+    unsafe { nginx_sys::ngx_add_timer(p.tick.get(), TICK_MS as _) };
 }
 
-fn post_drive(p: &mut PgLocal) {
-    if p.drive.posted() == 0 {
-        // SAFETY: the event lives in process-static memory; nginx's own queue.
-        unsafe { nginx_sys::ngx_post_event(&mut p.drive, &raw mut nginx_sys::ngx_posted_events) };
+fn post_drive(p: &PgWorker) {
+    let ev = p.drive.get();
+    // SAFETY: the event lives in process-static memory; nginx's own queue.
+    unsafe {
+        if (*ev).posted() == 0 {
+            nginx_sys::ngx_post_event(ev, &raw mut nginx_sys::ngx_posted_events);
+        }
     }
 }
 
@@ -316,21 +356,23 @@ fn post_drive(p: &mut PgLocal) {
 /// at once, before reading anything the new holder also receives.
 fn drive_session() {
     let Some(p) = pg() else { return };
-    let Some(bus) = p.bus else { return };
-    if p.bridge.is_some() && bus.holder().0 != pid() {
-        if let Some(mut b) = p.bridge.take() {
-            ngx::ngx_log_error!(
-                NGX_LOG_WARN,
-                p.tick.log,
-                "workerbus: postgres: worker process {} lost the lease (another worker holds the connection); closing",
-                pid()
-            );
-            b.shutdown();
-        }
+    let Some(mut b) = p.bridge.take() else { return };
+    if p.bus.holder().0 != pid() {
+        ngx::ngx_log_error!(
+            NGX_LOG_WARN,
+            p.log(),
+            "workerbus: postgres: worker process {} lost the lease (another worker holds the connection); closing",
+            pid()
+        );
+        b.shutdown();
         return;
     }
-    if let Some(b) = p.bridge.as_mut() {
-        b.drive();
+    b.drive();
+    // Put back, unless the worker stopped (or another session began) meanwhile.
+    if p.stopped.get() {
+        b.shutdown();
+    } else if let Some(mut newer) = p.bridge.replace(Some(b)) {
+        newer.shutdown();
     }
 }
 
@@ -345,13 +387,13 @@ unsafe extern "C" fn on_timer(_ev: *mut ngx_event_t) {
 /// From the wake-up handler: work may be waiting for the holder.
 pub fn on_wake() {
     let Some(p) = pg() else { return };
-    if p.bridge.is_some() {
+    if p.has_bridge() {
         post_drive(p);
     }
 }
 
 /// Wakes the holder if it sleeps (or always, with `force`).
-fn wake_holder(p: &mut PgLocal, bus: &PgBus, force: bool) {
+fn wake_holder(p: &PgWorker, bus: &PgBus, force: bool) {
     if !bus.take_holder_waiting() && !force {
         return;
     }
@@ -365,13 +407,10 @@ fn wake_holder(p: &mut PgLocal, bus: &PgBus, force: bool) {
 
 // ---- calls behind the C ABI ------------------------------------------------
 
-fn ready() -> Result<(&'static mut PgLocal, &'static PgSetup, &'static PgBus, Zone), String> {
+fn ready() -> Result<(&'static PgWorker, &'static PgSetup, &'static PgBus, Zone), String> {
     crate::module::process::ensure_worker_started();
     let p = pg().ok_or("the PostgreSQL bridge is not configured (no workerbus_postgres directive)")?;
-    match (p.setup, p.bus, p.zone) {
-        (Some(s), Some(b), Some(z)) => Ok((p, s, b, z)),
-        _ => Err("the PostgreSQL bridge is not configured (no workerbus_postgres directive)".into()),
-    }
+    Ok((p, p.setup, p.bus, p.zone))
 }
 
 /// (max channel bytes, max payload bytes) when configured.
@@ -414,17 +453,22 @@ pub fn listen(channel: &[u8], delta: i32) -> Result<bool, String> {
     wire::check_channel(channel, s.cfg.max_channel())?;
     let lock = zone.lock();
     if delta > 0 {
-        *p.interest.entry(channel.to_vec()).or_insert(0) += 1;
+        p.with_interest(|i| *i.entry(channel.to_vec()).or_insert(0) += 1);
         let added = bus.want_channel(&lock, channel, now_ms())?;
         if added {
             wake_holder(p, bus, true);
         }
-    } else if delta < 0
-        && let Some(n) = p.interest.get_mut(channel)
-    {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            p.interest.remove(channel);
+    } else if delta < 0 {
+        let last = p.with_interest(|i| {
+            let Some(n) = i.get_mut(channel) else { return false };
+            *n = n.saturating_sub(1);
+            let last = *n == 0;
+            if last {
+                i.remove(channel);
+            }
+            last
+        });
+        if last {
             // Mark it used now: UNLISTEN comes unlisten_after from here.
             let _ = bus.want_channel(&lock, channel, now_ms());
         }
@@ -436,7 +480,7 @@ pub fn listen(channel: &[u8], delta: i32) -> Result<bool, String> {
 
 pub fn status() -> Value {
     let Some(p) = pg() else { return Value::Null };
-    let (Some(s), Some(bus), Some(zone)) = (p.setup, p.bus, p.zone) else { return Value::Null };
+    let (s, bus, zone) = (p.setup, p.bus, p.zone);
     let lock = zone.lock();
     let now = now_ms();
     let c = &bus.counters;
