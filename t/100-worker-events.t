@@ -1299,3 +1299,93 @@ GET /t
 idle pollers: 4
 --- shutdown_error_log eval
 qr/workerbus: worker process \d+ exited from slot \d, generation 1 \(0 live\)/
+
+
+
+=== TEST 32: the semaphore a wake-up posts stays alive while registered: the poller dies in its wait and the module is loaded anew, the registered semaphore survives collection, the new poller's replaces it and is the one woken
+--- http_config
+    lua_shared_dict process_events 1m;
+    init_worker_by_lua_block {
+        -- every semaphore made in this worker, held weakly: collection shows
+        local semaphore = require "ngx.semaphore"
+        local made = setmetatable({}, { __mode = "k" })
+        local new = semaphore.new
+        semaphore.new = function(...)
+            local s, err = new(...)
+            if s then made[s] = true end
+            return s, err
+        end
+        package.loaded.test_made = made
+        assert(require("resty.worker.events").configure { shm = "process_events", interval = 3600 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local semaphore = require "ngx.semaphore"
+            local made = package.loaded.test_made
+            local function made_count()
+                collectgarbage("collect")
+                collectgarbage("collect")
+                local n = 0
+                for _ in pairs(made) do n = n + 1 end
+                return n
+            end
+            local function wait_for(f)
+                ngx.update_time()
+                local deadline = ngx.now() + 10
+                while not f() and ngx.now() < deadline do
+                    ngx.sleep(0.01)
+                    ngx.update_time()
+                end
+                return f()
+            end
+            ngx.say("first poller's semaphore: ", wait_for(function() return made_count() == 1 end))
+
+            -- the poller's coroutine dies in its next wait, with its
+            -- semaphore registered
+            local wait, died = semaphore.wait, false
+            semaphore.wait = function()
+                semaphore.wait, died = wait, true
+                error("poller killed by the test")
+            end
+            assert(require("resty.worker.events").post("test", "nudge"))
+            ngx.say("poller died: ", wait_for(function() return died end))
+
+            -- nothing of the first module is left but what it registered
+            for _, m in ipairs { "resty.worker.events", "resty.events", "resty.workerbus.events_core" } do
+                package.loaded[m] = nil
+            end
+            ngx.say("registered semaphore alive after collection: ",
+                    made_count() == 1 and debug.getregistry()[
+                        "resty.workerbus.events_core: registered semaphore"] ~= nil)
+
+            -- a new copy's poller registers its own; posts wake it (it
+            -- waits an hour otherwise)
+            local ev = require "resty.worker.events"
+            local got = 0
+            ev.register(function() got = got + 1 end, "test", "again")
+            assert(ev.configure { shm = "process_events", interval = 3600 })
+            ngx.say("second poller's semaphore: ", wait_for(function() return made_count() == 2 end))
+            ngx.sleep(0.05)
+            for _ = 1, 3 do
+                assert(ev.post("test", "again"))
+                assert(wait_for(function() return got > 0 end))
+                ngx.sleep(0.05)
+            end
+            ngx.say("handled by the new copy, woken: ", wait_for(function() return got == 3 end))
+        }
+    }
+--- request
+GET /t
+--- response_body
+first poller's semaphore: true
+poller died: true
+registered semaphore alive after collection: true
+second poller's semaphore: true
+handled by the new copy, woken: true
+--- error_log
+poller killed by the test
+--- no_error_log
+[alert]
+[crit]
+exited on signal

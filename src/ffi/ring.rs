@@ -123,6 +123,10 @@ pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
 /// Registers the ngx.semaphore posted on wake-up (NULL unregisters) and
 /// claims this worker's readers. Returns 1 when posters can wake this
 /// worker (the poller may then sleep without a timeout), 0 when it must poll.
+///
+/// `sem` is an `ngx_http_lua_sema_t *` that the caller keeps alive until it
+/// registers another one or NULL (module::sema states the contract; the
+/// address is also forgotten at worker exit).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
     crate::module::process::ensure_worker_started();

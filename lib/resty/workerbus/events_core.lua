@@ -145,7 +145,7 @@ local lq_head, lq_tail = 1, 0
 local busy = false         -- a poll is running (a handler calling poll gets "recursive")
 local ring_polled = false  -- this process read its ring at least once
 
-local sema                 -- the poller's ngx.semaphore (kept referenced: the module holds its pointer)
+local sema                 -- the poller's ngx.semaphore (see register_sema)
 local loop_running = false
 local waiting = false
 local interval = 0
@@ -160,6 +160,21 @@ local LAG_LOG_EVERY = 10
 local lag_logged_at = nil
 local lag_held, lag_held_events = 0, 0
 local wants = {}           -- owner -> interval wanted (0: no background loop)
+
+-- The module posts the poller's semaphore on wake-up through its C address,
+-- which is valid only while the Lua object lives. So the object whose
+-- address is registered is anchored in the Lua registry, and both change
+-- together: a copy of this module loaded anew (package.loaded cleared) has
+-- none of this one's upvalues, yet the registered semaphore cannot be
+-- collected under the module. The module forgets the address at worker exit.
+local SEMA_ANCHOR = "resty.workerbus.events_core: registered semaphore"
+local registry = debug.getregistry()
+
+local function register_sema(s)
+    local wakeable = C.workerbus_ev_set_sema(s and s.sem or nil) == 1
+    registry[SEMA_ANCHOR] = s  -- the old object is let go only once its address is replaced
+    return wakeable
+end
 
 local function reset_if_forked()
     local pid = ngx.worker.pid()
@@ -628,7 +643,7 @@ local function run_exit_hooks()
     -- This worker reads no more: its unread events must not hold up the
     -- others' posts while it drains requests before it exits.
     if sema then
-        C.workerbus_ev_set_sema(nil)
+        register_sema(nil)
     end
 end
 
@@ -667,7 +682,7 @@ loop = function(premature)
             return
         end
         sema = s
-        wakeable = C.workerbus_ev_set_sema(s.sem) == 1
+        wakeable = register_sema(s)
     end
     if not watching then
         watching = ngx.timer.at(EXIT_WATCH, exit_watch) and true or false
@@ -689,7 +704,7 @@ loop = function(premature)
             -- unread events (a full ring laps it, and tells it), and a new
             -- poller claims them again.
             loop_running = false
-            C.workerbus_ev_set_sema(nil)
+            register_sema(nil)
             sema = nil
             return
         end

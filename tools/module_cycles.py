@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Lists import cycles between the crate's source files.
+
+Each src/**/*.rs file is a module; a path `crate::a::b::Item` or
+`super::b::Item` written in it (in a `use` or inline, outside comments)
+is an edge to the deepest module file the path names. A cycle means two
+files each need the other: the idea they share belongs to a lower layer.
+Exits 1 and prints the cycles when there are any.
+"""
+import os
+import re
+import sys
+
+SRC = sys.argv[1] if len(sys.argv) > 1 else "src"
+
+
+def module_of(path):
+    rel = os.path.relpath(path, SRC)[:-3].split(os.sep)
+    if rel[-1] in ("mod", "lib"):
+        rel = rel[:-1]
+    return tuple(rel)
+
+
+files = {}
+for root, _, names in os.walk(SRC):
+    for n in names:
+        if n.endswith(".rs"):
+            p = os.path.join(root, n)
+            files[module_of(p)] = p
+mods = set(files)
+
+
+def strip_comments(text):
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def expand(prefix, body):
+    """`a::{b, c::{d}}` -> [a::b, a::c::d] (paths as lists)."""
+    out, depth, cur = [], 0, ""
+    for ch in body + ",":
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    paths = []
+    for item in filter(None, out):
+        m = re.match(r"^([\w:]*?)::\{(.*)\}$", item, re.S)
+        if m:
+            paths += expand(prefix + m.group(1).split("::"), m.group(2))
+        else:
+            paths.append(prefix + item.split(" as ")[0].strip().split("::"))
+    return paths
+
+
+def target(me, path):
+    if path[0] == "crate":
+        base = list(path[1:])
+    elif path[0] == "super":
+        parent = list(me[:-1]) if files[me].endswith(("mod.rs", "lib.rs")) is False else list(me[:-1])
+        base = list(me[:-1])
+        rest = path[1:]
+        while rest and rest[0] == "super":
+            base, rest = base[:-1], rest[1:]
+        base = base + list(rest)
+    elif path[0] == "self":
+        base = list(me) + list(path[1:])
+    else:
+        return None
+    for i in range(len(base), 0, -1):
+        if tuple(base[:i]) in mods:
+            return tuple(base[:i])
+    return None
+
+
+edges = {m: set() for m in mods}
+for me, p in files.items():
+    text = strip_comments(open(p).read())
+    paths = []
+    for m in re.finditer(r"\buse\s+((?:crate|super|self)::[^;]*);", text, re.S):
+        s = re.sub(r"\s+", " ", m.group(1))
+        mm = re.match(r"^([\w:]*?)::\{(.*)\}$", s)
+        paths += expand(mm.group(1).split("::"), mm.group(2)) if mm else [s.split(" as ")[0].split("::")]
+    for m in re.finditer(r"\b((?:crate|super)(?:::\w+)+)", text):
+        paths.append(m.group(1).split("::"))
+    for path in paths:
+        t = target(me, [x.strip() for x in path if x.strip()])
+        # a file's own parent mod.rs (re-exports, module tables) is not an edge back
+        if t and t != me and t != me[: len(t)]:
+            edges[me].add(t)
+
+# strongly connected components (Tarjan)
+index, low, stack, on, sccs, n = {}, {}, [], set(), [], [0]
+
+
+def strong(v):
+    index[v] = low[v] = n[0]
+    n[0] += 1
+    stack.append(v)
+    on.add(v)
+    for w in edges[v]:
+        if w not in index:
+            strong(w)
+            low[v] = min(low[v], low[w])
+        elif w in on:
+            low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+        comp = []
+        while True:
+            w = stack.pop()
+            on.discard(w)
+            comp.append(w)
+            if w == v:
+                break
+        if len(comp) > 1:
+            sccs.append(comp)
+
+
+sys.setrecursionlimit(10000)
+for v in sorted(mods):
+    if v not in index:
+        strong(v)
+
+name = lambda m: "::".join(m) or "crate"
+for comp in sccs:
+    inside = set(comp)
+    print("cycle: " + ", ".join(sorted(name(m) for m in comp)))
+    for m in sorted(comp):
+        for t in sorted(edges[m] & inside):
+            print("  %s -> %s" % (name(m), name(t)))
+sys.exit(1 if sccs else 0)
