@@ -3,9 +3,11 @@
 //! - `shm`: the nginx-independent core kept in shared zones;
 //! - `module`: the nginx glue (directives, zones, process hooks, status);
 //! - `ffi`: the C ABI for the Lua modules in lib/resty/;
+//! - `abi`: that ABI's version and argument rule (nginx-independent);
 //! - `prom`: the status document as Prometheus metrics;
 //! - `pg`: the PostgreSQL LISTEN/NOTIFY bridge between nodes.
 
+pub mod abi;
 #[cfg(feature = "nginx")]
 pub mod ffi;
 #[cfg(feature = "nginx")]

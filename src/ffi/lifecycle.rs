@@ -13,7 +13,8 @@ use crate::module::process_state::this_process;
 use crate::module::time::mono_ms;
 use crate::shm::lifecycle::{FLAG_LEFT, FLAG_MANAGED, Lifecycle, pid_alive};
 
-use super::fail;
+use super::{arg, fail};
+use crate::abi;
 
 fn no_zone() -> &'static str {
     if crate::module::preload::in_config_phase() {
@@ -77,18 +78,12 @@ pub extern "C" fn workerbus_lc_lock_owner() -> c_int {
 /// `out` must be writable for 3 values.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_lc_counts(generation: u64, failed_sec: f64, out: *mut i64) -> c_int {
+    // SAFETY: guaranteed by the caller; checked by abi::out_array.
+    let out = arg!(unsafe { abi::out_array(out, 3, "out") }, -1);
+    let failed_ms = arg!(abi::seconds(failed_sec, "failed"), -1);
     let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
-    if out.is_null() {
-        return fail(-1, "null output buffer");
-    }
-    let failed_ms = if failed_sec.is_finite() && failed_sec > 0.0 { (failed_sec * 1000.0) as u64 } else { 0 };
     let (prev, mine, next) = lc.manager_counts(generation, mono_ms(), failed_ms, pid_alive);
-    // SAFETY: guaranteed by the caller; checked non-null above.
-    unsafe {
-        *out = prev.map_or(-1, i64::from);
-        *out.add(1) = i64::from(mine);
-        *out.add(2) = next.map_or(-1, i64::from);
-    }
+    out.copy_from_slice(&[prev.map_or(-1, i64::from), i64::from(mine), next.map_or(-1, i64::from)]);
     0
 }
 
@@ -132,12 +127,10 @@ pub extern "C" fn workerbus_lc_gen_flags(generation: u64) -> c_int {
 /// directive's). Every configuration load resets it.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_set_hang_timeout(sec: f64) -> c_int {
+    let ms = arg!(abi::seconds(sec, "hang timeout"), -1);
     let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
-    if !(sec.is_finite() && sec >= 0.0) {
-        return fail(-1, "hang timeout must be a non-negative number");
-    }
     // Relaxed: a setting read by the heartbeat.
-    lc.hang_timeout_ms.store((sec * 1000.0) as u64, Ordering::Relaxed);
+    lc.hang_timeout_ms.store(ms, Ordering::Relaxed);
     0
 }
 
@@ -165,11 +158,10 @@ pub extern "C" fn workerbus_lc_current_generation() -> u64 {
 /// `id` must be writable, `out` writable for 3 values.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_lc_master_counts(id: *mut u64, out: *mut i64) -> c_int {
+    // SAFETY: guaranteed by the caller; checked by abi.
+    let (id, out) = unsafe { (arg!(abi::out(id, "id"), -1), arg!(abi::out_array(out, 3, "out"), -1)) };
     if !crate::module::preload::in_config_phase() {
         return fail(-1, "only in init_by_lua, while a configuration loads");
-    }
-    if id.is_null() || out.is_null() {
-        return fail(-1, "null output buffer");
     }
     let l = this_process();
     // The running configuration's primary zone (none on a fresh start).
@@ -181,12 +173,7 @@ pub unsafe extern "C" fn workerbus_lc_master_counts(id: *mut u64, out: *mut i64)
         }
         None => (1, -1),
     };
-    // SAFETY: guaranteed by the caller; checked non-null above.
-    unsafe {
-        *id = generation;
-        *out = prev;
-        *out.add(1) = 0;
-        *out.add(2) = -1;
-    }
+    *id = generation;
+    out.copy_from_slice(&[prev, 0, -1]);
     0
 }

@@ -1,11 +1,21 @@
 //! The C ABI that lib/resty/*.lua reach through LuaJIT's FFI. Every symbol
 //! starts with `workerbus_`; lib/resty/workerbus.lua checks ABI_VERSION
-//! before it uses any other. Functions never panic and never unwind: a
-//! negative result means failure, and `workerbus_last_error` says why.
-//! Zones are passed as indexes from `workerbus_zone`, never as pointers.
+//! (crate::abi) before it uses any other. Functions never panic and never
+//! unwind: a negative result means failure, and `workerbus_last_error`
+//! says why. Zones are passed as indexes from `workerbus_zone`, never as
+//! pointers.
+//!
+//! Arguments: every function first turns its raw arguments into typed
+//! values through crate::abi (the rule is written there: NULL out-pointers,
+//! NULL with a length, impossible lengths, negative indexes and bad periods
+//! are errors, never undefined behaviour). A function whose result cannot
+//! say "error" (a length, a sequence number, a pointer) returns 0 or NULL
+//! then, with the reason in `workerbus_last_error`.
 
 use core::cell::RefCell;
 use core::ffi::c_int;
+
+use crate::abi::{self, ABI_VERSION};
 
 use crate::module::preload;
 use crate::module::process_state::this_process;
@@ -15,9 +25,6 @@ pub mod lifecycle;
 pub mod pg;
 pub mod ring;
 pub mod sync;
-
-/// Bumped on any change of a signature or structure below.
-pub const ABI_VERSION: c_int = 2;
 
 thread_local! {
     static LAST_ERROR: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -33,15 +40,29 @@ pub fn fail(code: c_int, msg: impl AsRef<str>) -> c_int {
     code
 }
 
-/// # Safety
-/// `p` must be readable for `len` bytes (or `len` must be 0).
-pub unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
-    if p.is_null() || len == 0 {
-        return &[];
-    }
-    // SAFETY: guaranteed by the caller.
-    unsafe { core::slice::from_raw_parts(p, len) }
+/// The value of a checked argument, or, for an `abi::ArgError`, the
+/// reason recorded for `workerbus_last_error` and `$ret` (or nothing) returned.
+macro_rules! arg {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => {
+                $crate::ffi::fail(-1, e.to_string());
+                return;
+            }
+        }
+    };
+    ($e:expr, $ret:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => {
+                $crate::ffi::fail(-1, e.to_string());
+                return $ret;
+            }
+        }
+    };
 }
+pub(crate) use arg;
 
 /// The zone behind an index from `workerbus_zone`; None with the reason
 /// recorded (see `workerbus_last_error`).
@@ -63,16 +84,19 @@ pub extern "C" fn workerbus_abi_version() -> c_int {
     ABI_VERSION
 }
 
-/// The message of the last failed call; valid until the next call.
+/// The message of the last failed call (its length in `*len`); valid until
+/// the next call. NULL when `len` is NULL or misaligned: there is nowhere to
+/// say how long the message is.
 ///
 /// # Safety
-/// `len` must be writable.
+/// `len` must be writable (or NULL).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_last_error(len: *mut usize) -> *const u8 {
+    // SAFETY: guaranteed by the caller; checked by abi::out.
+    let Ok(len) = (unsafe { abi::out(len, "len") }) else { return core::ptr::null() };
     LAST_ERROR.with(|e| {
         let e = e.borrow();
-        // SAFETY: guaranteed by the caller.
-        unsafe { *len = e.len() };
+        *len = e.len();
         e.as_ptr()
     })
 }
@@ -83,8 +107,8 @@ pub unsafe extern "C" fn workerbus_last_error(len: *mut usize) -> *const u8 {
 /// `name` must be readable for `len` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_zone(name: *const u8, len: usize) -> c_int {
-    // SAFETY: guaranteed by the caller.
-    let name = unsafe { bytes(name, len) };
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let name = arg!(unsafe { abi::input(name, len, "zone name") }, -1);
     if preload::in_config_phase() {
         return preload::zone_index(name).unwrap_or_else(|e| fail(-1, e));
     }
@@ -114,39 +138,42 @@ pub unsafe extern "C" fn workerbus_zone(name: *const u8, len: usize) -> c_int {
 }
 
 /// Writes the status document (JSON) into `buf`; returns its full length,
-/// which may exceed `cap` (then call again with a larger buffer).
+/// which may exceed `cap` (then call again with a larger buffer); 0 on error.
 ///
 /// # Safety
-/// `buf` must be writable for `cap` bytes.
+/// `buf` must be writable for `cap` bytes (or NULL with `cap` 0).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_status_json(buf: *mut u8, cap: usize) -> usize {
+    // SAFETY: guaranteed by the caller; checked by abi::output.
+    let buf = arg!(unsafe { abi::output(buf, cap, "buf") }, 0);
     if preload::in_config_phase() {
         fail(-1, preload::NOT_HERE);
         return 0;
     }
     crate::module::process::ensure_worker_started();
     let doc = serde_json::to_vec(&crate::module::status::snapshot()).unwrap_or_default();
-    if doc.len() <= cap && !buf.is_null() {
-        // SAFETY: the caller guarantees cap writable bytes at buf.
-        unsafe { core::ptr::copy_nonoverlapping(doc.as_ptr(), buf, doc.len()) };
+    copy_if_fits(&doc, buf)
+}
+
+/// Copies `src` into `buf` when it fits; returns `src`'s length either way.
+fn copy_if_fits(src: &[u8], buf: &mut [u8]) -> usize {
+    if let Some(dst) = buf.get_mut(..src.len()) {
+        dst.copy_from_slice(src);
     }
-    doc.len()
+    src.len()
 }
 
 /// The same snapshot as Prometheus text (what `workerbus_metrics` serves):
 /// its length; copied to `buf` when it fits in `cap`.
 ///
 /// # Safety
-/// `buf` must be writable for `cap` bytes (or NULL).
+/// `buf` must be writable for `cap` bytes (or NULL with `cap` 0).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_metrics_text(buf: *mut u8, cap: usize) -> usize {
+    // SAFETY: guaranteed by the caller; checked by abi::output.
+    let buf = arg!(unsafe { abi::output(buf, cap, "buf") }, 0);
     crate::module::process::ensure_worker_started();
-    let text = crate::module::metrics::text();
-    if text.len() <= cap && !buf.is_null() {
-        // SAFETY: the caller guarantees cap writable bytes at buf.
-        unsafe { core::ptr::copy_nonoverlapping(text.as_ptr(), buf, text.len()) };
-    }
-    text.len()
+    copy_if_fits(crate::module::metrics::text().as_bytes(), buf)
 }
 
 /// Generation of this process's configuration (0 outside nginx workers).
@@ -167,9 +194,11 @@ pub unsafe extern "C" fn workerbus_kv_set(
     val: *const u8,
     vlen: usize,
 ) -> c_int {
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let k = arg!(unsafe { abi::input(key, klen, "key") }, -1);
+    // SAFETY: as above.
+    let v = arg!(unsafe { abi::input(val, vlen, "value") }, -1);
     let Some(z) = zone(zone_index) else { return -1 };
-    // SAFETY: guaranteed by the caller.
-    let (k, v) = unsafe { (bytes(key, klen), bytes(val, vlen)) };
     match z.header().kv.set(&z.lock(), k, v) {
         Ok(()) => 0,
         Err(e) => fail(-1, e.to_string()),
@@ -190,19 +219,22 @@ pub unsafe extern "C" fn workerbus_kv_get(
     cap: usize,
     vlen: *mut usize,
 ) -> c_int {
+    // SAFETY: guaranteed by the caller; checked by abi.
+    let (k, buf, vlen) = unsafe {
+        (
+            arg!(abi::input(key, klen, "key"), -1),
+            arg!(abi::output(buf, cap, "buf"), -1),
+            arg!(abi::out(vlen, "vlen"), -1),
+        )
+    };
     let Some(z) = zone(zone_index) else { return -1 };
-    // SAFETY: guaranteed by the caller.
-    let k = unsafe { bytes(key, klen) };
     let mut out = Vec::new();
     if !z.header().kv.get(k, &mut out) {
         return 0;
     }
-    // SAFETY: guaranteed by the caller.
-    unsafe { *vlen = out.len() };
-    if out.len() > cap {
+    *vlen = out.len();
+    if copy_if_fits(&out, buf) > buf.len() {
         return -2;
     }
-    // SAFETY: buf has cap >= out.len() writable bytes.
-    unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), buf, out.len()) };
     1
 }

@@ -6,7 +6,8 @@ use core::ffi::c_int;
 
 use crate::pg::glue;
 
-use super::{bytes, fail};
+use super::{arg, fail};
+use crate::abi;
 
 /// 1 and the limits when the bridge is configured, else 0.
 ///
@@ -14,13 +15,12 @@ use super::{bytes, fail};
 /// `max_channel` and `max_payload` must be writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_pg_limits(max_channel: *mut usize, max_payload: *mut usize) -> c_int {
+    // SAFETY: guaranteed by the caller; checked by abi::out.
+    let (mc, mp) =
+        unsafe { (arg!(abi::out(max_channel, "max_channel"), -1), arg!(abi::out(max_payload, "max_payload"), -1)) };
     match glue::limits() {
         Some((c, p)) => {
-            // SAFETY: guaranteed by the caller.
-            unsafe {
-                *max_channel = c;
-                *max_payload = p;
-            }
+            (*mc, *mp) = (c, p);
             1
         }
         None => 0,
@@ -33,8 +33,8 @@ pub unsafe extern "C" fn workerbus_pg_limits(max_channel: *mut usize, max_payloa
 /// Pointers readable for their lengths.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_pg_post(ch: *const u8, clen: usize, payload: *const u8, plen: usize) -> c_int {
-    // SAFETY: guaranteed by the caller.
-    let (c, p) = unsafe { (bytes(ch, clen), bytes(payload, plen)) };
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let (c, p) = unsafe { (arg!(abi::input(ch, clen, "channel"), -1), arg!(abi::input(payload, plen, "payload"), -1)) };
     match glue::post(c, p) {
         Ok(()) => 0,
         Err(e) => fail(-1, e),
@@ -55,8 +55,14 @@ pub unsafe extern "C" fn workerbus_pg_post_event(
     dlen: usize,
     flags: u32,
 ) -> c_int {
-    // SAFETY: guaranteed by the caller.
-    let (s, e, d) = unsafe { (bytes(src, slen), bytes(ev, elen), bytes(data, dlen)) };
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let (s, e, d) = unsafe {
+        (
+            arg!(abi::input(src, slen, "source"), -1),
+            arg!(abi::input(ev, elen, "event"), -1),
+            arg!(abi::input(data, dlen, "data"), -1),
+        )
+    };
     match glue::post_event(s, e, d, flags) {
         Ok(()) => 0,
         Err(e) => fail(-1, e),
@@ -70,8 +76,8 @@ pub unsafe extern "C" fn workerbus_pg_post_event(
 /// `ch` readable for `clen`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_pg_listen(ch: *const u8, clen: usize, delta: c_int) -> c_int {
-    // SAFETY: guaranteed by the caller.
-    let c = unsafe { bytes(ch, clen) };
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let c = arg!(unsafe { abi::input(ch, clen, "channel") }, -1);
     match glue::listen(c, delta) {
         Ok(l) => c_int::from(l),
         Err(e) => fail(-1, e),

@@ -10,7 +10,8 @@ use crate::module::time::mono_ms;
 use crate::module::wake;
 use crate::shm::ring::{Next, RecordIn, RecordOut};
 
-use super::{bytes, fail, zone};
+use super::{arg, fail, zone};
+use crate::abi::{self, ArgError};
 
 /// # Safety
 /// Every pointer must be readable for its length.
@@ -25,18 +26,18 @@ unsafe fn record<'a>(
     data: *const u8,
     dlen: usize,
     flags: u32,
-) -> RecordIn<'a> {
-    // SAFETY: guaranteed by the caller.
+) -> Result<RecordIn<'a>, ArgError> {
+    // SAFETY: guaranteed by the caller; checked by abi::input.
     unsafe {
-        RecordIn {
-            source: bytes(src, slen),
-            event: bytes(event, elen),
-            unique: bytes(uniq, ulen),
-            data: bytes(data, dlen),
+        Ok(RecordIn {
+            source: abi::input(src, slen, "source")?,
+            event: abi::input(event, elen, "event")?,
+            unique: abi::input(uniq, ulen, "unique")?,
+            data: abi::input(data, dlen, "data")?,
             // SAFETY: set by nginx at process start.
             pid: nginx_sys::ngx_pid,
             flags,
-        }
+        })
     }
 }
 
@@ -58,14 +59,12 @@ pub unsafe extern "C" fn workerbus_ev_post(
     dlen: usize,
     flags: u32,
 ) -> i64 {
+    // SAFETY: guaranteed by the caller; checked in record().
+    let rec = arg!(unsafe { record(src, slen, event, elen, uniq, ulen, data, dlen, flags) }, -1);
     if crate::module::preload::in_config_phase() {
-        // SAFETY: guaranteed by the caller.
-        let rec = unsafe { record(src, slen, event, elen, uniq, ulen, data, dlen, flags) };
         return crate::module::preload::hold(zone_index, &rec).unwrap_or_else(|e| fail(-1, e) as i64);
     }
     let Some(z) = zone(zone_index) else { return -1 };
-    // SAFETY: guaranteed by the caller.
-    let rec = unsafe { record(src, slen, event, elen, uniq, ulen, data, dlen, flags) };
     match ev::post(zone_index as usize, &z, &rec) {
         Ok(seq) => seq as i64,
         Err(e) => fail(-1, e) as i64,
@@ -87,13 +86,15 @@ pub unsafe extern "C" fn workerbus_ev_next(
     cap: usize,
     need: *mut usize,
 ) -> c_int {
+    // SAFETY: guaranteed by the caller; checked by abi.
+    let (out, buf, need) = unsafe {
+        (arg!(abi::out(out, "out"), -1), arg!(abi::output(buf, cap, "buf"), -1), arg!(abi::out(need, "need"), -1))
+    };
     let Some(z) = zone(zone_index) else { return -1 };
     let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
     let Some(rd) = this_process().reader.get().and_then(|i| r.reader(i)) else {
         return fail(-1, "this process reads no events (not an nginx worker, or not tracked)");
     };
-    // SAFETY: guaranteed by the caller.
-    let (out, buf) = unsafe { (&mut *out, core::slice::from_raw_parts_mut(buf, cap)) };
     match rd.next(out, buf) {
         Next::Record if out.missed > 0 => 3,
         Next::Record => 1,
@@ -103,8 +104,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
             2
         }
         Next::TooSmall(n) => {
-            // SAFETY: guaranteed by the caller.
-            unsafe { *need = n };
+            *need = n;
             -2
         }
     }
@@ -144,7 +144,7 @@ pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
 /// there, lock held. Used by t/102; never returns.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_test_die_mid_post(zone_index: c_int) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    let Some(z) = zone(zone_index) else { return -1 };
     let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
     // SAFETY: set by nginx at process start.
     let pid = unsafe { nginx_sys::ngx_pid };
@@ -162,17 +162,15 @@ pub extern "C" fn workerbus_test_die_mid_post(zone_index: c_int) -> c_int {
 /// `key` readable for `klen`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_ev_claim(zone_index: c_int, key: *const u8, klen: usize, ttl_sec: f64) -> c_int {
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let key = arg!(unsafe { abi::input(key, klen, "unique key") }, -1);
+    let ttl_ms = arg!(abi::seconds(ttl_sec, "timeout"), -1);
     let Some(z) = zone(zone_index) else { return -1 };
-    // SAFETY: guaranteed by the caller.
-    let key = unsafe { bytes(key, klen) };
     if key.is_empty() {
         return fail(-1, "empty unique key");
     }
-    if !(ttl_sec.is_finite() && ttl_sec >= 0.0) {
-        return fail(-1, "timeout must be a non-negative number");
-    }
     let Some(c) = ev::claims(&z) else { return fail(-1, "the zone has no claim table") };
-    c_int::from(c.claim(&z.lock(), key, mono_ms(), (ttl_sec * 1000.0) as u64))
+    c_int::from(c.claim(&z.lock(), key, mono_ms(), ttl_ms))
 }
 
 /// Largest source+event+unique+data accepted in one event.

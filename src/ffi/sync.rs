@@ -10,7 +10,8 @@ use crate::module::time::now_ms;
 use crate::shm::lease::Role;
 use crate::shm::sync::BlockHead;
 
-use super::{bytes, fail, zone};
+use super::{arg, fail, zone};
+use crate::abi;
 
 fn pid() -> i32 {
     // SAFETY: set by nginx at process start.
@@ -28,12 +29,13 @@ pub unsafe extern "C" fn workerbus_sync_instance(
     klen: usize,
     interval_ms: u64,
 ) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let key = arg!(unsafe { abi::input(key, klen, "key") }, -1);
+    let interval_ms = arg!(abi::millis(interval_ms, "interval"), -1);
+    let Some(z) = zone(zone_index) else { return -1 };
     let Some(t) = sy::table_or_make(&z) else {
         return fail(-1, "no room in the zone for resty.sync's table");
     };
-    // SAFETY: guaranteed by the caller.
-    let key = unsafe { bytes(key, klen) };
     match t.instance(&z.lock(), key) {
         Ok(i) => {
             // Relaxed: a figure for status.
@@ -50,11 +52,12 @@ pub unsafe extern "C" fn workerbus_sync_instance(
 /// `tag` readable for `tlen`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_sync_task(zone_index: c_int, inst: c_int, tag: *const u8, tlen: usize) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let tag = arg!(unsafe { abi::input(tag, tlen, "tag") }, -1);
+    let inst = arg!(abi::index(inst, "sync instance index"), -1);
+    let Some(z) = zone(zone_index) else { return -1 };
     let Some(t) = sy::table(&z) else { return fail(-1, "the zone has no sync table") };
-    // SAFETY: guaranteed by the caller.
-    let tag = unsafe { bytes(tag, tlen) };
-    match t.task(&z.lock(), inst.max(0) as usize, tag) {
+    match t.task(&z.lock(), inst, tag) {
         Ok(i) => i as c_int,
         Err(e) => fail(-1, e.to_string()),
     }
@@ -64,8 +67,17 @@ pub unsafe extern "C" fn workerbus_sync_task(zone_index: c_int, inst: c_int, tag
 /// update); Lua reads it directly to learn whether to copy. NULL on error.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_seq_ptr(zone_index: c_int, task: c_int) -> *const u32 {
-    let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return core::ptr::null() };
-    t.seq_ptr(task.max(0) as usize)
+    let task = arg!(abi::index(task, "sync task index"), core::ptr::null());
+    let Some(z) = zone(zone_index) else { return core::ptr::null() };
+    let Some(t) = sy::table(&z) else {
+        fail(-1, "the zone has no sync table");
+        return core::ptr::null();
+    };
+    let p = t.seq_ptr(task);
+    if p.is_null() {
+        fail(-1, format!("bad sync task index {task}"));
+    }
+    p
 }
 
 /// One tick of the instance's runner lease: 1 this worker is the runner
@@ -73,8 +85,10 @@ pub extern "C" fn workerbus_sync_seq_ptr(zone_index: c_int, task: c_int) -> *con
 /// 0 another worker is, -1 error.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_tick(zone_index: c_int, inst: c_int, lease_ms: u64, exiting: c_int) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
-    match sy::tick(&z, inst.max(0) as usize, lease_ms, exiting != 0) {
+    let inst = arg!(abi::index(inst, "sync instance index"), -1);
+    let lease_ms = arg!(abi::millis(lease_ms, "lease"), -1);
+    let Some(z) = zone(zone_index) else { return -1 };
+    match sy::tick(&z, inst, lease_ms, exiting != 0) {
         Some(Role::Owner | Role::TookOver { .. }) => 1,
         Some(Role::Retiring) => 2,
         Some(Role::Other { .. }) => 0,
@@ -85,21 +99,26 @@ pub extern "C" fn workerbus_sync_tick(zone_index: c_int, inst: c_int, lease_ms: 
 /// The instance's runner pid (0: none).
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_runner(zone_index: c_int, inst: c_int) -> c_int {
+    let inst = arg!(abi::index(inst, "sync instance index"), 0);
     let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return 0 };
-    t.instances.get(inst.max(0) as usize).map_or(0, |i| i.lease.owner())
+    t.instances.get(inst).map_or_else(|| fail(0, format!("bad sync instance index {inst}")), |i| i.lease.owner())
 }
 
 /// A run starts: 1 if this worker still holds the lease (the run is then
 /// counted in it until workerbus_sync_end_run), else 0.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_begin_run(zone_index: c_int, inst: c_int) -> c_int {
+    let inst = arg!(abi::index(inst, "sync instance index"), 0);
     let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return 0 };
-    t.instances.get(inst.max(0) as usize).map_or(0, |i| c_int::from(i.lease.begin_run(pid())))
+    t.instances
+        .get(inst)
+        .map_or_else(|| fail(0, format!("bad sync instance index {inst}")), |i| c_int::from(i.lease.begin_run(pid())))
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_end_run(zone_index: c_int, inst: c_int) {
-    if let Some(i) = zone(zone_index).and_then(|z| sy::table(&z)).and_then(|t| t.instances.get(inst.max(0) as usize)) {
+    let inst = arg!(abi::index(inst, "sync instance index"));
+    if let Some(i) = zone(zone_index).and_then(|z| sy::table(&z)).and_then(|t| t.instances.get(inst)) {
         i.lease.end_run(pid());
     }
 }
@@ -120,12 +139,13 @@ pub unsafe extern "C" fn workerbus_sync_publish(
     d: *const u8,
     dlen: usize,
 ) -> i64 {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") as i64 };
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let (v, d) = unsafe { (arg!(abi::input(v, vlen, "version"), -1), arg!(abi::input(d, dlen, "data"), -1)) };
+    let task = arg!(abi::index(task, "sync task index"), -1);
+    let Some(z) = zone(zone_index) else { return -1 };
     let Some(t) = sy::table(&z) else { return fail(-1, "the zone has no sync table") as i64 };
-    // SAFETY: guaranteed by the caller.
-    let (v, d) = unsafe { (bytes(v, vlen), bytes(d, dlen)) };
     let slab = ZoneSlab(&z);
-    match t.publish(&z.lock(), &slab, task.max(0) as usize, pid(), sy::alive, vtype, v, dtype, d, now_ms()) {
+    match t.publish(&z.lock(), &slab, task, pid(), sy::alive, vtype, v, dtype, d, now_ms()) {
         Ok(seq) => seq as i64,
         Err(e) => fail(-1, e.to_string()) as i64,
     }
@@ -145,20 +165,21 @@ pub unsafe extern "C" fn workerbus_sync_read(
     buf: *mut u8,
     cap: usize,
 ) -> c_int {
-    let Some(z) = zone(zone_index) else { return fail(-1, "bad zone index") };
+    // SAFETY: guaranteed by the caller; checked by abi.
+    let (head, buf) = unsafe { (arg!(abi::out(head, "head"), -1), arg!(abi::output(buf, cap, "buf"), -1)) };
+    let task = arg!(abi::index(task, "sync task index"), -1);
+    let Some(z) = zone(zone_index) else { return -1 };
     let Some(t) = sy::table(&z) else { return fail(-1, "the zone has no sync table") };
+    if t.task_ref(task).is_none() {
+        return fail(-1, format!("bad sync task index {task}"));
+    }
     let slab = ZoneSlab(&z);
-    let r = t.read(&z.lock(), &slab, task.max(0) as usize, |h, v, d| {
-        // SAFETY: guaranteed by the caller.
-        unsafe { *head = *h };
-        if v.len() + d.len() > cap {
-            return -2;
-        }
-        // SAFETY: buf has cap >= vlen + dlen writable bytes.
-        unsafe {
-            core::ptr::copy_nonoverlapping(v.as_ptr(), buf, v.len());
-            core::ptr::copy_nonoverlapping(d.as_ptr(), buf.add(v.len()), d.len());
-        }
+    let r = t.read(&z.lock(), &slab, task, |h, v, d| {
+        *head = *h;
+        let Some(dst) = buf.get_mut(..v.len() + d.len()) else { return -2 };
+        let (dv, dd) = dst.split_at_mut(v.len());
+        dv.copy_from_slice(v);
+        dd.copy_from_slice(d);
         1
     });
     r.unwrap_or(0)
@@ -177,18 +198,20 @@ pub unsafe extern "C" fn workerbus_sync_record_run(
     err: *const u8,
     elen: usize,
 ) {
+    // SAFETY: guaranteed by the caller; checked by abi::input.
+    let e = if err.is_null() && elen == 0 { None } else { Some(arg!(unsafe { abi::input(err, elen, "error") })) };
+    let task = arg!(abi::index(task, "sync task index"));
     let Some(z) = zone(zone_index) else { return };
     let Some(t) = sy::table(&z) else { return };
-    // SAFETY: guaranteed by the caller.
-    let e = if err.is_null() { None } else { Some(unsafe { bytes(err, elen) }) };
-    t.record_run(&z.lock(), task.max(0) as usize, started_ms, duration_us, e);
+    t.record_run(&z.lock(), task, started_ms, duration_us, e);
 }
 
 /// When the task's last counted run started (ms since the epoch; 0: never),
 /// so that a new runner keeps the schedule of the previous one.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_last_run_ms(zone_index: c_int, task: c_int) -> u64 {
+    let task = arg!(abi::index(task, "sync task index"), 0);
     let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return 0 };
     // Relaxed: a schedule hint.
-    t.task_ref(task.max(0) as usize).map_or(0, |t| t.last_run_ms.load(Ordering::Relaxed))
+    t.task_ref(task).map_or(0, |t| t.last_run_ms.load(Ordering::Relaxed))
 }

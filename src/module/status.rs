@@ -131,7 +131,7 @@ pub fn snapshot() -> Value {
     let mut doc = json!({
         "module": "workerbus",
         "version": env!("CARGO_PKG_VERSION"),
-        "abi": crate::ffi::ABI_VERSION,
+        "abi": crate::abi::ABI_VERSION,
         // SAFETY: set by nginx at process start.
         "pid": unsafe { nginx_sys::ngx_pid },
         "generation": l.generation.get(),
