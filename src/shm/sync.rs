@@ -102,7 +102,8 @@ pub enum SyncError {
     EmptyKey,
     Full(&'static str, usize),
     TooLarge { size: usize, free: usize },
-    BadIndex,
+    /// An instance or task index past the table (which, and the index).
+    BadIndex(&'static str, usize),
 }
 
 impl core::fmt::Display for SyncError {
@@ -114,7 +115,7 @@ impl core::fmt::Display for SyncError {
             SyncError::TooLarge { size, free } => {
                 write!(f, "an update of {size} bytes does not fit: the zone has {free} bytes free")
             }
-            SyncError::BadIndex => write!(f, "bad sync index"),
+            SyncError::BadIndex(what, i) => write!(f, "bad sync {what} index {i}"),
         }
     }
 }
@@ -195,7 +196,7 @@ impl SyncTable {
     pub fn task<L: ShmLock>(&self, lock: &L, instance: usize, tag: &[u8]) -> Result<usize, SyncError> {
         check_key(tag)?;
         if instance >= SYNC_INSTANCES {
-            return Err(SyncError::BadIndex);
+            return Err(SyncError::BadIndex("instance", instance));
         }
         let mut s = Vec::with_capacity(SYNC_KEY_MAX);
         let _g = Guard::new(lock);
@@ -238,7 +239,7 @@ impl SyncTable {
         data: &[u8],
         now_ms: u64,
     ) -> Result<u32, SyncError> {
-        let t = self.tasks.get(i).ok_or(SyncError::BadIndex)?;
+        let t = self.tasks.get(i).ok_or(SyncError::BadIndex("task", i))?;
         let size = HEAD + version.len() + data.len();
         let off = {
             let _g = Guard::new(lock);
