@@ -29,7 +29,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
 # server: deps stops and disables it again.
 TEST_PACKAGES := prometheus chromium
 
-.PHONY: all deps build install run test test-core test-nginx lint bench bench-pg bench-sync clean
+.PHONY: all deps build install run test test-core test-nginx lint fuzz bench bench-pg bench-sync clean
 
 all: build
 
@@ -130,3 +130,18 @@ bench-sync: build
 
 clean:
 	rm -rf $(BUILD) target t/servroot*
+
+# Fuzzing (not part of `make test`): libFuzzer through cargo-fuzz, each
+# target for FUZZ_SECONDS. Seeds are kept in fuzz/corpus/<target>; what a
+# run learns goes to fuzz/out/<target> and findings to fuzz/artifacts/
+# (both ignored by git). Only the stable toolchain exists here, so
+# RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z sanitizer flags. See fuzz/README.md.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := ring_reader ffi_args
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p out/$$t && \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a $$t out/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 || exit 1; \
+	done

@@ -791,7 +791,7 @@ impl Ring {
         // Release: publishes the record (and padding) to readers' Acquire of head_pos.
         w.head_pos.store(end, Ordering::Release);
         // Release: whoever sees the new head_seq finds the record below head_pos.
-        w.head_seq.store(seq + 1, Ordering::Release);
+        w.head_seq.store(seq.wrapping_add(1), Ordering::Release); // wraps only in a corrupt zone
         w.posted.fetch_add(1, Ordering::Relaxed);
         w.in_post.store(0, Ordering::Relaxed);
         Ok(seq)
@@ -949,7 +949,7 @@ impl Reader {
                     found = Some(p);
                     break 'attempt;
                 }
-                p += len;
+                p = p.wrapping_add(len); // as in next(): corrupt lengths wrap, never trap
             }
         }
         // Not found (racing writers, bad header): the tail; next() skips
@@ -1085,15 +1085,19 @@ impl Reader {
                 slot.owed.fetch_add(n, Ordering::Relaxed);
                 continue;
             }
+            // Positions and sequences come from shared memory, which a bug or
+            // a stray write elsewhere may have corrupted: they wrap rather
+            // than trap (the lap and head checks above bring a wrapped
+            // position back into the ring).
             if kind == KIND_PAD || seq < s {
-                p += len; // padding, or a record before the cursor
+                p = p.wrapping_add(len); // padding, or a record before the cursor
                 continue;
             }
             let (pid, flags, sl, el, ul) = meta;
             if sl + el + ul > plen {
                 // Relaxed: a statistic.
                 w.corrupt.fetch_add(1, Ordering::Relaxed);
-                p += len;
+                p = p.wrapping_add(len);
                 continue;
             }
             if !copy {
@@ -1111,7 +1115,7 @@ impl Reader {
                 // Relaxed: own slot (a plain load first: no locked op per record).
                 missed: if slot.owed.load(Ordering::Relaxed) != 0 { slot.owed.swap(0, Ordering::Relaxed) } else { 0 },
             };
-            save(p + len, s + 1);
+            save(p.wrapping_add(len), s.wrapping_add(1));
             slot.delivered.fetch_add(1, Ordering::Relaxed);
             return Next::Record;
         }
@@ -1530,5 +1534,27 @@ mod tests {
         ring.reader(0).unwrap().set_cursor(ring.head_seq());
         ring.post(&NoLock, &rec(b"e", b"ok")).unwrap();
         assert_eq!(rd.next(&mut out, &mut buf), Next::Record);
+    }
+
+    /// Found by fuzz/ring_reader: a sequence at the end of the u64 range
+    /// (only a corrupt zone has one) made the cursor's `s + 1` trap in a
+    /// build with overflow checks. It wraps instead, and the reader goes on.
+    #[test]
+    fn a_sequence_at_the_end_of_the_range_wraps_instead_of_trapping() {
+        let (_r, ring) = ring(1024, 1);
+        let rd = ring.reader(0).unwrap();
+        let w = ring.w();
+        // Relaxed: a single-threaded test corrupting the header on purpose.
+        w.head_seq.store(u64::MAX, Ordering::Relaxed);
+        let slot = ring.slot(0).unwrap();
+        slot.pos.store(w.head_pos.load(Ordering::Relaxed), Ordering::Relaxed);
+        slot.seq.store(u64::MAX, Ordering::Relaxed);
+        ring.post(&NoLock, &rec(b"e", b"last")).unwrap();
+        let (n, out, bytes) = read(&rd);
+        assert_eq!((n, out.seq), (Next::Record, u64::MAX));
+        assert!(bytes.ends_with(b"last"));
+        for _ in 0..4 {
+            let _ = read(&rd);
+        }
     }
 }

@@ -101,7 +101,10 @@ pub enum SyncError {
     KeyTooLong(usize),
     EmptyKey,
     Full(&'static str, usize),
-    TooLarge { size: usize, free: usize },
+    TooLarge {
+        size: usize,
+        free: usize,
+    },
     /// An instance or task index past the table (which, and the index).
     BadIndex(&'static str, usize),
 }
