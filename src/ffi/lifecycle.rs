@@ -11,7 +11,8 @@ use core::sync::atomic::Ordering;
 use crate::module::process::ensure_worker_started;
 use crate::module::process_state::this_process;
 use crate::module::time::mono_ms;
-use crate::shm::lifecycle::{FLAG_LEFT, FLAG_MANAGED, Lifecycle, pid_alive};
+use crate::shm::lifecycle::{Lifecycle, pid_alive};
+use crate::shm::manager::{FLAG_LEFT, FLAG_MANAGED};
 
 use super::{arg, fail};
 use crate::abi;

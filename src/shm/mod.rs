@@ -8,6 +8,7 @@ pub mod kv;
 pub mod lease;
 pub mod lifecycle;
 pub mod lock;
+pub mod manager;
 pub mod pgbus;
 pub mod pid;
 pub mod racy;
