@@ -13,6 +13,7 @@ pub mod conf;
 pub mod http;
 pub mod layout;
 pub mod metrics;
+pub mod one_thread;
 pub mod preload;
 pub mod process;
 pub mod process_state;

@@ -14,7 +14,7 @@
 use core::cell::Cell;
 use core::ffi::c_void;
 
-use super::process_state::OneThread;
+use super::one_thread::OneThread;
 
 /// lua-nginx-module's `ngx_http_lua_ffi_sema_post(sem, n)`.
 type SemaPost = unsafe extern "C" fn(sem: *mut c_void, n: i32) -> i32;

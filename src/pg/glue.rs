@@ -17,7 +17,8 @@ use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use serde_json::{Value, json};
 
 use crate::module::conf::CoreConf;
-use crate::module::process_state::{OneThread, this_process};
+use crate::module::one_thread::OneThread;
+use crate::module::process_state::this_process;
 use crate::module::time::now_ms;
 use crate::module::zone::Zone;
 use crate::shm::lifecycle::pid_alive;
