@@ -16,7 +16,7 @@ use core::fmt;
 
 /// Bumped on any change of an exported signature or structure; checked by
 /// lib/resty/workerbus.lua before it calls anything else.
-pub const ABI_VERSION: c_int = 2;
+pub const ABI_VERSION: c_int = 3;
 
 /// Longest period accepted, in milliseconds: 100 years (beyond that a
 /// timeout is a mistake, and sums with a clock could overflow).

@@ -86,6 +86,11 @@ __DATA__
             C.workerbus_sync_record_run(zone, task, 0, 0, NULL, 9)
             say("sync_record_run(err NULL, 9)", 0)
 
+            local name = C.workerbus_zone_name(zone, len)
+            ngx.say("zone_name(primary): ", ffi.string(name, len[0]))
+            say("zone_name(5) is NULL", C.workerbus_zone_name(5, len) == nil and 1 or 0)
+            say("zone_name(len NULL) is NULL", C.workerbus_zone_name(zone, NULL) == nil and 1 or 0)
+
             -- still healthy: a good call works
             ngx.say("kv_set ok: ", C.workerbus_kv_set(zone, "k", 1, "v", 1))
         }
@@ -135,6 +140,9 @@ sync_read(head NULL): -1 head is NULL
 sync_read(buf NULL, 64): -1 buf is NULL but its length is 64
 sync_read(task 77777): -1 bad sync task index 77777
 sync_record_run(err NULL, 9): 0 error is NULL but its length is 9
+zone_name(primary): workerbus
+zone_name(5) is NULL: 1 bad zone index 5
+zone_name(len NULL) is NULL: 1 len is NULL
 kv_set ok: 0
 --- no_error_log
 [alert]

@@ -35,28 +35,6 @@ local timer_at = ngx.timer.at
 local exiting = ngx.worker.exiting
 local last_error = wb.last_error
 
-ffi.cdef [[
-    typedef struct {
-        uint64_t seq;
-        uint64_t modified_ms;
-        uint32_t vtype, dtype;
-        uint64_t vlen, dlen;
-    } workerbus_sync_head_t;
-    int workerbus_sync_instance(int zone, const unsigned char *key, size_t klen, uint64_t interval_ms);
-    int workerbus_sync_task(int zone, int inst, const unsigned char *tag, size_t tlen);
-    const uint32_t *workerbus_sync_seq_ptr(int zone, int task);
-    int workerbus_sync_tick(int zone, int inst, uint64_t lease_ms, int exiting);
-    int workerbus_sync_runner(int zone, int inst);
-    int workerbus_sync_begin_run(int zone, int inst);
-    void workerbus_sync_end_run(int zone, int inst);
-    int64_t workerbus_sync_publish(int zone, int task, uint32_t vtype, const unsigned char *v, size_t vlen,
-                                   uint32_t dtype, const unsigned char *d, size_t dlen);
-    int workerbus_sync_read(int zone, int task, workerbus_sync_head_t *head, unsigned char *buf, size_t cap);
-    void workerbus_sync_record_run(int zone, int task, uint64_t started_ms, uint64_t duration_us,
-                                   const unsigned char *err, size_t elen);
-    uint64_t workerbus_sync_last_run_ms(int zone, int task);
-]]
-
 -- Lua type tags, as src/module/sync.rs names them.
 local T_STRING, T_NUMBER, T_BOOLEAN, T_TABLE = 1, 2, 3, 4
 local EVENT_SOURCE = "workerbus.sync"

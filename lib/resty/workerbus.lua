@@ -13,7 +13,7 @@ local ffi_string = ffi.string
 local type = type
 local error = error
 
-local ABI_VERSION = 2
+local ABI_VERSION = 3
 local MODULE_PATH = "/usr/lib/nginx/modules/ngx_workerbus_module.so"
 
 ffi.cdef [[
@@ -27,6 +27,77 @@ ffi.cdef [[
                          const unsigned char *val, size_t vlen);
     int workerbus_kv_get(int zone, const unsigned char *key, size_t klen,
                          unsigned char *buf, size_t cap, size_t *vlen);
+    const unsigned char *workerbus_zone_name(int zone, size_t *len);
+
+    /* the event ring: resty.worker.events, resty.events (events_core.lua) */
+    typedef struct {
+        uint64_t seq;
+        int32_t  pid;
+        uint32_t flags;
+        uint32_t source_len, event_len, unique_len, data_len;
+        uint64_t missed;
+    } workerbus_record_t;
+    int64_t workerbus_ev_post(int zone, const unsigned char *src, size_t slen,
+                              const unsigned char *ev, size_t elen,
+                              const unsigned char *uniq, size_t ulen,
+                              const unsigned char *data, size_t dlen,
+                              uint32_t flags);
+    int workerbus_ev_next(int zone, workerbus_record_t *out, unsigned char *buf,
+                          size_t cap, size_t *need);
+    int workerbus_ev_idle(int zone);
+    int workerbus_ev_set_sema(void *sem);
+    int workerbus_ev_claim(int zone, const unsigned char *key, size_t klen,
+                           double ttl_sec);
+    size_t workerbus_ev_max_payload(int zone);
+    uint64_t workerbus_ev_head(int zone);
+    uint64_t workerbus_ev_cursor(int zone);
+    uint64_t workerbus_heartbeat_ms(void);
+    int workerbus_test_die_mid_post(int zone);
+
+    /* resty.sync */
+    typedef struct {
+        uint64_t seq;
+        uint64_t modified_ms;
+        uint32_t vtype, dtype;
+        uint64_t vlen, dlen;
+    } workerbus_sync_head_t;
+    int workerbus_sync_instance(int zone, const unsigned char *key, size_t klen, uint64_t interval_ms);
+    int workerbus_sync_task(int zone, int inst, const unsigned char *tag, size_t tlen);
+    const uint32_t *workerbus_sync_seq_ptr(int zone, int task);
+    int workerbus_sync_tick(int zone, int inst, uint64_t lease_ms, int exiting);
+    int workerbus_sync_runner(int zone, int inst);
+    int workerbus_sync_begin_run(int zone, int inst);
+    void workerbus_sync_end_run(int zone, int inst);
+    int64_t workerbus_sync_publish(int zone, int task, uint32_t vtype, const unsigned char *v, size_t vlen,
+                                   uint32_t dtype, const unsigned char *d, size_t dlen);
+    int workerbus_sync_read(int zone, int task, workerbus_sync_head_t *head, unsigned char *buf, size_t cap);
+    void workerbus_sync_record_run(int zone, int task, uint64_t started_ms, uint64_t duration_us,
+                                   const unsigned char *err, size_t elen);
+    uint64_t workerbus_sync_last_run_ms(int zone, int task);
+
+    /* resty.worker.manager */
+    int workerbus_lc_lock(void);
+    void workerbus_lc_unlock(void);
+    int workerbus_lc_lock_owner(void);
+    int workerbus_lc_counts(uint64_t generation, double failed_sec, int64_t *out);
+    int workerbus_lc_mark_started(void);
+    int workerbus_lc_leave(void);
+    int workerbus_lc_claim_master_start(uint64_t generation);
+    int workerbus_lc_claim_master_exit(uint64_t generation);
+    int workerbus_lc_gen_flags(uint64_t generation);
+    int workerbus_lc_set_hang_timeout(double sec);
+    uint64_t workerbus_lc_current_generation(void);
+    int workerbus_lc_master_counts(uint64_t *id, int64_t *out);
+
+    /* the PostgreSQL bridge (resty.workerbus.pg) */
+    int workerbus_pg_limits(size_t *max_channel, size_t *max_payload);
+    int workerbus_pg_post(const unsigned char *ch, size_t clen,
+                          const unsigned char *payload, size_t plen);
+    int workerbus_pg_post_event(const unsigned char *src, size_t slen,
+                                const unsigned char *ev, size_t elen,
+                                const unsigned char *data, size_t dlen,
+                                uint32_t flags);
+    int workerbus_pg_listen(const unsigned char *ch, size_t clen, int delta);
 ]]
 
 local function module_loaded()
@@ -94,19 +165,31 @@ function _M.zone(name)
     return z
 end
 
+-- The name of zone index z (for messages), or nil, err.
+function _M.zone_name(z)
+    local p = C.workerbus_zone_name(z, size_ptr)
+    if p == nil then
+        return nil, last_error()
+    end
+    return ffi_string(p, size_ptr[0])
+end
+
 -- The text a C function writes with the (buf, cap) -> full length
--- convention: asked once for its length, then into a buffer with room.
+-- convention. The C side builds the text on every call, so the first call
+-- goes into the scratch buffer (which keeps the largest size seen): one
+-- build, and a second only when the text outgrew the buffer.
 local function text_of(fn, what)
-    local n = tonumber(fn(nil, 0))
+    local n = tonumber(fn(get_buf(buf_size), buf_size))
     if n == 0 then
         return nil, "resty.workerbus: " .. what .. " " .. last_error()
     end
-    local b = get_buf(n + 1024)
-    n = tonumber(fn(b, buf_size))
     if n > buf_size then
-        return nil, what .. " grew while being read"
+        n = tonumber(fn(get_buf(n + 1024), buf_size))
+        if n > buf_size then
+            return nil, what .. " grew while being read"
+        end
     end
-    return ffi_string(b, n)
+    return ffi_string(buf, n)
 end
 
 -- The status document as a Lua table (the same as workerbus_status serves).

@@ -137,6 +137,21 @@ pub unsafe extern "C" fn workerbus_zone(name: *const u8, len: usize) -> c_int {
     }
 }
 
+/// The name of zone `index` (its bytes stay valid while the process runs;
+/// the length in `*len`), or NULL with the reason in `workerbus_last_error`.
+///
+/// # Safety
+/// `len` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_zone_name(index: c_int, len: *mut usize) -> *const u8 {
+    // SAFETY: guaranteed by the caller; checked by abi::out.
+    let len = arg!(unsafe { abi::out(len, "len") }, core::ptr::null());
+    let Some(z) = zone(index) else { return core::ptr::null() };
+    let name = z.name();
+    *len = name.len();
+    name.as_ptr()
+}
+
 /// Writes the status document (JSON) into `buf`; returns its full length,
 /// which may exceed `cap` (then call again with a larger buffer); 0 on error.
 ///

@@ -22,19 +22,8 @@ local get_phase = ngx.get_phase
 local worker_pid = ngx.worker.pid
 local ERR, WARN = ngx.ERR, ngx.WARN
 
+-- libc, not the module's ABI (whose declarations are all in resty.workerbus)
 ffi.cdef [[
-    int workerbus_lc_lock(void);
-    void workerbus_lc_unlock(void);
-    int workerbus_lc_lock_owner(void);
-    int workerbus_lc_counts(uint64_t generation, double failed_sec, int64_t *out);
-    int workerbus_lc_mark_started(void);
-    int workerbus_lc_leave(void);
-    int workerbus_lc_claim_master_start(uint64_t generation);
-    int workerbus_lc_claim_master_exit(uint64_t generation);
-    int workerbus_lc_gen_flags(uint64_t generation);
-    int workerbus_lc_set_hang_timeout(double sec);
-    uint64_t workerbus_lc_current_generation(void);
-    int workerbus_lc_master_counts(uint64_t *id, int64_t *out);
     int usleep(unsigned int usec);
 ]]
 

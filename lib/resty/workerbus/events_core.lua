@@ -52,33 +52,6 @@ local exiting = ngx.worker.exiting
 local cjson_encode = cjson.encode
 local cjson_decode = cjson.decode
 local last_error = wb.last_error
-
-ffi.cdef [[
-    typedef struct {
-        uint64_t seq;
-        int32_t  pid;
-        uint32_t flags;
-        uint32_t source_len, event_len, unique_len, data_len;
-        uint64_t missed;
-    } workerbus_record_t;
-    int64_t workerbus_ev_post(int zone, const unsigned char *src, size_t slen,
-                              const unsigned char *ev, size_t elen,
-                              const unsigned char *uniq, size_t ulen,
-                              const unsigned char *data, size_t dlen,
-                              uint32_t flags);
-    int workerbus_ev_next(int zone, workerbus_record_t *out, unsigned char *buf,
-                          size_t cap, size_t *need);
-    int workerbus_ev_idle(int zone);
-    int workerbus_ev_set_sema(void *sem);
-    int workerbus_ev_claim(int zone, const unsigned char *key, size_t klen,
-                           double ttl_sec);
-    size_t workerbus_ev_max_payload(int zone);
-    uint64_t workerbus_ev_head(int zone);
-    uint64_t workerbus_ev_cursor(int zone);
-    uint64_t workerbus_heartbeat_ms(void);
-    int workerbus_test_die_mid_post(int zone);
-]]
-
 local ev_post = C.workerbus_ev_post
 local ev_next = C.workerbus_ev_next
 local ev_idle = C.workerbus_ev_idle
@@ -193,13 +166,6 @@ local function reset_if_forked()
     wants = {}
 end
 
--- Name of zone index i, for messages.
-local function name_of(i)
-    local st = wb.status()
-    local z = st and st.zones and st.zones[i + 1]
-    return z and z.name or ("#" .. i)
-end
-
 -- Binds this worker's reader to a zone. `name` nil: stay on the zone already
 -- bound, else the primary one. `explicit`: the caller insists on this zone.
 function _M.attach(name, explicit)
@@ -220,7 +186,7 @@ function _M.attach(name, explicit)
     end
     if zone ~= z then
         zone = z
-        zone_name = name_of(z)
+        zone_name = wb.zone_name(z) or ("#" .. z)
         max_payload = tonumber(C.workerbus_ev_max_payload(z))
     end
     zone_explicit = zone_explicit or explicit and true or false
@@ -563,9 +529,11 @@ local function drain(max)
             buf = ffi_new("unsigned char[?]", cap)
             buf_cap = cap
         else
-            if ngx.get_phase() == "init_worker" then
-                -- The module positions this worker's cursor after the Lua
-                -- init_worker handlers ran: nothing to read before that.
+            -- A process with no reader (the privileged agent, or a worker
+            -- the lifecycle table could not track: its cursor reads 0) has
+            -- nothing to read in init_worker, where the events APIs poll
+            -- once; any other failure is the caller's to see.
+            if ngx.get_phase() == "init_worker" and tonumber(C.workerbus_ev_cursor(zone)) == 0 then
                 return "done"
             end
             return nil, "cannot read events: " .. last_error()

@@ -25,17 +25,6 @@ local log = ngx.log
 local ERR = ngx.ERR
 local last_error = wb.last_error
 
-ffi.cdef [[
-    int workerbus_pg_limits(size_t *max_channel, size_t *max_payload);
-    int workerbus_pg_post(const unsigned char *ch, size_t clen,
-                          const unsigned char *payload, size_t plen);
-    int workerbus_pg_post_event(const unsigned char *src, size_t slen,
-                                const unsigned char *ev, size_t elen,
-                                const unsigned char *data, size_t dlen,
-                                uint32_t flags);
-    int workerbus_pg_listen(const unsigned char *ch, size_t clen, int delta);
-]]
-
 if not pcall(function() return C.workerbus_pg_post end) then
     error("resty.workerbus.pg: the loaded workerbus module has no PostgreSQL bridge; "
           .. "install the module and lib/resty from the same release", 2)
