@@ -109,6 +109,7 @@ lint: build
 	cargo fmt --check
 	cargo clippy --release --all-targets --no-default-features -- -D warnings
 	$(CARGO_ENV) cargo clippy --release --all-targets -- -D warnings
+	python3 tools/check_layers.py   # core < glue < ffi, no core import cycle
 
 test-nginx: build
 	TEST_NGINX_BINARY=$(NGINX) TEST_NGINX_LOAD_MODULES="$(LOAD_MODULES)" \

@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
-"""Lists import cycles between the crate's source files.
+"""Checks the crate's layers from its imports (run by `make lint`).
 
 Each src/**/*.rs file is a module; a path `crate::a::b::Item` or
 `super::b::Item` written in it (in a `use` or inline, outside comments)
-is an edge to the deepest module file the path names. A cycle means two
-files each need the other: the idea they share belongs to a lower layer.
-Exits 1 and prints the cycles when there are any.
+is an edge to the deepest module file the path names. The layers, lowest
+first: the nginx-independent core (src/shm, src/abi.rs, src/prom.rs and the
+PostgreSQL bridge's pure parts), the nginx glue (src/module and the rest of
+src/pg), the C ABI (src/ffi). A file may use its own layer and the ones
+below, never one above; nothing uses src/ffi; and the core has no import
+cycle (an idea two core files share belongs to the lower one). The glue's
+hooks call one another by nature (process start runs the ring's, the
+bridge's and the wake-ups' setup, which read the process state), so cycles
+among glue files are listed with --glue, not refused.
+Exits 1, naming the offending imports, when a rule is broken.
 """
 import os
 import re
 import sys
 
-SRC = sys.argv[1] if len(sys.argv) > 1 else "src"
+SRC = next((a for a in sys.argv[1:] if not a.startswith("--")), "src")
 
 
 def module_of(path):
@@ -94,6 +101,27 @@ for me, p in files.items():
         if t and t != me and t != me[: len(t)]:
             edges[me].add(t)
 
+CORE_PG = {("pg", "config"), ("pg", "wire"), ("pg",)}
+
+
+def layer(m):
+    if not m or m[0] in ("shm", "abi", "prom") or m in CORE_PG or m == ():
+        return 0
+    if m[0] == "ffi":
+        return 2
+    return 1
+
+
+LAYER_NAMES = ["core", "glue", "ffi"]
+name = lambda m: "::".join(m) or "crate"
+bad = []
+for m in sorted(mods):
+    for t in sorted(edges[m]):
+        if m == () or t == ():
+            continue
+        if layer(t) > layer(m) or (t[:1] == ("ffi",) and m[:1] != ("ffi",)):
+            bad.append("%s (%s) uses %s (%s)" % (name(m), LAYER_NAMES[layer(m)], name(t), LAYER_NAMES[layer(t)]))
+
 # strongly connected components (Tarjan)
 index, low, stack, on, sccs, n = {}, {}, [], set(), [], [0]
 
@@ -126,11 +154,18 @@ for v in sorted(mods):
     if v not in index:
         strong(v)
 
-name = lambda m: "::".join(m) or "crate"
+show_glue = "--glue" in sys.argv
 for comp in sccs:
     inside = set(comp)
-    print("cycle: " + ", ".join(sorted(name(m) for m in comp)))
+    is_core = all(layer(m) == 0 for m in comp)
+    if not is_core and not show_glue:
+        continue
+    print(("core import cycle: " if is_core else "glue call cycle: ") + ", ".join(sorted(name(m) for m in comp)))
     for m in sorted(comp):
         for t in sorted(edges[m] & inside):
             print("  %s -> %s" % (name(m), name(t)))
-sys.exit(1 if sccs else 0)
+    if is_core:
+        bad.append("core import cycle")
+for b in bad:
+    print("layering: " + b)
+sys.exit(1 if bad else 0)
