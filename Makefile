@@ -20,7 +20,7 @@ LOAD_MODULES := $(MODULES_DIR)/ndk_http_module.so $(MODULES_DIR)/ngx_http_lua_mo
 PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
             lua-resty-core lua-cjson luajit2 libclang-dev \
             libtest-base-perl libtest-simple-perl libwww-perl libtext-diff-perl libipc-run-perl \
-            curl procps bc \
+            curl procps bc python3 \
             postgresql postgresql-client openssl
 # Tools of the operator-facing tests: prometheus carries promtool
 # (t/300-metrics.t checks the scrape with it), chromium renders the status
