@@ -170,11 +170,15 @@ pub fn wake_later(index: usize) {
 
 unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
     let l = this_process();
-    let zones = l.wake_zones.replace(0);
-    for (i, z) in l.zones().iter().enumerate() {
-        if zones & (1u32 << (i % 32)) != 0 {
-            wake_zone(z);
+    let bits = l.wake_zones.replace(0);
+    // By index, copying one zone at a time: this runs once per event-loop
+    // iteration with posts, and needs no copy of the whole list.
+    let mut i = 0;
+    while let Some(z) = l.zone_at(i) {
+        if bits & (1u32 << (i % 32)) != 0 {
+            wake_zone(&z);
         }
+        i += 1;
     }
 }
 
