@@ -8,10 +8,13 @@ first: the nginx-independent core (src/shm, src/abi.rs, src/prom.rs and the
 PostgreSQL bridge's pure parts), the nginx glue (src/module and the rest of
 src/pg), the C ABI (src/ffi). A file may use its own layer and the ones
 below, never one above; nothing uses src/ffi; and the core has no import
-cycle (an idea two core files share belongs to the lower one). The glue's
-hooks call one another by nature (process start runs the ring's, the
-bridge's and the wake-ups' setup, which read the process state), so cycles
-among glue files are listed with --glue, not refused.
+cycle (an idea two core files share belongs to the lower one). In the
+glue, src/module never names src/pg (the bridge plugs in through
+module::extension), and no import cycle spans two parts of the glue
+(module, pg, the module tables). Cycles among the files of src/module
+itself (its hooks call one another: process start runs the ring's and
+the wake-ups' setup, which read the process state) are listed with
+--glue, not refused yet.
 Exits 1, naming the offending imports, when a rule is broken.
 """
 import os
@@ -121,6 +124,8 @@ for m in sorted(mods):
             continue
         if layer(t) > layer(m) or (t[:1] == ("ffi",) and m[:1] != ("ffi",)):
             bad.append("%s (%s) uses %s (%s)" % (name(m), LAYER_NAMES[layer(m)], name(t), LAYER_NAMES[layer(t)]))
+        if m[:1] == ("module",) and t[:1] == ("pg",):
+            bad.append("%s uses %s: the glue must not name the bridge (register through module::extension)" % (name(m), name(t)))
 
 # strongly connected components (Tarjan)
 index, low, stack, on, sccs, n = {}, {}, [], set(), [], [0]
@@ -158,14 +163,18 @@ show_glue = "--glue" in sys.argv
 for comp in sccs:
     inside = set(comp)
     is_core = all(layer(m) == 0 for m in comp)
-    if not is_core and not show_glue:
+    across = len({m[:1] for m in comp}) > 1
+    if not is_core and not across and not show_glue:
         continue
-    print(("core import cycle: " if is_core else "glue call cycle: ") + ", ".join(sorted(name(m) for m in comp)))
+    kind = "core import cycle: " if is_core else "glue import cycle across parts: " if across else "glue call cycle: "
+    print(kind + ", ".join(sorted(name(m) for m in comp)))
     for m in sorted(comp):
         for t in sorted(edges[m] & inside):
             print("  %s -> %s" % (name(m), name(t)))
     if is_core:
         bad.append("core import cycle")
+    elif across:
+        bad.append("glue import cycle across " + ", ".join(sorted({m[0] for m in comp})))
 for b in bad:
     print("layering: " + b)
 sys.exit(1 if bad else 0)

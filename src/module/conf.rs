@@ -6,8 +6,8 @@ use core::ffi::{c_char, c_void};
 use core::ptr;
 
 use nginx_sys::{
-    NGX_CONF_1MORE, NGX_CONF_TAKE1, NGX_CONF_TAKE23, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t,
-    ngx_conf_t, ngx_cycle_t, ngx_msec_t, ngx_shm_zone_t, ngx_str_t,
+    NGX_CONF_TAKE1, NGX_CONF_TAKE23, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t, ngx_conf_t,
+    ngx_cycle_t, ngx_msec_t, ngx_shm_zone_t, ngx_str_t,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 
@@ -36,8 +36,6 @@ pub struct CoreConf {
     pub nzones: usize,
     pub heartbeat_ms: ngx_msec_t,
     pub hang_timeout_ms: ngx_msec_t,
-    /// `workerbus_postgres`, parsed (null: no bridge). Freed with the cycle pool.
-    pub pg: *const crate::pg::glue::PgSetup,
 }
 
 impl CoreConf {
@@ -49,11 +47,10 @@ impl CoreConf {
 /// Where every directive of the core module may stand: the main context only.
 const MAIN: u32 = NGX_MAIN_CONF | NGX_DIRECT_CONF;
 
-pub static mut CORE_COMMANDS: [ngx_command_t; 5] = [
+pub static mut CORE_COMMANDS: [ngx_command_t; 4] = [
     directive(ngx::ngx_string!("workerbus_zone"), MAIN | NGX_CONF_TAKE23, set_zone),
     directive(ngx::ngx_string!("workerbus_heartbeat"), MAIN | NGX_CONF_TAKE1, set_heartbeat),
     directive(ngx::ngx_string!("workerbus_hang_timeout"), MAIN | NGX_CONF_TAKE1, set_hang_timeout),
-    directive(ngx::ngx_string!("workerbus_postgres"), MAIN | NGX_CONF_1MORE, crate::pg::glue::set_postgres),
     null_command(),
 ];
 

@@ -10,6 +10,7 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref, clippy::missing_safety_doc)]
 
 pub mod conf;
+pub mod extension;
 pub mod http;
 pub mod layout;
 pub mod metrics;
@@ -76,22 +77,6 @@ pub static mut ngx_http_workerbus_module: ngx_module_t = ngx_module_t {
     type_: NGX_HTTP_MODULE as _,
     ..ngx_module_t::default()
 };
-
-// The tables nginx's load_module reads from a dynamic module (ngx's own
-// `ngx_modules!` macro miscounts more than one module in 0.5.1).
-#[unsafe(no_mangle)]
-#[allow(non_upper_case_globals)]
-pub static mut ngx_modules: [*const ngx_module_t; 3] =
-    [&raw const ngx_workerbus_module, &raw const ngx_http_workerbus_module, ptr::null()];
-
-#[unsafe(no_mangle)]
-#[allow(non_upper_case_globals)]
-pub static mut ngx_module_names: [*const c_char; 3] =
-    [c"ngx_workerbus_module".as_ptr(), c"ngx_http_workerbus_module".as_ptr(), ptr::null()];
-
-#[unsafe(no_mangle)]
-#[allow(non_upper_case_globals)]
-pub static mut ngx_module_order: [*const c_char; 1] = [ptr::null()];
 
 /// The tag nginx compares to decide whether a shared zone is ours.
 pub fn zone_tag() -> *mut c_void {

@@ -146,13 +146,13 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
         lc.live_count(generation)
     );
     ring_glue::init_worker(cycle, respawned);
-    crate::pg::glue::init_worker(cycle);
+    super::extension::each(|e| (e.worker_start)(cycle));
     start_heartbeat(log);
 }
 
 /// Worker exit through nginx (graceful stop, reload, quit).
 pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
-    crate::pg::glue::exit_worker();
+    super::extension::each(|e| (e.worker_exit)());
     wake::unregister();
     let l = this_process();
     let Some(primary) = l.primary() else { return };

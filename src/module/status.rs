@@ -149,7 +149,7 @@ pub fn snapshot() -> Value {
         doc["crashes_seen"] = json!(h.crashes_seen.load(core::sync::atomic::Ordering::Relaxed));
         doc["hangs_seen"] = json!(h.hangs_seen.load(core::sync::atomic::Ordering::Relaxed));
     }
-    doc["postgres"] = crate::pg::glue::status();
+    super::extension::each(|e| doc[e.name] = (e.status)());
     doc
 }
 

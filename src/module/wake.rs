@@ -141,8 +141,8 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     let l = this_process();
     l.wakeups_received.set(l.wakeups_received.get() + 1);
     sema::post();
-    // The PostgreSQL bridge's holder is woken through the same descriptor.
-    crate::pg::glue::on_wake();
+    // Other parts (the PostgreSQL bridge's holder) are woken through the same descriptor.
+    super::extension::each(|e| (e.on_wake)());
 }
 
 /// Wakes the idle workers of zone `index` at the end of this event-loop

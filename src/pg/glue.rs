@@ -12,11 +12,14 @@ use core::sync::atomic::Ordering::Relaxed;
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use nginx_sys::{NGX_LOG_EMERG, NGX_LOG_WARN, ngx_command_t, ngx_conf_t, ngx_connection_t, ngx_cycle_t, ngx_event_t};
+use nginx_sys::{
+    NGX_CONF_1MORE, NGX_CORE_MODULE, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_MAIN_CONF, ngx_command_t,
+    ngx_conf_t, ngx_connection_t, ngx_core_module_t, ngx_cycle_t, ngx_event_t, ngx_module_t,
+};
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use serde_json::{Value, json};
 
-use crate::module::conf::CoreConf;
+use crate::module::extension::{self, Extension};
 use crate::module::one_thread::OneThread;
 use crate::module::process_state::this_process;
 use crate::module::time::now_ms;
@@ -121,10 +124,59 @@ fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
+// ---- the bridge's nginx module -------------------------------------------
+
+/// The bridge's configuration, one per cycle, in the cycle pool.
+#[repr(C)]
+pub struct PgConf {
+    /// `workerbus_postgres`, parsed (null: no bridge). Freed with the cycle pool.
+    pub pg: *const PgSetup,
+}
+
+static mut PG_CTX: ngx_core_module_t =
+    ngx_core_module_t { name: ngx::ngx_string!("workerbus_pg"), create_conf: Some(create_conf), init_conf: None };
+
+static mut PG_COMMANDS: [ngx_command_t; 2] = [
+    crate::module::directive(
+        ngx::ngx_string!("workerbus_postgres"),
+        NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_1MORE,
+        set_postgres,
+    ),
+    crate::module::null_command(),
+];
+
+#[used]
+#[unsafe(no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_workerbus_pg_module: ngx_module_t = ngx_module_t {
+    ctx: &raw const PG_CTX as *mut c_void,
+    // SAFETY: only the address is taken; nginx reads the table, never moves it.
+    commands: unsafe { &raw mut PG_COMMANDS[0] },
+    type_: NGX_CORE_MODULE as _,
+    ..ngx_module_t::default()
+};
+
+unsafe extern "C" fn create_conf(cycle: *mut ngx_cycle_t) -> *mut c_void {
+    // The status section and the wake-up subscriber, in the master before
+    // the workers fork (again at each load: the same functions).
+    extension::register(Extension { name: "postgres", status, on_wake, worker_start, worker_exit });
+    // SAFETY: nginx passes the cycle being configured; its pool lives as long as the cycle.
+    unsafe { nginx_sys::ngx_pcalloc((*cycle).pool, size_of::<PgConf>()) }
+}
+
+fn pg_conf(cycle: *const ngx_cycle_t) -> Option<&'static PgConf> {
+    // SAFETY: conf_ctx has an entry per module index; ours was made by create_conf.
+    unsafe {
+        let ctx = (*cycle).conf_ctx;
+        let p = *ctx.add((*(&raw const ngx_workerbus_pg_module)).index);
+        (p as *const PgConf).as_ref()
+    }
+}
+
 /// `workerbus_postgres URL [options];`
 pub unsafe extern "C" fn set_postgres(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: NGX_DIRECT_CONF gives this module's CoreConf for the cycle.
-    let cc = unsafe { &mut *(conf as *mut CoreConf) };
+    // SAFETY: NGX_DIRECT_CONF gives this module's PgConf for the cycle.
+    let cc = unsafe { &mut *(conf as *mut PgConf) };
     if !cc.pg.is_null() {
         return emerg(cf, "is duplicate");
     }
@@ -196,9 +248,9 @@ unsafe fn init_event(
     ev.set_cancelable(1);
 }
 
-/// Worker start (after the event ring is set up).
-pub fn init_worker(cycle: *mut ngx_cycle_t) {
-    let Some(cc) = crate::module::process::core_conf(cycle) else { return };
+/// Worker start (the zones are attached, the ring reader set up).
+fn worker_start(cycle: *mut ngx_cycle_t) {
+    let Some(cc) = pg_conf(cycle) else { return };
     if cc.pg.is_null() {
         return;
     }
@@ -253,7 +305,7 @@ pub fn init_worker(cycle: *mut ngx_cycle_t) {
 }
 
 /// Worker exit: close the session, give the lease up.
-pub fn exit_worker() {
+fn worker_exit() {
     let Some(p) = pg() else { return };
     stop(p);
 }
@@ -386,7 +438,7 @@ unsafe extern "C" fn on_timer(_ev: *mut ngx_event_t) {
 }
 
 /// From the wake-up handler: work may be waiting for the holder.
-pub fn on_wake() {
+fn on_wake() {
     let Some(p) = pg() else { return };
     if p.has_bridge() {
         post_drive(p);
@@ -479,7 +531,7 @@ pub fn listen(channel: &[u8], delta: i32) -> Result<bool, String> {
 
 // ---- status ----------------------------------------------------------------
 
-pub fn status() -> Value {
+fn status() -> Value {
     let Some(p) = pg() else { return Value::Null };
     let (s, bus, zone) = (p.setup, p.bus, p.zone);
     let lock = zone.lock();
