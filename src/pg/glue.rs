@@ -168,7 +168,8 @@ fn pg_conf(cycle: *const ngx_cycle_t) -> Option<&'static PgConf> {
     // SAFETY: conf_ctx has an entry per module index; ours was made by create_conf.
     unsafe {
         let ctx = (*cycle).conf_ctx;
-        let p = *ctx.add((*(&raw const ngx_workerbus_pg_module)).index);
+        let module = &raw const ngx_workerbus_pg_module;
+        let p = *ctx.add((*module).index);
         (p as *const PgConf).as_ref()
     }
 }
