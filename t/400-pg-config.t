@@ -96,6 +96,34 @@ for my $case (@bad) {
     unlike($out, qr/hun|xyzzy/, "no password in the output: $main");
 }
 
+# secret_file=: the secret is never shown, its errors name the file.
+my %secret = (empty => "\n", short => "hunter2-0123456\n", good => "hunter2-0123456789\r\n");
+my %secret_path = map { $_ => "$FindBin::Bin/servroot_pg_secret_$_" } keys %secret;
+for my $k (keys %secret) {
+    open(my $sf, ">", $secret_path{$k}) or die "$secret_path{$k}: $!";
+    print $sf $secret{$k};
+    close $sf;
+}
+for my $case (
+    [ 'secret_file=/nonexistent/secret', 'cannot read secret_file "/nonexistent/secret": No such file or directory' ],
+    [ "secret_file=$secret_path{empty}", qq{secret_file "$secret_path{empty}" is empty} ],
+    [ "secret_file=$secret_path{short}", qq{secret_file "$secret_path{short}": the secret must be at least 16 bytes} ],
+) {
+    my ($opt, $want) = @$case;
+    my $main = qq{workerbus_postgres "postgresql://127.0.0.1/db" $opt;};
+    my ($rc, $out, $file) = nginx_t(main => $main);
+    isnt($rc, 0, "nginx -t fails: $main");
+    like($out, qr/\[emerg\] \d+#\d+: "workerbus_postgres" directive: \Q$want\E in \Q$file\E:\d+/, "exact message for: $main");
+    unlike($out, qr/hun|0123456/, "no secret in the output: $main");
+}
+{
+    my $main = qq{workerbus_postgres "postgresql://127.0.0.1/db" secret_file=$secret_path{good};};
+    my ($rc, $out) = nginx_t(main => $main);
+    is($rc, 0, "a 16-byte secret passes nginx -t") or diag $out;
+    unlike($out, qr/hun|0123456/, "no secret in the output: $main");
+}
+unlink values %secret_path;
+
 # A good one passes, with a password file.
 my $pw = "$FindBin::Bin/servroot_pg_pw";
 open(my $fh, ">", $pw) or die;

@@ -52,9 +52,12 @@ pub struct PgConfig {
     pub prefix: String,
     pub unlisten_after_ms: u64,
     pub application_name: String,
+    /// `secret_file=`: the cluster's shared secret (HMAC-SHA-256 key of the
+    /// cluster events). Neither `describe` nor `Debug` shows it.
+    pub secret: Option<Vec<u8>>,
 }
 
-// The password must never reach a log line, even through {:?}.
+// The password and the secret must never reach a log line, even through {:?}.
 impl fmt::Debug for PgConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.describe())
@@ -62,7 +65,7 @@ impl fmt::Debug for PgConfig {
 }
 
 impl PgConfig {
-    /// What the status and log lines show: no password.
+    /// What the status and log lines show: no password, no secret.
     pub fn describe(&self) -> String {
         format!(
             "postgresql://{}@{}:{}/{} sslmode={}",
@@ -99,6 +102,7 @@ fn defaults() -> PgConfig {
         prefix: String::new(),
         unlisten_after_ms: 60_000,
         application_name: "workerbus".into(),
+        secret: None,
     }
 }
 
@@ -401,12 +405,16 @@ fn time_opt(key: &str, v: &str, min_ms: u64) -> Result<u64, String> {
     }
 }
 
-/// A password file's first line, without its line end.
+/// A password or secret file's first line, without its line end.
 fn first_line(text: &str) -> &str {
     text.split('\n').next().unwrap_or("").trim_end_matches('\r')
 }
 
-/// Parses the directive's arguments. `read_file` reads `password_file=`.
+/// The shortest `secret_file=` secret.
+pub const SECRET_MIN: usize = 16;
+
+/// Parses the directive's arguments. `read_file` reads `password_file=` and
+/// `secret_file=`.
 pub fn parse(args: &[&str], read_file: impl Fn(&str) -> Result<String, String>) -> Result<PgConfig, String> {
     let mut c = defaults();
     let (conn, opts) = args.split_first().ok_or("takes a connection URL and options")?;
@@ -438,6 +446,17 @@ pub fn parse(args: &[&str], read_file: impl Fn(&str) -> Result<String, String>) 
                 }
                 c.password = Some(pw.to_string());
                 c.password_file = Some(v.to_string());
+            }
+            "secret_file" => {
+                let text = read_file(v).map_err(|e| format!("cannot read secret_file \"{v}\": {e}"))?;
+                let secret = first_line(&text);
+                if secret.is_empty() {
+                    return Err(format!("secret_file \"{v}\" is empty"));
+                }
+                if secret.len() < SECRET_MIN {
+                    return Err(format!("secret_file \"{v}\": the secret must be at least {SECRET_MIN} bytes"));
+                }
+                c.secret = Some(secret.as_bytes().to_vec());
             }
             "backoff_min" => c.backoff_min_ms = time_opt(k, v, 10)?,
             "backoff_max" => c.backoff_max_ms = time_opt(k, v, 10)?,
@@ -497,6 +516,9 @@ mod tests {
         parse(args, |f| match f {
             "/pw" => Ok("s3cret\n".into()),
             "/empty" => Ok("\nsecond line\n".into()),
+            "/secret" => Ok("0123456789abcdef\r\nsecond line\n".into()),
+            "/short" => Ok("hunter-123456\n".into()),
+            "/fifteen" => Ok("hunter2-0123456\r\n".into()),
             _ => Err("No such file or directory".into()),
         })
     }
@@ -715,6 +737,10 @@ mod tests {
             (&[u, "durable=on", "hunter2"], "argument 3 is not key=value (not shown: it may hold a secret)"),
             (&[u, "password_file=/nope"], "cannot read password_file \"/nope\": No such file or directory"),
             (&[u, "password_file=/empty"], "password_file \"/empty\" is empty"),
+            (&[u, "secret_file=/nope"], "cannot read secret_file \"/nope\": No such file or directory"),
+            (&[u, "secret_file=/empty"], "secret_file \"/empty\" is empty"),
+            (&[u, "secret_file=/short"], "secret_file \"/short\": the secret must be at least 16 bytes"),
+            (&[u, "secret_file=/fifteen"], "secret_file \"/fifteen\": the secret must be at least 16 bytes"),
             (&[u, "backoff_min=fast"], "invalid backoff_min \"fast\""),
             (&[u, "backoff_min=5ms"], "backoff_min \"5ms\" is below the minimum of 10ms"),
             (&[u, "backoff_max=x"], "invalid backoff_max \"x\""),
@@ -753,6 +779,15 @@ mod tests {
         for (args, want) in cases {
             assert_eq!(&err(args), want, "for {args:?}");
         }
+    }
+
+    #[test]
+    fn secret_file() {
+        let c = p(&["postgresql://u:hunter2@h/db", "secret_file=/secret", "password_file=/pw"]).unwrap();
+        assert_eq!(c.secret.as_deref(), Some(&b"0123456789abcdef"[..]));
+        let shown = format!("{c:?} {}", c.describe());
+        assert!(!shown.contains("0123456789abcdef") && !shown.contains("s3cret") && !shown.contains("hunter"));
+        assert_eq!(p(&["postgresql://h/db"]).unwrap().secret, None);
     }
 
     #[test]
