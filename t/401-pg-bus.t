@@ -74,6 +74,7 @@ for my $pid (@pidsA) {
     is(node_get($A, "/origin?pid=$pid"), "$nodeB\n", "worker $pid of A: origin is node B");
 }
 my @pidsB = map { $_->{pid} } grep { $_->{state} eq "running" } @{ node_status($B)->{workers} };
+is(scalar @pidsB, 2, "B has two workers");
 ok(wait_until(60, sub {
     my $g = decode_json(node_get($B, "/got") // "{}");
     !grep { ($g->{$_} // 0) < 1000 } @pidsB;
