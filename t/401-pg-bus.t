@@ -129,9 +129,9 @@ ok(listening($A, "workerbus_events"), "the cluster events channel stays");
 # (issue 16): in a worker whose first wait starts its event poller late, and
 # in a worker that waited before. Node C (two workers, nothing subscribed:
 # no worker reads its ring before its first wait) takes A's port; its
-# server listens with reuseport, so new connections spread over its
-# workers, and the endpoints below answer "other" at once in any worker but
-# the one asked for.
+# server (the first of the port: its default) listens with reuseport, so
+# new connections spread over its workers, and the endpoints below answer
+# "other" at once in any worker but the one asked for.
 my $lua_c = <<'EOF_LUA';
 location = /waitw {
     content_by_lua_block {
@@ -188,7 +188,7 @@ my $portC = $A->{port};
 stop_node($A);
 my $C = start_node(name => "c", offset => 0,
     main => "workerbus_postgres \"$url\" backoff_min=50ms backoff_max=2s unlisten_after=60s;",
-    http => "server {\n listen 127.0.0.1:$portC reuseport;\n location = /status { workerbus_status; }\n$server\n$lua_c\n}\n");
+    http => "server {\n listen 127.0.0.1:$portC reuseport;\n server_name c.test;\n location = /status { workerbus_status; }\n$server\n$lua_c\n}\n");
 ok(wait_until(20, sub { my $q = pgst($C); $q && $q->{state} eq "connected" }), "node c connects");
 my $holderC = pgst($C)->{holder_pid};
 my ($otherC) = grep { $_ != $holderC } map { $_->{pid} } grep { $_->{state} eq "running" } @{ node_status($C)->{workers} };
