@@ -2,7 +2,8 @@
 # The bus between two nodes (two nginx instances, two workers each) through
 # a real PostgreSQL: wait on A woken by post on B, 1,000 posts reaching every
 # worker of A in order, posts from SQL, hostile names and payloads, the
-# status section, UNLISTEN of unused channels.
+# status section, UNLISTEN of unused channels, a wait getting only what was
+# posted after it began.
 use strict;
 use warnings;
 use FindBin;
@@ -73,6 +74,7 @@ for my $pid (@pidsA) {
     is(node_get($A, "/origin?pid=$pid"), "$nodeB\n", "worker $pid of A: origin is node B");
 }
 my @pidsB = map { $_->{pid} } grep { $_->{state} eq "running" } @{ node_status($B)->{workers} };
+is(scalar @pidsB, 2, "B has two workers");
 ok(wait_until(60, sub {
     my $g = decode_json(node_get($B, "/got") // "{}");
     !grep { ($g->{$_} // 0) < 1000 } @pidsB;
@@ -123,7 +125,98 @@ ok(wait_until(20, sub { !grep { $_->{name} eq $ch3 } @{ pgst($A)->{channels} } }
 ok(listening($A, $SUB), "a subscribed channel stays");
 ok(listening($A, "workerbus_events"), "the cluster events channel stays");
 
-my @bad = grep { /\[(error|alert|crit|emerg)\]/ } split /\n/, node_log($A) . node_log($B);
+# 6. A wait returns only what entered the node's event ring after it began
+# (issue 16): in a worker whose first wait starts its event poller late, and
+# in a worker that waited before. Node C (two workers, nothing subscribed:
+# no worker reads its ring before its first wait) takes A's port; its
+# server (the first of the port: its default) listens with reuseport, so
+# new connections spread over its workers, and the endpoints below answer
+# "other" at once in any worker but the one asked for.
+my $lua_c = <<'EOF_LUA';
+location = /waitw {
+    content_by_lua_block {
+        local me = ngx.worker.pid()
+        if ngx.var.arg_pid and tonumber(ngx.var.arg_pid) ~= me then return ngx.say("other") end
+        local c = ngx.var.arg_c
+        local got = ngx.shared.got
+        -- counted once this handler yields, so only after wait() has begun
+        ngx.timer.at(0, function() got:incr("waiting:" .. c, 1, 0) end)
+        local p, o = require("resty.workerbus").wait(c, tonumber(ngx.var.arg_t))
+        got:incr("waiting:" .. c, -1, 0)
+        ngx.say(p, "|", o, "|", me)
+    }
+}
+location = /late {
+    content_by_lua_block {
+        -- posts through PostgreSQL, holds this worker (no yield, so its
+        -- poller reads nothing) until the post is in the node's ring, then
+        -- waits on the channel
+        local me = ngx.worker.pid()
+        if tonumber(ngx.var.arg_pid) ~= me then return ngx.say("other") end
+        local wb = require "resty.workerbus"
+        local core = require "resty.workerbus.events_core"
+        local c = ngx.var.arg_c
+        local _, head = core.position()
+        local ok, err = wb.post(c, "late")
+        if not ok then return ngx.say("post failed: ", err) end
+        ngx.update_time()
+        local deadline = ngx.now() + 10
+        while select(2, core.position()) == head do
+            ngx.update_time()
+            if ngx.now() > deadline then return ngx.say("the post never entered the ring") end
+        end
+        local p, o = wb.wait(c, tonumber(ngx.var.arg_t))
+        ngx.say(p, "|", o, "|", me)
+    }
+}
+EOF_LUA
+sub on_worker {
+    my ($n, $pid, $path) = @_;
+    my $r;
+    wait_until(30, sub { $r = node_get($n, "$path&pid=$pid"); defined $r && $r ne "other\n" });
+    return $r // "FAILED";
+}
+sub bg_on_worker {
+    my ($n, $pid, $path) = @_;
+    pipe(my $r, my $w) or die;
+    my $child = fork // die;
+    if (!$child) { close $r; print $w on_worker($n, $pid, $path); close $w; POSIX::_exit(0); }
+    close $w;
+    return sub { my $out = do { local $/; <$r> }; waitpid($child, 0); $out };
+}
+my $portC = $A->{port};
+stop_node($A);
+my $C = start_node(name => "c", offset => 0,
+    main => "workerbus_postgres \"$url\" backoff_min=50ms backoff_max=2s unlisten_after=60s;",
+    http => "server {\n listen 127.0.0.1:$portC reuseport;\n server_name c.test;\n location = /status { workerbus_status; }\n$server\n$lua_c\n}\n");
+ok(wait_until(20, sub { my $q = pgst($C); $q && $q->{state} eq "connected" }), "node c connects");
+my $holderC = pgst($C)->{holder_pid};
+my ($otherC) = grep { $_ != $holderC } map { $_->{pid} } grep { $_->{state} eq "running" } @{ node_status($C)->{workers} };
+ok($otherC, "c: a worker besides the holder ($holderC)");
+my $ch6 = "${tag}_fresh";
+my $waiting = sub { my $v = node_get($C, "/waiting?c=$ch6"); defined $v && $v eq "1\n" && listening($C, $ch6) };
+
+# Worker X (not the holder) waits first, and a post from B wakes it.
+$res = bg_on_worker($C, $otherC, "/waitw?c=$ch6&t=20");
+ok(wait_until(15, $waiting), "c: worker X ($otherC) waits, c listens");
+is(node_get($B, "/post?c=$ch6&p=old"), "true nil\n", "post on B");
+is($res->(), "old|$nodeB|$otherC\n", "worker X's wait gets it");
+# Worker Y's first wait, begun after that post: it must not get it.
+is(on_worker($C, $holderC, "/waitw?c=$ch6&t=1"), "nil|timeout|$holderC\n",
+   "worker Y's ($holderC) first wait does not get the post made before it began");
+# Worker X again: a post already in the ring, not yet read by X's poller
+# (X holds itself until the holder, another worker, has put it there).
+is(on_worker($C, $otherC, "/late?c=$ch6&t=1"), "nil|timeout|$otherC\n",
+   "worker X's wait does not get a post that entered the ring before it began");
+# Both still get what is posted after their wait began.
+for my $pid ($holderC, $otherC) {
+    $res = bg_on_worker($C, $pid, "/waitw?c=$ch6&t=20");
+    ok(wait_until(15, $waiting), "c: worker $pid waits");
+    is(node_get($B, "/post?c=$ch6&p=new$pid"), "true nil\n", "post on B");
+    is($res->(), "new$pid|$nodeB|$pid\n", "worker $pid gets the post made after its wait began");
+}
+
+my @bad = grep { /\[(error|alert|crit|emerg)\]/ } split /\n/, node_log($A) . node_log($B) . node_log($C);
 is(scalar @bad, 0, "no errors in the logs") or diag join("\n", @bad[0 .. ($#bad < 5 ? $#bad : 5)]);
 
 done_testing();

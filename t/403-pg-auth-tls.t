@@ -26,7 +26,7 @@ sub round_trip {
     ok(wait_until(30, sub { listening($n, $SUB) }), "$name: listening");
     node_get($n, "/postn?c=$SUB&n=1");
     ok(wait_until(30, sub { my @p = map { $_->{pid} } grep { $_->{state} eq "running" } @{ node_status($n)->{workers} };
-                            !grep { node_get($n, "/got") !~ /"$_":1/ } @p }), "$name: a post comes back");
+                            @p == 2 && !grep { node_get($n, "/got") !~ /"$_":1[,}]/ } @p }), "$name: a post comes back");
     my $log = node_log($n);
     stop_node($n);
     return $log;
@@ -51,10 +51,11 @@ ok(wait_until(20, sub { my $p = pgst($n); $p && $p->{last_error} =~ /password au
 my $t0 = time;
 ok(wait_until(20, sub { (() = node_log($n) =~ /password authentication failed/g) >= 4 }), "it keeps trying");
 my $elapsed = time - $t0;
-my @lines = grep { /password authentication failed/ } split /\n/, node_log($n);
+my $wrong_log = node_log($n);  # read once: the node keeps logging attempts
+my @lines = grep { /password authentication failed/ } split /\n/, $wrong_log;
 like($lines[0], qr/\[error\] \d+#\d+: workerbus: postgres postgresql:\/\/alice\@\Q$hp\E\/test sslmode=disable: FATAL: password authentication failed for user "alice" \(SQLSTATE 28P01\); retrying in \d+ms \(attempt 1\)/,
      "one clear line per attempt");
-my $attempts = () = node_log($n) =~ /\(attempt \d+\)/g;
+my $attempts = () = $wrong_log =~ /\(attempt \d+\)/g;
 is($attempts, scalar @lines, "every attempt logs exactly one line");
 my $p = pgst($n);
 ok($p->{connect_failures} >= 4 && $p->{connect_failures} < 60, "backoff keeps the attempts few ($p->{connect_failures})");

@@ -70,7 +70,7 @@ for my $n ($A, $B) {
         ok(wait_until(30, sub {
             $we .= node_get($n, "/list?k=we&pid=$pid");
             $ev .= node_get($n, "/list?k=ev&pid=$pid");
-            ($we =~ tr/\n//) >= 2 && ($ev =~ tr/\n//) >= 1;
+            (grep { /\S/ } split /\n/, $we) >= 2 && (grep { /\S/ } split /\n/, $ev) >= 1;
         }), "node $n->{name}, worker $pid: both kinds arrived");
         my @we = map { decode_json($_) } grep { /\S/ } split /\n/, $we;
         is_deeply(\@we, [ { data => { key => "k1", n => 1 }, event => "changed", source => "t404", pid => 0 },

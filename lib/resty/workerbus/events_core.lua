@@ -234,8 +234,9 @@ function _M.remove_sink(dispatch)
     return false
 end
 
--- Events of `source` go to fn(data, event) only, not to the sinks: the
+-- Events of `source` go to fn(data, event, seq) only, not to the sinks: the
 -- PostgreSQL bus (resty.workerbus.pg) keeps its notifications to itself.
+-- seq is the record's place in the ring (see head()).
 function _M.add_private_source(source, fn)
     private[source] = fn
 end
@@ -453,7 +454,7 @@ local function handle_record()
     end
     local own = private[source]
     if own then
-        return own(data, event)
+        return own(data, event, tonumber(rec.seq))
     end
     local w = rshift(flags, 16)
     deliver(data, event, source, pid, w > 0 and w - 1 or nil)
@@ -747,6 +748,14 @@ end
 
 function _M.poller_running()
     return loop_running
+end
+
+-- The seq the next record posted to the ring will get (nil: not attached).
+function _M.head()
+    if not zone then
+        return nil
+    end
+    return tonumber(ev_head(zone))
 end
 
 -- For tests and status: this worker's next seq to read, the ring's next seq.

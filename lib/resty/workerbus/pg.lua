@@ -42,7 +42,8 @@ local NOT_CONFIGURED = "the PostgreSQL bridge is not configured (no workerbus_po
 local lim_c = ffi_new("size_t[1]")
 local lim_p = ffi_new("size_t[1]")
 
--- Per worker: waiters[channel] = { {sema, payload, origin}, ... };
+-- Per worker: waiters[channel] = { {sema, from, payload, origin}, ... }
+-- (from: the ring's head when the wait began);
 -- subs[channel] = { {id, handler}, ... }; by_id[id] = channel.
 local owner_pid
 local waiters, subs, by_id, next_id = {}, {}, {}, 0
@@ -65,7 +66,7 @@ function _M.limits()
     return tonumber(lim_c[0]), tonumber(lim_p[0])
 end
 
-local function deliver(data, channel)
+local function deliver(data, channel, seq)
     local z = find(data, "\0", 1, true)
     local origin, payload = "", data
     if z then
@@ -73,13 +74,21 @@ local function deliver(data, channel)
     end
     local list = waiters[channel]
     if list then
-        -- Everyone waiting now gets this payload; later waiters wait anew.
-        waiters[channel] = nil
+        -- Everyone who began waiting before this record entered the ring
+        -- gets it; those who began after (the poller reads late: a first
+        -- wait in this worker, or a busy worker) keep waiting.
+        local rest
         for i = 1, #list do
             local w = list[i]
-            w.payload, w.origin = payload, origin
-            w.sema:post(1)
+            if seq >= w.from then
+                w.payload, w.origin = payload, origin
+                w.sema:post(1)
+            else
+                rest = rest or {}
+                rest[#rest + 1] = w
+            end
         end
+        waiters[channel] = rest
     end
     local s = subs[channel]
     if s then
@@ -162,7 +171,8 @@ function _M.wait(channel, timeout)
         return nil, err
     end
     local semaphore = require "ngx.semaphore"
-    local w = { sema = semaphore.new(0) }
+    -- Only records that enter the ring from now on are for this wait.
+    local w = { sema = semaphore.new(0), from = core.head() or 0 }
     local list = waiters[channel]
     if not list then
         list = {}
