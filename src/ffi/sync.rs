@@ -145,6 +145,8 @@ pub unsafe extern "C" fn workerbus_sync_publish(
     let Some(z) = zone(zone_index) else { return -1 };
     let Some(t) = sy::table(&z) else { return fail(-1, "the zone has no sync table") as i64 };
     let slab = ZoneSlab(&z);
+    // Wall clock: the update's last-modified time (unix time for
+    // get_last_modified_time and the status), never judged.
     match t.publish(&z.lock(), &slab, task, pid(), sy::alive, vtype, v, dtype, d, now_ms()) {
         Ok(seq) => seq as i64,
         Err(e) => fail(-1, e.to_string()) as i64,

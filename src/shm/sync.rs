@@ -65,6 +65,8 @@ pub struct Task {
     last_pid: AtomicI32,
     /// Bytes of the published data.
     pub size: AtomicU64,
+    /// When the update was published: wall clock (ms since the epoch), for
+    /// display and get_last_modified_time only.
     pub modified_ms: AtomicU64,
     pub runs: AtomicU64,
     pub failures: AtomicU64,
@@ -228,6 +230,7 @@ impl SyncTable {
     }
 
     /// Publishes a new update of task `i`; returns its sequence number.
+    /// `now_ms` is wall-clock: it only becomes the last-modified time.
     #[allow(clippy::too_many_arguments)]
     pub fn publish<L: ShmLock, S: Slab>(
         &self,
