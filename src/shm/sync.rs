@@ -71,6 +71,8 @@ pub struct Task {
     pub runs: AtomicU64,
     pub failures: AtomicU64,
     pub too_large: AtomicU64,
+    /// When the last counted run started: monotonic ms (the schedule a new
+    /// runner keeps), as resty.sync passes it.
     pub last_run_ms: AtomicU64,
     pub last_duration_us: AtomicU64,
     err_len: AtomicU32,
@@ -339,7 +341,8 @@ impl SyncTable {
         }
     }
 
-    /// Counts a finished run of task `i`, with its error if it failed.
+    /// Counts a finished run of task `i`, with its error if it failed;
+    /// `started_ms` is monotonic.
     pub fn record_run<L: ShmLock>(&self, lock: &L, i: usize, started_ms: u64, duration_us: u64, err: Option<&[u8]>) {
         let Some(t) = self.tasks.get(i) else { return };
         // Relaxed: statistics for status.
