@@ -84,6 +84,7 @@ our $SyncRunner = <<'_EOC_';
             return "v" .. d:incr("ended", 1, 0)
         end, "slow"))
         assert(syncer:start())
+        SYNCER = syncer
     }
 _EOC_
 
@@ -121,6 +122,10 @@ our $SyncStep = <<'_EOC_';
                 ngx.say("overlapping runs: ", d:get("overlaps") or 0,
                         ", runner kept: ", l.runner_pid == runner and d:get("last_pid") == runner,
                         ", takeovers: ", l.takeovers)
+                -- Display stays on the (stepped) wall clock: the last update is recent.
+                ngx.update_time()
+                local modified = assert(SYNCER:get_last_modified_time("slow"))
+                ngx.say("last modified on the wall clock: ", math.abs(ngx.now() - modified) < 5)
             end)
             os.remove("$TEST_NGINX_CLOCK_STEP")
             if not ok then error(err) end
@@ -213,6 +218,7 @@ GET /t
 --- timeout: 40
 --- response_body
 overlapping runs: 0, runner kept: true, takeovers: 0
+last modified on the wall clock: true
 --- no_error_log
 taken from pid
 no longer the runner
@@ -232,6 +238,7 @@ GET /t
 --- timeout: 40
 --- response_body
 overlapping runs: 0, runner kept: true, takeovers: 0
+last modified on the wall clock: true
 --- no_error_log
 taken from pid
 [error]
