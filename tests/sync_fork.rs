@@ -8,7 +8,7 @@ mod support;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use support::{Shm, fork, my_pid, serial, wait, wait_until, yield_cpu};
+use support::{Shm, fork, mono_ms, my_pid, serial, wait, wait_until, yield_cpu};
 use workerbus::shm::lease::{Lease, Me, Role};
 use workerbus::shm::lifecycle::pid_alive;
 use workerbus::shm::lock::{PidLock, PidLockRef};
@@ -26,10 +26,6 @@ fn lock(shm: &Shm) -> PidLockRef {
 
 fn flag<T>(shm: &Shm, i: usize) -> &T {
     shm.at(FLAGS + i * 8)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 // Flag words (8 bytes each).
@@ -55,7 +51,9 @@ fn contender(shm: &Shm, generation: u64) -> i32 {
             current_generation: flag::<AtomicU64>(shm, CURRENT_GEN).load(Ordering::Acquire),
             exiting,
         };
-        let role = lease.tick(&lk, me, now_ms(), 50, pid_alive);
+        // The lease's clock, as in the module: monotonic (a wall-clock step
+        // during the test would otherwise fake a hung owner and an overlap).
+        let role = lease.tick(&lk, me, mono_ms(), 50, pid_alive);
         if exiting && !matches!(role, Role::Retiring) {
             return 0;
         }

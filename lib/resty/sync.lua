@@ -29,11 +29,21 @@ local log = ngx.log
 local ERR = ngx.ERR
 local WARN = ngx.WARN
 local INFO = ngx.INFO
-local now = ngx.now
+-- Every schedule and duration here is on the monotonic clock (nginx's
+-- ngx_current_msec, the one the runner lease uses), which a wall-clock step
+-- does not move: ngx.now() would run a task at once after a step forward
+-- and not for an hour after a step back. Only an update's last-modified time
+-- is wall-clock (the module stamps it when publishing).
+local monotonic_msec = require("resty.core.time").monotonic_msec
 local update_time = ngx.update_time
 local timer_at = ngx.timer.at
 local exiting = ngx.worker.exiting
 local last_error = wb.last_error
+
+-- Monotonic seconds, as of the last time update.
+local function now()
+    return monotonic_msec() / 1000
+end
 
 -- Lua type tags, as src/module/sync.rs names them.
 local T_STRING, T_NUMBER, T_BOOLEAN, T_TABLE = 1, 2, 3, 4
@@ -276,15 +286,15 @@ local function run(self, task, in_init)
         return false
     end
     update_time()
-    local started = now()
+    local started = monotonic_msec()
     local ok, res, err = pcall(fetch, self, task)
     C.workerbus_sync_end_run(self.zone, self.inst)
     update_time()
-    local dur_us = (now() - started) * 1e6
+    local dur_us = (monotonic_msec() - started) * 1000
     if not ok then
         err = res
     elseif res == true then
-        C.workerbus_sync_record_run(self.zone, task.idx, started * 1000, dur_us, nil, 0)
+        C.workerbus_sync_record_run(self.zone, task.idx, started, dur_us, nil, 0)
         return true
     end
     local msg = tostring(err)
@@ -293,7 +303,7 @@ local function run(self, task, in_init)
         return false, msg
     end
     log(ERR, "sync: tag \"", task.tag, "\" of \"", self.key, "\": ", msg)
-    C.workerbus_sync_record_run(self.zone, task.idx, started * 1000, dur_us, msg, #msg)
+    C.workerbus_sync_record_run(self.zone, task.idx, started, dur_us, msg, #msg)
     return false, msg
 end
 
@@ -339,7 +349,11 @@ local function tick(premature, self)
             local task = self.order[i]
             if not task.scheduled then
                 local last = tonumber(C.workerbus_sync_last_run_ms(self.zone, task.idx)) / 1000
-                schedule(self, task, last + self.interval - now())
+                local delay = last + self.interval - now()
+                -- Never more than an interval away, whatever the stamp says
+                -- (a wall-clock stamp of an older module in a kept zone
+                -- would otherwise put the run off for decades).
+                schedule(self, task, delay < self.interval and delay or self.interval)
             end
         end
     end

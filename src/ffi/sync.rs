@@ -145,6 +145,8 @@ pub unsafe extern "C" fn workerbus_sync_publish(
     let Some(z) = zone(zone_index) else { return -1 };
     let Some(t) = sy::table(&z) else { return fail(-1, "the zone has no sync table") as i64 };
     let slab = ZoneSlab(&z);
+    // Wall clock: the update's last-modified time (unix time for
+    // get_last_modified_time and the status), never judged.
     match t.publish(&z.lock(), &slab, task, pid(), sy::alive, vtype, v, dtype, d, now_ms()) {
         Ok(seq) => seq as i64,
         Err(e) => fail(-1, e.to_string()) as i64,
@@ -186,6 +188,9 @@ pub unsafe extern "C" fn workerbus_sync_read(
 }
 
 /// Counts a finished run (its error, if any, is kept for the status).
+/// `started_ms` is on the monotonic clock (`ngx_current_msec`, as
+/// resty.core.time's monotonic_msec returns it): the schedule that
+/// workerbus_sync_last_run_ms gives back to a new runner.
 ///
 /// # Safety
 /// `err` readable for `elen` (NULL: the run succeeded).
@@ -206,8 +211,9 @@ pub unsafe extern "C" fn workerbus_sync_record_run(
     t.record_run(&z.lock(), task, started_ms, duration_us, e);
 }
 
-/// When the task's last counted run started (ms since the epoch; 0: never),
-/// so that a new runner keeps the schedule of the previous one.
+/// When the task's last counted run started (monotonic ms, as passed to
+/// workerbus_sync_record_run; 0: never), so that a new runner keeps the
+/// schedule of the previous one.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_sync_last_run_ms(zone_index: c_int, task: c_int) -> u64 {
     let task = arg!(abi::index(task, "sync task index"), 0);

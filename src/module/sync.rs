@@ -1,6 +1,12 @@
 //! resty.sync's nginx side: the zone's sync table, the slab as its
 //! allocator, who counts as alive for the runner lease, and the `sync`
 //! section of the status document.
+//!
+//! The lease's expiry and every schedule (a task's last run) are on the
+//! monotonic clock (`mono_ms`), which a wall-clock step does not move: a
+//! step must not make a healthy runner look hung. Only an update's
+//! last-modified time is wall-clock (unix time, for display and
+//! get_last_modified_time).
 
 use core::sync::atomic::Ordering;
 
@@ -13,7 +19,7 @@ use crate::shm::lock::ShmLock;
 use crate::shm::sync::{Slab, SyncTable};
 
 use super::process_state::this_process;
-use super::time::now_ms;
+use super::time::mono_ms;
 use super::zone::Zone;
 
 /// Lua type tags of versions and data (lib/resty/sync.lua uses the same).
@@ -124,7 +130,7 @@ pub fn tick(zone: &Zone, inst: usize, lease_ms: u64, exiting: bool) -> Option<Ro
     let generation = l.generation.get();
     let current = l.primary().map_or(generation, |p| p.header().lifecycle.current_generation());
     let me = Me { pid: pid(), generation, current_generation: current, exiting };
-    let role = i.lease.tick(&zone.lock(), me, now_ms(), lease_ms, alive);
+    let role = i.lease.tick(&zone.lock(), me, mono_ms(), lease_ms, alive);
     // SAFETY: the cycle's log is valid in a running worker.
     let log = unsafe { (*nginx_sys::ngx_cycle).log };
     if let Role::TookOver { from, why } = role {
@@ -172,7 +178,8 @@ pub fn status(zone: &Zone) -> Option<Value> {
     if tasks.is_empty() {
         return None;
     }
-    let now = now_ms();
+    // The lease's expiry is monotonic; `last_modified` below is already wall-clock.
+    let now = mono_ms();
     let lock = zone.lock();
     let slab = ZoneSlab(zone);
     let mut instances: Vec<(usize, Vec<Value>)> = vec![];

@@ -13,6 +13,11 @@
 //! (a dead owner runs nothing). Takers serialize through the zone's lock so
 //! that the generation and expiry they judge belong to the owner word they
 //! replace.
+//!
+//! Every time here (`now_ms`, the expiry, the acquisition) is on one
+//! monotonic clock shared by all processes of the host (CLOCK_MONOTONIC):
+//! on the wall clock a step forward would make a healthy owner look hung
+//! and start a second run beside its own.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,9 +38,9 @@ pub struct Lease {
     word: AtomicU64,
     /// Configuration generation of the owner.
     generation: AtomicU64,
-    /// When the lease lapses unless renewed (ms since the epoch).
+    /// When the lease lapses unless renewed (monotonic ms).
     expires_ms: AtomicU64,
-    /// When the current owner took the lease.
+    /// When the current owner took the lease (monotonic ms).
     acquired_ms: AtomicU64,
     /// Times the lease changed owner, and times it was taken from a dead,
     /// old-generation or hung owner.
@@ -139,7 +144,8 @@ impl Lease {
 
     /// Renews, takes over or leaves the lease; called on every tick by every
     /// process that could run the job. `alive(pid)` says whether a process
-    /// may still run code (false only when it certainly cannot).
+    /// may still run code (false only when it certainly cannot). `now_ms`
+    /// is monotonic (see the module's comment).
     pub fn tick<L: ShmLock>(&self, lock: &L, me: Me, now_ms: u64, lease_ms: u64, alive: impl Fn(i32) -> bool) -> Role {
         // Acquire: we see the generation and expiry stored before the owner word.
         let w = self.word.load(Ordering::Acquire);

@@ -65,10 +65,14 @@ pub struct Task {
     last_pid: AtomicI32,
     /// Bytes of the published data.
     pub size: AtomicU64,
+    /// When the update was published: wall clock (ms since the epoch), for
+    /// display and get_last_modified_time only.
     pub modified_ms: AtomicU64,
     pub runs: AtomicU64,
     pub failures: AtomicU64,
     pub too_large: AtomicU64,
+    /// When the last counted run started: monotonic ms (the schedule a new
+    /// runner keeps), as resty.sync passes it.
     pub last_run_ms: AtomicU64,
     pub last_duration_us: AtomicU64,
     err_len: AtomicU32,
@@ -228,6 +232,7 @@ impl SyncTable {
     }
 
     /// Publishes a new update of task `i`; returns its sequence number.
+    /// `now_ms` is wall-clock: it only becomes the last-modified time.
     #[allow(clippy::too_many_arguments)]
     pub fn publish<L: ShmLock, S: Slab>(
         &self,
@@ -336,7 +341,8 @@ impl SyncTable {
         }
     }
 
-    /// Counts a finished run of task `i`, with its error if it failed.
+    /// Counts a finished run of task `i`, with its error if it failed;
+    /// `started_ms` is monotonic.
     pub fn record_run<L: ShmLock>(&self, lock: &L, i: usize, started_ms: u64, duration_us: u64, err: Option<&[u8]>) {
         let Some(t) = self.tasks.get(i) else { return };
         // Relaxed: statistics for status.
