@@ -8,6 +8,8 @@
 //! - `pg`: the PostgreSQL LISTEN/NOTIFY bridge between nodes;
 //! - `modules`: the nginx module tables `load_module` reads.
 
+#![recursion_limit = "256"]
+
 pub mod abi;
 #[cfg(feature = "nginx")]
 pub mod ffi;

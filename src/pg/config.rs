@@ -18,6 +18,7 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
     Disable,
+    Allow,
     Prefer,
     Require,
     VerifyFull,
@@ -27,6 +28,7 @@ impl SslMode {
     pub fn name(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
             SslMode::Prefer => "prefer",
             SslMode::Require => "require",
             SslMode::VerifyFull => "verify-full",
@@ -47,6 +49,10 @@ pub struct PgConfig {
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Idle this long, the holder probes the connection (an empty query).
+    pub keepalive_ms: u64,
+    /// Deadline of every request in flight, the probe's included.
+    pub request_timeout_ms: u64,
     pub durable: bool,
     pub retention_ms: u64,
     pub prefix: String,
@@ -97,6 +103,8 @@ fn defaults() -> PgConfig {
         backoff_min_ms: 100,
         backoff_max_ms: 30_000,
         connect_timeout_ms: 5_000,
+        keepalive_ms: 10_000,
+        request_timeout_ms: 10_000,
         durable: false,
         retention_ms: 3_600_000,
         prefix: String::new(),
@@ -189,7 +197,8 @@ fn set_param(c: &mut PgConfig, p: Param, val: &str) -> Result<(), &'static str> 
         Param::SslMode => {
             c.sslmode = match val {
                 "disable" => SslMode::Disable,
-                "prefer" | "allow" => SslMode::Prefer,
+                "allow" => SslMode::Allow,
+                "prefer" => SslMode::Prefer,
                 "require" => SslMode::Require,
                 "verify-full" => SslMode::VerifyFull,
                 "verify-ca" => return Err("verify-ca is not supported; use verify-full"),
@@ -464,6 +473,8 @@ pub fn parse(args: &[&str], read_file: impl Fn(&str) -> Result<String, String>) 
             "durable" => c.durable = on_off(k, v)?,
             "retention" => c.retention_ms = time_opt(k, v, 1000)?,
             "unlisten_after" => c.unlisten_after_ms = time_opt(k, v, 1000)?,
+            "keepalive" => c.keepalive_ms = time_opt(k, v, 100)?,
+            "request_timeout" => c.request_timeout_ms = time_opt(k, v, 100)?,
             "prefix" => {
                 if v.len() > 32 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
                     return Err(format!("invalid prefix \"{v}\": at most 32 letters, digits, '_', '.' or '-'"));
@@ -752,6 +763,10 @@ mod tests {
             (&[u, "retention=999999999999d"], "invalid retention \"999999999999d\""),
             (&[u, "unlisten_after=x"], "invalid unlisten_after \"x\""),
             (&[u, "unlisten_after=1ms"], "unlisten_after \"1ms\" is below the minimum of 1000ms"),
+            (&[u, "keepalive=x"], "invalid keepalive \"x\""),
+            (&[u, "keepalive=99ms"], "keepalive \"99ms\" is below the minimum of 100ms"),
+            (&[u, "request_timeout=x"], "invalid request_timeout \"x\""),
+            (&[u, "request_timeout=99ms"], "request_timeout \"99ms\" is below the minimum of 100ms"),
             (&[u, "prefix=a b"], "invalid prefix \"a b\": at most 32 letters, digits, '_', '.' or '-'"),
             (
                 &[u, "prefix=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"],

@@ -22,12 +22,13 @@ use serde_json::{Value, json};
 use crate::module::extension::{self, Extension};
 use crate::module::one_thread::OneThread;
 use crate::module::process_state::this_process;
-use crate::module::time::now_ms;
+use crate::module::time::mono_ms;
 use crate::module::zone::Zone;
 use crate::shm::lifecycle::pid_alive;
 use crate::shm::pgbus::{CH_LISTENING, Lease, PgBus, state_name};
 
-use super::bridge::{Bridge, Env, OUTBOX};
+use super::driver::{Bridge, Env};
+use super::session::OUTBOX;
 use super::config::{self, PgConfig};
 use super::wire;
 
@@ -343,7 +344,7 @@ unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
         return;
     }
     let (setup, bus, zone) = (p.setup, p.bus, p.zone);
-    let now = now_ms();
+    let now = mono_ms();
     let lock = zone.lock();
     // Every node listens to the cluster-wide events channel.
     let mut added = bus.want_channel(&lock, wire::EVENTS_CHANNEL.as_bytes(), now).unwrap_or(false);
@@ -493,8 +494,10 @@ pub fn post_event(source: &[u8], event: &[u8], data: &[u8], flags: u32) -> Resul
         }
     }
     let body = wire::encode_event(flags, source, event, data);
-    if body.len() > wire::MAX_PAYLOAD {
-        return Err(format!("event too large ({} bytes, max {})", body.len(), wire::MAX_PAYLOAD));
+    // A signed event carries its signature in the payload too.
+    let max = wire::MAX_PAYLOAD - if p.setup.cfg.secret.is_some() { wire::SIGNATURE_RESERVE } else { 0 };
+    if body.len() > max {
+        return Err(format!("event too large ({} bytes, max {max})", body.len()));
     }
     bus.push(&zone.lock(), wire::EVENTS_CHANNEL.as_bytes(), &body)?;
     wake_holder(p, bus, false);
@@ -508,7 +511,7 @@ pub fn listen(channel: &[u8], delta: i32) -> Result<bool, String> {
     let lock = zone.lock();
     if delta > 0 {
         p.with_interest(|i| *i.entry(channel.to_vec()).or_insert(0) += 1);
-        let added = bus.want_channel(&lock, channel, now_ms())?;
+        let added = bus.want_channel(&lock, channel, mono_ms())?;
         if added {
             wake_holder(p, bus, true);
         }
@@ -524,7 +527,7 @@ pub fn listen(channel: &[u8], delta: i32) -> Result<bool, String> {
         });
         if last {
             // Mark it used now: UNLISTEN comes unlisten_after from here.
-            let _ = bus.want_channel(&lock, channel, now_ms());
+            let _ = bus.want_channel(&lock, channel, mono_ms());
         }
     }
     Ok(bus.is_listening(&lock, channel))
@@ -536,7 +539,7 @@ fn status() -> Value {
     let Some(p) = pg() else { return Value::Null };
     let (s, bus, zone) = (p.setup, p.bus, p.zone);
     let lock = zone.lock();
-    let now = now_ms();
+    let now = mono_ms();
     let c = &bus.counters;
     let text = |t| String::from_utf8_lossy(&bus.text(&lock, t)).into_owned();
     let chans: Vec<Value> = bus
@@ -553,8 +556,8 @@ fn status() -> Value {
     let (qbytes, qcap) = bus.queue_bytes();
     let err_ms = bus.last_error_ms.load(Relaxed);
     let (holder, _) = bus.holder();
-    let max_seen = bus.max_seen();
-    let table_max = bus.table_max_id.load(Relaxed);
+    let (horizon, horizon_hi, tracked) = bus.durable_figures();
+    let probe_us = c.probe_us.load(Relaxed);
     json!({
         "server": s.cfg.describe(),
         "state": state_name(bus.state.load(Relaxed)),
@@ -576,15 +579,27 @@ fn status() -> Value {
         "connect_failures": c.connect_failures.load(Relaxed),
         "takeovers": c.takeovers.load(Relaxed),
         "undeliverable": c.undeliverable.load(Relaxed),
+        "posts_refused": c.posts_refused.load(Relaxed),
+        "rejected": c.rejected.load(Relaxed),
+        "signed": s.cfg.secret.is_some(),
+        "probes": c.probes.load(Relaxed),
+        "probe_failures": c.probe_failures.load(Relaxed),
+        "probe_ms": if probe_us == 0 { Value::Null } else { json!((probe_us as f64) / 1000.0) },
+        "request_timeouts": c.request_timeouts.load(Relaxed),
+        "keepalive": (s.cfg.keepalive_ms as f64) / 1000.0,
+        "request_timeout": (s.cfg.request_timeout_ms as f64) / 1000.0,
         "last_error": text(&bus.last_error),
         "last_error_at": if err_ms == 0 { Value::Null } else { json!((err_ms as f64) / 1000.0) },
         "durable": if s.cfg.durable { json!({
             "table": OUTBOX,
-            "last_seen_id": max_seen,
-            "table_max_id": table_max,
-            "lag": table_max.saturating_sub(max_seen),
+            "horizon": horizon,
+            "horizon_next": horizon_hi,
+            "tracked": tracked,
+            "max_id": bus.max_id.load(Relaxed),
             "replayed": c.replayed.load(Relaxed),
             "duplicates_skipped": c.duplicates_skipped.load(Relaxed),
+            "rebases": c.rebases.load(Relaxed),
+            "track_overflow": c.track_overflow.load(Relaxed),
             "retention": (s.cfg.retention_ms as f64) / 1000.0,
         }) } else { Value::Null },
     })

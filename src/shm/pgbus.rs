@@ -1,8 +1,9 @@
 //! The PostgreSQL bridge's shared state, one per node (in the primary
 //! zone): the lease that makes one worker the connection holder, the
 //! registry of channels the node's workers listen to, the bounded queue of
-//! outgoing posts, the durable-mode "seen" window, and the figures the
-//! status shows.
+//! outgoing posts, the durable mode's delivery record (a horizon and the
+//! rows delivered above it, docs/postgres.md "Durable mode"), and the
+//! figures the status shows.
 //!
 //! Every mutation happens under the zone's lock (the slab pool mutex, which
 //! nginx's master releases when a holder dies), so a worker that dies at any
@@ -18,9 +19,29 @@ use super::lock::ShmLock;
 pub const CHANNELS: usize = 128;
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1).
 pub const NAME_MAX: usize = 63;
-/// Outbox ids remembered below the highest one seen: a row committed late
-/// (ids are assigned before commit) within this window is still delivered once.
-pub const SEEN_WINDOW: u64 = 4096;
+/// Durable rows remembered above the horizon. The holder moves the horizon
+/// (and forgets the rows below it) when half of them are in use.
+pub const TRACKED: usize = 2048;
+/// Transactions in progress a horizon remembers; with more, it keeps only
+/// its lower bound (rows above it are then read again and skipped).
+pub const XIP: usize = 64;
+
+/// What a node delivered, in transaction ids: every row whose xid is below
+/// `lo`, and every row below `hi` except those of the transactions `xip`
+/// (in progress when the snapshot was taken). Rows outside are remembered
+/// one by one (`track`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Horizon {
+    pub lo: u64,
+    pub hi: u64,
+    pub xip: Vec<u64>,
+}
+
+impl Horizon {
+    pub fn covers(&self, xid: u64) -> bool {
+        xid < self.lo || (xid < self.hi && !self.xip.contains(&xid))
+    }
+}
 const TEXT_MAX: usize = 200;
 
 /// Channel states in the registry.
@@ -90,6 +111,45 @@ pub struct Counters {
     pub duplicates_skipped: AtomicU64,
     pub undeliverable: AtomicU64,
     pub flushes: AtomicU64,
+    /// Keepalive probes sent, probes unanswered in time, the last one's round trip (us).
+    pub probes: AtomicU64,
+    pub probe_failures: AtomicU64,
+    pub probe_us: AtomicU64,
+    /// Posts the server refused, each dropped alone.
+    pub posts_refused: AtomicU64,
+    /// Notifications on the reserved channel refused: malformed, unknown
+    /// flags, unsigned or wrongly signed.
+    pub rejected: AtomicU64,
+    /// Durable: times the server's transaction ids went backwards (re-based).
+    pub rebases: AtomicU64,
+    /// Durable: deliveries not remembered (the record was full): a replay may repeat them.
+    pub track_overflow: AtomicU64,
+    /// Requests in flight that missed their deadline.
+    pub request_timeouts: AtomicU64,
+}
+
+/// One durable row delivered above the horizon: its outbox id, its
+/// transaction id, a fingerprint of its content (so a forged notification
+/// that reuses an id cannot hide the real row) and the horizon epoch in
+/// which it was delivered. id 0: free.
+#[repr(C)]
+struct Tracked {
+    id: AtomicU64,
+    xid: AtomicU64,
+    fp: AtomicU32,
+    epoch: AtomicU32,
+}
+
+/// What `track` decided about a durable row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Track {
+    /// Not delivered before: deliver it (now remembered).
+    New,
+    /// Delivered before (the same id and content, or below the horizon).
+    Duplicate,
+    /// Not delivered before, but the record is full: deliver it; a later
+    /// replay may deliver it again (counted).
+    Untracked,
 }
 
 #[repr(C)]
@@ -116,12 +176,18 @@ pub struct PgBus {
     q_head: AtomicU64,
     q_tail: AtomicU64,
     q_count: AtomicU64,
-    // Durable mode.
+    // Durable mode, under the lock: the Horizon (horizon = lo, horizon_hi,
+    // xip) and the rows delivered outside it (`tracked`).
     pub synced: AtomicU32,
-    max_seen: AtomicU64,
-    seen: [AtomicU64; (SEEN_WINDOW / 64) as usize],
-    /// Highest outbox id in the table at the last look (for the lag figure).
-    pub table_max_id: AtomicU64,
+    horizon: AtomicU64,
+    horizon_hi: AtomicU64,
+    xip_n: AtomicU32,
+    xip: [AtomicU64; XIP],
+    epoch: AtomicU32,
+    tracked_n: AtomicU32,
+    tracked: [Tracked; TRACKED],
+    /// Highest outbox id delivered (a figure).
+    pub max_id: AtomicU64,
     /// The holder's wake-up address token (module::wake: pid + nonce).
     holder_nonce: AtomicU64,
 }
@@ -439,6 +505,11 @@ impl PgBus {
         (used, self.q_cap.load(Ordering::Relaxed))
     }
 
+    /// Queue bytes a post of these lengths takes.
+    pub fn record_bytes(channel: usize, payload: usize) -> u64 {
+        pad8(REC_HEAD + channel + payload) as u64
+    }
+
     /// Appends a post; Err when the queue is full (counted).
     pub fn push(&self, lock: &impl ShmLock, channel: &[u8], payload: &[u8]) -> Result<u64, String> {
         let need = pad8(REC_HEAD + channel.len() + payload.len()) as u64;
@@ -510,69 +581,196 @@ impl PgBus {
         self.counters.notifications_out.fetch_add(n, Ordering::Relaxed);
     }
 
-    // ---- durable mode: each outbox id delivered once per node -----------
+    // ---- durable mode: each outbox row delivered once per node -----------
 
-    pub fn max_seen(&self) -> u64 {
-        // Relaxed: a figure; updated by the holder under the lock.
-        self.max_seen.load(Ordering::Relaxed)
+    /// The horizon's bounds and the number of rows remembered outside it.
+    pub fn durable_figures(&self) -> (u64, u64, u32) {
+        // Relaxed: figures; written under the lock.
+        (
+            self.horizon.load(Ordering::Relaxed),
+            self.horizon_hi.load(Ordering::Relaxed),
+            self.tracked_n.load(Ordering::Relaxed),
+        )
     }
 
-    /// First connection of a fresh node: start after the table's newest row.
-    pub fn set_baseline(&self, lock: &impl ShmLock, id: u64) {
-        lock.lock();
+    /// Whether the node ever took its first snapshot (before it, a replay
+    /// records the rows it finds without delivering them: no history for
+    /// a node that was never there).
+    pub fn synced(&self) -> bool {
+        // Relaxed: written once under the lock by the holder.
+        self.synced.load(Ordering::Relaxed) != 0
+    }
+
+    fn horizon_locked(&self) -> Horizon {
         // Relaxed: under the lock.
-        if self.synced.load(Ordering::Relaxed) == 0 {
-            self.max_seen.store(id, Ordering::Relaxed);
-            // Everything up to the baseline counts as seen.
-            for w in &self.seen {
-                w.store(!0, Ordering::Relaxed);
-            }
-            self.synced.store(1, Ordering::Relaxed);
+        let n = (self.xip_n.load(Ordering::Relaxed) as usize).min(XIP);
+        Horizon {
+            lo: self.horizon.load(Ordering::Relaxed),
+            hi: self.horizon_hi.load(Ordering::Relaxed),
+            xip: self.xip[..n].iter().map(|x| x.load(Ordering::Relaxed)).collect(),
         }
-        lock.unlock();
     }
 
-    /// Marks `id` seen; false when it was seen before (or is too old to tell,
-    /// below the window: then it was replayed or delivered long ago).
-    pub fn mark_seen(&self, lock: &impl ShmLock, id: u64) -> bool {
+    fn set_horizon(&self, h: &Horizon) {
+        // Relaxed: under the lock.
+        let keep = h.xip.len() <= XIP;
+        self.horizon.store(h.lo, Ordering::Relaxed);
+        self.horizon_hi.store(if keep { h.hi.max(h.lo) } else { h.lo }, Ordering::Relaxed);
+        let xip = if keep { &h.xip[..] } else { &[][..] };
+        for (d, &x) in self.xip.iter().zip(xip) {
+            d.store(x, Ordering::Relaxed);
+        }
+        self.xip_n.store(xip.len() as u32, Ordering::Relaxed);
+    }
+
+    fn slot_of(id: u64) -> usize {
+        (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % TRACKED
+    }
+
+    /// Decides whether a durable row is new, and remembers it if so.
+    pub fn track(&self, lock: &impl ShmLock, id: u64, xid: u64, fp: u32) -> Track {
+        if id == 0 {
+            return Track::Duplicate;
+        }
         lock.lock();
         // Relaxed: under the lock.
-        let max = self.max_seen.load(Ordering::Relaxed);
-        let fresh = if id + SEEN_WINDOW <= max {
-            false
+        let res = if self.horizon_locked().covers(xid) {
+            Track::Duplicate
         } else {
-            if id > max {
-                // Slide the window: clear the bits of ids that become max+1..=id.
-                let mut i = max + 1;
-                while i <= id && i <= max + SEEN_WINDOW {
-                    self.bit(i).0.fetch_and(!self.bit(i).1, Ordering::Relaxed);
-                    i += 1;
+            let mut i = Self::slot_of(id);
+            let mut found = None;
+            for _ in 0..TRACKED {
+                let t = &self.tracked[i];
+                let tid = t.id.load(Ordering::Relaxed);
+                if tid == 0 {
+                    found = Some(i);
+                    break;
                 }
-                if id - max > SEEN_WINDOW {
-                    for w in &self.seen {
-                        w.store(0, Ordering::Relaxed);
-                    }
+                if tid == id && t.fp.load(Ordering::Relaxed) == fp && t.xid.load(Ordering::Relaxed) == xid {
+                    found = None;
+                    break;
                 }
-                self.max_seen.store(id, Ordering::Relaxed);
+                i = (i + 1) % TRACKED;
             }
-            let (w, m) = self.bit(id);
-            w.fetch_or(m, Ordering::Relaxed) & m == 0
+            let full = self.tracked_n.load(Ordering::Relaxed) as usize >= TRACKED - 1;
+            match found {
+                Some(_) if full => Track::Untracked,
+                Some(i) => {
+                    let t = &self.tracked[i];
+                    t.xid.store(xid, Ordering::Relaxed);
+                    t.fp.store(fp, Ordering::Relaxed);
+                    t.epoch.store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+                    t.id.store(id, Ordering::Relaxed);
+                    self.tracked_n.fetch_add(1, Ordering::Relaxed);
+                    Track::New
+                }
+                None if self.tracked_n.load(Ordering::Relaxed) as usize >= TRACKED => Track::Untracked,
+                None => Track::Duplicate,
+            }
         };
         lock.unlock();
-        if !fresh {
-            self.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
+        match res {
+            Track::Duplicate => self.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed),
+            Track::Untracked => self.counters.track_overflow.fetch_add(1, Ordering::Relaxed),
+            Track::New => self.max_id.fetch_max(id, Ordering::Relaxed),
+        };
+        res
+    }
+
+    /// The ids remembered above the horizon (a replay skips them).
+    pub fn tracked_ids(&self, lock: &impl ShmLock) -> Vec<u64> {
+        lock.lock();
+        // Relaxed: under the lock.
+        let v = self.tracked.iter().map(|t| t.id.load(Ordering::Relaxed)).filter(|&id| id != 0).collect();
+        lock.unlock();
+        v
+    }
+
+    /// A snapshot is about to be taken: returns its epoch. Rows delivered
+    /// from now on carry it.
+    pub fn begin_snapshot(&self, lock: &impl ShmLock) -> u32 {
+        lock.lock();
+        // Relaxed: under the lock.
+        let e = self.epoch.load(Ordering::Relaxed).wrapping_add(1);
+        self.epoch.store(e, Ordering::Relaxed);
+        lock.unlock();
+        e
+    }
+
+    /// The horizon a replay starts from (it reads the rows outside it), or
+    /// `None` when the server's transaction ids went backwards (`xmax`, the
+    /// next id it will assign, is below what this node delivered: another
+    /// server, or one restored from a backup): then the record is reset to
+    /// `xmin` and the caller re-bases.
+    pub fn replay_from(&self, lock: &impl ShmLock, xmin: u64, xmax: u64) -> Option<Horizon> {
+        lock.lock();
+        let h = self.horizon_locked();
+        let r = if xmax < h.hi.max(h.lo) {
+            self.set_horizon(&Horizon { lo: xmin, hi: xmin, xip: Vec::new() });
+            for t in &self.tracked {
+                // Relaxed: under the lock.
+                t.id.store(0, Ordering::Relaxed);
+            }
+            self.tracked_n.store(0, Ordering::Relaxed);
+            None
+        } else {
+            Some(h)
+        };
+        lock.unlock();
+        if r.is_none() {
+            self.counters.rebases.fetch_add(1, Ordering::Relaxed);
         }
-        fresh
+        r
     }
 
-    fn bit(&self, id: u64) -> (&AtomicU64, u64) {
-        let i = (id % SEEN_WINDOW) as usize;
-        (&self.seen[i / 64], 1u64 << (i % 64))
-    }
-
-    /// Lowest id a replay must start after.
-    pub fn replay_from(&self) -> u64 {
-        self.max_seen().saturating_sub(SEEN_WINDOW - 1)
+    /// A replay read every row outside the horizon, after the snapshot
+    /// `new` was taken (LISTEN already in force): every row of a
+    /// transaction that had ended by then (below `new.hi`, not in
+    /// `new.xip`) was read or delivered, and every later one is notified.
+    /// The horizon becomes `new`; remembered rows it covers are forgotten,
+    /// and so are rows remembered before the snapshot (`epoch` older than
+    /// `snap_epoch`) that claim a transaction id the server had not
+    /// assigned yet (at or above `new.hi`): forged. Returns how many were forged.
+    pub fn advance(&self, lock: &impl ShmLock, new: &Horizon, snap_epoch: u32) -> u32 {
+        lock.lock();
+        let old = self.horizon_locked();
+        let new = if new.lo < old.lo { Horizon { lo: old.lo, ..new.clone() } } else { new.clone() };
+        self.set_horizon(&new);
+        let h = self.horizon_locked();
+        let xmax = new.hi;
+        let mut keep = Vec::new();
+        let mut forged = 0;
+        for t in &self.tracked {
+            let id = t.id.load(Ordering::Relaxed);
+            if id == 0 {
+                continue;
+            }
+            let (xid, fp, ep) = (t.xid.load(Ordering::Relaxed), t.fp.load(Ordering::Relaxed), t.epoch.load(Ordering::Relaxed));
+            t.id.store(0, Ordering::Relaxed);
+            if h.covers(xid) {
+                continue;
+            }
+            if xid >= xmax && ep.wrapping_sub(snap_epoch) as i32 <= -1 {
+                forged += 1;
+                continue;
+            }
+            keep.push((id, xid, fp, ep));
+        }
+        for (id, xid, fp, ep) in &keep {
+            let mut i = Self::slot_of(*id);
+            while self.tracked[i].id.load(Ordering::Relaxed) != 0 {
+                i = (i + 1) % TRACKED;
+            }
+            let t = &self.tracked[i];
+            t.xid.store(*xid, Ordering::Relaxed);
+            t.fp.store(*fp, Ordering::Relaxed);
+            t.epoch.store(*ep, Ordering::Relaxed);
+            t.id.store(*id, Ordering::Relaxed);
+        }
+        self.tracked_n.store(keep.len() as u32, Ordering::Relaxed);
+        self.synced.store(1, Ordering::Relaxed);
+        lock.unlock();
+        forged
     }
 }
 
@@ -649,19 +847,54 @@ mod tests {
     }
 
     #[test]
-    fn seen_window_delivers_each_id_once_even_out_of_order() {
+    fn durable_record_delivers_each_row_once_whatever_the_order() {
         let (mut mem, len) = region(4096);
         // SAFETY: as above.
         let b = unsafe { PgBus::init(mem.as_mut_ptr().cast(), len) }.unwrap();
         let l = NoLock;
-        b.set_baseline(&l, 100);
-        assert!(b.mark_seen(&l, 102));
-        assert!(b.mark_seen(&l, 101)); // committed late
-        assert!(!b.mark_seen(&l, 102));
-        assert!(!b.mark_seen(&l, 100)); // before the baseline
-        assert!(b.mark_seen(&l, 100 + SEEN_WINDOW + 50));
-        assert!(!b.mark_seen(&l, 101)); // fell out of the window
-        assert!(b.mark_seen(&l, 100 + SEEN_WINDOW + 49));
+        assert_eq!(b.replay_from(&l, 100, 105), Some(Horizon::default()));
+        assert_eq!(b.track(&l, 7, 101, 1), Track::New);
+        assert_eq!(b.track(&l, 7, 101, 1), Track::Duplicate);
+        // A forged notification reusing id 8 does not hide the real row 8.
+        assert_eq!(b.track(&l, 8, 1 << 40, 9), Track::New);
+        assert_eq!(b.track(&l, 8, 102, 2), Track::New);
+        // A row committed late (lower id, lower xid) is still new.
+        assert_eq!(b.track(&l, 3, 99, 3), Track::New);
+        assert_eq!(b.tracked_ids(&l).len(), 4);
+        // The snapshot (xmin 101, xmax 110, 101 and 105 in progress) was
+        // taken after those arrived: 3 and 8 are covered, 7 (xid 101) is
+        // still remembered, the forged xid is dropped as forged.
+        let e = b.begin_snapshot(&l);
+        assert_eq!(b.advance(&l, &Horizon { lo: 101, hi: 110, xip: vec![101, 105] }, e), 1);
+        assert_eq!(b.durable_figures(), (101, 110, 1));
+        assert_eq!(b.track(&l, 3, 99, 3), Track::Duplicate);
+        assert_eq!(b.track(&l, 8, 102, 2), Track::Duplicate);
+        assert_eq!(b.track(&l, 7, 101, 1), Track::Duplicate);
+        // A late commit of transaction 105 is new.
+        assert_eq!(b.track(&l, 5, 105, 1), Track::New);
+        // The server's ids went backwards: the record is reset.
+        assert_eq!(b.replay_from(&l, 5, 50), None);
+        assert_eq!(b.durable_figures(), (5, 5, 0));
+        assert_eq!(b.counters.rebases.load(Ordering::Relaxed), 1);
+        assert_eq!(b.track(&l, 8, 102, 2), Track::New);
+    }
+
+    #[test]
+    fn durable_record_full_delivers_and_counts() {
+        let (mut mem, len) = region(4096);
+        // SAFETY: as above.
+        let b = unsafe { PgBus::init(mem.as_mut_ptr().cast(), len) }.unwrap();
+        let l = NoLock;
+        let mut untracked = 0;
+        for id in 1..=(TRACKED as u64 + 10) {
+            match b.track(&l, id, 10 + id, 0) {
+                Track::New => {}
+                Track::Untracked => untracked += 1,
+                Track::Duplicate => panic!("{id} is new"),
+            }
+        }
+        assert_eq!(untracked, 11);
+        assert_eq!(b.counters.track_overflow.load(Ordering::Relaxed), 11);
     }
 
     #[test]
