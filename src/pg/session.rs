@@ -593,9 +593,9 @@ impl Session {
                 "SELECT to_regclass('{OUTBOX}') IS NOT NULL, \
                  to_regprocedure('workerbus_post(text,text,text)') IS NOT NULL, \
                  EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{OUTBOX}') AND attname = 'xid' AND NOT attisdropped), \
-                 coalesce(has_table_privilege('{OUTBOX}', 'SELECT'), true), \
-                 coalesce(has_table_privilege('{OUTBOX}', 'INSERT'), true), \
-                 coalesce(has_table_privilege('{OUTBOX}', 'DELETE'), true), \
+                 coalesce(has_table_privilege(to_regclass('{OUTBOX}'), 'SELECT'), true), \
+                 coalesce(has_table_privilege(to_regclass('{OUTBOX}'), 'INSERT'), true), \
+                 coalesce(has_table_privilege(to_regclass('{OUTBOX}'), 'DELETE'), true), \
                  coalesce(has_function_privilege(to_regprocedure('workerbus_post(text,text,text)'), 'EXECUTE'), true), \
                  coalesce(has_sequence_privilege(to_regclass('{OUTBOX}_id_seq'), 'USAGE'), true), \
                  current_user"
