@@ -193,6 +193,88 @@ pub const SECTIONS: &[Section] = &[
             ),
         ],
     },
+    // The PostgreSQL bridge (absent without workerbus_postgres).
+    Section {
+        path: &[],
+        metrics: &[
+            Metric {
+                name: "workerbus_pg_connected",
+                kind: Kind::Gauge,
+                help: "1 while the node's PostgreSQL session is up.",
+                get: Get::Map(
+                    "/postgres/state",
+                    &[("connected", 1.0), ("connecting", 0.0), ("disconnected", 0.0), ("not connected", 0.0)],
+                ),
+            },
+            counter(
+                "workerbus_pg_notifications_in_total",
+                "Notifications delivered to this node's ring.",
+                "/postgres/notifications_in",
+            ),
+            counter(
+                "workerbus_pg_notifications_out_total",
+                "Posts committed to PostgreSQL.",
+                "/postgres/notifications_out",
+            ),
+            gauge("workerbus_pg_queue_posts", "Posts waiting to be sent.", "/postgres/queue_depth"),
+            gauge("workerbus_pg_queue_bytes", "Bytes of the posts waiting to be sent.", "/postgres/queue_bytes"),
+            counter(
+                "workerbus_pg_queue_overflow_total",
+                "Posts refused at the call: the queue was full.",
+                "/postgres/queue_overflow",
+            ),
+            counter("workerbus_pg_connects_total", "Sessions established.", "/postgres/connects"),
+            counter("workerbus_pg_reconnects_total", "Sessions established after the first.", "/postgres/reconnects"),
+            counter(
+                "workerbus_pg_connect_failures_total",
+                "Connection attempts that failed.",
+                "/postgres/connect_failures",
+            ),
+            counter(
+                "workerbus_pg_takeovers_total",
+                "Times another worker took the connection over.",
+                "/postgres/takeovers",
+            ),
+            counter(
+                "workerbus_pg_undeliverable_total",
+                "Notifications or posts dropped (each logged).",
+                "/postgres/undeliverable",
+            ),
+            counter(
+                "workerbus_pg_posts_refused_total",
+                "Posts the server refused, dropped alone.",
+                "/postgres/posts_refused",
+            ),
+            counter(
+                "workerbus_pg_rejected_total",
+                "Notifications refused on the reserved channel (malformed, unknown flags, unsigned, badly signed).",
+                "/postgres/rejected",
+            ),
+            counter("workerbus_pg_probes_total", "Keepalive probes sent on an idle connection.", "/postgres/probes"),
+            counter(
+                "workerbus_pg_probe_failures_total",
+                "Keepalive probes not answered within request_timeout (the connection was replaced).",
+                "/postgres/probe_failures",
+            ),
+            gauge("workerbus_pg_probe_seconds", "Round trip of the last keepalive probe.", "/postgres/probe_seconds"),
+            counter(
+                "workerbus_pg_request_timeouts_total",
+                "Requests in flight that missed request_timeout.",
+                "/postgres/request_timeouts",
+            ),
+            counter("workerbus_pg_replayed_total", "Durable rows delivered by a replay.", "/postgres/durable/replayed"),
+            counter(
+                "workerbus_pg_duplicates_skipped_total",
+                "Durable rows skipped: already delivered.",
+                "/postgres/durable/duplicates_skipped",
+            ),
+            counter(
+                "workerbus_pg_rebases_total",
+                "Times the server's transaction ids went backwards.",
+                "/postgres/durable/rebases",
+            ),
+        ],
+    },
     Section {
         path: &[ZONE, Step { array: "/events/workers", labels: WORKER_LABELS }],
         metrics: &[

@@ -61,7 +61,8 @@ impl Node for NginxNode<'_> {
                 data.extend_from_slice(origin);
                 data.push(0);
                 data.extend_from_slice(payload);
-                let rec = RecordIn { source: wire::RING_SOURCE, event: channel, unique: b"", data: &data, pid: 0, flags: 0 };
+                let rec =
+                    RecordIn { source: wire::RING_SOURCE, event: channel, unique: b"", data: &data, pid: 0, flags: 0 };
                 ring_glue::post(0, &self.0.zone, &rec)
             }
         };
@@ -164,7 +165,10 @@ impl Bridge {
                 return Ok(false);
             }
             if let Some(e) = conn.connect_error() {
-                return Err(Error::Io { what: format!("cannot connect to {}", self.env.addr), errno: e.raw_os_error() });
+                return Err(Error::Io {
+                    what: format!("cannot connect to {}", self.env.addr),
+                    errno: e.raw_os_error(),
+                });
             }
             self.up = true;
             self.session.connected(now);

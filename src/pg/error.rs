@@ -98,12 +98,16 @@ mod tests {
         let e = e.during("posting");
         assert!(e.to_string().starts_with("posting: ERROR: character with"), "{e}");
         assert!(e.to_string().ends_with("(SQLSTATE 22P05)"));
-        let priv_err = Error::Server { during: "", severity: "ERROR".into(), code: "42501".into(), message: "x".into() };
+        let priv_err =
+            Error::Server { during: "", severity: "ERROR".into(), code: "42501".into(), message: "x".into() };
         assert!(!priv_err.is_bad_post());
         assert_eq!(
             Error::Io { what: "cannot connect to 127.0.0.1:1".into(), errno: Some(libc::ECONNREFUSED) }.to_string(),
             "cannot connect to 127.0.0.1:1: Connection refused"
         );
-        assert_eq!(Error::Timeout { what: "request_timeout", ms: 2000 }.to_string(), "no reply within request_timeout (2000ms)");
+        assert_eq!(
+            Error::Timeout { what: "request_timeout", ms: 2000 }.to_string(),
+            "no reply within request_timeout (2000ms)"
+        );
     }
 }

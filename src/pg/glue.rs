@@ -27,9 +27,9 @@ use crate::module::zone::Zone;
 use crate::shm::lifecycle::pid_alive;
 use crate::shm::pgbus::{CH_LISTENING, Lease, PgBus, state_name};
 
+use super::config::{self, PgConfig};
 use super::driver::{Bridge, Env};
 use super::session::OUTBOX;
-use super::config::{self, PgConfig};
 use super::wire;
 
 /// The parsed directive, owned by the configuration cycle's pool.
@@ -585,6 +585,7 @@ fn status() -> Value {
         "probes": c.probes.load(Relaxed),
         "probe_failures": c.probe_failures.load(Relaxed),
         "probe_ms": if probe_us == 0 { Value::Null } else { json!((probe_us as f64) / 1000.0) },
+        "probe_seconds": if probe_us == 0 { Value::Null } else { json!((probe_us as f64) / 1e6) },
         "request_timeouts": c.request_timeouts.load(Relaxed),
         "keepalive": (s.cfg.keepalive_ms as f64) / 1000.0,
         "request_timeout": (s.cfg.request_timeout_ms as f64) / 1000.0,

@@ -95,13 +95,23 @@ enum Op {
     Create,
     Listen(Vec<Vec<u8>>),
     Unlisten(Vec<Vec<u8>>),
-    Flush { seqs: Vec<u64>, bytes: u64 },
+    Flush {
+        seqs: Vec<u64>,
+        bytes: u64,
+    },
     /// Durable: the snapshot a replay starts from.
-    Snapshot { epoch: u32 },
+    Snapshot {
+        epoch: u32,
+    },
     /// Durable: one page of rows.
-    Page { last: (u64, u64), rows: usize },
+    Page {
+        last: (u64, u64),
+        rows: usize,
+    },
     Retention,
-    Probe { sent: u64 },
+    Probe {
+        sent: u64,
+    },
 }
 
 /// A replay under way: the snapshot it ends at, the horizon it reads
@@ -490,7 +500,9 @@ impl Session {
             | Message::AuthenticationKerberosV5
             | Message::AuthenticationScmCredential
             | Message::AuthenticationGssContinue(_) => {
-                return Err(Error::Auth("the server asks for an authentication method this client does not support".into()));
+                return Err(Error::Auth(
+                    "the server asks for an authentication method this client does not support".into(),
+                ));
             }
             Message::ParameterStatus(b) => {
                 if b.name().ok() == Some("server_version")
@@ -755,7 +767,8 @@ impl Session {
         }
         let c = self.conf;
         let sql = if c.durable { "SELECT workerbus_post($1, $2, $3)" } else { "SELECT pg_notify($1, $2)" };
-        let _ = frontend::parse("", sql, [25u32, 25, 25].into_iter().take(if c.durable { 3 } else { 2 }), &mut self.out);
+        let _ =
+            frontend::parse("", sql, [25u32, 25, 25].into_iter().take(if c.durable { 3 } else { 2 }), &mut self.out);
         for p in &posts {
             let mut chan = c.prefix.as_bytes().to_vec();
             chan.extend_from_slice(&p.channel);
@@ -903,7 +916,8 @@ impl Session {
                     // Posts before it committed nothing (one transaction):
                     // they go again without it; it is dropped alone.
                     let bad = seqs[done];
-                    let ch = bus.peek(&node.lock(), done + 1, usize::MAX).0.pop().map(|p| p.channel).unwrap_or_default();
+                    let ch =
+                        bus.peek(&node.lock(), done + 1, usize::MAX).0.pop().map(|p| p.channel).unwrap_or_default();
                     bus.counters.posts_refused.fetch_add(1, Relaxed);
                     bus.counters.undeliverable.fetch_add(1, Relaxed);
                     let msg = format!(
@@ -982,7 +996,9 @@ impl Session {
                 (_, None) => Some(payload),
             };
             match body.and_then(wire::decode_event).filter(|e| wire::EVENT_FLAGS_OK(e.flags)) {
-                Some(e) => node.deliver(Delivery::Event { flags: e.flags, source: e.source, event: e.event, data: e.data }),
+                Some(e) => {
+                    node.deliver(Delivery::Event { flags: e.flags, source: e.source, event: e.event, data: e.data })
+                }
                 None => {
                     node.bus().counters.rejected.fetch_add(1, Relaxed);
                     return false;
@@ -1100,11 +1116,9 @@ mod tests {
         }
         fn deliver(&mut self, d: Delivery<'_>) -> Result<(), String> {
             match d {
-                Delivery::Bus { channel, payload, .. } => self.got.push(format!(
-                    "{}:{}",
-                    String::from_utf8_lossy(channel),
-                    String::from_utf8_lossy(payload)
-                )),
+                Delivery::Bus { channel, payload, .. } => {
+                    self.got.push(format!("{}:{}", String::from_utf8_lossy(channel), String::from_utf8_lossy(payload)))
+                }
                 Delivery::Event { flags, data, .. } => self.events.push((flags, String::from_utf8_lossy(data).into())),
             }
             Ok(())
@@ -1318,7 +1332,8 @@ mod tests {
         t.reply(&[row(&[b"20", b"9001"]), complete(), ready()]);
         let sql = t.sent();
         assert!(sql.contains("{7000}"), "the replay skips what was delivered: {sql:?}");
-        let mut page: Vec<Vec<u8>> = (0..REPLAY_PAGE as u64).map(|i| outbox_row(100 + i, 12 + i, "c", "missed")).collect();
+        let mut page: Vec<Vec<u8>> =
+            (0..REPLAY_PAGE as u64).map(|i| outbox_row(100 + i, 12 + i, "c", "missed")).collect();
         page.push(notify("c", &durable(7001, 9002, "live2")));
         page.push(complete());
         page.push(ready());
@@ -1369,7 +1384,15 @@ mod tests {
             let sql = t.sent();
             assert_eq!(sql.matches("ok").count(), 2, "all three in one transaction: {sql:?}");
             // ok1 ran, bad was refused: the transaction rolled back.
-            t.reply(&[msg(b'1', b""), msg(b'2', b""), row(&[b""]), complete(), msg(b'2', b""), error("22P05"), ready()]);
+            t.reply(&[
+                msg(b'1', b""),
+                msg(b'2', b""),
+                row(&[b""]),
+                complete(),
+                msg(b'2', b""),
+                error("22P05"),
+                ready(),
+            ]);
             assert_eq!(t.n.bus.counters.posts_refused.load(Relaxed), 1);
             assert!(t.n.logs.iter().any(|l| l.contains("post on \"c\"") && l.contains("22P05")), "{:?}", t.n.logs);
             let sql = t.sent();
@@ -1513,7 +1536,11 @@ mod tests {
         assert!(!t.s.is_ready());
         assert_eq!(t.n.bus.counters.probes.load(Relaxed), 2);
         assert_eq!(t.n.bus.counters.probe_failures.load(Relaxed), 1);
-        assert!(t.n.logs.last().is_some_and(|l| l.contains("keepalive probe's request_timeout (2000ms)")), "{:?}", t.n.logs);
+        assert!(
+            t.n.logs.last().is_some_and(|l| l.contains("keepalive probe's request_timeout (2000ms)")),
+            "{:?}",
+            t.n.logs
+        );
         assert_eq!(t.s.take_action(), Some(Action::Close));
     }
 

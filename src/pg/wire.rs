@@ -251,7 +251,11 @@ mod tests {
         let key = b"0123456789abcdef";
         let s = sign_event(key, b"workerbus_events", "node/1/2", 9, b"0 1 1\nse");
         assert_eq!(verify_event(key, b"workerbus_events", b"node/1/2", &s), Ok(&b"0 1 1\nse"[..]));
-        assert!(verify_event(b"another secret!!", b"workerbus_events", b"node/1/2", &s).unwrap_err().contains("wrong signature"));
+        assert!(
+            verify_event(b"another secret!!", b"workerbus_events", b"node/1/2", &s)
+                .unwrap_err()
+                .contains("wrong signature")
+        );
         assert!(verify_event(key, b"workerbus_events", b"node/9/9", &s).is_err());
         assert!(verify_event(key, b"workerbus_events", b"node/1/2", b"0 1 1\nse").unwrap_err().contains("unsigned"));
         assert_eq!(strip_signature(&s), Some(&b"0 1 1\nse"[..]));

@@ -745,7 +745,8 @@ impl PgBus {
             if id == 0 {
                 continue;
             }
-            let (xid, fp, ep) = (t.xid.load(Ordering::Relaxed), t.fp.load(Ordering::Relaxed), t.epoch.load(Ordering::Relaxed));
+            let (xid, fp, ep) =
+                (t.xid.load(Ordering::Relaxed), t.fp.load(Ordering::Relaxed), t.epoch.load(Ordering::Relaxed));
             t.id.store(0, Ordering::Relaxed);
             if h.covers(xid) {
                 continue;
