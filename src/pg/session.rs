@@ -149,6 +149,8 @@ pub struct Session {
     missing: Vec<&'static str>,
     need_replay: bool,
     replay: Option<Replay>,
+    /// The replay under way left rows for the next one.
+    again: bool,
     /// The session has listened (and replayed): the backoff starts over.
     worked: bool,
     ever_worked: bool,
@@ -216,6 +218,7 @@ impl Session {
             missing: Vec::new(),
             need_replay: true,
             replay: None,
+            again: false,
             worked: false,
             ever_worked: false,
             next_retention: 0,
@@ -313,6 +316,7 @@ impl Session {
         self.checked = false;
         self.need_replay = true;
         self.replay = None;
+        self.again = false;
         self.worked = false;
         if was_working {
             self.attempt = 0;
@@ -726,12 +730,25 @@ impl Session {
 
     fn replay_row<N: Node>(&mut self, row: &[Option<Vec<u8>>], node: &mut N) {
         use core::sync::atomic::Ordering::Relaxed;
-        let Some(deliver) = self.replay.as_ref().map(|r| r.deliver) else { return };
+        let Some((deliver, covered)) = self.replay.as_ref().map(|r| (r.deliver, r.snap.covers(num(row, 1)))) else {
+            return;
+        };
         let (id, xid) = (num(row, 0), num(row, 1));
         let field = |i: usize| row.get(i).and_then(|v| v.clone()).unwrap_or_default();
         let (ch, payload, origin) = (field(2), field(3), field(4));
         let fp = fingerprint(&ch, &origin, &payload);
-        if node.bus().track(&node.lock(), id, xid, fp) == Track::Duplicate || !deliver {
+        match node.bus().track(&node.lock(), id, xid, fp) {
+            Track::Duplicate => return,
+            // No room to remember it: delivered now only if the horizon this
+            // replay ends at covers it (then no replay reads it again);
+            // else left for the next replay.
+            Track::Untracked if !covered => {
+                self.again = true;
+                return;
+            }
+            _ => {}
+        }
+        if !deliver {
             return;
         }
         if self.route(&ch, &origin, &payload, false, node) {
@@ -903,7 +920,7 @@ impl Session {
                         );
                     }
                     self.replay = None;
-                    self.need_replay = false;
+                    self.need_replay = core::mem::take(&mut self.again);
                     self.mark_worked(now);
                 }
             }
@@ -954,9 +971,15 @@ impl Session {
         let inc = wire::decode(msg);
         if let Some((id, xid)) = inc.durable {
             let fp = fingerprint(channel, inc.origin, inc.payload);
-            let bus = node.bus();
-            if bus.track(&node.lock(), id, xid, fp) == Track::Duplicate {
-                return;
+            match node.bus().track(&node.lock(), id, xid, fp) {
+                Track::Duplicate => return,
+                Track::Untracked => {
+                    // No room to remember it: the next replay delivers it
+                    // (it is committed, so the replay reads it), once.
+                    self.need_replay = true;
+                    return;
+                }
+                Track::New => {}
             }
         }
         let (origin, payload) = (inc.origin.to_vec(), inc.payload.to_vec());
@@ -1313,6 +1336,40 @@ mod tests {
         assert_eq!(t.n.got.len(), 5002);
         assert_eq!(t.n.got.last().map(String::as_str), Some("c:missed"));
         assert_eq!(t.n.bus.counters.replayed.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_burst_beyond_the_record_is_delivered_once_through_a_replay() {
+        let mut t = T::new(&["durable=on"]);
+        t.durable_start_xip(100, 101, "100", &[]);
+        // One transaction (xid 101) commits 3000 rows while 100 stays open.
+        let burst: Vec<Vec<u8>> = (1..=3000u64).map(|i| notify("c", &durable(i, 101, "b"))).collect();
+        t.reply(&burst);
+        let live = t.n.got.len();
+        assert!(live < 3000, "the record is full before the burst ends");
+        assert!(t.sent().contains("pg_current_snapshot"), "a replay takes the rest");
+        t.reply(&[row(&[b"100", b"102", b"100"]), complete(), ready()]);
+        let sql = t.sent();
+        let rest: Vec<Vec<u8>> = (1..=3000u64)
+            .filter(|i| !sql.contains(&format!(",{i},")) && !sql.contains(&format!("{{{i},")))
+            .map(|i| outbox_row(i, 101, "c", "b"))
+            .collect();
+        let mut page = rest.clone();
+        page.truncate(REPLAY_PAGE);
+        page.push(complete());
+        page.push(ready());
+        t.reply(&page);
+        if rest.len() > REPLAY_PAGE {
+            let _ = t.sent();
+            let mut page2 = rest[REPLAY_PAGE..].to_vec();
+            page2.push(complete());
+            page2.push(ready());
+            t.reply(&page2);
+        }
+        assert_eq!(t.n.got.len(), 3000, "live {live}, replayed {}", t.n.bus.counters.replayed.load(Relaxed));
+        // Covered now: the same rows again are duplicates.
+        t.reply(&[notify("c", &durable(5, 101, "b"))]);
+        assert_eq!(t.n.got.len(), 3000);
     }
 
     #[test]

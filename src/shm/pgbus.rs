@@ -122,7 +122,7 @@ pub struct Counters {
     pub rejected: AtomicU64,
     /// Durable: times the server's transaction ids went backwards (re-based).
     pub rebases: AtomicU64,
-    /// Durable: deliveries not remembered (the record was full): a replay may repeat them.
+    /// Durable: rows the record had no room for (left to the next replay).
     pub track_overflow: AtomicU64,
     /// Requests in flight that missed their deadline.
     pub request_timeouts: AtomicU64,
@@ -147,8 +147,8 @@ pub enum Track {
     New,
     /// Delivered before (the same id and content, or below the horizon).
     Duplicate,
-    /// Not delivered before, but the record is full: deliver it; a later
-    /// replay may deliver it again (counted).
+    /// Not delivered before, but the record is full (counted): the
+    /// caller leaves it to a replay that ends beyond it.
     Untracked,
 }
 
