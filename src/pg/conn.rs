@@ -148,6 +148,32 @@ impl Conn {
         Ok(conn)
     }
 
+    /// TCP keepalive (as libpq's keepalives_idle): the kernel probes the
+    /// peer after `idle_s` seconds of silence, every third of that, and
+    /// gives up after 3 unanswered probes. The session's own probe finds
+    /// a silent server sooner; this also covers a request in flight.
+    pub fn set_keepalive(&self, idle_s: u32) {
+        let idle = idle_s.max(1) as libc::c_int;
+        let opts = [
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, (idle / 3).max(1)),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+        ];
+        for (level, name, value) in opts {
+            // SAFETY: c->fd is our connected socket; the value is a valid int.
+            unsafe {
+                libc::setsockopt(
+                    (*self.c).fd,
+                    level,
+                    name,
+                    (&raw const value).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+    }
+
     pub fn connection(&self) -> *mut ngx_connection_t {
         self.c
     }

@@ -142,7 +142,10 @@ impl Bridge {
                     self.up = false;
                     self.tls = false;
                     match Conn::connect(self.env.addr, self.env.log, self.env.drive_ev) {
-                        Ok(c) => self.conn = Some(c),
+                        Ok(c) => {
+                            c.set_keepalive((self.env.conf.keepalive_ms / 1000) as u32);
+                            self.conn = Some(c);
+                        }
                         Err(e) => {
                             let e = Error::Io { what: e, errno: None };
                             self.session.failed(e, now, &mut NginxNode(&self.env));

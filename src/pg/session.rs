@@ -564,8 +564,25 @@ impl Session {
     }
 
     fn on_ready<N: Node>(&mut self, now: u64, node: &mut N) {
-        use core::sync::atomic::Ordering::Relaxed;
         self.phase = Phase::Ready;
+        // A new session listens to nothing: every channel again.
+        let bus = node.bus();
+        bus.all_wanted(&node.lock());
+        self.last_rx = now;
+        self.next_advance = 0;
+    }
+
+    /// The session has worked (logged in, listened, and when durable set
+    /// up and replayed): only now is it "connected", counted, and the
+    /// backoff starts over.
+    fn mark_worked<N: Node>(&mut self, now: u64, node: &mut N) {
+        use core::sync::atomic::Ordering::Relaxed;
+        if self.worked || (self.conf.durable && self.need_replay) {
+            return;
+        }
+        self.worked = true;
+        self.attempt = 0;
+        self.next_advance = now + ADVANCE_MS;
         let bus = node.bus();
         bus.set_state(ST_READY, node.wall_ms());
         // Relaxed: figures.
@@ -573,8 +590,7 @@ impl Session {
         if self.ever_worked {
             bus.counters.reconnects.fetch_add(1, Relaxed);
         }
-        // A new session listens to nothing: every channel again.
-        bus.all_wanted(&node.lock());
+        self.ever_worked = true;
         let version = String::from_utf8_lossy(&bus.text(&node.lock(), &bus.server_version)).into_owned();
         let msg = format!(
             "postgres {}: connected (server {version}, tls {})",
@@ -582,18 +598,6 @@ impl Session {
             if self.wants_tls() { "on" } else { "off" }
         );
         node.log(Level::Notice, &msg);
-        self.last_rx = now;
-        self.next_advance = 0;
-    }
-
-    /// Marks the session as having worked: listened, and replayed when durable.
-    fn mark_worked(&mut self, now: u64) {
-        if !self.worked && (!self.conf.durable || !self.need_replay) {
-            self.worked = true;
-            self.ever_worked = true;
-            self.attempt = 0;
-            self.next_advance = now + ADVANCE_MS;
-        }
     }
 
     fn push_op(&mut self, op: Op, now: u64) {
@@ -641,7 +645,7 @@ impl Session {
             );
             return self.push_op(Op::Snapshot { epoch }, now);
         }
-        self.mark_worked(now);
+        self.mark_worked(now, node);
         let bus = node.bus();
         if bus.queue_len() > 0 {
             return self.flush(now, node);
@@ -865,7 +869,7 @@ impl Session {
                 for n in list {
                     bus.set_channel(&node.lock(), &n, CH_LISTENING);
                 }
-                self.mark_worked(now);
+                self.mark_worked(now, node);
             }
             Op::Unlisten(list) => {
                 if let Some(e) = err {
@@ -921,7 +925,7 @@ impl Session {
                     }
                     self.replay = None;
                     self.need_replay = core::mem::take(&mut self.again);
-                    self.mark_worked(now);
+                    self.mark_worked(now, node);
                 }
             }
             Op::Flush { seqs, bytes } => match err {
