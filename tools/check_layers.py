@@ -104,7 +104,7 @@ for me, p in files.items():
         if t and t != me and t != me[: len(t)]:
             edges[me].add(t)
 
-CORE_PG = {("pg", "config"), ("pg", "wire"), ("pg",)}
+CORE_PG = {("pg", "config"), ("pg", "wire"), ("pg", "error"), ("pg", "session"), ("pg",)}
 
 
 def layer(m):

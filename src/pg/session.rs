@@ -670,7 +670,7 @@ impl Session {
             use core::sync::atomic::Ordering::Relaxed;
             bus.counters.probes.fetch_add(1, Relaxed);
             let _ = frontend::query("", &mut self.out);
-            return self.push_op(Op::Probe { sent: now }, now);
+            self.push_op(Op::Probe { sent: now }, now);
         }
     }
 
