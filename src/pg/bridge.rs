@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
-use nginx_sys::{NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN, ngx_event_t, ngx_log_t, ngx_ssl_t};
+use nginx_sys::{NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN, ngx_event_t, ngx_log_t};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::escape::escape_identifier;
 use postgres_protocol::message::backend::Message;
@@ -25,7 +25,8 @@ use crate::shm::pgbus::{CH_LISTENING, CH_WANTED, PgBus, ST_BACKOFF, ST_CONNECTIN
 use crate::shm::ring::RecordIn;
 
 use super::config::{PgConfig, SslMode};
-use super::conn::{Conn, Io, tls_context};
+use super::conn::{Conn, Io};
+use super::glue::PgSetup;
 use super::wire;
 
 /// Posts per flush transaction, and their bytes.
@@ -74,7 +75,6 @@ pub struct Env {
 pub struct Bridge {
     env: Env,
     conn: Option<Conn>,
-    ssl: Option<Box<ngx_ssl_t>>,
     phase: Phase,
     out: BytesMut,
     inb: BytesMut,
@@ -117,7 +117,6 @@ impl Bridge {
         Bridge {
             env,
             conn: None,
-            ssl: None,
             phase: Phase::Down,
             out: BytesMut::new(),
             inb: BytesMut::new(),
@@ -319,32 +318,14 @@ impl Bridge {
                     }
                 }
                 Phase::SslHandshake => {
-                    if self.ssl.is_none() {
-                        let ca = if self.env.conf.sslmode == SslMode::VerifyFull {
-                            self.env.conf.sslrootcert.as_deref()
-                        } else {
-                            None
-                        };
-                        match tls_context(self.env.log, ca) {
-                            Ok(s) => self.ssl = Some(s),
-                            Err(e) => {
-                                self.fail(&e);
-                                return;
-                            }
-                        }
-                    }
-                    let (Some(conn), Some(ssl)) = (self.conn.as_mut(), self.ssl.as_mut()) else { return };
-                    match conn.tls_handshake(ssl, Some(&self.env.conf.host)) {
+                    let Some(tls) = PgSetup::this_worker().and_then(|s| s.tls.as_ref()) else {
+                        self.fail("no TLS context");
+                        return;
+                    };
+                    let Some(conn) = self.conn.as_mut() else { return };
+                    match conn.tls_step(tls, &self.env.conf.host) {
                         Ok(false) => return,
-                        Ok(true) => {
-                            if self.env.conf.sslmode == SslMode::VerifyFull
-                                && let Err(e) = conn.verify_peer(&self.env.conf.host)
-                            {
-                                self.fail(&e);
-                                return;
-                            }
-                            self.startup();
-                        }
+                        Ok(true) => self.startup(),
                         Err(e) => {
                             self.fail(&e);
                             return;

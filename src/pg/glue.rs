@@ -29,12 +29,23 @@ use crate::shm::pgbus::{CH_LISTENING, Lease, PgBus, state_name};
 
 use super::bridge::{Bridge, Env, OUTBOX};
 use super::config::{self, PgConfig};
+use super::conn::TlsSetup;
 use super::wire;
 
 /// The parsed directive, owned by the configuration cycle's pool.
 pub struct PgSetup {
     pub cfg: PgConfig,
     pub addr: SocketAddr,
+    /// The TLS context (none with `sslmode=disable`), made with the
+    /// configuration; freed with the cycle's pool.
+    pub tls: Option<TlsSetup>,
+}
+
+impl PgSetup {
+    /// This worker's setup, when the bridge runs in it.
+    pub fn this_worker() -> Option<&'static PgSetup> {
+        pg().map(|p| p.setup)
+    }
 }
 
 const TICK_MS: u64 = 500;
@@ -207,7 +218,24 @@ pub unsafe extern "C" fn set_postgres(cf: *mut ngx_conf_t, _cmd: *mut ngx_comman
         Ok(None) => return emerg(cf, &format!("host \"{}\" has no address", cfg.host)),
         Err(e) => return emerg(cf, &format!("cannot resolve host \"{}\": {}", cfg.host, io_reason(&e))),
     };
-    let setup = Box::into_raw(Box::new(PgSetup { cfg, addr }));
+    // The TLS context, once for the configuration: the CA file is read here
+    // (as root, and by `nginx -t`), not by a worker at connect time.
+    let tls = if cfg.sslmode.may_use_tls() {
+        if let Some(ca) = cfg.sslrootcert.as_deref()
+            && let Err(e) = std::fs::File::open(ca)
+        {
+            return emerg(cf, &format!("cannot read sslrootcert \"{ca}\": {}", io_reason(&e)));
+        }
+        // SAFETY: cf is the live configuration; its pool is the cycle's.
+        let (pool, log) = unsafe { ((*cf).pool, (*cf).log) };
+        match TlsSetup::new(pool, log, cfg.sslmode, cfg.sslrootcert.as_deref()) {
+            Ok(t) => Some(t),
+            Err(e) => return emerg(cf, &e),
+        }
+    } else {
+        None
+    };
+    let setup = Box::into_raw(Box::new(PgSetup { cfg, addr, tls }));
     // SAFETY: cf->pool is the cycle's pool; the cleanup frees the setup with it.
     unsafe {
         let cln = nginx_sys::ngx_pool_cleanup_add((*cf).pool, 0);
