@@ -14,7 +14,7 @@ use PgNodes;
 my $slash_at = '"@" after the host part of the URL: percent-encode "/" and "?" in the user name and password '
              . '(%2F, %3F) and "@" anywhere else (%40)';
 my $quote_hint = "(not shown: a value with spaces must be quoted, as in password='a b')";
-my $sslmodes = 'use disable, prefer, require or verify-full';
+my $sslmodes = 'use disable, allow, prefer, require, verify-ca or verify-full';
 my @bad = (
     # 1. a password parameter in the URL's query, then a bad sslmode
     [ 'workerbus_postgres "postgresql://u@127.0.0.1/db?password=hunter2&sslmode=maybe";',
@@ -39,7 +39,11 @@ my @bad = (
     [ 'workerbus_postgres "postgresql://u:hunter2@127.0.0.1:99999/db";',
       'invalid value of "port" in the URL: use a number from 1 to 65535' ],
     [ 'workerbus_postgres "postgresql://127.0.0.1/db?sslmode=verify-ca";',
-      'invalid value of "sslmode" in the URL: verify-ca is not supported; use verify-full' ],
+      'sslmode "verify-ca" needs sslrootcert=<CA file>' ],
+    [ 'workerbus_postgres "postgresql://127.0.0.1/db" sslmode=verify-ca;',
+      'sslmode "verify-ca" needs sslrootcert=<CA file>' ],
+    [ 'workerbus_postgres "postgresql://127.0.0.1/db?sslmode=Require";',
+      qq{invalid value of "sslmode" in the URL: $sslmodes} ],
     [ 'workerbus_postgres "postgresql://u:hunter2@127.0.0.1/db?bogus=1";',
       'unknown connection parameter "bogus" in the URL' ],
     [ 'workerbus_postgres "postgresql://127.0.0.1/db?password=hunter&xyzzy";',
@@ -123,6 +127,46 @@ for my $case (
     unlike($out, qr/hun|0123456/, "no secret in the output: $main");
 }
 unlink values %secret_path;
+
+# sslrootcert=: read and checked when the configuration is read (by the
+# master, and so by nginx -t), in every mode that may use TLS.
+my $bad_ca = "$FindBin::Bin/servroot_pg_bad_ca.pem";
+open(my $bf, ">", $bad_ca) or die "$bad_ca: $!";
+print $bf "not a certificate\n";
+close $bf;
+my $pem_hint = '(a PEM file of CA certificates is expected)';
+for my $case (
+    [ '?sslmode=require&sslrootcert=/nonexistent/ca.pem', '',
+      'cannot read sslrootcert "/nonexistent/ca.pem": No such file or directory' ],
+    [ '?sslmode=verify-full', ' sslrootcert=/nonexistent/ca.pem',
+      'cannot read sslrootcert "/nonexistent/ca.pem": No such file or directory' ],
+    [ '?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem', '',
+      'cannot read sslrootcert "/nonexistent/ca.pem": No such file or directory' ],
+    [ '?sslrootcert=/nonexistent/ca.pem', '',
+      'cannot read sslrootcert "/nonexistent/ca.pem": No such file or directory' ],
+    [ "?sslmode=verify-ca&sslrootcert=$bad_ca", '',
+      qq{cannot load sslrootcert "$bad_ca": no certificate or crl found $pem_hint} ],
+    [ '?sslmode=require', " sslrootcert=$bad_ca",
+      qq{cannot load sslrootcert "$bad_ca": no certificate or crl found $pem_hint} ],
+    [ '?sslmode=allow', " sslrootcert=$bad_ca",
+      qq{cannot load sslrootcert "$bad_ca": no certificate or crl found $pem_hint} ],
+) {
+    my ($query, $opt, $want) = @$case;
+    my $main = qq{workerbus_postgres "postgresql://127.0.0.1/db$query"$opt;};
+    my ($rc, $out, $file) = nginx_t(main => $main);
+    isnt($rc, 0, "nginx -t fails: $main");
+    like($out, qr/\[emerg\] \d+#\d+: "workerbus_postgres" directive: \Q$want\E in \Q$file\E:\d+/, "exact message for: $main")
+        or diag $out;
+}
+unlink $bad_ca;
+for my $main ('workerbus_postgres "postgresql://127.0.0.1/db?sslmode=disable&sslrootcert=/nonexistent/ca.pem";',
+              'workerbus_postgres "postgresql://127.0.0.1/db?sslmode=allow";',
+              'workerbus_postgres "postgresql://127.0.0.1/db?sslmode=require&sslrootcert=/etc/ssl/certs/ca-certificates.crt";',
+              'workerbus_postgres "postgresql://127.0.0.1/db" sslmode=verify-ca sslrootcert=/etc/ssl/certs/ca-certificates.crt;') {
+    next if $main =~ m{/etc/ssl/certs/ca-certificates\.crt} && !-r "/etc/ssl/certs/ca-certificates.crt";
+    my ($rc, $out) = nginx_t(main => $main);
+    is($rc, 0, "passes nginx -t: $main") or diag $out;
+}
 
 # A good one passes, with a password file.
 my $pw = "$FindBin::Bin/servroot_pg_pw";

@@ -15,14 +15,30 @@
 
 use std::fmt;
 
+/// `sslmode=`, libpq's table. Which attempts a connect makes is a policy
+/// (`first_try_tls`, `accepts_plain`, `on_refusal`); what the server's
+/// certificate must pass is another (`verifies_chain`, `verifies_host`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
+    /// Never TLS.
     Disable,
+    /// Plain text first; TLS when the server refuses that.
     Allow,
+    /// TLS first (the default); plain text when the server does not offer
+    /// TLS or refuses the TLS session.
     Prefer,
+    /// TLS only; the chain is checked when `sslrootcert` is given.
     Require,
+    /// TLS only; the chain is checked against `sslrootcert` (required), the
+    /// host name is not.
+    VerifyCa,
+    /// TLS only; the chain against `sslrootcert` (required) and the host name.
     VerifyFull,
 }
+
+/// Every mode, in libpq's order (for messages and tests).
+pub const SSL_MODES: [SslMode; 6] =
+    [SslMode::Disable, SslMode::Allow, SslMode::Prefer, SslMode::Require, SslMode::VerifyCa, SslMode::VerifyFull];
 
 impl SslMode {
     pub fn name(self) -> &'static str {
@@ -31,8 +47,65 @@ impl SslMode {
             SslMode::Allow => "allow",
             SslMode::Prefer => "prefer",
             SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
             SslMode::VerifyFull => "verify-full",
         }
+    }
+
+    pub fn from_name(s: &str) -> Option<SslMode> {
+        SSL_MODES.into_iter().find(|m| m.name() == s)
+    }
+
+    /// Whether a TLS context is needed at all (every mode but `disable`).
+    pub fn may_use_tls(self) -> bool {
+        self != SslMode::Disable
+    }
+
+    /// Whether the first attempt of a connect sends the SSLRequest (false:
+    /// it starts the session in plain text).
+    pub fn first_try_tls(self) -> bool {
+        !matches!(self, SslMode::Disable | SslMode::Allow)
+    }
+
+    /// Whether a session may run in plain text: when the server answers the
+    /// SSLRequest with 'N', it goes on without TLS on the same connection
+    /// (true) or the attempt fails (false: `require` and the `verify-*`).
+    pub fn accepts_plain(self) -> bool {
+        matches!(self, SslMode::Disable | SslMode::Allow | SslMode::Prefer)
+    }
+
+    /// After an attempt the server refused (an ErrorResponse before
+    /// ReadyForQuery, or the connection closed during start-up), or, with
+    /// TLS, a failed handshake or certificate check: `Some(tls)` when libpq
+    /// makes one more attempt at once, on a new connection, with TLS
+    /// (`Some(true)`) or without (`Some(false)`); `None` when the connect
+    /// fails (and the usual backoff follows). `allow` retries a refused
+    /// plain-text attempt with TLS, `prefer` a refused TLS attempt without;
+    /// nothing else retries, and the second attempt never does.
+    pub fn on_refusal(self, tried_tls: bool) -> Option<bool> {
+        match (self, tried_tls) {
+            (SslMode::Allow, false) => Some(true),
+            (SslMode::Prefer, true) => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether `sslrootcert=` must be given (libpq would read
+    /// ~/.postgresql/root.crt; here it is an error at `nginx -t`).
+    pub fn needs_root_cert(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+
+    /// Whether a TLS session checks the server's certificate chain: always
+    /// in the `verify-*` modes, and, as libpq, in the others whenever a
+    /// root certificate file is given.
+    pub fn verifies_chain(self, has_root_cert: bool) -> bool {
+        self.needs_root_cert() || (self.may_use_tls() && has_root_cert)
+    }
+
+    /// Whether a TLS session checks that the certificate names the host.
+    pub fn verifies_host(self) -> bool {
+        self == SslMode::VerifyFull
     }
 }
 
@@ -195,15 +268,8 @@ fn set_param(c: &mut PgConfig, p: Param, val: &str) -> Result<(), &'static str> 
         Param::Password => c.password = Some(val.to_string()),
         Param::DbName => c.dbname = val.to_string(),
         Param::SslMode => {
-            c.sslmode = match val {
-                "disable" => SslMode::Disable,
-                "allow" => SslMode::Allow,
-                "prefer" => SslMode::Prefer,
-                "require" => SslMode::Require,
-                "verify-full" => SslMode::VerifyFull,
-                "verify-ca" => return Err("verify-ca is not supported; use verify-full"),
-                _ => return Err("use disable, prefer, require or verify-full"),
-            }
+            c.sslmode =
+                SslMode::from_name(val).ok_or("use disable, allow, prefer, require, verify-ca or verify-full")?
         }
         Param::SslRootCert => c.sslrootcert = Some(val.to_string()),
         Param::ConnectTimeout => {
@@ -510,8 +576,11 @@ pub fn parse(args: &[&str], read_file: impl Fn(&str) -> Result<String, String>) 
     if c.backoff_min_ms > c.backoff_max_ms {
         return Err(format!("backoff_min ({}ms) is above backoff_max ({}ms)", c.backoff_min_ms, c.backoff_max_ms));
     }
-    if c.sslmode == SslMode::VerifyFull && c.sslrootcert.is_none() {
-        return Err("sslmode \"verify-full\" needs sslrootcert=<CA file>".into());
+    if c.sslmode.needs_root_cert() && c.sslrootcert.is_none() {
+        return Err(format!("sslmode \"{}\" needs sslrootcert=<CA file>", c.sslmode.name()));
+    }
+    if c.sslrootcert.as_deref() == Some("") {
+        return Err("sslrootcert is empty: give the CA file's path".into());
     }
     if c.dbname.is_empty() {
         c.dbname = c.user.clone();
@@ -541,7 +610,7 @@ mod tests {
         e
     }
 
-    const SSLMODES: &str = "use disable, prefer, require or verify-full";
+    const SSLMODES: &str = "use disable, allow, prefer, require, verify-ca or verify-full";
 
     #[test]
     fn url_with_everything() {
@@ -702,7 +771,11 @@ mod tests {
             (&["postgresql://h/db?password=hunter2%e2%82"], format!("the value of \"password\" {not_utf8}")),
             (
                 &["postgresql://u:hunter2@h/db?sslmode=verify-ca"],
-                "invalid value of \"sslmode\" in the URL: verify-ca is not supported; use verify-full".into(),
+                "sslmode \"verify-ca\" needs sslrootcert=<CA file>".into(),
+            ),
+            (
+                &["postgresql://u:hunter2@h/db?sslmode=Require"],
+                format!("invalid value of \"sslmode\" in the URL: {SSLMODES}"),
             ),
             (
                 &["postgresql://u:hunter2@h/db?connect_timeout=0"],
@@ -721,11 +794,7 @@ mod tests {
             ),
             (&["host='h password=hunter2"], "unterminated quoted value of \"host\" in the connection string".into()),
             (&["port=x password=hunter2"], format!("invalid value of \"port\" in the connection string: {port}")),
-            (
-                &["password=hunter2 sslmode='verify-ca'"],
-                "invalid value of \"sslmode\" in the connection string: verify-ca is not supported; use verify-full"
-                    .into(),
-            ),
+            (&["password=hunter2 sslmode='verify-ca'"], "sslmode \"verify-ca\" needs sslrootcert=<CA file>".into()),
             (
                 &["password=hunter2 connect_timeout=soon"],
                 format!("invalid value of \"connect_timeout\" in the connection string: {timeout}"),
@@ -772,8 +841,14 @@ mod tests {
                 &[u, "prefix=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"],
                 "invalid prefix \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\": at most 32 letters, digits, '_', '.' or '-'",
             ),
-            (&[u, "sslmode=maybe"], "invalid sslmode \"maybe\": use disable, prefer, require or verify-full"),
-            (&[u, "sslmode=verify-ca"], "invalid sslmode \"verify-ca\": verify-ca is not supported; use verify-full"),
+            (
+                &[u, "sslmode=maybe"],
+                "invalid sslmode \"maybe\": use disable, allow, prefer, require, verify-ca or verify-full",
+            ),
+            (&[u, "sslmode=verify-ca"], "sslmode \"verify-ca\" needs sslrootcert=<CA file>"),
+            (&["postgresql://h/db?sslmode=verify-ca"], "sslmode \"verify-ca\" needs sslrootcert=<CA file>"),
+            (&[u, "sslmode=verify-ca", "sslrootcert="], "sslrootcert is empty: give the CA file's path"),
+            (&[u, "sslrootcert="], "sslrootcert is empty: give the CA file's path"),
             (&[u, "colour=blue"], "unknown option \"colour\""),
             (
                 &["host=h password=hunter", "2=x"],
@@ -794,6 +869,69 @@ mod tests {
         for (args, want) in cases {
             assert_eq!(&err(args), want, "for {args:?}");
         }
+    }
+
+    /// libpq's sslmode table: what each mode tries and what it checks.
+    #[test]
+    fn sslmode_table() {
+        use SslMode::*;
+        // (mode, first try TLS, plain text allowed, needs sslrootcert,
+        //  chain checked without / with sslrootcert, host name checked)
+        let table = [
+            (Disable, false, true, false, (false, false), false),
+            (Allow, false, true, false, (false, true), false),
+            (Prefer, true, true, false, (false, true), false),
+            (Require, true, false, false, (false, true), false),
+            (VerifyCa, true, false, true, (true, true), false),
+            (VerifyFull, true, false, true, (true, true), true),
+        ];
+        assert_eq!(table.map(|t| t.0), SSL_MODES);
+        for (m, first_tls, plain, needs, (chain_no_root, chain_root), host) in table {
+            assert_eq!(SslMode::from_name(m.name()), Some(m));
+            assert_eq!(m.first_try_tls(), first_tls, "{m:?} first_try_tls");
+            assert_eq!(m.accepts_plain(), plain, "{m:?} accepts_plain");
+            assert_eq!(m.needs_root_cert(), needs, "{m:?} needs_root_cert");
+            assert_eq!(m.verifies_chain(false), chain_no_root, "{m:?} verifies_chain without sslrootcert");
+            assert_eq!(m.verifies_chain(true), chain_root, "{m:?} verifies_chain with sslrootcert");
+            assert_eq!(m.verifies_host(), host, "{m:?} verifies_host");
+            assert_eq!(m.may_use_tls(), m != Disable);
+        }
+        assert_eq!(SslMode::from_name("Require"), None);
+        assert_eq!(SslMode::from_name(""), None);
+    }
+
+    /// libpq's second attempt: `allow` after a refused plain-text attempt
+    /// tries TLS, `prefer` after a refused TLS attempt tries plain text.
+    #[test]
+    fn sslmode_second_attempt() {
+        use SslMode::*;
+        for m in SSL_MODES {
+            let want = match m {
+                Allow => (Some(true), None),
+                Prefer => (None, Some(false)),
+                _ => (None, None),
+            };
+            assert_eq!((m.on_refusal(false), m.on_refusal(true)), want, "{m:?}");
+            // A retry always switches: the first try then its opposite, once.
+            if let Some(tls) = m.on_refusal(m.first_try_tls()) {
+                assert_eq!(tls, !m.first_try_tls(), "{m:?}");
+                assert_eq!(m.on_refusal(tls), None, "{m:?} retries once");
+            }
+        }
+    }
+
+    #[test]
+    fn sslmode_and_sslrootcert_parse() {
+        let c = p(&["postgresql://h/db?sslmode=allow"]).unwrap();
+        assert_eq!((c.sslmode, c.sslrootcert.as_deref()), (SslMode::Allow, None));
+        assert_eq!(p(&["postgresql://h/db"]).unwrap().sslmode, SslMode::Prefer);
+        let c = p(&["host=h sslmode=verify-ca sslrootcert=/ca.pem"]).unwrap();
+        assert_eq!((c.sslmode, c.sslrootcert.as_deref()), (SslMode::VerifyCa, Some("/ca.pem")));
+        let c = p(&["postgresql://h/db", "sslmode=verify-full", "sslrootcert=/ca.pem"]).unwrap();
+        assert_eq!((c.sslmode, c.sslrootcert.as_deref()), (SslMode::VerifyFull, Some("/ca.pem")));
+        let c = p(&["postgresql://h/db?sslmode=require&sslrootcert=/ca.pem"]).unwrap();
+        assert!(c.sslmode.verifies_chain(c.sslrootcert.is_some()) && !c.sslmode.verifies_host());
+        assert!(c.describe().ends_with(" sslmode=require"));
     }
 
     #[test]

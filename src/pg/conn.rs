@@ -15,8 +15,10 @@ use std::net::SocketAddr;
 
 use nginx_sys::{
     NGX_AGAIN, NGX_BUSY, NGX_DECLINED, NGX_ERROR, NGX_OK, NGX_SSL_BUFFER, NGX_SSL_CLIENT, NGX_SSL_TLSv1_2,
-    NGX_SSL_TLSv1_3, ngx_connection_t, ngx_event_t, ngx_log_t, ngx_peer_connection_t, ngx_ssl_t, ngx_str_t,
+    NGX_SSL_TLSv1_3, ngx_connection_t, ngx_event_t, ngx_log_t, ngx_peer_connection_t, ngx_pool_t, ngx_ssl_t, ngx_str_t,
 };
+
+use super::config::SslMode;
 
 /// What a read or write did.
 pub enum Io {
@@ -34,6 +36,8 @@ pub struct Conn {
     _name_bytes: Box<[u8]>,
     c: *mut ngx_connection_t,
     pub tls: bool,
+    /// The TLS handshake finished and the server's certificate passed.
+    tls_done: bool,
 }
 
 /// The event every I/O handler posts: the bridge's drive event.
@@ -139,7 +143,7 @@ impl Conn {
             (*(*c).read).log = log;
             (*(*c).write).log = log;
         }
-        let conn = Conn { pc, _addr: ss, _name: name, _name_bytes: name_bytes, c, tls: false };
+        let conn = Conn { pc, _addr: ss, _name: name, _name_bytes: name_bytes, c, tls: false, tls_done: false };
         if rc == NGX_OK as i32 {
             // Connected at once (loopback): make sure the state machine runs.
             // SAFETY: drive is the bridge's process-static event.
@@ -231,21 +235,43 @@ impl Conn {
         }
     }
 
+    /// The TLS step of a connect, after the server answered 'S' to the
+    /// SSLRequest: starts or continues the handshake with the context made
+    /// when the configuration was read, then checks the server's certificate
+    /// as the sslmode says (`TlsSetup`). Ok(false): under way, call again
+    /// when the drive event runs; Ok(true): the handshake finished and the
+    /// certificate passed (again Ok(true) on later calls); Err: the reason,
+    /// for the log line (the session is then to be closed).
+    pub fn tls_step(&mut self, tls: &TlsSetup, host: &str) -> Result<bool, String> {
+        if self.tls_done {
+            return Ok(true);
+        }
+        if !self.handshake(tls.ssl, host)? {
+            return Ok(false);
+        }
+        // SAFETY: c is live and its TLS handshake has finished.
+        unsafe { tls.check_peer(self.c, host)? };
+        self.tls_done = true;
+        Ok(true)
+    }
+
     /// Starts (or continues) the TLS handshake: Ok(true) when done.
-    pub fn tls_handshake(&mut self, ssl: &mut ngx_ssl_t, sni: Option<&str>) -> Result<bool, String> {
-        // SAFETY: c is live; ssl is a context ngx_ssl_create set up.
+    fn handshake(&mut self, ssl: *mut ngx_ssl_t, host: &str) -> Result<bool, String> {
+        // SAFETY: c is live; ssl is the context TlsSetup::new made, which
+        // lives in the cycle's pool as long as this worker runs.
         unsafe {
             if (*self.c).ssl.is_null() {
                 let rc = nginx_sys::ngx_ssl_create_connection(ssl, self.c, (NGX_SSL_BUFFER | NGX_SSL_CLIENT) as _);
                 if rc != NGX_OK as isize {
                     return Err("cannot create the TLS connection".into());
                 }
-                if let Some(name) = sni.filter(|n| n.parse::<std::net::IpAddr>().is_err()) {
-                    let cname = std::ffi::CString::new(name).map_err(|_| "bad host name")?;
+                // SNI for a host name (never for an address, as RFC 6066 says).
+                if host.parse::<std::net::IpAddr>().is_err() {
+                    let cname = std::ffi::CString::new(host).map_err(|_| "bad host name")?;
                     nginx_sys::SSL_ctrl(
                         (*(*self.c).ssl).connection,
                         nginx_sys::SSL_CTRL_SET_TLSEXT_HOSTNAME as _,
-                        0,
+                        nginx_sys::TLSEXT_NAMETYPE_host_name as _,
                         cname.as_ptr() as *mut c_void,
                     );
                 }
@@ -271,30 +297,6 @@ impl Conn {
             }
             Err("TLS handshake failed".into())
         }
-    }
-
-    /// Checks the server certificate (verify-full): chain and host name.
-    pub fn verify_peer(&mut self, host: &str) -> Result<(), String> {
-        // SAFETY: c is live with a finished TLS handshake.
-        unsafe {
-            let s = (*(*self.c).ssl).connection;
-            let rc = nginx_sys::SSL_get_verify_result(s);
-            if rc != nginx_sys::X509_V_OK as core::ffi::c_long {
-                let why = nginx_sys::X509_verify_cert_error_string(rc);
-                let why = if why.is_null() {
-                    format!("error {rc}")
-                } else {
-                    core::ffi::CStr::from_ptr(why).to_string_lossy().into_owned()
-                };
-                return Err(format!("server certificate not trusted: {why}"));
-            }
-            let mut bytes = host.as_bytes().to_vec();
-            let mut name = ngx_str_t { len: bytes.len(), data: bytes.as_mut_ptr() };
-            if nginx_sys::ngx_ssl_check_host(self.c, &mut name) != NGX_OK as isize {
-                return Err(format!("server certificate does not match host \"{host}\""));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -322,24 +324,162 @@ impl Drop for Conn {
     }
 }
 
-/// A client TLS context from nginx's OpenSSL (TLS 1.2 and 1.3); with a CA
-/// file the server's certificate is verified against it.
-pub fn tls_context(log: *mut ngx_log_t, ca_file: Option<&str>) -> Result<Box<ngx_ssl_t>, String> {
-    let mut ssl = Box::new(ngx_ssl_t { ctx: ptr::null_mut(), log, buffer_size: 0 });
-    // SAFETY: ssl is a fresh struct; ngx_ssl_create fills ctx.
-    let rc = unsafe { nginx_sys::ngx_ssl_create(&mut *ssl, (NGX_SSL_TLSv1_2 | NGX_SSL_TLSv1_3) as _, ptr::null_mut()) };
-    if rc != NGX_OK as isize {
-        return Err("cannot create a TLS context".into());
-    }
-    if let Some(ca) = ca_file {
-        let cca = std::ffi::CString::new(ca).map_err(|_| "bad CA file name")?;
-        // SAFETY: ctx was just created; the file name is NUL-terminated.
-        let ok = unsafe { nginx_sys::SSL_CTX_load_verify_locations(ssl.ctx, cca.as_ptr(), ptr::null()) };
-        if ok != 1 {
-            return Err(format!("cannot load CA file \"{ca}\""));
+/// The bridge's client TLS context (nginx's OpenSSL, TLS 1.2 and 1.3, as
+/// libpq's default minimum) and what a session checks of the server's
+/// certificate. Made once when the configuration is read (`set_postgres`,
+/// in the master, so the CA file is read there and by `nginx -t`), in the
+/// cycle's pool, whose cleanup frees the OpenSSL context with the cycle:
+/// nothing per session, nothing left over by a reload.
+pub struct TlsSetup {
+    /// In the cycle's pool; its context freed by the pool's cleanup.
+    ssl: *mut ngx_ssl_t,
+    /// The chain is checked against `sslrootcert` (SslMode::verifies_chain).
+    verify_chain: bool,
+    /// The certificate must name the host (SslMode::verifies_host).
+    verify_host: bool,
+}
+
+unsafe extern "C" fn free_tls(data: *mut c_void) {
+    let ssl = data as *mut ngx_ssl_t;
+    // SAFETY: data is the pool-allocated ngx_ssl_t of TlsSetup::new, and
+    // this is its pool's cleanup, run once. nginx's ngx_ssl_cleanup_ctx
+    // reads the context's data before freeing it, so only a context that
+    // was made.
+    unsafe {
+        if !(*ssl).ctx.is_null() {
+            nginx_sys::ngx_ssl_cleanup_ctx(data);
+            (*ssl).ctx = ptr::null_mut();
         }
-        // SAFETY: ctx is live; the default verify callback.
-        unsafe { nginx_sys::SSL_CTX_set_verify(ssl.ctx, nginx_sys::SSL_VERIFY_PEER as _, None) };
     }
-    Ok(ssl)
+}
+
+/// OpenSSL's verify callback: never stops the handshake, so that the
+/// session reports the chain's fault itself (`check_peer`) with its reason.
+unsafe extern "C" fn keep_going(_ok: core::ffi::c_int, _ctx: *mut nginx_sys::X509_STORE_CTX) -> core::ffi::c_int {
+    1
+}
+
+/// The reason of OpenSSL's last error, and the error queue cleared.
+fn openssl_reason() -> String {
+    // SAFETY: OpenSSL's per-thread error queue; the reason strings are static.
+    unsafe {
+        let e = nginx_sys::ERR_peek_last_error();
+        nginx_sys::ERR_clear_error();
+        let r = nginx_sys::ERR_reason_error_string(e);
+        if r.is_null() {
+            format!("OpenSSL error {e:#x}")
+        } else {
+            core::ffi::CStr::from_ptr(r).to_string_lossy().into_owned()
+        }
+    }
+}
+
+impl TlsSetup {
+    /// The context for `mode` (not `disable`), with `root_cert` (a PEM file
+    /// of CA certificates, already known to be readable) loaded when the
+    /// mode checks the chain. `pool` is the cycle's pool: it frees the
+    /// context. The error is the directive's message.
+    pub fn new(
+        pool: *mut ngx_pool_t,
+        log: *mut ngx_log_t,
+        mode: SslMode,
+        root_cert: Option<&str>,
+    ) -> Result<TlsSetup, String> {
+        let verify_chain = mode.verifies_chain(root_cert.is_some());
+        let verify_host = mode.verifies_host();
+        // SAFETY: pool is the live cycle pool; zeroed memory is ngx_ssl_t's
+        // initial state (ngx_ssl_create fills it).
+        let ssl = unsafe { nginx_sys::ngx_pcalloc(pool, size_of::<ngx_ssl_t>()) } as *mut ngx_ssl_t;
+        if ssl.is_null() {
+            return Err("no memory for the TLS context".into());
+        }
+        // The cleanup first, so that a context is freed whatever fails next.
+        // SAFETY: pool is live; the cleanup runs once, when it is destroyed.
+        unsafe {
+            let cln = nginx_sys::ngx_pool_cleanup_add(pool, 0);
+            if cln.is_null() {
+                return Err("no memory for the TLS context".into());
+            }
+            (*cln).handler = Some(free_tls);
+            (*cln).data = ssl.cast();
+            (*ssl).log = log;
+        }
+        // SAFETY: ssl is zeroed with its log set, as ngx_ssl_create expects.
+        let rc = unsafe { nginx_sys::ngx_ssl_create(ssl, (NGX_SSL_TLSv1_2 | NGX_SSL_TLSv1_3) as _, ptr::null_mut()) };
+        if rc != NGX_OK as isize {
+            return Err(format!("cannot create a TLS context: {}", openssl_reason()));
+        }
+        if verify_chain {
+            let Some(ca) = root_cert else {
+                return Err(format!("sslmode \"{}\" needs sslrootcert=<CA file>", mode.name()));
+            };
+            let cca = std::ffi::CString::new(ca).map_err(|_| "the value of \"sslrootcert\" contains a NUL byte")?;
+            // SAFETY: ctx was just made; the file name is NUL-terminated.
+            let ok = unsafe { nginx_sys::SSL_CTX_load_verify_locations((*ssl).ctx, cca.as_ptr(), ptr::null()) };
+            if ok != 1 {
+                return Err(format!(
+                    "cannot load sslrootcert \"{ca}\": {} (a PEM file of CA certificates is expected)",
+                    openssl_reason()
+                ));
+            }
+            // SAFETY: ctx is live; the callback only lets the handshake end.
+            unsafe { nginx_sys::SSL_CTX_set_verify((*ssl).ctx, nginx_sys::SSL_VERIFY_PEER as _, Some(keep_going)) };
+        }
+        Ok(TlsSetup { ssl, verify_chain, verify_host })
+    }
+
+    /// Checks the server's certificate after the handshake: its chain
+    /// against the CA file (as OpenSSL verified it during the handshake)
+    /// and that it names `host`: for a host name its DNS names (or, without
+    /// any, its common name), wildcards only as a whole first label; for an
+    /// IP address its IP addresses (or the address written as a name).
+    ///
+    /// # Safety
+    /// `c` is a live connection whose TLS handshake finished.
+    unsafe fn check_peer(&self, c: *mut ngx_connection_t, host: &str) -> Result<(), String> {
+        if !self.verify_chain && !self.verify_host {
+            return Ok(());
+        }
+        // SAFETY: guaranteed by the caller.
+        let s = unsafe { (*(*c).ssl).connection };
+        // SAFETY: s is the connection's live SSL; a reference we free below.
+        let cert = unsafe { nginx_sys::SSL_get1_peer_certificate(s) };
+        if cert.is_null() {
+            return Err("the server sent no certificate".into());
+        }
+        let r = (|| {
+            if self.verify_chain {
+                // SAFETY: s is live; the strings OpenSSL returns are static.
+                let rc = unsafe { nginx_sys::SSL_get_verify_result(s) };
+                if rc != nginx_sys::X509_V_OK as core::ffi::c_long {
+                    // SAFETY: as above.
+                    let why = unsafe { nginx_sys::X509_verify_cert_error_string(rc) };
+                    let why = if why.is_null() {
+                        format!("verify error {rc}")
+                    } else {
+                        // SAFETY: a NUL-terminated static string.
+                        unsafe { core::ffi::CStr::from_ptr(why) }.to_string_lossy().into_owned()
+                    };
+                    return Err(format!("server certificate not trusted: {why}"));
+                }
+            }
+            if self.verify_host {
+                let chost = std::ffi::CString::new(host).map_err(|_| "bad host name".to_string())?;
+                let flags = nginx_sys::X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS as core::ffi::c_uint;
+                // SAFETY: cert is live; the name is NUL-terminated and its length given.
+                let matches = unsafe {
+                    (host.parse::<std::net::IpAddr>().is_ok()
+                        && nginx_sys::X509_check_ip_asc(cert, chost.as_ptr(), 0) == 1)
+                        || nginx_sys::X509_check_host(cert, chost.as_ptr(), host.len(), flags, ptr::null_mut()) == 1
+                };
+                if !matches {
+                    return Err(format!("server certificate does not match host \"{host}\""));
+                }
+            }
+            Ok(())
+        })();
+        // SAFETY: the reference SSL_get1_peer_certificate took.
+        unsafe { nginx_sys::X509_free(cert) };
+        r
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 
-use nginx_sys::{NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN, ngx_event_t, ngx_log_t, ngx_ssl_t};
+use nginx_sys::{NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN, ngx_event_t, ngx_log_t};
 
 use crate::module::ring_glue;
 use crate::module::time::{mono_ms, now_ms};
@@ -16,8 +16,8 @@ use crate::module::zone::{PoolLock, Zone};
 use crate::shm::pgbus::PgBus;
 use crate::shm::ring::RecordIn;
 
-use super::config::{PgConfig, SslMode};
-use super::conn::{Conn, Io, tls_context};
+use super::config::PgConfig;
+use super::conn::{Conn, Io, TlsSetup};
 use super::error::Error;
 use super::session::{Action, Delivery, Level, Node, Session};
 use super::wire;
@@ -26,6 +26,8 @@ use super::wire;
 /// process-static events that drive it.
 pub struct Env {
     pub conf: &'static PgConfig,
+    /// The TLS context made with the configuration (none with sslmode=disable).
+    pub tls: Option<&'static TlsSetup>,
     pub addr: SocketAddr,
     pub bus: &'static PgBus,
     pub zone: Zone,
@@ -92,7 +94,6 @@ pub struct Bridge {
     up: bool,
     /// A TLS handshake is under way.
     tls: bool,
-    ssl: Option<Box<ngx_ssl_t>>,
 }
 
 fn io_error(what: &str) -> Error {
@@ -104,7 +105,7 @@ impl Bridge {
         // SAFETY: getpid has no preconditions.
         let seed = mono_ms() ^ ((unsafe { libc::getpid() } as u64) << 32);
         let session = Session::new(env.conf, env.origin.clone(), seed);
-        Bridge { env, session, conn: None, up: false, tls: false, ssl: None }
+        Bridge { env, session, conn: None, up: false, tls: false }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -178,17 +179,11 @@ impl Bridge {
             return Ok(true);
         }
         if self.tls {
-            if self.ssl.is_none() {
-                let c = self.env.conf;
-                let ca = if c.sslmode == SslMode::VerifyFull { c.sslrootcert.as_deref() } else { None };
-                self.ssl = Some(tls_context(self.env.log, ca).map_err(Error::Tls)?);
-            }
-            let Some(ssl) = self.ssl.as_mut() else { return Ok(false) };
-            if !conn.tls_handshake(ssl, Some(&self.env.conf.host)).map_err(Error::Tls)? {
+            let Some(tls) = self.env.tls else {
+                return Err(Error::Tls("no TLS context (sslmode=disable)".into()));
+            };
+            if !conn.tls_step(tls, &self.env.conf.host).map_err(Error::Tls)? {
                 return Ok(false);
-            }
-            if self.env.conf.sslmode == SslMode::VerifyFull {
-                conn.verify_peer(&self.env.conf.host).map_err(Error::Tls)?;
             }
             self.tls = false;
             self.session.tls_ready(now);

@@ -28,6 +28,7 @@ use crate::shm::lifecycle::pid_alive;
 use crate::shm::pgbus::{CH_LISTENING, Lease, PgBus, state_name};
 
 use super::config::{self, PgConfig};
+use super::conn::TlsSetup;
 use super::driver::{Bridge, Env};
 use super::session::OUTBOX;
 use super::wire;
@@ -36,6 +37,9 @@ use super::wire;
 pub struct PgSetup {
     pub cfg: PgConfig,
     pub addr: SocketAddr,
+    /// The TLS context (none with `sslmode=disable`), made with the
+    /// configuration; freed with the cycle's pool.
+    pub tls: Option<TlsSetup>,
 }
 
 const TICK_MS: u64 = 500;
@@ -208,7 +212,24 @@ pub unsafe extern "C" fn set_postgres(cf: *mut ngx_conf_t, _cmd: *mut ngx_comman
         Ok(None) => return emerg(cf, &format!("host \"{}\" has no address", cfg.host)),
         Err(e) => return emerg(cf, &format!("cannot resolve host \"{}\": {}", cfg.host, io_reason(&e))),
     };
-    let setup = Box::into_raw(Box::new(PgSetup { cfg, addr }));
+    // The TLS context, once for the configuration: the CA file is read here
+    // (as root, and by `nginx -t`), not by a worker at connect time.
+    let tls = if cfg.sslmode.may_use_tls() {
+        if let Some(ca) = cfg.sslrootcert.as_deref()
+            && let Err(e) = std::fs::File::open(ca)
+        {
+            return emerg(cf, &format!("cannot read sslrootcert \"{ca}\": {}", io_reason(&e)));
+        }
+        // SAFETY: cf is the live configuration; its pool is the cycle's.
+        let (pool, log) = unsafe { ((*cf).pool, (*cf).log) };
+        match TlsSetup::new(pool, log, cfg.sslmode, cfg.sslrootcert.as_deref()) {
+            Ok(t) => Some(t),
+            Err(e) => return emerg(cf, &e),
+        }
+    } else {
+        None
+    };
+    let setup = Box::into_raw(Box::new(PgSetup { cfg, addr, tls }));
     // SAFETY: cf->pool is the cycle's pool; the cleanup frees the setup with it.
     unsafe {
         let cln = nginx_sys::ngx_pool_cleanup_add((*cf).pool, 0);
@@ -363,6 +384,7 @@ unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
                 let from = if let Lease::Acquired { from } = lease { from } else { 0 };
                 let b = Bridge::new(Env {
                     conf: &setup.cfg,
+                    tls: setup.tls.as_ref(),
                     addr: setup.addr,
                     bus,
                     zone,

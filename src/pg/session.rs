@@ -24,7 +24,7 @@ use postgres_protocol::message::frontend;
 use crate::shm::lock::ShmLock;
 use crate::shm::pgbus::{CH_LISTENING, CH_WANTED, Horizon, PgBus, ST_BACKOFF, ST_CONNECTING, ST_READY, Track};
 
-use super::config::{PgConfig, SslMode};
+use super::config::PgConfig;
 use super::error::Error;
 use super::wire;
 
@@ -159,8 +159,11 @@ pub struct Session {
     /// Sequence of a queued post the server refused: dropped when it reaches the front.
     poison: Option<u64>,
     rng: u64,
-    /// `allow`: the next attempt uses TLS (the plain one was refused).
-    tls_next: bool,
+    /// The attempt under way uses TLS.
+    tls_now: bool,
+    /// libpq's second attempt (sslmode allow/prefer): made at once, with
+    /// TLS or without, after the first was refused.
+    second: Option<bool>,
     rejected_logged_at: u64,
 }
 
@@ -225,7 +228,8 @@ impl Session {
             next_advance: 0,
             poison: None,
             rng: seed | 1,
-            tls_next: false,
+            tls_now: false,
+            second: None,
             rejected_logged_at: 0,
         }
     }
@@ -248,13 +252,9 @@ impl Session {
         self.actions.pop_front()
     }
 
-    /// The sslmode of the attempt under way, `allow` resolved.
+    /// Whether the attempt under way uses TLS.
     fn wants_tls(&self) -> bool {
-        match self.conf.sslmode {
-            SslMode::Disable => false,
-            SslMode::Allow => self.tls_next,
-            _ => true,
-        }
+        self.tls_now
     }
 
     /// When the session wants `poll` to run again (monotonic ms).
@@ -298,12 +298,13 @@ impl Session {
         }
         let was_working = self.worked;
         let c = self.conf;
-        if c.sslmode == SslMode::Allow && !self.wants_tls() && self.phase != Phase::Ready {
-            // libpq's allow: a refused plain attempt is tried again with TLS.
-            self.tls_next = true;
-        } else if c.sslmode == SslMode::Allow {
-            self.tls_next = false;
-        }
+        // The server refused the start-up (an error before it was ready, a
+        // close, a TLS failure): libpq's allow and prefer try once more at
+        // once, the other way.
+        let refused = matches!(self.phase, Phase::SslReply | Phase::Tls | Phase::Auth)
+            && matches!(e, Error::Server { .. } | Error::Closed | Error::Tls(_));
+        let again = if refused && self.second.is_none() { c.sslmode.on_refusal(self.tls_now) } else { None };
+        self.second = again;
         self.phase = Phase::Down;
         self.actions.push_back(Action::Close);
         self.ops.clear();
@@ -320,6 +321,17 @@ impl Session {
         self.worked = false;
         if was_working {
             self.attempt = 0;
+        }
+        if let Some(tls) = again {
+            let msg = format!(
+                "postgres {}: {e}; trying again at once {} TLS (sslmode {})",
+                c.describe(),
+                if tls { "with" } else { "without" },
+                c.sslmode.name()
+            );
+            node.log(Level::Info, &msg);
+            self.retry_at = now;
+            return;
         }
         let base = c.backoff_min_ms.saturating_mul(1u64 << self.attempt.min(20)).min(c.backoff_max_ms);
         let delay = base / 2 + self.random() % (base / 2 + 1);
@@ -356,6 +368,10 @@ impl Session {
         match self.phase {
             Phase::Down => {
                 if now >= self.retry_at {
+                    self.tls_now = match self.second {
+                        Some(tls) => tls,
+                        None => self.conf.sslmode.first_try_tls(),
+                    };
                     self.phase = Phase::Connecting;
                     self.deadline = now + self.conf.connect_timeout_ms;
                     node.bus().set_state(ST_CONNECTING, node.wall_ms());
@@ -428,7 +444,10 @@ impl Session {
                     self.phase = Phase::Tls;
                     self.actions.push_back(Action::StartTls);
                 }
-                b'N' if self.conf.sslmode == SslMode::Prefer || self.conf.sslmode == SslMode::Allow => self.startup(),
+                b'N' if self.conf.sslmode.accepts_plain() => {
+                    self.tls_now = false;
+                    self.startup();
+                }
                 b'N' => {
                     let why = format!("the server does not accept TLS but sslmode is {}", self.conf.sslmode.name());
                     return self.failed(Error::Tls(why), now, node);
@@ -582,6 +601,7 @@ impl Session {
         }
         self.worked = true;
         self.attempt = 0;
+        self.second = None;
         self.next_advance = now + ADVANCE_MS;
         let bus = node.bus();
         bus.set_state(ST_READY, node.wall_ms());
@@ -1167,7 +1187,8 @@ mod tests {
     }
 
     fn conf(opts: &[&str]) -> &'static PgConfig {
-        let mut args = vec!["postgresql://u@127.0.0.1/db?sslmode=disable"];
+        let plain = !opts.iter().any(|o| o.starts_with("sslmode="));
+        let mut args = vec![if plain { "postgresql://u@127.0.0.1/db?sslmode=disable" } else { "postgresql://u@127.0.0.1/db" }];
         args.extend_from_slice(opts);
         Box::leak(Box::new(super::super::config::parse(&args, |_| Ok("0123456789abcdef0123".into())).unwrap()))
     }
@@ -1603,6 +1624,64 @@ mod tests {
             t.n.logs
         );
         assert_eq!(t.s.take_action(), Some(Action::Close));
+    }
+
+    fn fatal() -> Vec<u8> {
+        let mut b = Vec::new();
+        for (t, v) in [(b'S', "FATAL"), (b'C', "28000"), (b'M', "no pg_hba.conf entry")] {
+            b.push(t);
+            b.extend(cstr(v.as_bytes()));
+        }
+        b.push(0);
+        msg(b'E', &b)
+    }
+
+    #[test]
+    fn sslmode_allow_and_prefer_try_the_other_way_once() {
+        // allow: plain first; refused, at once with TLS; refused again: backoff.
+        let mut t = T::new(&["sslmode=allow"]);
+        t.poll();
+        assert_eq!(t.s.take_action(), Some(Action::Connect));
+        t.s.connected(t.now);
+        assert!(t.sent().contains("user\0u"), "plain start-up first");
+        t.reply(&[fatal()]);
+        assert_eq!(t.s.take_action(), Some(Action::Close));
+        assert_eq!(t.s.wakeup_at(), Some(t.now), "at once");
+        t.poll();
+        assert_eq!(t.s.take_action(), Some(Action::Connect));
+        t.s.connected(t.now);
+        assert_eq!(&t.s.transmit().split()[..], &[0, 0, 0, 8, 4, 210, 22, 47], "an SSLRequest");
+        t.reply(&[b"S".to_vec()]);
+        assert_eq!(t.s.take_action(), Some(Action::StartTls));
+        t.s.tls_ready(t.now);
+        assert!(t.sent().contains("user\0u"));
+        t.reply(&[fatal()]);
+        assert_eq!(t.s.take_action(), Some(Action::Close));
+        assert!(t.s.wakeup_at().unwrap() > t.now, "then the backoff");
+        // prefer: TLS first, then plain.
+        let mut t = T::new(&["sslmode=prefer"]);
+        t.poll();
+        let _ = t.s.take_action();
+        t.s.connected(t.now);
+        assert_eq!(t.s.transmit().split().len(), 8, "an SSLRequest first");
+        t.reply(&[b"S".to_vec()]);
+        let _ = t.s.take_action();
+        t.s.tls_ready(t.now);
+        let _ = t.sent();
+        t.reply(&[fatal()]);
+        let _ = t.s.take_action();
+        t.poll();
+        let _ = t.s.take_action();
+        t.s.connected(t.now);
+        assert!(t.sent().contains("user\0u"), "plain the second time");
+        // require: never plain.
+        let mut t = T::new(&["sslmode=require"]);
+        t.poll();
+        let _ = t.s.take_action();
+        t.s.connected(t.now);
+        let _ = t.sent();
+        t.reply(&[b"N".to_vec()]);
+        assert!(t.n.logs.last().is_some_and(|l| l.contains("does not accept TLS but sslmode is require")));
     }
 
     #[test]
