@@ -21,7 +21,7 @@ pub const CHANNELS: usize = 128;
 pub const NAME_MAX: usize = 63;
 /// Durable rows remembered above the horizon. The holder moves the horizon
 /// (and forgets the rows below it) when half of them are in use.
-pub const TRACKED: usize = 2048;
+pub const TRACKED: usize = 1024;
 /// Transactions in progress a horizon remembers; with more, it keeps only
 /// its lower bound (rows above it are then read again and skipped).
 pub const XIP: usize = 64;
