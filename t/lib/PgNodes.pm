@@ -20,6 +20,7 @@ use HTTP::Tiny;
 use POSIX qw(:sys_wait_h);
 use Time::HiRes qw(time sleep);
 use Exporter 'import';
+use Workerbus::HasLua;
 
 our @EXPORT = qw(shared_pg private_pg start_node stop_node reload_node node_get node_status
                  wait_until psql psql_ok node_log nginx_t repo_root pg_stop pg_start pg_bin
@@ -34,6 +35,7 @@ my $MODULES = $ENV{TEST_NGINX_LOAD_MODULES}
     || "/usr/lib/nginx/modules/ndk_http_module.so /usr/lib/nginx/modules/ngx_http_lua_module.so $ROOT/build/ngx_workerbus_module.so";
 my $LUA_PATH = $ENV{TEST_NGINX_LUA_PATH} || "$ROOT/lib/?.lua;;";
 
+my $HAS_LUA = Workerbus::HasLua::has_lua($NGINX, split /\s+/, $MODULES);
 my (@nodes, @servers);
 
 sub pg_bin {
@@ -171,8 +173,7 @@ $n->{main}
 events { worker_connections 256; }
 http {
     access_log off;
-    lua_package_path "$LUA_PATH";
-    lua_shared_dict got 8m;
+@{[ $HAS_LUA ? "    lua_package_path \"$LUA_PATH\";\n    lua_shared_dict got 8m;" : "" ]}
     $n->{http}
     server {
         listen 127.0.0.1:$n->{port};

@@ -22,6 +22,7 @@ use JSON::PP qw(decode_json);
 use POSIX qw(:sys_wait_h);
 use Scalar::Util ();
 use Time::HiRes qw(time sleep);
+use Workerbus::HasLua;
 
 our $TIMEOUT = $ENV{TEST_NGINX_TIMEOUT} || 10;
 
@@ -91,7 +92,7 @@ http {
     default_type text/plain;
     client_body_temp_path tmp; proxy_temp_path tmp; fastcgi_temp_path tmp;
     uwsgi_temp_path tmp; scgi_temp_path tmp;
-    lua_package_path "$lua_path";
+@{[ Workerbus::HasLua::has_lua($binary, @modules) ? "    lua_package_path \"$lua_path\";" : "" ]}
 @{[ $o{http_config} || "" ]}
     server {
         listen $listen;

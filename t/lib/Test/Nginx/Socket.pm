@@ -21,6 +21,7 @@ use File::Spec ();
 use IO::Select ();
 use IO::Socket::INET ();
 use POSIX ();
+use Workerbus::HasLua ();
 use Text::Diff ();
 use Time::HiRes ();
 
@@ -170,6 +171,8 @@ sub _load_modules () {
         return split ' ', $list;
     }
     my @mods;
+    # Lua compiled in (OpenResty): loading Debian's modules would be refused.
+    return @mods if Workerbus::HasLua::has_lua(_nginx_binary());
     for my $m (qw(ndk_http_module.so ngx_http_lua_module.so)) {
         my $path = "/usr/lib/nginx/modules/$m";
         push @mods, $path if -f $path;
@@ -488,7 +491,7 @@ sub _build_config ($) {
         $c .= "    ${t}_temp_path ${t}_temp;\n"
             unless $http =~ /\b${t}_temp_path\b/;
     }
-    if ((grep { m{lua[^/]*$} } @mods) && $http !~ /\blua_package_path\b/) {
+    if (Workerbus::HasLua::has_lua(_nginx_binary(), @mods) && $http !~ /\blua_package_path\b/) {
         my $lua_path = $ENV{TEST_NGINX_LUA_PATH};
         if (!defined $lua_path || $lua_path eq '') {
             my $repo = Cwd::abs_path("$TDir/..") // "$TDir/..";
