@@ -5,12 +5,16 @@ SHELL       := /bin/bash
 PORT        ?= 8080
 NGINX       ?= /usr/sbin/nginx
 BUILD       := $(CURDIR)/build
-NGX_TREE    := $(BUILD)/nginx
-NGX_SRC_PKG := /usr/share/nginx/src
-MODULE      := $(BUILD)/ngx_workerbus_module.so
+# Another nginx: `make build NGINX=/path/to/sbin/nginx NGINX_SRC=<its source
+# tree>` (README, "Building for another nginx"); the tree is configured with
+# the binary's own `nginx -V` arguments so the module's signature matches.
+NGINX_SRC   ?= /usr/share/nginx/src
+NGX_TREE    ?= $(BUILD)/nginx
+MODULE      ?= $(BUILD)/ngx_workerbus_module.so
+TARGET_DIR  ?= $(CURDIR)/target
 MODULES_DIR := /usr/lib/nginx/modules
 LUA_DIR     := /usr/share/lua/5.1
-CARGO_ENV   := NGINX_SOURCE_DIR=$(NGX_TREE) NGINX_BUILD_DIR=$(NGX_TREE)/objs
+CARGO_ENV   := NGINX_SOURCE_DIR=$(NGX_TREE) NGINX_BUILD_DIR=$(NGX_TREE)/objs CARGO_TARGET_DIR=$(TARGET_DIR)
 LOAD_MODULES := $(MODULES_DIR)/ndk_http_module.so $(MODULES_DIR)/ngx_http_lua_module.so $(MODULE)
 
 # Debian packages the build, the demo and the tests need (PostgreSQL: the
@@ -29,7 +33,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
 # server: deps stops and disables it again.
 TEST_PACKAGES := prometheus chromium
 
-.PHONY: all deps build install run test test-core test-nginx lint fuzz bench bench-pg bench-sync clean
+.PHONY: all deps build install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync clean
 
 all: build
 
@@ -57,22 +61,32 @@ deps:
 	  fi; \
 	done
 
-# A private copy of Debian's nginx tree, configured with Debian's own flags,
-# so the module's signature matches /usr/sbin/nginx.
+# A private copy of the nginx tree, configured as the binary was (Debian's
+# tree carries its flags in conf_flags; any other is configured with the
+# binary's `nginx -V` arguments, its --add-module/--add-dynamic-module ones
+# left out: they do not change the module signature and point at the
+# builder's paths), so the module's signature matches $(NGINX).
 $(NGX_TREE)/objs/ngx_auto_config.h:
 	@nv=$$($(NGINX) -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p'); \
-	hv=$$(sed -n 's/^#define NGINX_VERSION *"\(.*\)"/\1/p' $(NGX_SRC_PKG)/src/core/nginx.h); \
+	hv=$$(sed -n 's/^#define NGINX_VERSION *"\(.*\)"/\1/p' $(NGINX_SRC)/src/core/nginx.h); \
 	if [ "$$nv" != "$$hv" ]; then \
-	  echo "error: $(NGINX) is nginx $$nv but the headers in $(NGX_SRC_PKG) are nginx $$hv;" \
-	       "install matching nginx and nginx-dev packages" >&2; exit 1; \
+	  echo "error: $(NGINX) is nginx $$nv but the sources in $(NGINX_SRC) are nginx $$hv;" \
+	       "install matching nginx and nginx-dev packages, or give NGINX_SRC=<nginx $$nv's source tree>" >&2; exit 1; \
 	fi
-	rm -rf $(NGX_TREE) && mkdir -p $(BUILD) && cp -r $(NGX_SRC_PKG) $(NGX_TREE)
-	cd $(NGX_TREE) && source ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}" > $(BUILD)/configure.log 2>&1 \
-	  || { tail -20 $(BUILD)/configure.log; exit 1; }
+	rm -rf $(NGX_TREE) && mkdir -p $(dir $(NGX_TREE)) && cp -r $(NGINX_SRC) $(NGX_TREE)
+	cd $(NGX_TREE) && if [ -f conf_flags ]; then \
+	  source ./conf_flags && set -- "$${NGX_CONF_FLAGS[@]}"; \
+	else \
+	  args=$$($(NGINX) -V 2>&1 | sed -n 's/^configure arguments: //p'); eval "set -- $$args"; \
+	  for a; do shift; case "$$a" in --add-module=*|--add-dynamic-module=*) ;; *) set -- "$$@" "$$a";; esac; done; \
+	fi; \
+	conf=./configure; [ -x $$conf ] || conf=auto/configure; \
+	$$conf "$$@" > $(BUILD)/configure-$(notdir $(NGX_TREE)).log 2>&1 \
+	  || { tail -20 $(BUILD)/configure-$(notdir $(NGX_TREE)).log; exit 1; }
 
 build: deps $(NGX_TREE)/objs/ngx_auto_config.h
 	$(CARGO_ENV) cargo build --release
-	cp target/release/libworkerbus.so $(MODULE).tmp && mv -f $(MODULE).tmp $(MODULE)   # a new inode: running nginx keeps its mapping
+	cp $(TARGET_DIR)/release/libworkerbus.so $(MODULE).tmp && mv -f $(MODULE).tmp $(MODULE)   # a new inode: running nginx keeps its mapping
 	@echo "built $(MODULE)"
 
 # Puts the module and the Lua modules where Debian's nginx and LuaJIT look.
@@ -115,7 +129,28 @@ test-nginx: build
 	TEST_NGINX_BINARY=$(NGINX) TEST_NGINX_LOAD_MODULES="$(LOAD_MODULES)" \
 	  TEST_NGINX_LUA_PATH="$(CURDIR)/lib/?.lua;;" prove -I t/lib t/
 
-test: build lint test-core test-nginx
+test: build lint test-core test-nginx test-other-nginx
+
+# A second nginx, 1.28 from the nginx-src crate (crates.io; tools/nginx-src),
+# built with --with-compat; the module built for it the way a user builds
+# for their own nginx (NGINX=, NGINX_SRC=); then the suites that need no Lua.
+OTHER       := $(BUILD)/other-nginx
+OTHER_NGINX := $(OTHER)/sbin/nginx
+
+$(OTHER_NGINX):
+	@src=$$(cargo metadata --format-version 1 --manifest-path tools/nginx-src/Cargo.toml \
+	  | python3 -c 'import json,sys,os; d=json.load(sys.stdin); print([os.path.dirname(p["manifest_path"]) for p in d["packages"] if p["name"]=="nginx-src"][0])'); \
+	rm -rf $(OTHER) && mkdir -p $(OTHER) && cp -r $$src/nginx $(OTHER)/src && echo "building nginx from $$src"
+	cd $(OTHER)/src && auto/configure --prefix=$(OTHER) --with-compat --with-threads --with-http_ssl_module --with-stream \
+	  > $(OTHER)/configure.log 2>&1 || { tail -20 $(OTHER)/configure.log; exit 1; }
+	$(MAKE) -C $(OTHER)/src -j2 > $(OTHER)/make.log 2>&1 || { tail -20 $(OTHER)/make.log; exit 1; }
+	$(MAKE) -C $(OTHER)/src install > /dev/null
+
+test-other-nginx: deps $(OTHER_NGINX)
+	$(MAKE) build NGINX=$(OTHER_NGINX) NGINX_SRC=$(OTHER)/src NGX_TREE=$(OTHER)/tree \
+	  MODULE=$(OTHER)/ngx_workerbus_module.so TARGET_DIR=$(OTHER)/target
+	TEST_NGINX_BINARY=$(OTHER_NGINX) TEST_NGINX_LOAD_MODULES="$(OTHER)/ngx_workerbus_module.so" \
+	  prove -I t/lib t/008-no-lua.t t/400-pg-config.t
 
 bench: build
 	bench/run
