@@ -30,6 +30,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
 TEST_PACKAGES := prometheus chromium
 
 .PHONY: all deps build install run test test-core test-nginx lint fuzz bench bench-pg bench-sync clean
+.PHONY: deb
 
 all: build
 
@@ -80,6 +81,14 @@ install: build
 	install -m 0644 $(MODULE) $(MODULES_DIR)/ngx_workerbus_module.so
 	cd lib && find resty -name '*.lua' -exec install -D -m 0644 {} $(LUA_DIR)/{} \;
 	@echo "add to nginx.conf: load_module $(MODULES_DIR)/ngx_workerbus_module.so;"
+
+# The Debian package build/libnginx-mod-workerbus_<version>_<arch>.deb, laid
+# out like Debian's libnginx-mod-* (pkg/build-deb says what goes where; the
+# version is Cargo.toml's). t/600-deb.t installs, runs and purges it.
+# dpkg-dev: dpkg-shlibdeps for the Depends, binutils' strip.
+PACKAGES += dpkg-dev
+deb: build
+	@pkg/build-deb $(MODULE) lib $(BUILD)
 
 # nginx in the foreground with the demo on 127.0.0.1:$(PORT); Ctrl-C stops it.
 # The demo's PostgreSQL bridge is on when PG_URL takes a login (trust, as the
