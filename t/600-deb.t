@@ -4,7 +4,8 @@
 # /etc/nginx/modules-enabled, loaded by an nginx of its own (private -p
 # prefix and -c config on 127.0.0.1, the system's nginx untouched) that
 # answers workerbus_status with the module's JSON and finds the Lua modules
-# where the package put them; then purged, leaving none of its files.
+# where the package put them; removed (disabled) and installed again (enabled
+# again); then purged, leaving none of its files.
 #
 # Needs root, dpkg-dev and a stopped system nginx (the package's trigger
 # would reload a running one); skipped otherwise. Files of a `make install`
@@ -206,6 +207,16 @@ is($st->{version}, $cargo_version, "... of version $cargo_version") if ref $st;
 is($http->("/lua"), "/usr/share/lua/5.1/resty/workerbus.lua workerbus\n",
    "the Lua modules load from /usr/share/lua/5.1 (default path) and reach the module");
 stop_nginx();
+
+# --- remove, then install again: the link is set aside, then back --------------
+$out = `DEBIAN_FRONTEND=noninteractive apt-get remove -y -q -o DPkg::Lock::Timeout=120 $PKG 2>&1`;
+is($?, 0, "apt-get remove $PKG") or diag $out;
+ok(!-e $LINK && !-l $LINK, "... disables it: no $LINK");
+ok(-l "$LINK.removed" && !-e $SO, "... the link set aside (not a *.conf any more), the module gone");
+$out = `dpkg -i $deb 2>&1`;
+is($?, 0, "dpkg -i again") or diag $out;
+is(readlink($LINK), $AVAILABLE, "... enabled again");
+ok(!-l "$LINK.removed", "... and nothing set aside");
 
 # --- purge: nothing of it left ---------------------------------------------
 $out = `DEBIAN_FRONTEND=noninteractive apt-get purge -y -q -o DPkg::Lock::Timeout=120 $PKG 2>&1`;
