@@ -34,6 +34,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
 TEST_PACKAGES := prometheus chromium
 
 .PHONY: all deps build install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync clean
+.PHONY: deb
 
 all: build
 
@@ -95,11 +96,33 @@ install: build
 	cd lib && find resty -name '*.lua' -exec install -D -m 0644 {} $(LUA_DIR)/{} \;
 	@echo "add to nginx.conf: load_module $(MODULES_DIR)/ngx_workerbus_module.so;"
 
+# The Debian package build/libnginx-mod-workerbus_<version>_<arch>.deb, laid
+# out like Debian's libnginx-mod-* (pkg/build-deb says what goes where; the
+# version is Cargo.toml's). t/600-deb.t installs, runs and purges it.
+# dpkg-dev: dpkg-shlibdeps for the Depends, binutils' strip.
+PACKAGES += dpkg-dev
+deb: build
+	@pkg/build-deb $(MODULE) lib $(BUILD)
+
 # nginx in the foreground with the demo on 127.0.0.1:$(PORT); Ctrl-C stops it.
+# The demo's PostgreSQL bridge is on when PG_URL takes a login (trust, as the
+# tests' server on 127.0.0.1:5432), off without PostgreSQL or with PG=off.
+PG      ?= auto
+PG_URL  ?= postgresql://postgres@127.0.0.1:5432/test?sslmode=disable
 run: build
 	@mkdir -p $(BUILD)/run/conf $(BUILD)/run/logs
-	@sed -e 's|@PORT@|$(PORT)|g' -e 's|@MODULE@|$(MODULE)|g' -e 's|@MODULES_DIR@|$(MODULES_DIR)|g' \
-	     -e 's|@LIB@|$(CURDIR)/lib|g' nginx-conf/demo.conf > $(BUILD)/run/conf/nginx.conf
+	@if [ "$(PG)" != off ] && PGCONNECT_TIMEOUT=2 psql -X -w -q -At -d '$(PG_URL)' -c 'select 1' >/dev/null 2>&1; then \
+	  pg= pg_on=true; echo "PostgreSQL answers at $(PG_URL): the demo's bridge is on (/pg/wait, /pg/post)"; \
+	elif [ "$(PG)" = off ]; then \
+	  pg='# ' pg_on=false; echo "PG=off: the demo runs without the PostgreSQL bridge"; \
+	else \
+	  pg='# ' pg_on=false; echo "no PostgreSQL login at $(PG_URL): the demo runs without the bridge" \
+	    "(start PostgreSQL with trust logins on 127.0.0.1:5432, or set PG_URL=...)"; \
+	fi; \
+	sed -e 's|@PORT@|$(PORT)|g' -e 's|@MODULE@|$(MODULE)|g' -e 's|@MODULES_DIR@|$(MODULES_DIR)|g' \
+	    -e 's|@LIB@|$(CURDIR)/lib|g' -e "s|@PG@|$$pg|g" -e "s|@PG_ON@|$$pg_on|g" \
+	    -e 's|@PG_URL@|$(subst &,\&,$(subst |,\|,$(PG_URL)))|g' nginx-conf/demo.conf > $(BUILD)/run/conf/nginx.conf
+	@echo "resty.sync: task demo-config, a new version every 10 s (curl 127.0.0.1:$(PORT)/sync)"
 	$(NGINX) -t -q -p $(BUILD)/run/ -c conf/nginx.conf
 	@echo
 	@echo "workerbus demo on http://127.0.0.1:$(PORT)/ (Ctrl-C stops it). Try:"
@@ -109,6 +132,8 @@ run: build
 	@echo "  curl -N 127.0.0.1:$(PORT)/tail           # the bus as Server-Sent Events (with payloads)"
 	@echo "  curl '127.0.0.1:$(PORT)/post?msg=hello'  # post an event to every worker"
 	@echo "  curl 127.0.0.1:$(PORT)/seen              # what this worker's handler received"
+	@echo "  curl 127.0.0.1:$(PORT)/sync              # the resty.sync task's version and data"
+	@echo "  curl 127.0.0.1:$(PORT)/pg/wait & curl '127.0.0.1:$(PORT)/pg/post?msg=hi'   # across nodes (with the bridge)"
 	@echo "  kill -HUP \$$(cat $(BUILD)/run/logs/nginx.pid)   # reload: generation 2"
 	@echo
 	exec $(NGINX) -p $(BUILD)/run/ -c conf/nginx.conf -g 'daemon off;'
