@@ -1,0 +1,126 @@
+//! The machine's floor for a wake-up, measured the way the module wakes a
+//! worker: one process sends a datagram on an abstract unix socket to
+//! another that sleeps in epoll_wait (as an idle nginx worker does), which
+//! takes the time it woke. The gaps between sends are spread uniformly over
+//! `gap_ms` ± half (a poster in a timer); the first tenth is warm-up.
+//! bench/run runs it in the same run as its latency scenarios and prints
+//! each latency as a ratio to this floor.
+//!
+//! Usage: wake_floor [count] [gap_ms]   → `floor p50_us=.. p99_us=.. n=..`
+
+use std::time::Duration;
+
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn address(name: &str) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: sockaddr_un is plain data; all zero is a valid empty address.
+    let mut a: libc::sockaddr_un = unsafe { core::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let full = format!("\0{name}");
+    for (d, s) in a.sun_path.iter_mut().zip(full.bytes()) {
+        *d = s as libc::c_char;
+    }
+    let len = core::mem::offset_of!(libc::sockaddr_un, sun_path) + full.len();
+    (a, len as libc::socklen_t)
+}
+
+fn socket() -> i32 {
+    // SAFETY: no memory preconditions.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// The receiving side: epoll on the socket, one latency per datagram, then
+/// the sorted latencies (ns) written to `out` as text.
+fn receive(fd: i32, count: usize, out: i32) -> ! {
+    // SAFETY: no memory preconditions.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
+    // SAFETY: ep and fd are ours; ev is valid for the call.
+    unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    let mut lat = Vec::with_capacity(count);
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+    while lat.len() < count {
+        // SAFETY: evs has room for 4 events.
+        let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 4, 5000) };
+        if n <= 0 {
+            break;
+        }
+        let mut b = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into b; non-blocking socket.
+        while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 8, 0) } == 8 {
+            lat.push(mono_ns().saturating_sub(u64::from_le_bytes(b)));
+        }
+    }
+    let text: String = lat.iter().map(|l| format!("{l}\n")).collect();
+    // SAFETY: writes the buffer to our pipe end.
+    unsafe { libc::write(out, text.as_ptr().cast(), text.len()) };
+    // SAFETY: ends this child at once, as a forked child should.
+    unsafe { libc::_exit(0) }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let count: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(300);
+    let gap_ms: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10.0);
+    let name = format!("workerbus-floor/{}", std::process::id());
+    let (addr, len) = address(&name);
+    let rx = socket();
+    // SAFETY: addr is a valid abstract address of `len` bytes.
+    let rc = unsafe { libc::bind(rx, (&raw const addr).cast(), len) };
+    assert!(rc == 0, "bind: {}", std::io::Error::last_os_error());
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe writes two descriptors.
+    unsafe { libc::pipe(pipe.as_mut_ptr()) };
+    // SAFETY: this program has one thread; the child only runs `receive`.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        receive(rx, count, pipe[1]);
+    }
+    // SAFETY: closes our copies of the child's ends.
+    unsafe {
+        libc::close(rx);
+        libc::close(pipe[1]);
+    }
+    let tx = socket();
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64;
+    for _ in 0..count {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let gap = gap_ms * (0.5 + (rng % 1000) as f64 / 1000.0);
+        std::thread::sleep(Duration::from_secs_f64(gap / 1000.0));
+        let b = mono_ns().to_le_bytes();
+        // SAFETY: sends 8 bytes to the receiver's address.
+        unsafe { libc::sendto(tx, b.as_ptr().cast(), 8, 0, (&raw const addr).cast(), len) };
+    }
+    let mut text = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        // SAFETY: reads into buf from our pipe end.
+        let n = unsafe { libc::read(pipe[0], buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n as usize]);
+    }
+    let mut status = 0;
+    // SAFETY: reaps our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let mut lat: Vec<u64> = String::from_utf8_lossy(&text).lines().filter_map(|l| l.parse().ok()).collect();
+    let warm = lat.len() / 10;
+    lat.drain(..warm);
+    lat.sort_unstable();
+    if lat.is_empty() {
+        println!("floor p50_us=0 p99_us=0 n=0");
+        return;
+    }
+    let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+    println!("floor p50_us={:.1} p99_us={:.1} n={}", q(0.5), q(0.99), lat.len());
+}
