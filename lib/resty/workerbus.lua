@@ -52,7 +52,6 @@ ffi.cdef [[
     uint64_t workerbus_ev_head(int zone);
     uint64_t workerbus_ev_cursor(int zone);
     uint64_t workerbus_heartbeat_ms(void);
-    int workerbus_test_die_mid_post(int zone);
 
     /* resty.sync */
     typedef struct {
