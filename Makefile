@@ -15,7 +15,11 @@ TARGET_DIR  ?= $(CURDIR)/target
 MODULES_DIR := /usr/lib/nginx/modules
 LUA_DIR     := /usr/share/lua/5.1
 CARGO_ENV   := NGINX_SOURCE_DIR=$(NGX_TREE) NGINX_BUILD_DIR=$(NGX_TREE)/objs CARGO_TARGET_DIR=$(TARGET_DIR)
-LOAD_MODULES := $(MODULES_DIR)/ndk_http_module.so $(MODULES_DIR)/ngx_http_lua_module.so $(MODULE)
+# The module the suites load: built with the `test-hooks` feature (the test-only
+# C entry points, workerbus_test_*), in its own target directory so that it and
+# $(MODULE), which never has them, are both kept built.
+TEST_MODULE := $(BUILD)/test-hooks/ngx_workerbus_module.so
+LOAD_MODULES := $(MODULES_DIR)/ndk_http_module.so $(MODULES_DIR)/ngx_http_lua_module.so $(TEST_MODULE)
 
 # Debian packages the build, the demo and the tests need (PostgreSQL: the
 # bridge's suites t/4xx start private servers with its initdb/pg_ctl when no
@@ -33,7 +37,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
 # server: deps stops and disables it again.
 TEST_PACKAGES := prometheus chromium
 
-.PHONY: all deps build install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync clean
+.PHONY: all deps build build-test-hooks install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync clean
 .PHONY: deb
 
 all: build
@@ -89,6 +93,14 @@ build: deps $(NGX_TREE)/objs/ngx_auto_config.h
 	$(CARGO_ENV) cargo build --release
 	cp $(TARGET_DIR)/release/libworkerbus.so $(MODULE).tmp && mv -f $(MODULE).tmp $(MODULE)   # a new inode: running nginx keeps its mapping
 	@echo "built $(MODULE)"
+	@if nm -D $(MODULE) | grep -q ' workerbus_test_'; then \
+	  echo "error: $(MODULE) exports test hooks" >&2; exit 1; fi
+
+build-test-hooks: build
+	$(CARGO_ENV) cargo build --release --features test-hooks --target-dir target/test-hooks
+	@mkdir -p $(dir $(TEST_MODULE))
+	cp target/test-hooks/release/libworkerbus.so $(TEST_MODULE).tmp && mv -f $(TEST_MODULE).tmp $(TEST_MODULE)
+	@echo "built $(TEST_MODULE) (with test hooks)"
 
 # Puts the module and the Lua modules where Debian's nginx and LuaJIT look.
 install: build
@@ -148,9 +160,10 @@ lint: build
 	cargo fmt --check
 	cargo clippy --release --all-targets --no-default-features -- -D warnings
 	$(CARGO_ENV) cargo clippy --release --all-targets -- -D warnings
+	$(CARGO_ENV) cargo clippy --release --all-targets --features test-hooks --target-dir target/test-hooks -- -D warnings
 	python3 tools/check_layers.py   # core < glue < ffi, no core import cycle
 
-test-nginx: build
+test-nginx: build-test-hooks
 	TEST_NGINX_BINARY=$(NGINX) TEST_NGINX_LOAD_MODULES="$(LOAD_MODULES)" \
 	  TEST_NGINX_LUA_PATH="$(CURDIR)/lib/?.lua;;" prove -I t/lib t/
 

@@ -16,7 +16,28 @@ use core::fmt;
 
 /// Bumped on any change of an exported signature or structure; checked by
 /// lib/resty/workerbus.lua before it calls anything else.
-pub const ABI_VERSION: c_int = 3;
+pub const ABI_VERSION: c_int = 4;
+
+/// The flags word of an event-ring record. The module stores and returns
+/// it as is; lib/resty/workerbus/record.lua (which reads these values
+/// through `workerbus_constants`) encodes and decodes events with it, and
+/// the PostgreSQL bridge checks a cluster event's flags against it.
+pub mod record {
+    /// Bits 0-1: how the data is encoded.
+    pub const KIND_MASK: u32 = 3;
+    /// A Lua string, as is.
+    pub const KIND_RAW: u32 = 0;
+    /// cjson text.
+    pub const KIND_JSON: u32 = 1;
+    /// nil (no data bytes).
+    pub const KIND_NIL: u32 = 2;
+    /// LuaJIT's string.buffer serialization (resty.events).
+    pub const KIND_SBUF: u32 = 3;
+    /// Bit 2: posted through resty.events (its unique timeout, its own unique keys).
+    pub const FLAG_EVENTS: u32 = 4;
+    /// Bits 16-31: the poster's ngx.worker.id() + 1 (0: unknown).
+    pub const WID_SHIFT: u32 = 16;
+}
 
 /// Longest period accepted, in milliseconds: 100 years (beyond that a
 /// timeout is a mistake, and sums with a clock could overflow).
@@ -177,6 +198,19 @@ mod tests {
             assert_eq!(out_array(core::ptr::null_mut::<i64>(), 3, "out").err(), Some(ArgError::Null("out")));
         }
         assert_eq!(ArgError::Null("len").to_string(), "len is NULL");
+    }
+
+    #[test]
+    fn cluster_events_carry_exactly_the_record_kinds_a_node_sends() {
+        use record::*;
+        for api in [0, FLAG_EVENTS] {
+            for kind in [KIND_RAW, KIND_JSON, KIND_NIL] {
+                assert!(crate::pg::wire::EVENT_FLAGS_OK(kind | api), "{kind} {api}");
+            }
+            // resty.workerbus.cluster encodes tables as JSON, never with string.buffer
+            assert!(!crate::pg::wire::EVENT_FLAGS_OK(KIND_SBUF | api));
+            assert!(!crate::pg::wire::EVENT_FLAGS_OK(KIND_RAW | api | (1 << WID_SHIFT)));
+        }
     }
 
     #[test]

@@ -36,6 +36,7 @@ __DATA__
             ngx.say("primary zone: ", zone)
 
             say("last_error(NULL) is NULL", C.workerbus_last_error(NULL) == nil and 1 or 0)
+            say("constants(NULL) is NULL", C.workerbus_constants(NULL) == nil and 1 or 0)
             say("zone(NULL, 3)", C.workerbus_zone(NULL, 3))
             say("zone(name, SIZE_MAX)", C.workerbus_zone("x", huge))
             say("status_json(NULL, 10)", C.workerbus_status_json(NULL, 10))
@@ -100,6 +101,7 @@ GET /t
 --- response_body
 primary zone: 0
 last_error(NULL) is NULL: 1 
+constants(NULL) is NULL: 1 
 zone(NULL, 3): -1 zone name is NULL but its length is 3
 zone(name, SIZE_MAX): -1 zone name has an impossible length 18446744073709551615
 status_json(NULL, 10): 0 buf is NULL but its length is 10

@@ -633,6 +633,13 @@ worker-events: this worker was lapped
             if ngx.shared.got:get("asker") == ngx.worker.pid() then
                 return ngx.exit(409)
             end
+            -- a test hook: only in the module `make test` builds (feature test-hooks)
+            pcall(ffi.cdef, "int workerbus_test_die_mid_post(int zone);")
+            if not pcall(function() return ffi.C.workerbus_test_die_mid_post end) then
+                ngx.log(ngx.ERR, "this module has no test hooks: build it with ",
+                        "cargo's --features test-hooks (make test loads build/test-hooks/)")
+                return ngx.exit(500)
+            end
             ngx.shared.got:set("victim", ngx.worker.pid())
             ffi.C.workerbus_test_die_mid_post(wb.zone("ev"))
         }

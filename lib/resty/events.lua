@@ -6,7 +6,8 @@
 local need = require "resty.workerbus.need"
 
 local core = need "resty.workerbus.events_core"
-local call_handler = core.call_handler
+local handlers = require "resty.workerbus.handlers"
+local record = require "resty.workerbus.record"
 
 local ngx = ngx
 local log = ngx.log
@@ -21,7 +22,7 @@ local worker_count = ngx.worker.count
 local get_phase = ngx.get_phase
 local timer_at = ngx.timer.at
 
-local FLAG_EVENTS = core.FLAG_EVENTS
+local FLAG_EVENTS = record.FLAG_EVENTS
 local SOURCE = "resty-events"     -- source of this module's own "lagged" event
 local POLL_BOUND = 1              -- the poller wakes at least this often (seconds)
 
@@ -124,60 +125,14 @@ function _M.new(opts)
     return setmetatable({
         opts = opts,
         _funcs = {},      -- id -> callback
-        _lists = {},      -- source -> event -> { n = count, ids... }
+        _reg = handlers.new("*"),  -- source -> event -> ids ("*": any)
         _counter = 0,
         _ready = false,   -- init_worker ran and the poller has run since
     }, _MT)
 end
 
-local function call_list(self, list, data, event, source, wid)
-    local funcs = self._funcs
-    local i, stop = 1, list.n
-    while i <= stop do
-        local id = list[i]
-        local handler = funcs[id]
-        if type(handler) ~= "function" then
-            -- unsubscribed: compact (handlers added meanwhile stay)
-            local n = list.n
-            for j = i, n - 1 do
-                list[j] = list[j + 1]
-            end
-            list[n] = nil
-            list.n = n - 1
-            stop = stop - 1
-        else
-            call_handler(handler, data, event, source, "wid", wid)
-            i = i + 1
-        end
-    end
-end
-
 local function dispatch(self, data, event, source, wid)
-    log(DEBUG, "worker-events: handling event; source=", source,
-               ", event=", event, ", wid=", wid)
-    local lists = self._lists
-    local any = lists["*"]
-    if any then
-        local l = any["*"]
-        if l then
-            call_list(self, l, data, event, source, wid)
-        end
-        l = any[event]
-        if l and event ~= "*" then
-            call_list(self, l, data, event, source, wid)
-        end
-    end
-    local by_src = source ~= "*" and lists[source]
-    if by_src then
-        local l = by_src["*"]
-        if l then
-            call_list(self, l, data, event, source, wid)
-        end
-        l = by_src[event]
-        if l and event ~= "*" then
-            call_list(self, l, data, event, source, wid)
-        end
-    end
+    self._reg:dispatch(self._funcs, data, event, source, "wid", wid)
 end
 
 local function attach(self)
@@ -290,20 +245,7 @@ function _M:subscribe(source, event, callback)
     local id = tostring(count)
     self._funcs[id] = callback
 
-    local lists = self._lists
-    local by_src = lists[source]
-    if not by_src then
-        by_src = {}
-        lists[source] = by_src
-    end
-    local list = by_src[event]
-    if not list then
-        list = { n = 0 }
-        by_src[event] = list
-    end
-    local n = list.n + 1
-    list.n = n
-    list[n] = id
+    self._reg:add(source, event, id)
     return id
 end
 

@@ -14,7 +14,6 @@ local cjson = require("cjson.safe").new()
 
 local C = ffi.C
 local ffi_string = ffi.string
-local ffi_new = ffi.new
 local type = type
 local tostring = tostring
 local tonumber = tonumber
@@ -45,8 +44,10 @@ local function now()
     return monotonic_msec() / 1000
 end
 
--- Lua type tags, as src/module/sync.rs names them.
-local T_STRING, T_NUMBER, T_BOOLEAN, T_TABLE = 1, 2, 3, 4
+-- Lua type tags of versions and data (src/module/sync.rs's, through K).
+local K = wb.K
+local T_STRING, T_NUMBER, T_BOOLEAN, T_TABLE =
+    K.SYNC_T_STRING, K.SYNC_T_NUMBER, K.SYNC_T_BOOLEAN, K.SYNC_T_TABLE
 local EVENT_SOURCE = "workerbus.sync"
 -- Longest pause between two lease ticks, and the lease in ticks.
 local MAX_TICK = 1
@@ -59,9 +60,8 @@ local _M = {
 }
 
 local mt = { __index = _M }
-local head = ffi_new("workerbus_sync_head_t")
-local buf_size = 4096
-local buf = ffi_new("unsigned char[?]", buf_size)
+local head = wb.sync_head   -- the scratch set's (resty.workerbus)
+local get_buf = wb.get_buf
 local ordinals = {}     -- shm -> instances made under that name in this worker
 local by_event = {}     -- "<zone>:<task>" -> task, for on_update
 local sink_added = false
@@ -106,11 +106,11 @@ local function refresh(task)
         return s ~= 0
     end
     local z = task.zone
-    local rc = C.workerbus_sync_read(z, task.idx, head, buf, buf_size)
+    local buf, cap = get_buf(0)
+    local rc = C.workerbus_sync_read(z, task.idx, head, buf, cap)
     while rc == -2 do   -- again if a larger update landed between the two reads
-        buf_size = tonumber(head.vlen + head.dlen)
-        buf = ffi_new("unsigned char[?]", buf_size)
-        rc = C.workerbus_sync_read(z, task.idx, head, buf, buf_size)
+        buf, cap = get_buf(tonumber(head.vlen + head.dlen))
+        rc = C.workerbus_sync_read(z, task.idx, head, buf, cap)
     end
     if rc ~= 1 then
         return false
@@ -163,8 +163,8 @@ function _M.new(interval, shm)
         return nil, "shm must be a string"
     end
     local zone, key
-    local z = C.workerbus_zone(shm, #shm)
-    if z >= 0 then
+    local z = wb.zone(shm)
+    if z then
         zone, key = z, shm
     elseif ngx.shared[shm] then
         -- A lua_shared_dict name: the instance lives in the primary workerbus zone.

@@ -1,9 +1,12 @@
 -- resty.workerbus: the Lua side of the workerbus nginx module.
 --
 -- Holds every FFI declaration of the module's C ABI, checks that the module
--- is loaded and speaks the ABI this file was written for, and offers the
--- node's live state (generations, workers) and a small value store.
--- resty.worker.events, resty.events and resty.worker.manager build on it.
+-- is loaded and speaks the ABI this file was written for, reads the
+-- constants the module defines (K), keeps the one set of scratch buffers
+-- every workerbus library passes to C (as resty.core.base does for
+-- lua-resty-core), and offers the node's live state (generations, workers)
+-- and a small value store. resty.worker.events, resty.events,
+-- resty.worker.manager and resty.sync build on it.
 
 local ffi = require "ffi"
 
@@ -13,11 +16,12 @@ local ffi_string = ffi.string
 local type = type
 local error = error
 
-local ABI_VERSION = 3
+local ABI_VERSION = 4
 local MODULE_PATH = "/usr/lib/nginx/modules/ngx_workerbus_module.so"
 
 ffi.cdef [[
     int workerbus_abi_version(void);
+    const unsigned char *workerbus_constants(size_t *len);
     const unsigned char *workerbus_last_error(size_t *len);
     int workerbus_zone(const unsigned char *name, size_t len);
     size_t workerbus_status_json(unsigned char *buf, size_t cap);
@@ -29,7 +33,8 @@ ffi.cdef [[
                          unsigned char *buf, size_t cap, size_t *vlen);
     const unsigned char *workerbus_zone_name(int zone, size_t *len);
 
-    /* the event ring: resty.worker.events, resty.events (events_core.lua) */
+    /* the event ring: resty.worker.events, resty.events (events_core.lua,
+       record.lua) */
     typedef struct {
         uint64_t seq;
         int32_t  pid;
@@ -52,7 +57,6 @@ ffi.cdef [[
     uint64_t workerbus_ev_head(int zone);
     uint64_t workerbus_ev_cursor(int zone);
     uint64_t workerbus_heartbeat_ms(void);
-    int workerbus_test_die_mid_post(int zone);
 
     /* resty.sync */
     typedef struct {
@@ -118,30 +122,52 @@ if abi ~= ABI_VERSION then
           .. "; install the module and lib/resty from the same release", 2)
 end
 
+-- The scratch set: one byte buffer (grown as needed, never shrunk) and the
+-- out-cells of the calls. What a C call writes in them is valid until the
+-- next call that uses them: callers copy out (ffi.string, decode) before
+-- they run any other code.
+local sizes = ffi_new("size_t[2]")
+local buf_size = 16384
+local buf = ffi_new("unsigned char[?]", buf_size)
+
+-- The scratch buffer, of at least n bytes, and its size.
+local function get_buf(n)
+    if n > buf_size then
+        local size = buf_size * 2
+        buf_size = size > n and size or n
+        buf = ffi_new("unsigned char[?]", buf_size)
+    end
+    return buf, buf_size
+end
+
+local function constants()
+    local p = C.workerbus_constants(sizes)
+    local k = p ~= nil and require("cjson.safe").decode(ffi_string(p, sizes[0]))
+    if type(k) ~= "table" then
+        error("resty.workerbus: the workerbus module gave no constants", 3)
+    end
+    return k
+end
+
 local _M = {
     _VERSION = "0.1.0",
     ABI_VERSION = ABI_VERSION,
     C = C,
+    -- Constants of the module's side (src/abi.rs record, src/module/sync.rs,
+    -- src/pg/wire.rs): record flags and kinds, sync value types, ring sources.
+    K = constants(),
+    get_buf = get_buf,
+    sizes = sizes,                                  -- size_t[2]: lengths written back
+    record = ffi_new("workerbus_record_t"),         -- workerbus_ev_next's record
+    sync_head = ffi_new("workerbus_sync_head_t"),   -- workerbus_sync_read's head
+    counts = ffi_new("int64_t[3]"),                 -- resty.worker.manager's counts
+    ids = ffi_new("uint64_t[1]"),                   -- and the master's id
 }
-
-local size_ptr = ffi_new("size_t[1]")
-local buf_size = 4096
-local buf = ffi_new("unsigned char[?]", buf_size)
-
--- A scratch buffer of at least n bytes, reused between calls.
-local function get_buf(n)
-    if n > buf_size then
-        buf_size = n
-        buf = ffi_new("unsigned char[?]", buf_size)
-    end
-    return buf
-end
-_M.get_buf = get_buf
 
 -- The reason the last failed C call gave.
 local function last_error()
-    local p = C.workerbus_last_error(size_ptr)
-    return ffi_string(p, size_ptr[0])
+    local p = C.workerbus_last_error(sizes)
+    return ffi_string(p, sizes[0])
 end
 _M.last_error = last_error
 
@@ -167,11 +193,11 @@ end
 
 -- The name of zone index z (for messages), or nil, err.
 function _M.zone_name(z)
-    local p = C.workerbus_zone_name(z, size_ptr)
+    local p = C.workerbus_zone_name(z, sizes)
     if p == nil then
         return nil, last_error()
     end
-    return ffi_string(p, size_ptr[0])
+    return ffi_string(p, sizes[0])
 end
 
 -- The text a C function writes with the (buf, cap) -> full length
@@ -179,17 +205,19 @@ end
 -- goes into the scratch buffer (which keeps the largest size seen): one
 -- build, and a second only when the text outgrew the buffer.
 local function text_of(fn, what)
-    local n = tonumber(fn(get_buf(buf_size), buf_size))
+    local b, cap = get_buf(0)
+    local n = tonumber(fn(b, cap))
     if n == 0 then
         return nil, "resty.workerbus: " .. what .. " " .. last_error()
     end
-    if n > buf_size then
-        n = tonumber(fn(get_buf(n + 1024), buf_size))
-        if n > buf_size then
+    if n > cap then
+        b, cap = get_buf(n + 1024)
+        n = tonumber(fn(b, cap))
+        if n > cap then
             return nil, what .. " grew while being read"
         end
     end
-    return ffi_string(buf, n)
+    return ffi_string(b, n)
 end
 
 -- The status document as a Lua table (the same as workerbus_status serves).
@@ -255,10 +283,10 @@ function _M.get(key, zone)
     if not z then
         return nil, err
     end
-    local b = get_buf(1024)
-    local rc = C.workerbus_kv_get(z, key, #key, b, buf_size, size_ptr)
+    local b, cap = get_buf(1024)
+    local rc = C.workerbus_kv_get(z, key, #key, b, cap, sizes)
     if rc == 1 then
-        return ffi_string(b, size_ptr[0])
+        return ffi_string(b, sizes[0])
     elseif rc == 0 then
         return nil
     end

@@ -84,6 +84,42 @@ pub extern "C" fn workerbus_abi_version() -> c_int {
     ABI_VERSION
 }
 
+/// The constants the Lua side must agree with, as one JSON object (flat,
+/// upper-case names): the event-ring record's flags (crate::abi::record),
+/// resty.sync's value types (module::sync) and the ring source of
+/// PostgreSQL bus notifications (pg::wire). Its length in `*len`; the bytes
+/// stay valid while the process runs. NULL when `len` is NULL or misaligned.
+///
+/// # Safety
+/// `len` must be writable (or NULL).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_constants(len: *mut usize) -> *const u8 {
+    use crate::abi::record as r;
+    use crate::module::sync as sy;
+    static TEXT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    // SAFETY: guaranteed by the caller; checked by abi::out.
+    let Ok(len) = (unsafe { abi::out(len, "len") }) else { return core::ptr::null() };
+    let text = TEXT.get_or_init(|| {
+        let doc = serde_json::json!({
+            "KIND_MASK": r::KIND_MASK,
+            "KIND_RAW": r::KIND_RAW,
+            "KIND_JSON": r::KIND_JSON,
+            "KIND_NIL": r::KIND_NIL,
+            "KIND_SBUF": r::KIND_SBUF,
+            "FLAG_EVENTS": r::FLAG_EVENTS,
+            "WID_SHIFT": r::WID_SHIFT,
+            "SYNC_T_STRING": sy::T_STRING,
+            "SYNC_T_NUMBER": sy::T_NUMBER,
+            "SYNC_T_BOOLEAN": sy::T_BOOLEAN,
+            "SYNC_T_TABLE": sy::T_TABLE,
+            "PG_RING_SOURCE": String::from_utf8_lossy(crate::pg::wire::RING_SOURCE),
+        });
+        serde_json::to_vec(&doc).unwrap_or_default()
+    });
+    *len = text.len();
+    text.as_ptr()
+}
+
 /// The message of the last failed call (its length in `*len`); valid until
 /// the next call. NULL when `len` is NULL or misaligned: there is nowhere to
 /// say how long the message is.

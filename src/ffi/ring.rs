@@ -141,7 +141,9 @@ pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
 
 /// Test hook for the "writer killed mid-post" path: takes the zone's lock,
 /// writes half a record of 64 bytes, and kills this process with SIGKILL
-/// there, lock held. Used by t/102; never returns.
+/// there, lock held. Used by t/102; never returns. Only in a module built
+/// with the `test-hooks` feature (`make test`), never in `make build`'s.
+#[cfg(feature = "test-hooks")]
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_test_die_mid_post(zone_index: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return -1 };
@@ -193,12 +195,6 @@ pub extern "C" fn workerbus_ev_head(zone_index: c_int) -> u64 {
 pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
     let reader = this_process().reader.get();
     zone(zone_index).and_then(|z| ev::ring(&z)).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
-}
-
-/// Wakes this worker's own poller (a post_local from a request handler).
-#[unsafe(no_mangle)]
-pub extern "C" fn workerbus_ev_wake_self() {
-    sema::post();
 }
 
 /// The module's heartbeat period in ms: it wakes a poller that has events

@@ -8,7 +8,7 @@
 local need = require "resty.workerbus.need"
 
 local core = need "resty.workerbus.events_core"
-local call_handler = core.call_handler
+local handlers = require "resty.workerbus.handlers"
 local wb = require "resty.workerbus"
 
 local ngx = ngx
@@ -29,7 +29,7 @@ local ceil = math.ceil
 local huge = math.huge
 
 local SOURCE = "resty-worker-events"
-local API = 0               -- this API's flag bits in the ring records
+local API = 0               -- this API's flag bits in the ring records (no FLAG_EVENTS)
 local OWNER = "resty.worker.events"
 
 local DEFAULTS = {
@@ -45,82 +45,13 @@ local _M = {
     _WORKERBUS = "0.1.0",
 }
 
--- Handler lists. A level holds the handlers of one key (all events, one
--- source, or one source + event): strong ones, and weak ones kept in a
--- weak-valued table. Removed or collected entries are compacted away by
--- the dispatcher.
-local WEAK_MT = { __mode = "v" }
-
-local function new_level()
-    return { n = 0, list = {}, wn = 0, wlist = setmetatable({}, WEAK_MT) }
-end
-
-local global = new_level()
-local by_source = {}   -- source -> { level = ..., events = { [event] = level } }
-
-local function source_node(source, create)
-    local node = by_source[source]
-    if not node and create then
-        node = { level = new_level(), events = {} }
-        by_source[source] = node
-    end
-    return node
-end
-
-local function event_level(node, event, create)
-    local level = node.events[event]
-    if not level and create then
-        level = new_level()
-        node.events[event] = level
-    end
-    return level
-end
-
--- Calls the handlers of one list of a level. Handlers added meanwhile wait
--- for the next event; removed or collected ones are compacted away.
-local function call_list(level, weak, data, event, source, pid)
-    local list = weak and level.wlist or level.list
-    local key = weak and "wn" or "n"
-    local i, stop = 1, level[key]
-    while i <= stop do
-        local handler = list[i]
-        if type(handler) ~= "function" then
-            local n = level[key]
-            for j = i, n - 1 do
-                list[j] = list[j + 1]
-            end
-            list[n] = nil
-            level[key] = n - 1
-            stop = stop - 1
-        else
-            call_handler(handler, data, event, source, "pid", pid)
-            i = i + 1
-        end
-    end
-end
-
--- Weak handlers first, then strong ones, as the original does.
-local function call_level(level, data, event, source, pid)
-    if level.wn > 0 then
-        call_list(level, true, data, event, source, pid)
-    end
-    if level.n > 0 then
-        call_list(level, false, data, event, source, pid)
-    end
-end
+-- Handlers: the shared registry, whose "every source" / "every event" key
+-- no caller can pass (register() without a source is for all events).
+local ALL = {}
+local registry = handlers.new(ALL)
 
 local function do_event(data, event, source, pid)
-    log(DEBUG, "worker-events: handling event; source=", source,
-               ", event=", event, ", pid=", pid)
-    call_level(global, data, event, source, pid)
-    local node = by_source[source]
-    if node then
-        call_level(node.level, data, event, source, pid)
-        local level = node.events[event]
-        if level then
-            call_level(level, data, event, source, pid)
-        end
-    end
+    registry:dispatch(nil, data, event, source, "pid", pid)
 end
 
 local function on_lagged(n)
@@ -403,31 +334,18 @@ function _M.poll()
     return res
 end
 
-local function add(level, callback, weak)
-    if weak then
-        local n = level.wn + 1
-        level.wn = n
-        level.wlist[n] = callback
-    else
-        local n = level.n + 1
-        level.n = n
-        level.list[n] = callback
-    end
-end
-
 local function register(callback, weak, source, ...)
     if type(callback) ~= "function" then
         -- raised without a position, as the original's assert does
         error("expected function, got: " .. type(callback), 0)
     end
     if source == nil then
-        add(global, callback, weak)
+        registry:add(ALL, ALL, callback, weak)
         return true
     end
-    local node = source_node(source, true)
     local nev = select("#", ...)
     if nev == 0 then
-        add(node.level, callback, weak)
+        registry:add(source, ALL, callback, weak)
         return true
     end
     for i = 1, nev do
@@ -435,7 +353,7 @@ local function register(callback, weak, source, ...)
         if event == nil then
             break
         end
-        add(event_level(node, event, true), callback, weak)
+        registry:add(source, event, callback, weak)
     end
     return true
 end
@@ -451,38 +369,16 @@ function _M.register_weak(callback, source, ...)
     return true
 end
 
--- Entries are only set to nil here; the dispatcher compacts the lists.
-local function remove(level, callback)
-    local found = false
-    for i = 1, level.wn do
-        if level.wlist[i] == callback then
-            level.wlist[i] = nil
-            found = true
-        end
-    end
-    for i = 1, level.n do
-        if level.list[i] == callback then
-            level.list[i] = false
-            found = true
-        end
-    end
-    return found
-end
-
 function _M.unregister(callback, source, ...)
     if type(callback) ~= "function" then
         error("expected function, got: " .. type(callback), 0)
     end
     if source == nil then
-        return remove(global, callback)
-    end
-    local node = source_node(source, false)
-    if not node then
-        return false
+        return registry:remove(ALL, ALL, callback)
     end
     local nev = select("#", ...)
     if nev == 0 then
-        return remove(node.level, callback)
+        return registry:remove(source, ALL, callback)
     end
     local found = false
     for i = 1, nev do
@@ -490,8 +386,7 @@ function _M.unregister(callback, source, ...)
         if event == nil then
             break
         end
-        local level = event_level(node, event, false)
-        if level and remove(level, callback) then
+        if registry:remove(source, event, callback) then
             found = true
         end
     end

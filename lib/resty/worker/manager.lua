@@ -42,8 +42,8 @@ local FOREVER = 365 * 24 * 3600
 
 local conf    -- set by on_init_by_lua
 local worker  -- set by on_init_worker_by_lua
-local counts = ffi.new("int64_t[3]")
-local master_id = ffi.new("uint64_t[1]")
+local counts = wb.counts      -- the scratch set's (resty.workerbus)
+local master_id = wb.ids
 
 local function raise(msg, level)
     error(NAME .. ": " .. msg, level + 1)

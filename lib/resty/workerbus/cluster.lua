@@ -9,18 +9,16 @@ local ffi = require "ffi"
 local need = require "resty.workerbus.need"
 
 local wb = need "resty.workerbus"
-need "resty.workerbus.pg"  -- declares the FFI functions
-local cjson = require("cjson.safe").new()
+local record = need "resty.workerbus.record"
+need "resty.workerbus.pg"  -- the bridge must be there
 
 local C = ffi.C
 local type = type
-local tostring = tostring
-
-local KIND_RAW, KIND_JSON, KIND_NIL = 0, 1, 2
 
 local _M = { _VERSION = "0.1.0" }
 
--- api: 0 (resty.worker.events) or events_core.FLAG_EVENTS (resty.events).
+-- api: 0 (resty.worker.events) or record.FLAG_EVENTS (resty.events).
+-- Tables travel as JSON whatever the API (nodes never send string.buffer data).
 function _M.post(source, event, data, api)
     if type(source) ~= "string" or source == "" then
         return nil, "source must be a non-empty string"
@@ -28,21 +26,12 @@ function _M.post(source, event, data, api)
     if type(event) ~= "string" or event == "" then
         return nil, "event must be a non-empty string"
     end
-    local d, kind
-    local t = type(data)
-    if t == "string" then
-        d, kind = data, KIND_RAW
-    elseif t == "nil" then
-        d, kind = "", KIND_NIL
-    else
-        local err
-        d, err = cjson.encode(data)
-        if not d then
-            return nil, "cannot encode data as JSON: " .. tostring(err)
-        end
-        kind = KIND_JSON
+    local d, dlen, kind = record.encode(data, false)
+    if not dlen then
+        return nil, kind
     end
-    local rc = C.workerbus_pg_post_event(source, #source, event, #event, d, #d, kind + (api or 0))
+    local rc = C.workerbus_pg_post_event(source, #source, event, #event, d, dlen,
+                                        record.flags(kind, api or 0))
     if rc ~= 0 then
         return nil, wb.last_error()
     end

@@ -9,33 +9,21 @@
 -- so both APIs can be used in one worker without taking each other's
 -- events.
 --
--- Log lines: the handler trace keeps the original's "worker-events: "
--- prefix (operators grep it); the module's own lines start "workerbus: ".
---
--- Record flags (chosen here, stored and returned as is by the module):
---   bits 0-1   data kind: 0 raw Lua string, 1 cjson text, 2 nil,
---              3 LuaJIT string.buffer serialization (resty.events)
---   bit 2      posted through resty.events (selects its unique timeout and
---              keeps its unique keys apart from resty.worker.events' ones)
---   bits 16-31 poster's ngx.worker.id() + 1 (0: unknown)
+-- What a record holds and how its data, flags and unique keys are encoded
+-- is resty.workerbus.record's; the handler lists are
+-- resty.workerbus.handlers'. Log lines: the module's own start "workerbus: ".
 
 local ffi = require "ffi"
-local bit = require "bit"
 
 local need = require "resty.workerbus.need"
 
 local wb = need "resty.workerbus"
-local cjson = require("cjson.safe").new()
+local record = need "resty.workerbus.record"
 
 local C = ffi.C
-local ffi_new = ffi.new
 local ffi_string = ffi.string
-local ffi_copy = ffi.copy
-local band = bit.band
-local rshift = bit.rshift
 local tonumber = tonumber
 local tostring = tostring
-local type = type
 local pairs = pairs
 local pcall = pcall
 local setmetatable = setmetatable
@@ -44,44 +32,33 @@ local co_status = coroutine.status
 local ngx = ngx
 local log = ngx.log
 local ERR = ngx.ERR
-local xpcall = xpcall
-local traceback = debug.traceback
 local WARN = ngx.WARN
 local DEBUG = ngx.DEBUG
 local exiting = ngx.worker.exiting
-local cjson_encode = cjson.encode
-local cjson_decode = cjson.decode
 local last_error = wb.last_error
+local get_buf = wb.get_buf
+local rec = wb.record          -- the scratch set's record and lengths
+local sizes = wb.sizes
+local encode = record.encode
+local decode = record.decode
+local claim = record.claim
+local rec_kind = record.kind
+local rec_api = record.api
+local rec_worker = record.worker_id
 local ev_post = C.workerbus_ev_post
 local ev_next = C.workerbus_ev_next
 local ev_idle = C.workerbus_ev_idle
-local ev_claim = C.workerbus_ev_claim
 local ev_head = C.workerbus_ev_head
-local DAY_S = 86400
 
-local KIND_RAW, KIND_JSON, KIND_NIL, KIND_SBUF = 0, 1, 2, 3
-local FLAG_EVENTS = 4
-local WID_UNIT = 65536
-local KEY_WORKER_EVENTS = 87   -- "W": prefix of resty.worker.events unique keys
-local KEY_EVENTS = 69          -- "E": prefix of resty.events unique keys
-local KEY_RECORD = 83          -- "S": prefix of a resty.events record's own claim (its seq)
+local FLAG_EVENTS = record.FLAG_EVENTS
+local KEY_ROOM = record.KEY_ROOM
 local BATCH = 8192             -- events per poller turn before it yields (a few ms of work)
 local EXIT_WATCH = 3600        -- re-arm period of the exit watcher timer
-
--- LuaJIT's serializer (OpenResty's LuaJIT has it since 2.1-2022): what
--- lua-resty-events itself uses; cjson where it is missing.
-local sbuf_enc, sbuf_dec
-do
-    local ok, buffer = pcall(require, "string.buffer")
-    if ok and type(buffer) == "table" then
-        sbuf_enc = buffer.new()
-        sbuf_dec = buffer.new()
-    end
-end
 
 local _M = {
     _VERSION = "0.1.0",
     FLAG_EVENTS = FLAG_EVENTS,
+    has_string_buffer = record.has_string_buffer,
 }
 
 -- This process's state. Reset when the pid changes (a module loaded in the
@@ -91,16 +68,8 @@ local zone                 -- ring's zone index, nil until attached
 local zone_name = ""
 local zone_explicit = false
 local max_payload = 0
-local wid_bits = 0         -- (ngx.worker.id() + 1) * WID_UNIT
+local worker_id            -- ngx.worker.id(), put in the records' flags
 local ttl = { [0] = 2, [FLAG_EVENTS] = 5 }  -- unique claim timeout per API
-
-local rec = ffi_new("workerbus_record_t")
-local need_len = ffi_new("size_t[1]")
-local buf_cap = 16384
-local buf = ffi_new("unsigned char[?]", buf_cap)
-local key_cap = 256
-local key_buf = ffi_new("unsigned char[?]", key_cap)
-local seq_box = ffi_new("uint64_t[1]")
 
 local sinks, lag_sinks, nsinks = {}, {}, 0
 local private = {}         -- source -> fn(data, event): such events go there only
@@ -156,8 +125,7 @@ local function reset_if_forked()
     end
     owner_pid = pid
     zone, zone_name, zone_explicit, max_payload = nil, "", false, 0
-    local id = ngx.worker.id()
-    wid_bits = id and (id + 1) * WID_UNIT or 0
+    worker_id = ngx.worker.id()
     lq_src, lq_ev, lq_data = {}, {}, {}
     lq_head, lq_tail = 1, 0
     busy, ring_polled = false, false
@@ -261,14 +229,15 @@ function _M.remove_tap(tap)
     return false
 end
 
-local function tap_record()
+-- p: the record's bytes in the scratch buffer.
+local function tap_record(p)
     local slen, elen, ulen = rec.source_len, rec.event_len, rec.unique_len
-    local seq, pid, source = tonumber(rec.seq), rec.pid, ffi_string(buf, slen)
-    local event = ffi_string(buf + slen, elen)
-    local kind = band(rec.flags, 3)
+    local seq, pid, source = tonumber(rec.seq), rec.pid, ffi_string(p, slen)
+    local event = ffi_string(p + slen, elen)
+    local kind = rec_kind(rec.flags)
     for i = ntaps, 1, -1 do  -- backwards: a tap may remove itself
         local ok, err = pcall(taps[i].record, seq, pid, source, event, ulen, rec.data_len,
-                              buf + slen + elen + ulen, kind)
+                              p + slen + elen + ulen, kind)
         if not ok then
             log(ERR, "worker-events: event tap failed: ", err)
         end
@@ -290,31 +259,6 @@ local function deliver(data, event, source, pid, wid)
     for i = 1, nsinks do
         sinks[i](data, event, source, pid, wid)
     end
-end
-
--- Encodes data for the ring: value (string or pointer), length, kind.
--- On failure: nil, nil, err.
-local function encode(data, use_sbuf)
-    local t = type(data)
-    if t == "string" then
-        return data, #data, KIND_RAW
-    elseif t == "nil" then
-        return nil, 0, KIND_NIL
-    end
-    if use_sbuf and sbuf_enc then
-        sbuf_enc:reset()
-        local ok, err = pcall(sbuf_enc.encode, sbuf_enc, data)
-        if not ok then
-            return nil, nil, "cannot serialize data: " .. tostring(err)
-        end
-        local p, len = sbuf_enc:ref()
-        return p, len, KIND_SBUF
-    end
-    local s, err = cjson_encode(data)
-    if not s then
-        return nil, nil, "cannot encode data as JSON: " .. tostring(err)
-    end
-    return s, #s, KIND_JSON
 end
 
 -- Appends an event to the ring. api: 0 or FLAG_EVENTS. Returns seq, or
@@ -340,7 +284,7 @@ function _M.post(source, event, data, unique, api, max_data)
                     .. " bytes of workerbus zone \"" .. zone_name .. "\""
     end
     local seq = ev_post(zone, source, slen, event, elen, unique, ulen, d, dlen,
-                        kind + api + wid_bits)
+                        record.flags(kind, api, worker_id))
     if seq < 0 then
         return nil, last_error()
     end
@@ -373,45 +317,21 @@ local function drain_local()
     end
 end
 
--- First claim of a unique key wins; keys are kept apart per API. With
--- `seq` (resty.events), the first reader of the record claims the record
--- itself first; it alone then claims the key, and returns 2 when the key was
--- taken by an earlier event (a duplicate, as the original's broker says).
-local function claim(p, ulen, api, seq)
-    if ulen + 9 > key_cap then
-        key_cap = ulen + 9
-        key_buf = ffi_new("unsigned char[?]", key_cap)
-    end
-    if seq then
-        key_buf[0] = KEY_RECORD
-        seq_box[0] = seq
-        ffi_copy(key_buf + 1, seq_box, 8)
-        local rc = ev_claim(zone, key_buf, 9, ttl[api] or 2)
-        if rc ~= 1 then
-            return rc
-        end
-        rc = claim(p, ulen, api, nil)
-        return rc == 0 and 2 or rc
-    end
-    key_buf[0] = api ~= 0 and KEY_EVENTS or KEY_WORKER_EVENTS
-    ffi_copy(key_buf + 1, p, ulen)
-    return ev_claim(zone, key_buf, ulen + 1, ttl[api] or 2)
-end
-
-local function handle_record()
+-- One ring record at p in the scratch buffer (KEY_ROOM bytes after its
+-- start): unique claim, decoding, delivery.
+local function handle_record(p)
     local flags = rec.flags
     local slen, elen, ulen, dlen = rec.source_len, rec.event_len, rec.unique_len, rec.data_len
     local pid = rec.pid
-    local source = ffi_string(buf, slen)
-    local event = ffi_string(buf + slen, elen)
+    local source = ffi_string(p, slen)
+    local event = ffi_string(p + slen, elen)
     if ulen > 0 then
-        local api = band(flags, FLAG_EVENTS)
-        local rc = claim(buf + slen + elen, ulen, api, api ~= 0 and rec.seq or nil)
+        local api = rec_api(flags)
+        local rc = claim(zone, rec, p + slen + elen, ulen, api, ttl[api] or 2)
         if rc == 2 then
             -- lua-resty-events' broker line, which operators grep
-            local w = rshift(flags, 16) - 1
-            log(DEBUG, "unique event is duplicate on worker #", w >= 0 and w or "?", ": ",
-                       ffi_string(buf + slen + elen, ulen))
+            log(DEBUG, "unique event is duplicate on worker #", rec_worker(flags) or "?", ": ",
+                       ffi_string(p + slen + elen, ulen))
             return
         elseif rc == 0 then
             log(DEBUG, "workerbus: skipping unique event; source=", source,
@@ -423,41 +343,16 @@ local function handle_record()
             return
         end
     end
-    local kind = band(flags, 3)
-    local p = buf + slen + elen + ulen
-    local data
-    if kind == KIND_RAW then
-        data = ffi_string(p, dlen)
-    elseif kind == KIND_JSON then
-        local err
-        data, err = cjson_decode(ffi_string(p, dlen))
-        if data == nil then
-            log(ERR, "workerbus: dropping event; source=", source, ", event=", event,
-                     ": cannot decode its data: ", err)
-            return
-        end
-    elseif kind == KIND_SBUF then
-        if not sbuf_dec then
-            log(ERR, "workerbus: dropping event; source=", source, ", event=", event,
-                     ": its data is in LuaJIT's string.buffer format, which this LuaJIT lacks")
-            return
-        end
-        local ok
-        sbuf_dec:set(p, dlen)
-        ok, data = pcall(sbuf_dec.decode, sbuf_dec)
-        sbuf_dec:reset()
-        if not ok then
-            log(ERR, "workerbus: dropping event; source=", source, ", event=", event,
-                     ": cannot decode its data: ", data)
-            return
-        end
+    local ok, data = decode(rec_kind(flags), p + slen + elen + ulen, dlen)
+    if not ok then
+        log(ERR, "workerbus: dropping event; source=", source, ", event=", event, ": ", data)
+        return
     end
     local own = private[source]
     if own then
         return own(data, event, tonumber(rec.seq))
     end
-    local w = rshift(flags, 16)
-    deliver(data, event, source, pid, w > 0 and w - 1 or nil)
+    deliver(data, event, source, pid, rec_worker(flags))
 end
 
 -- One call per gap, with its whole count (the module adds up laps met
@@ -496,16 +391,18 @@ local function drain(max)
         if not z then
             return "done"
         end
-        local rc = ev_next(z, rec, buf, buf_cap, need_len)
+        local b, cap = get_buf(0)
+        local p = b + KEY_ROOM
+        local rc = ev_next(z, rec, p, cap - KEY_ROOM, sizes)
         if rc == 1 or rc == 3 then
             ring_polled = true
             if rc == 3 then
                 lagged(tonumber(rec.missed))  -- lost right before this record
             end
             if ntaps > 0 then
-                tap_record()
+                tap_record(p)
             end
-            handle_record()
+            handle_record(p)
             n = n + 1
             if max and n >= max then
                 return "more"
@@ -522,13 +419,7 @@ local function drain(max)
             end
             lagged(tonumber(rec.missed))
         elseif rc == -2 then
-            local want = tonumber(need_len[0])
-            local cap = buf_cap
-            while cap < want do
-                cap = cap * 2
-            end
-            buf = ffi_new("unsigned char[?]", cap)
-            buf_cap = cap
+            get_buf(tonumber(sizes[0]) + KEY_ROOM)
         else
             -- A process with no reader (the privileged agent, or a worker
             -- the lifecycle table could not track: its cursor reads 0) has
@@ -719,26 +610,13 @@ function _M.want_loop(owner, seconds)
     return start_loop()
 end
 
--- Calls one subscriber. Its error is logged with source and event (not the
--- payload, which may be private) and never propagated. `who` names the
--- last argument in the log: "pid" or "wid".
-function _M.call_handler(handler, data, event, source, who, id)
-    local ok, err = xpcall(handler, traceback, data, event, source, id)
-    if not ok then
-        log(ERR, "worker-events: event callback failed; source=", source,
-                 ", event=", event, ", ", who, "=", tostring(id),
-                 " error='", tostring(err), "'")
-    end
-end
-
 -- True for the first caller on the node for `key` within this
--- configuration load (a claim that lasts a year): for messages said once.
+-- configuration load: for messages said once.
 function _M.first_on_node(key)
     if not zone then
         return true
     end
-    local k = "N" .. tostring(wb.generation()) .. ":" .. key
-    return ev_claim(zone, k, #k, 365 * DAY_S) == 1
+    return record.first_on_node(zone, key)
 end
 
 -- How many times the background poller woke from an idle wait.
@@ -765,7 +643,5 @@ function _M.position()
     end
     return tonumber(C.workerbus_ev_cursor(zone)), tonumber(ev_head(zone))
 end
-
-_M.has_string_buffer = sbuf_enc ~= nil
 
 return _M

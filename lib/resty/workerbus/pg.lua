@@ -13,7 +13,6 @@ local wb = need "resty.workerbus"
 local core = need "resty.workerbus.events_core"
 
 local C = ffi.C
-local ffi_new = ffi.new
 local type = type
 local tonumber = tonumber
 local tostring = tostring
@@ -33,14 +32,13 @@ end
 local _M = {
     _VERSION = "0.1.0",
     -- Ring source of bus notifications (src/pg/wire.rs RING_SOURCE).
-    SOURCE = "workerbus.pg",
+    SOURCE = wb.K.PG_RING_SOURCE,
     DEFAULT_WAIT = 60,
 }
 
 local NOT_CONFIGURED = "the PostgreSQL bridge is not configured (no workerbus_postgres directive)"
 
-local lim_c = ffi_new("size_t[1]")
-local lim_p = ffi_new("size_t[1]")
+local sizes = wb.sizes   -- the scratch set's (resty.workerbus)
 
 -- Per worker: waiters[channel] = { {sema, from, payload, origin}, ... }
 -- (from: the ring's head when the wait began);
@@ -60,10 +58,10 @@ end
 
 -- Whether the bridge is configured, and its limits.
 function _M.limits()
-    if C.workerbus_pg_limits(lim_c, lim_p) ~= 1 then
+    if C.workerbus_pg_limits(sizes, sizes + 1) ~= 1 then
         return nil, NOT_CONFIGURED
     end
-    return tonumber(lim_c[0]), tonumber(lim_p[0])
+    return tonumber(sizes[0]), tonumber(sizes[1])
 end
 
 local function deliver(data, channel, seq)

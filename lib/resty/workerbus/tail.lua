@@ -19,6 +19,7 @@ local semaphore = require "ngx.semaphore"
 local need = require "resty.workerbus.need"
 
 local core = need "resty.workerbus.events_core"
+local record = need "resty.workerbus.record"
 
 local ffi_string = ffi.string
 local concat = table.concat
@@ -86,9 +87,9 @@ end
 local function frame(seq, pid, source, event, ulen, dlen, p, kind, with_payload)
     local payload = ""
     if with_payload then
-        if kind == 3 then          -- LuaJIT string.buffer serialization: binary
+        if kind == record.KIND_SBUF then   -- LuaJIT string.buffer serialization: binary
             payload = ',"payload_base64":"' .. ngx.encode_base64(ffi_string(p, dlen)) .. '"'
-        elseif kind == 2 then      -- nil
+        elseif kind == record.KIND_NIL then
             payload = ',"payload":null'
         else                       -- a raw string, or JSON text
             payload = ',"payload":' .. encode(ffi_string(p, dlen))
