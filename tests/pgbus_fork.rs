@@ -6,9 +6,9 @@
 mod support;
 
 use core::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use support::{Shm, fork, my_pid, serial, wait, wait_until};
+use support::{Shm, fork, mono_ms, my_pid, serial, wait, wait_until};
 use workerbus::shm::lifecycle::pid_alive;
 use workerbus::shm::lock::{PidLock, PidLockRef};
 use workerbus::shm::pgbus::{Lease, PgBus};
@@ -30,10 +30,6 @@ fn word(shm: &Shm, i: usize) -> &AtomicU64 {
 fn bus(shm: &Shm) -> &PgBus {
     // SAFETY: the region at BUS was made by PgBus::init in the parent before forking.
     unsafe { PgBus::attach(shm.ptr.add(BUS), PgBus::region_size(QUEUE)) }.unwrap()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn setup() -> Shm {
@@ -108,7 +104,7 @@ fn lease_moves_when_the_holder_is_killed_and_never_has_two_holders() {
         let shm = &shm;
         fork(move || {
             let (b, l) = (bus(shm), lock(shm));
-            match b.try_lease(&l, my_pid(), 0, 1, 1, now_ms(), 60_000, pid_alive) {
+            match b.try_lease(&l, my_pid(), 0, 1, 1, mono_ms(), 60_000, pid_alive) {
                 Lease::Acquired { .. } => word(shm, 1).store(my_pid() as u64, Ordering::Relaxed),
                 _ => return 1,
             }
@@ -125,9 +121,9 @@ fn lease_moves_when_the_holder_is_killed_and_never_has_two_holders() {
         let shm = &shm;
         kids.push(fork(move || {
             let (b, l) = (bus(shm), lock(shm));
-            let end = now_ms() + 30_000;
-            while word(shm, 3).load(Ordering::Relaxed) != 2 && now_ms() < end {
-                match b.try_lease(&l, my_pid(), slot, 1, 1, now_ms(), 60_000, pid_alive) {
+            let end = mono_ms() + 30_000;
+            while word(shm, 3).load(Ordering::Relaxed) != 2 && mono_ms() < end {
+                match b.try_lease(&l, my_pid(), slot, 1, 1, mono_ms(), 60_000, pid_alive) {
                     Lease::Acquired { from } => {
                         word(shm, 2).fetch_add(1, Ordering::Relaxed);
                         if from != holder {

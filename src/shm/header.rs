@@ -10,7 +10,7 @@ use super::lifecycle::{Lifecycle, MAX_GENERATIONS};
 
 pub const MAGIC: u64 = u64::from_be_bytes(*b"wrkrbus\0");
 /// Bumped whenever any `#[repr(C)]` structure kept in a zone changes.
-pub const LAYOUT: u32 = 7;
+pub const LAYOUT: u32 = 8;
 
 #[repr(C)]
 pub struct ZoneHeader {

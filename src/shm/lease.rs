@@ -14,6 +14,9 @@
 //! that the generation and expiry they judge belong to the owner word they
 //! replace.
 //!
+//! The PostgreSQL bridge's connection holder uses the same lease with its
+//! own rules (`hold_locked`: no runs, everything under the lock).
+//!
 //! Every time here (`now_ms`, the expiry, the acquisition) is on one
 //! monotonic clock shared by all processes of the host (CLOCK_MONOTONIC):
 //! on the wall clock a step forward would make a healthy owner look hung
@@ -213,6 +216,29 @@ impl Lease {
         Role::TookOver { from: pid, why }
     }
 
+    /// The PostgreSQL bridge's lease (one connection holder per node), with
+    /// its own rules; no runs (the run count stays 0), and `me.exiting` is
+    /// not consulted (the bridge releases the lease when it stops). The
+    /// holder renews, whatever its generation; a process of an older
+    /// generation than the newest never takes the lease; one of the newest
+    /// takes it at once from a holder of an older generation, an expired or
+    /// a dead one, and the takeover is counted. The caller holds the zone's
+    /// lock: holder and takers all serialize there.
+    pub fn hold_locked(&self, me: Me, now_ms: u64, lease_ms: u64, alive: impl Fn(i32) -> bool) -> Role {
+        // Acquire: we see the generation and expiry stored before the owner word.
+        let w = self.word.load(Ordering::Acquire);
+        if pid_of(w) == me.pid && w != 0 {
+            // Relaxed: under the lock, which orders every reader of the expiry.
+            self.expires_ms.store(now_ms + lease_ms, Ordering::Relaxed);
+            return Role::Owner;
+        }
+        if me.generation < me.current_generation {
+            // An old generation never takes the connection from the new one.
+            return Role::Other { pid: pid_of(w) };
+        }
+        self.try_take(me, now_ms, lease_ms, &alive)
+    }
+
     /// A run starts: true only if `pid` still owns the lease (then the run
     /// is counted until `end_run`).
     pub fn begin_run(&self, pid: i32) -> bool {
@@ -337,6 +363,34 @@ mod tests {
         assert_eq!(l.tick(&NoLock, old, 12, 100, |_| true), Role::Other { pid: 20 });
         // Old-generation processes never take it.
         assert_eq!(l.tick(&NoLock, old, 10_000, 100, |p| p != 20), Role::Other { pid: 20 });
+    }
+
+    /// The bridge's rules (`hold_locked`; PgBus::try_lease wraps it).
+    #[test]
+    fn bridge_lease_is_taken_from_dead_expired_or_old_generation() {
+        let l = lease();
+        let alive = |p: i32| p != 99;
+        let at = |pid, generation, newest| Me { pid, generation, current_generation: newest, exiting: false };
+        assert_eq!(l.hold_locked(at(10, 1, 1), 1000, 3000, alive), Role::TookOver { from: 0, why: Why::Free });
+        assert_eq!(l.hold_locked(at(11, 1, 1), 1500, 3000, alive), Role::Other { pid: 10 });
+        assert_eq!(l.hold_locked(at(10, 1, 1), 2000, 3000, alive), Role::Owner);
+        // Expired.
+        assert_eq!(l.hold_locked(at(11, 1, 1), 5001, 3000, alive), Role::TookOver { from: 10, why: Why::Expired });
+        // Old generation cannot take it; new generation takes it at once.
+        assert_eq!(l.hold_locked(at(12, 1, 2), 5002, 3000, alive), Role::Other { pid: 11 });
+        assert_eq!(
+            l.hold_locked(at(13, 2, 2), 5003, 3000, alive),
+            Role::TookOver { from: 11, why: Why::OldGeneration }
+        );
+        // Dead holder.
+        assert!(l.release(13));
+        assert_eq!(l.hold_locked(at(99, 2, 2), 5004, 3000, alive), Role::TookOver { from: 0, why: Why::Free });
+        assert_eq!(l.hold_locked(at(14, 2, 2), 5005, 3000, alive), Role::TookOver { from: 99, why: Why::Dead });
+        // The holder renews even once a newer generation exists (until one of it takes over).
+        assert_eq!(l.hold_locked(at(14, 2, 3), 5006, 3000, alive), Role::Owner);
+        let v = l.view();
+        assert_eq!((v.pid, v.generation, v.expires_ms, v.runs_under_way), (14, 2, 8006, 0));
+        assert_eq!((v.owners, v.takeovers), (5, 3));
     }
 
     #[test]

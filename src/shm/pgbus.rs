@@ -1,5 +1,6 @@
 //! The PostgreSQL bridge's shared state, one per node (in the primary
-//! zone): the lease that makes one worker the connection holder, the
+//! zone): the lease that makes one worker the connection holder (the
+//! lease of lease.rs, under the bridge's rules: `Lease::hold_locked`), the
 //! registry of channels the node's workers listen to, the bounded queue of
 //! outgoing posts, the durable mode's delivery record (a horizon and the
 //! rows delivered above it, docs/postgres.md "Durable mode"), and the
@@ -11,8 +12,9 @@
 //! gone) or an unconsumed post (sent again by the next holder). Readers of
 //! the figures take no lock: they are counters read Relaxed.
 
-use core::sync::atomic::{AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
+use super::lease::{self, Me, Role};
 use super::lock::ShmLock;
 
 /// Channels the node can listen to at once.
@@ -154,10 +156,10 @@ pub enum Track {
 
 #[repr(C)]
 pub struct PgBus {
-    holder_pid: AtomicI32,
+    /// Who holds the connection: pid, generation, expiry (monotonic ms).
+    lease: lease::Lease,
+    /// The holder's worker slot, stored with each takeover.
     holder_slot: AtomicU32,
-    holder_gen: AtomicU64,
-    lease_until_ms: AtomicU64,
     /// 1 while the holder has nothing to do and wants a wake-up for new work.
     holder_waiting: AtomicU32,
     pub state: AtomicU32,
@@ -249,11 +251,13 @@ impl PgBus {
     /// Holder's pid and worker slot (pid 0: nobody).
     pub fn holder(&self) -> (i32, u32) {
         // Relaxed: a snapshot; the lease itself is decided under the lock.
-        (self.holder_pid.load(Ordering::Relaxed), self.holder_slot.load(Ordering::Relaxed))
+        (self.lease.owner(), self.holder_slot.load(Ordering::Relaxed))
     }
 
     /// Takes or renews the lease. A holder loses it when its pid is gone,
-    /// its lease ran out, or its generation is older than `newest_gen`.
+    /// its lease ran out, or its generation is older than `newest_gen`
+    /// (the rules: `lease::Lease::hold_locked`). Takeovers of a held lease
+    /// are counted in `counters.takeovers`.
     #[allow(clippy::too_many_arguments)]
     pub fn try_lease(
         &self,
@@ -266,30 +270,20 @@ impl PgBus {
         lease_ms: u64,
         alive: impl Fn(i32) -> bool,
     ) -> Lease {
+        let me = Me { pid, generation, current_generation: newest_gen, exiting: false };
         lock.lock();
-        // Relaxed throughout: under the lock.
-        let cur = self.holder_pid.load(Ordering::Relaxed);
-        let res = if cur == pid {
-            self.lease_until_ms.store(now_ms + lease_ms, Ordering::Relaxed);
-            Lease::Held
-        } else if generation < newest_gen {
-            // An old generation never takes the connection from the new one.
-            Lease::Other(cur)
-        } else {
-            let expired = self.lease_until_ms.load(Ordering::Relaxed) < now_ms;
-            let old_gen = self.holder_gen.load(Ordering::Relaxed) < newest_gen;
-            if cur == 0 || expired || old_gen || !alive(cur) {
-                self.holder_pid.store(pid, Ordering::Relaxed);
+        let res = match self.lease.hold_locked(me, now_ms, lease_ms, alive) {
+            // hold_locked never retires a holder: the bridge's holder renews.
+            Role::Owner | Role::Retiring => Lease::Held,
+            Role::TookOver { from, .. } => {
+                // Relaxed: under the lock; holder() is a snapshot.
                 self.holder_slot.store(slot, Ordering::Relaxed);
-                self.holder_gen.store(generation, Ordering::Relaxed);
-                self.lease_until_ms.store(now_ms + lease_ms, Ordering::Relaxed);
-                if cur != 0 {
+                if from != 0 {
                     self.counters.takeovers.fetch_add(1, Ordering::Relaxed);
                 }
-                Lease::Acquired { from: cur }
-            } else {
-                Lease::Other(cur)
+                Lease::Acquired { from }
             }
+            Role::Other { pid } => Lease::Other(pid),
         };
         lock.unlock();
         res
@@ -310,10 +304,8 @@ impl PgBus {
     /// Gives the lease up if `pid` holds it.
     pub fn release(&self, lock: &impl ShmLock, pid: i32) {
         lock.lock();
-        // Relaxed: under the lock.
-        if self.holder_pid.load(Ordering::Relaxed) == pid {
-            self.holder_pid.store(0, Ordering::Relaxed);
-            self.lease_until_ms.store(0, Ordering::Relaxed);
+        if self.lease.release(pid) {
+            // Relaxed: under the lock.
             self.state.store(ST_OFF, Ordering::Relaxed);
         }
         lock.unlock();
@@ -827,7 +819,7 @@ mod tests {
     }
 
     #[test]
-    fn lease_is_taken_from_dead_expired_or_old_generation() {
+    fn lease_wraps_the_shared_lease_with_slot_takeovers_and_state() {
         let (mut mem, len) = region(4096);
         // SAFETY: as above.
         let b = unsafe { PgBus::init(mem.as_mut_ptr().cast(), len) }.unwrap();
@@ -838,13 +830,19 @@ mod tests {
         assert_eq!(b.try_lease(&l, 10, 0, 1, 1, 2000, 3000, alive), Lease::Held);
         // Expired.
         assert_eq!(b.try_lease(&l, 11, 1, 1, 1, 5001, 3000, alive), Lease::Acquired { from: 10 });
+        assert_eq!(b.holder(), (11, 1));
         // Old generation cannot take it; new generation takes it at once.
         assert_eq!(b.try_lease(&l, 12, 0, 1, 2, 5002, 3000, alive), Lease::Other(11));
         assert_eq!(b.try_lease(&l, 13, 0, 2, 2, 5003, 3000, alive), Lease::Acquired { from: 11 });
         // Dead holder.
+        b.set_state(ST_READY, 5003);
+        b.release(&l, 12);
+        assert_eq!((b.holder().0, b.state.load(Ordering::Relaxed)), (13, ST_READY), "not the holder: nothing");
         b.release(&l, 13);
+        assert_eq!((b.holder().0, b.state.load(Ordering::Relaxed)), (0, ST_OFF));
         assert_eq!(b.try_lease(&l, 99, 0, 2, 2, 5004, 3000, alive), Lease::Acquired { from: 0 });
         assert_eq!(b.try_lease(&l, 14, 0, 2, 2, 5005, 3000, alive), Lease::Acquired { from: 99 });
+        assert_eq!(b.counters.takeovers.load(Ordering::Relaxed), 3, "expired, old generation, dead: not free");
     }
 
     #[test]
