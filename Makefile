@@ -191,6 +191,7 @@ test-other-nginx: deps $(OTHER_NGINX)
 	  prove -I t/lib t/008-no-lua.t t/400-pg-config.t
 
 bench: build
+	$(CARGO_ENV) cargo build --release --example wake_floor
 	bench/run
 	bench/scrape
 	bench/tail
