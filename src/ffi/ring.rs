@@ -1,8 +1,10 @@
 //! FFI for the event ring (resty.worker.events, resty.events). The contract
-//! is written out in lib/resty/workerbus/events_core.lua's cdef block.
+//! is written out in lib/resty/workerbus.lua's cdef block, which declares
+//! the whole C ABI.
 
 use core::ffi::{c_int, c_void};
 
+use crate::module::pid;
 use crate::module::process_state::this_process;
 use crate::module::ring_glue as ev;
 use crate::module::sema;
@@ -34,8 +36,7 @@ unsafe fn record<'a>(
             event: abi::input(event, elen, "event")?,
             unique: abi::input(uniq, ulen, "unique")?,
             data: abi::input(data, dlen, "data")?,
-            // SAFETY: set by nginx at process start.
-            pid: nginx_sys::ngx_pid,
+            pid: pid(),
             flags,
         })
     }
@@ -146,10 +147,8 @@ pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
 pub extern "C" fn workerbus_test_die_mid_post(zone_index: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return -1 };
     let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
-    // SAFETY: set by nginx at process start.
-    let pid = unsafe { nginx_sys::ngx_pid };
     let data = [b'x'; 64];
-    let rec = RecordIn { source: b"test", event: b"cut", unique: b"", data: &data, pid, flags: 0 };
+    let rec = RecordIn { source: b"test", event: b"cut", unique: b"", data: &data, pid: pid(), flags: 0 };
     let _ = r.post_partial_for_test(&z.lock(), &rec);
     // SAFETY: kill has no memory preconditions; this process dies here.
     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };

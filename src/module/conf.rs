@@ -11,7 +11,7 @@ use nginx_sys::{
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 
-use super::{directive, null_command, zone};
+use super::{directive, zone};
 use crate::shm::lifecycle::{MAX_WORKER_RECORDS, records_for, records_needed};
 
 /// Zone used when the configuration names none, so that `load_module` alone
@@ -51,7 +51,7 @@ pub static mut CORE_COMMANDS: [ngx_command_t; 4] = [
     directive(ngx::ngx_string!("workerbus_zone"), MAIN | NGX_CONF_TAKE23, set_zone),
     directive(ngx::ngx_string!("workerbus_heartbeat"), MAIN | NGX_CONF_TAKE1, set_heartbeat),
     directive(ngx::ngx_string!("workerbus_hang_timeout"), MAIN | NGX_CONF_TAKE1, set_hang_timeout),
-    null_command(),
+    ngx_command_t::empty(),
 ];
 
 pub unsafe extern "C" fn create_conf(cycle: *mut ngx_cycle_t) -> *mut c_void {

@@ -78,6 +78,13 @@ pub static mut ngx_http_workerbus_module: ngx_module_t = ngx_module_t {
     ..ngx_module_t::default()
 };
 
+/// This process's pid (nginx's `ngx_pid`, set at process start: the
+/// master's in the master, each worker's own after fork).
+pub fn pid() -> i32 {
+    // SAFETY: a word nginx writes at process start, before any module code runs.
+    unsafe { nginx_sys::ngx_pid }
+}
+
 /// The tag nginx compares to decide whether a shared zone is ours.
 pub fn zone_tag() -> *mut c_void {
     (&raw mut ngx_workerbus_module).cast()
@@ -92,16 +99,4 @@ pub const fn directive(
     set: unsafe extern "C" fn(*mut nginx_sys::ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
 ) -> ngx_command_t {
     ngx_command_t { name, type_: flags as _, set: Some(set), conf: 0, offset: 0, post: ptr::null_mut() }
-}
-
-/// End marker of a command table.
-pub const fn null_command() -> ngx_command_t {
-    ngx_command_t {
-        name: nginx_sys::ngx_str_t { len: 0, data: ptr::null_mut() },
-        type_: 0,
-        set: None,
-        conf: 0,
-        offset: 0,
-        post: ptr::null_mut(),
-    }
 }

@@ -1,8 +1,9 @@
 //! The master's configuration phase (init_by_lua runs in it): no worker
 //! exists yet and, on a first start, the zones may not be mapped either
-//! (see DESIGN.md: init_by_lua runs before zone init unless lua_shared_dict
-//! zones exist). Calls from Lua there must never start a "worker" in the
-//! master (its children would inherit it), so:
+//! (init_by_lua runs before zone init unless lua_shared_dict zones exist;
+//! docs/lifecycle.md, "init_by_lua is not a worker", says why and what).
+//! Calls from Lua there must never start a "worker" in the master (its
+//! children would inherit it), so:
 //! - zone indexes resolve against the configuration being loaded;
 //! - posted events are held in the master's memory and posted by
 //!   init_module, after the new generation's first event was recorded, so
@@ -14,6 +15,7 @@ use nginx_sys::{NGX_LOG_ERR, NGX_PROCESS_WORKER, ngx_log_t};
 use crate::shm::ring::RecordIn;
 
 use super::conf::{CoreConf, DEFAULT_ZONE_NAME};
+use super::pid;
 use super::process_state::this_process;
 use super::zone::Zone;
 
@@ -129,11 +131,10 @@ pub fn flush(zones: &[Zone], log: *mut ngx_log_t) {
     let l = this_process();
     l.loading.set(false);
     l.loading_conf.set(core::ptr::null_mut());
-    // SAFETY: set by nginx at process start.
-    let pid = unsafe { nginx_sys::ngx_pid };
+    let me = pid();
     for h in l.take_held() {
         let rec =
-            RecordIn { source: &h.source, event: &h.event, unique: &h.unique, data: &h.data, pid, flags: h.flags };
+            RecordIn { source: &h.source, event: &h.event, unique: &h.unique, data: &h.data, pid: me, flags: h.flags };
         let posted = match zones.iter().position(|z| z.name() == h.zone) {
             Some(i) => super::ring_glue::post(i, &zones[i], &rec).map(|_| ()),
             None => Err("the zone is not in the configuration".into()),

@@ -13,6 +13,7 @@ use nginx_sys::{
 use crate::shm::lifecycle::{Finding, pid_alive};
 
 use super::conf::CoreConf;
+use super::pid;
 use super::process_state::this_process;
 use super::time::{mono_ms, now_ms};
 use super::{ngx_workerbus_module, preload, ring_glue, wake, zone};
@@ -40,11 +41,6 @@ pub fn worker_processes(cycle: *const ngx_cycle_t) -> u32 {
         let ccf = *ctx.add(nginx_sys::ngx_core_module.index) as *const ngx_core_conf_t;
         ccf.as_ref().map_or(1, |c| c.worker_processes.max(1) as u32)
     }
-}
-
-fn pid() -> i32 {
-    // SAFETY: set by nginx at process start.
-    unsafe { nginx_sys::ngx_pid }
 }
 
 /// Master, once per configuration load (also in single-process mode).

@@ -12,7 +12,9 @@ use crate::shm::claims::Claims;
 use crate::shm::lifecycle::{MAX_GENERATIONS, pid_alive};
 use crate::shm::ring::{Overflow, RecordIn, Ring};
 
+use super::pid;
 use super::process_state::this_process;
+use super::time::{mono_ms, mono_ms_now};
 use super::wake;
 use super::zone::Zone;
 
@@ -65,15 +67,6 @@ pub fn init_worker(cycle: *mut ngx_cycle_t, respawned: bool) {
     wake::register(cycle);
 }
 
-/// Monotonic milliseconds (the same clock in every process of the host;
-/// immune to wall-clock steps): readers' signs of life.
-pub fn mono_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1000).saturating_add(ts.tv_nsec as u64 / 1_000_000)
-}
-
 /// Zone init (fresh or kept across a reload): apply this configuration's
 /// overflow setting to the zone's ring.
 pub fn configure_zone(ring: Option<Ring>, overwrite: bool) {
@@ -88,12 +81,11 @@ pub fn configure_zone(ring: Option<Ring>, overwrite: bool) {
 pub fn claim_readers() {
     let l = this_process();
     let Some(i) = l.reader.get() else { return };
-    // SAFETY: set by nginx at process start.
-    let pid = unsafe { nginx_sys::ngx_pid };
+    let me = pid();
     let nonce = if wake::available() { l.wake_nonce.get() } else { 0 };
     for z in &l.zones() {
         if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
-            rd.claim(pid, nonce, mono_ms());
+            rd.claim(me, nonce, mono_ms_now());
         }
     }
 }
@@ -127,7 +119,7 @@ pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
     // Called only when the post would overwrite what a claimed reader has
     // not read: a reader blocks it while it lives and its heartbeat is not
     // overdue (a hung or dead worker is lapped, and told when it reads).
-    let responsive = |pid: i32, beat: u64| mono_ms().saturating_sub(beat) <= hang && pid_alive(pid);
+    let responsive = |pid: i32, beat: u64| mono_ms_now().saturating_sub(beat) <= hang && pid_alive(pid);
     let seq = r.post_checked(&zone.lock(), rec, &responsive).map_err(|e| {
         let mut m = e.to_string();
         if matches!(e, crate::shm::ring::PostError::Full { .. }) {
@@ -155,12 +147,11 @@ pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
 pub fn on_heartbeat(zone: &Zone) {
     let l = this_process();
     let Some(r) = ring(zone) else { return };
-    // SAFETY: set by nginx at process start.
-    let me = unsafe { nginx_sys::ngx_pid };
+    let me = pid();
     if let Some(rd) = l.reader.get().and_then(|i| r.reader(i))
         && rd.stats().owner == me
     {
-        rd.beat(mono_ms());
+        rd.beat(mono_ms_now());
     }
     r.repair(&zone.lock());
     // SAFETY: the heartbeat event lives in process-static memory; its log
@@ -209,7 +200,7 @@ pub fn status(zone: &Zone) -> Option<Value> {
             "poller": rs.owner != 0,
         }));
     }
-    let claims = claims(zone).map(|c| c.stats(super::time::mono_ms()));
+    let claims = claims(zone).map(|c| c.stats(mono_ms()));
     Some(json!({
         "capacity": st.capacity,
         "used": st.used,

@@ -11,18 +11,19 @@ use serde_json::{Value, json};
 
 use crate::shm::lifecycle::Lifecycle;
 
+use super::directive;
 use super::http;
 use super::metrics;
+use super::pid;
 use super::process_state::this_process;
 use super::ring_glue;
 use super::time::{mono_ms, wall_of};
 use super::zone::Zone;
-use super::{directive, null_command};
 
 pub static mut HTTP_COMMANDS: [ngx_command_t; 3] = [
     directive(ngx::ngx_string!("workerbus_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status),
     directive(ngx::ngx_string!("workerbus_metrics"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, metrics::set_metrics),
-    null_command(),
+    ngx_command_t::empty(),
 ];
 
 /// The live status page: one self-contained file (inline CSS and JS) that
@@ -132,8 +133,7 @@ pub fn snapshot() -> Value {
         "module": "workerbus",
         "version": env!("CARGO_PKG_VERSION"),
         "abi": crate::abi::ABI_VERSION,
-        // SAFETY: set by nginx at process start.
-        "pid": unsafe { nginx_sys::ngx_pid },
+        "pid": pid(),
         "generation": l.generation.get(),
         "zones": zones,
     });

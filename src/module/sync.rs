@@ -18,6 +18,7 @@ use crate::shm::lifecycle::pid_alive;
 use crate::shm::lock::ShmLock;
 use crate::shm::sync::{Slab, SyncTable};
 
+use super::pid;
 use super::process_state::this_process;
 use super::time::mono_ms;
 use super::zone::Zone;
@@ -115,11 +116,6 @@ pub fn alive(pid: i32) -> bool {
         tracked = true;
     }
     !tracked
-}
-
-fn pid() -> i32 {
-    // SAFETY: set by nginx at process start.
-    unsafe { nginx_sys::ngx_pid }
 }
 
 /// One tick of instance `inst`'s runner lease; logs changes of owner.

@@ -13,6 +13,7 @@
 
 use nginx_sys::{NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t};
 
+use super::pid;
 use super::process_state::this_process;
 use super::sema;
 
@@ -129,8 +130,7 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
         // to ourselves ends that wait at once, so the poller stops now
         // rather than at the next timer (the heartbeat, or never).
         sema::post();
-        // SAFETY: set by nginx at process start.
-        signal(unsafe { nginx_sys::ngx_pid }, this_process().wake_nonce.get());
+        signal(pid(), this_process().wake_nonce.get());
         return;
     }
     // SAFETY: as above.

@@ -15,7 +15,7 @@ use crate::shm::lifecycle::{records_for, records_needed};
 use crate::shm::lock::ShmLock;
 use crate::shm::ring::Ring;
 
-use super::{time::now_ms, zone_tag};
+use super::{pid, time::now_ms, zone_tag};
 
 /// One of this module's zones, as seen by the current process.
 #[derive(Clone, Copy)]
@@ -179,8 +179,7 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
     h.magic = MAGIC;
     h.layout = LAYOUT;
     h.size = size as u64;
-    // SAFETY: reading the master's pid, set before configuration.
-    h.lifecycle.init(unsafe { nginx_sys::ngx_pid }, now_ms());
+    h.lifecycle.init(pid(), now_ms());
     let records = records_for(super::process_state::this_process().conf_workers.get());
     if let Err(why) = super::layout::lay_out(pool, h, records) {
         ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes: {why}");

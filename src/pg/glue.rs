@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 use crate::module::extension::{self, Extension};
 use crate::module::one_thread::OneThread;
+use crate::module::pid;
 use crate::module::process_state::this_process;
 use crate::module::time::mono_ms;
 use crate::module::zone::Zone;
@@ -104,11 +105,6 @@ fn pg() -> Option<&'static PgWorker> {
     PG.get().get()
 }
 
-fn pid() -> i32 {
-    // SAFETY: set by nginx at process start.
-    unsafe { nginx_sys::ngx_pid }
-}
-
 // ---- directive ----------------------------------------------------------
 
 unsafe extern "C" fn free_setup(data: *mut c_void) {
@@ -147,7 +143,7 @@ static mut PG_COMMANDS: [ngx_command_t; 2] = [
         NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_1MORE,
         set_postgres,
     ),
-    crate::module::null_command(),
+    ngx_command_t::empty(),
 ];
 
 #[used]
