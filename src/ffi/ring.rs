@@ -93,7 +93,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
     };
     let Some(z) = zone(zone_index) else { return -1 };
     let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
-    let Some(rd) = this_process().reader.get().and_then(|i| r.reader(i)) else {
+    let Some(rd) = this_process().record.get().and_then(|i| r.reader(i)) else {
         return fail(-1, "this process reads no events (not an nginx worker, or not tracked)");
     };
     match rd.next(out, buf) {
@@ -116,7 +116,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return -1 };
-    let (Some(r), Some(i)) = (ev::ring(&z), this_process().reader.get()) else { return 0 };
+    let (Some(r), Some(i)) = (ev::ring(&z), this_process().record.get()) else { return 0 };
     let Some(rd) = r.reader(i) else { return 0 };
     c_int::from(!rd.set_idle(true))
 }
@@ -137,7 +137,7 @@ pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
         return 0;
     }
     ev::claim_readers();
-    c_int::from(wake::available() && this_process().reader.get().is_some())
+    c_int::from(wake::available() && this_process().record.get().is_some())
 }
 
 /// Test hook for the "writer killed mid-post" path: takes the zone's lock,
@@ -190,7 +190,7 @@ pub extern "C" fn workerbus_ev_head(zone_index: c_int) -> u64 {
 /// This worker's next seq to read.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
-    let reader = this_process().reader.get();
+    let reader = this_process().record.get();
     zone(zone_index).and_then(|z| ev::ring(&z)).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
 }
 
@@ -205,5 +205,5 @@ pub extern "C" fn workerbus_ev_wake_self() {
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_heartbeat_ms() -> u64 {
     crate::module::process::ensure_worker_started();
-    this_process().heartbeat_ms.get() as u64
+    crate::module::conf::heartbeat_ms() as u64
 }
