@@ -8,6 +8,7 @@
 use core::ffi::c_int;
 use core::sync::atomic::Ordering;
 
+use crate::module::pid;
 use crate::module::process::ensure_worker_started;
 use crate::module::process_state::this_process;
 use crate::module::time::mono_ms;
@@ -32,11 +33,6 @@ fn lifecycle() -> Option<&'static Lifecycle> {
     }
     ensure_worker_started();
     this_process().primary().map(|z| &z.header().lifecycle)
-}
-
-fn pid() -> i32 {
-    // SAFETY: set by nginx at process start.
-    unsafe { nginx_sys::ngx_pid }
 }
 
 /// Sets FLAG_* bits on this worker's own record.

@@ -1,4 +1,5 @@
-//! FFI for the PostgreSQL bridge (lib/resty/workerbus/pg.lua declares it).
+//! FFI for the PostgreSQL bridge (lib/resty/workerbus.lua declares it, with
+//! the rest of the C ABI).
 //! Added in ABI 1 without changing any existing signature; the Lua side
 //! checks for these symbols before using them.
 

@@ -1,8 +1,10 @@
 //! FFI for the event ring (resty.worker.events, resty.events). The contract
-//! is written out in lib/resty/workerbus/events_core.lua's cdef block.
+//! is written out in lib/resty/workerbus.lua's cdef block, which declares
+//! the whole C ABI.
 
 use core::ffi::{c_int, c_void};
 
+use crate::module::pid;
 use crate::module::process_state::this_process;
 use crate::module::ring_glue as ev;
 use crate::module::sema;
@@ -34,8 +36,7 @@ unsafe fn record<'a>(
             event: abi::input(event, elen, "event")?,
             unique: abi::input(uniq, ulen, "unique")?,
             data: abi::input(data, dlen, "data")?,
-            // SAFETY: set by nginx at process start.
-            pid: nginx_sys::ngx_pid,
+            pid: pid(),
             flags,
         })
     }
@@ -92,7 +93,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
     };
     let Some(z) = zone(zone_index) else { return -1 };
     let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
-    let Some(rd) = this_process().reader.get().and_then(|i| r.reader(i)) else {
+    let Some(rd) = this_process().record.get().and_then(|i| r.reader(i)) else {
         return fail(-1, "this process reads no events (not an nginx worker, or not tracked)");
     };
     match rd.next(out, buf) {
@@ -115,7 +116,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return -1 };
-    let (Some(r), Some(i)) = (ev::ring(&z), this_process().reader.get()) else { return 0 };
+    let (Some(r), Some(i)) = (ev::ring(&z), this_process().record.get()) else { return 0 };
     let Some(rd) = r.reader(i) else { return 0 };
     c_int::from(!rd.set_idle(true))
 }
@@ -136,7 +137,7 @@ pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
         return 0;
     }
     ev::claim_readers();
-    c_int::from(wake::available() && this_process().reader.get().is_some())
+    c_int::from(wake::available() && this_process().record.get().is_some())
 }
 
 /// Test hook for the "writer killed mid-post" path: takes the zone's lock,
@@ -148,10 +149,8 @@ pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
 pub extern "C" fn workerbus_test_die_mid_post(zone_index: c_int) -> c_int {
     let Some(z) = zone(zone_index) else { return -1 };
     let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
-    // SAFETY: set by nginx at process start.
-    let pid = unsafe { nginx_sys::ngx_pid };
     let data = [b'x'; 64];
-    let rec = RecordIn { source: b"test", event: b"cut", unique: b"", data: &data, pid, flags: 0 };
+    let rec = RecordIn { source: b"test", event: b"cut", unique: b"", data: &data, pid: pid(), flags: 0 };
     let _ = r.post_partial_for_test(&z.lock(), &rec);
     // SAFETY: kill has no memory preconditions; this process dies here.
     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
@@ -193,7 +192,7 @@ pub extern "C" fn workerbus_ev_head(zone_index: c_int) -> u64 {
 /// This worker's next seq to read.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
-    let reader = this_process().reader.get();
+    let reader = this_process().record.get();
     zone(zone_index).and_then(|z| ev::ring(&z)).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
 }
 
@@ -202,5 +201,5 @@ pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_heartbeat_ms() -> u64 {
     crate::module::process::ensure_worker_started();
-    this_process().heartbeat_ms.get() as u64
+    crate::module::conf::heartbeat_ms() as u64
 }

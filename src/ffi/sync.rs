@@ -1,10 +1,12 @@
-//! FFI for resty.sync. The contract is written out in lib/resty/sync.lua's
-//! cdef block. Instances and tasks are passed as indexes into the zone's
-//! sync table, never as pointers (except the read-only sequence word).
+//! FFI for resty.sync. The contract is written out in lib/resty/workerbus.lua's
+//! cdef block (the whole C ABI's). Instances and tasks are passed as indexes
+//! into the zone's sync table, never as pointers (except the read-only
+//! sequence word).
 
 use core::ffi::c_int;
 use core::sync::atomic::Ordering;
 
+use crate::module::pid;
 use crate::module::sync::{self as sy, ZoneSlab};
 use crate::module::time::now_ms;
 use crate::shm::lease::Role;
@@ -12,11 +14,6 @@ use crate::shm::sync::BlockHead;
 
 use super::{arg, fail, zone};
 use crate::abi;
-
-fn pid() -> i32 {
-    // SAFETY: set by nginx at process start.
-    unsafe { nginx_sys::ngx_pid }
-}
 
 /// Index of the instance named `key` (made on first use), or -1.
 ///

@@ -1,6 +1,8 @@
 //! Main-context directives: `workerbus_zone`, `workerbus_heartbeat`,
 //! `workerbus_hang_timeout`. Each handler turns its raw arguments into typed
 //! values first and reports a bad value with the directive and the value.
+//! The configuration they fill is read back through the cycle
+//! (`of_cycle`, `running`), as nginx's own modules do with ngx_get_conf.
 
 use core::ffi::{c_char, c_void};
 use core::ptr;
@@ -9,9 +11,9 @@ use nginx_sys::{
     NGX_CONF_TAKE1, NGX_CONF_TAKE23, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_MAIN_CONF, ngx_command_t, ngx_conf_t,
     ngx_cycle_t, ngx_msec_t, ngx_shm_zone_t, ngx_str_t,
 };
-use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::core::{CoreModuleMainConf, NGX_CONF_ERROR, NGX_CONF_OK, NgxCoreModule};
 
-use super::{directive, null_command, zone};
+use super::{WorkerbusModule, directive, zone};
 use crate::shm::lifecycle::{MAX_WORKER_RECORDS, records_for, records_needed};
 
 /// Zone used when the configuration names none, so that `load_module` alone
@@ -51,10 +53,44 @@ pub static mut CORE_COMMANDS: [ngx_command_t; 4] = [
     directive(ngx::ngx_string!("workerbus_zone"), MAIN | NGX_CONF_TAKE23, set_zone),
     directive(ngx::ngx_string!("workerbus_heartbeat"), MAIN | NGX_CONF_TAKE1, set_heartbeat),
     directive(ngx::ngx_string!("workerbus_hang_timeout"), MAIN | NGX_CONF_TAKE1, set_hang_timeout),
-    null_command(),
+    ngx_command_t::empty(),
 ];
 
-pub unsafe extern "C" fn create_conf(cycle: *mut ngx_cycle_t) -> *mut c_void {
+/// This module's configuration in `cycle` (none in nginx's init cycle,
+/// which has no configuration yet).
+pub fn of_cycle(cycle: *const ngx_cycle_t) -> Option<&'static CoreConf> {
+    // SAFETY: nginx's cycles are live while a process runs on them; the
+    // slot of this module in conf_ctx holds what create() made for it.
+    WorkerbusModule::main_conf(unsafe { cycle.as_ref()? })
+}
+
+/// The configuration of the cycle this process runs (in the master during a
+/// load: the one being replaced, or none on the first start).
+pub fn running() -> Option<&'static CoreConf> {
+    // SAFETY: ngx_cycle is nginx's running cycle, read on its one thread.
+    of_cycle(unsafe { nginx_sys::ngx_cycle })
+}
+
+/// `workerbus_heartbeat` of the running configuration.
+pub fn heartbeat_ms() -> ngx_msec_t {
+    running().map_or(DEFAULT_HEARTBEAT_MS, |c| c.heartbeat_ms)
+}
+
+/// `workerbus_hang_timeout` of `conf` (the default without one).
+pub fn hang_timeout_ms(conf: Option<&CoreConf>) -> u64 {
+    conf.map_or(DEFAULT_HANG_TIMEOUT_MS, |c| c.hang_timeout_ms) as u64
+}
+
+/// `worker_processes` of `cycle` (nginx's core configuration), at least 1.
+pub fn worker_processes(cycle: *const ngx_cycle_t) -> u32 {
+    // SAFETY: a configured cycle, whose core module configuration nginx made.
+    let ccf = unsafe { cycle.as_ref() }.and_then(NgxCoreModule::main_conf);
+    ccf.map_or(1, |c| c.worker_processes.max(1) as u32)
+}
+
+/// create_conf's work: a configuration with its times unset. Null when the
+/// cycle's pool has no room.
+pub fn create(cycle: *mut ngx_cycle_t) -> *mut CoreConf {
     // SAFETY: nginx passes the cycle being configured; its pool lives as long as the cycle.
     let p = unsafe { nginx_sys::ngx_pcalloc((*cycle).pool, size_of::<CoreConf>()) } as *mut CoreConf;
     if p.is_null() {
@@ -65,17 +101,13 @@ pub unsafe extern "C" fn create_conf(cycle: *mut ngx_cycle_t) -> *mut c_void {
         (*p).heartbeat_ms = UNSET_MSEC;
         (*p).hang_timeout_ms = UNSET_MSEC;
     }
-    // A configuration load begins: init_by_lua may run before init_module.
-    let l = super::process_state::this_process();
-    l.loading.set(true);
-    l.loading_conf.set(p);
-    drop(l.take_held());
-    p.cast()
+    p
 }
 
-pub unsafe extern "C" fn init_conf(cycle: *mut ngx_cycle_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: conf is what create_conf returned for this cycle.
-    let cc = unsafe { &mut *(conf as *mut CoreConf) };
+/// init_conf's work: defaults, the default zone, and the check of
+/// worker_processes against every zone (whose init learns it through the
+/// zone's own data).
+pub fn finish(cycle: *mut ngx_cycle_t, cc: &mut CoreConf) -> *mut c_char {
     if cc.heartbeat_ms == UNSET_MSEC {
         cc.heartbeat_ms = DEFAULT_HEARTBEAT_MS;
     }
@@ -97,8 +129,10 @@ pub unsafe extern "C" fn init_conf(cycle: *mut ngx_cycle_t, conf: *mut c_void) -
 /// readers: refuse a count the tables cannot hold, or a zone too small for
 /// them, naming the directive and the value.
 fn check_workers(cycle: *mut ngx_cycle_t, cc: &CoreConf) -> Result<(), String> {
-    let workers = super::process::worker_processes(cycle) as usize;
-    super::process_state::this_process().conf_workers.set(workers);
+    let workers = worker_processes(cycle) as usize;
+    for &z in cc.zones() {
+        zone::set_workers(z, workers);
+    }
     let needed = records_needed(workers);
     if needed > MAX_WORKER_RECORDS {
         return Err(format!(

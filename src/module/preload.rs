@@ -1,20 +1,24 @@
 //! The master's configuration phase (init_by_lua runs in it): no worker
 //! exists yet and, on a first start, the zones may not be mapped either
-//! (see DESIGN.md: init_by_lua runs before zone init unless lua_shared_dict
-//! zones exist). Calls from Lua there must never start a "worker" in the
-//! master (its children would inherit it), so:
+//! (init_by_lua runs before zone init unless lua_shared_dict zones exist;
+//! docs/lifecycle.md, "init_by_lua is not a worker", says why and what).
+//! Calls from Lua there must never start a "worker" in the master (its
+//! children would inherit it), so:
 //! - zone indexes resolve against the configuration being loaded;
 //! - posted events are held in the master's memory and posted by
 //!   init_module, after the new generation's first event was recorded, so
 //!   every worker of the generation reads them, and a respawn does not;
 //! - every other call that needs a zone fails with a message that says so.
 
-use nginx_sys::{NGX_LOG_ERR, NGX_PROCESS_WORKER, ngx_log_t};
+use core::cell::Cell;
+
+use nginx_sys::{NGX_LOG_ERR, NGX_PROCESS_WORKER, ngx_cycle_t};
 
 use crate::shm::ring::RecordIn;
 
-use super::conf::{CoreConf, DEFAULT_ZONE_NAME};
-use super::process_state::this_process;
+use super::conf::{self, CoreConf, DEFAULT_ZONE_NAME};
+use super::one_thread::OneThread;
+use super::pid;
 use super::zone::Zone;
 
 /// Largest event (source + event + unique + data) held for the workers.
@@ -35,18 +39,47 @@ pub struct Held {
     flags: u32,
 }
 
+/// The configuration phase, between create_conf and init_module (master).
+struct Loading {
+    /// The configuration being loaded (null outside the phase).
+    conf: Cell<*mut CoreConf>,
+    /// The events posted in the phase, for init_module.
+    held: Cell<Vec<Held>>,
+}
+
+static LOADING: OneThread<Loading> =
+    OneThread::new(Loading { conf: Cell::new(core::ptr::null_mut()), held: Cell::new(Vec::new()) });
+
+/// create_conf: a configuration load begins (init_by_lua may run before
+/// init_module); what an earlier, failed load held is dropped.
+pub fn begin(conf: *mut CoreConf) {
+    let l = LOADING.get();
+    l.conf.set(conf);
+    drop(l.held.take());
+}
+
 /// True in the master (or single process) while a configuration loads,
 /// before init_module: where init_by_lua runs.
 pub fn in_config_phase() -> bool {
     // SAFETY: set by nginx at process start.
     let process = unsafe { nginx_sys::ngx_process } as u32;
-    this_process().loading.get() && process != NGX_PROCESS_WORKER
+    !LOADING.get().conf.get().is_null() && process != NGX_PROCESS_WORKER
 }
 
 fn conf() -> Option<&'static CoreConf> {
     // SAFETY: set by create_conf to the configuration of the cycle being
     // loaded, which outlives the configuration phase.
-    unsafe { this_process().loading_conf.get().as_ref() }
+    unsafe { LOADING.get().conf.get().as_ref() }
+}
+
+/// Works on the events held so far (taken out for the call and put back
+/// after it, so no borrow of the state is open).
+fn with_held<R>(f: impl FnOnce(&mut Vec<Held>) -> R) -> R {
+    let cell = &LOADING.get().held;
+    let mut held = cell.take();
+    let r = f(&mut held);
+    cell.set(held);
+    r
 }
 
 fn zone_name(cc: &CoreConf, i: usize) -> Option<Vec<u8>> {
@@ -106,7 +139,7 @@ pub fn hold(index: i32, rec: &RecordIn) -> Result<i64, String> {
             max_payload(index)
         ));
     }
-    this_process().with_held(|held| {
+    with_held(|held| {
         let total: usize = held.iter().map(|h| h.source.len() + h.event.len() + h.unique.len() + h.data.len()).sum();
         if total + len > MAX_HELD_BYTES {
             return Err(format!("events posted in init_by_lua exceed {} bytes in all", MAX_HELD_BYTES));
@@ -124,18 +157,20 @@ pub fn hold(index: i32, rec: &RecordIn) -> Result<i64, String> {
 }
 
 /// init_module: the configuration phase ends; post what it held into the
-/// new generation (its first event was recorded before).
-pub fn flush(zones: &[Zone], log: *mut ngx_log_t) {
-    let l = this_process();
-    l.loading.set(false);
-    l.loading_conf.set(core::ptr::null_mut());
-    // SAFETY: set by nginx at process start.
-    let pid = unsafe { nginx_sys::ngx_pid };
-    for h in l.take_held() {
+/// new generation (its first event was recorded before), under the
+/// configuration of `cycle`, the one being loaded.
+pub fn flush(zones: &[Zone], cycle: *mut ngx_cycle_t) {
+    let l = LOADING.get();
+    l.conf.set(core::ptr::null_mut());
+    // SAFETY: nginx passes init_module a live cycle.
+    let log = unsafe { (*cycle).log };
+    let cc = conf::of_cycle(cycle);
+    let me = pid();
+    for h in l.held.take() {
         let rec =
-            RecordIn { source: &h.source, event: &h.event, unique: &h.unique, data: &h.data, pid, flags: h.flags };
+            RecordIn { source: &h.source, event: &h.event, unique: &h.unique, data: &h.data, pid: me, flags: h.flags };
         let posted = match zones.iter().position(|z| z.name() == h.zone) {
-            Some(i) => super::ring_glue::post(i, &zones[i], &rec).map(|_| ()),
+            Some(i) => super::ring_glue::post_with(i, &zones[i], &rec, cc).map(|_| ()),
             None => Err("the zone is not in the configuration".into()),
         };
         if let Err(e) = posted {

@@ -1,50 +1,38 @@
-//! Process hooks: a generation per configuration load (master), a lifecycle
-//! record per worker, and the heartbeat timer that stamps it and judges the
-//! other workers.
+//! The core module's hooks, and the top of the glue's call graph: each hook
+//! calls the parts that own the work (conf, preload, zone, ring_glue, wake,
+//! heartbeat, extensions), and none of them calls back up here. A generation
+//! per configuration load (master), a lifecycle record per worker.
 
-use core::ffi::c_void;
+use core::ffi::{c_char, c_void};
 
-use crate::shm::lock::ShmLock;
 use nginx_sys::{
-    NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
-    ngx_core_conf_t, ngx_cycle_t, ngx_event_t, ngx_int_t, ngx_log_t,
+    NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER, ngx_cycle_t, ngx_int_t,
+    ngx_log_t,
 };
 
-use crate::shm::lifecycle::{Finding, pid_alive};
+use crate::shm::lifecycle::pid_alive;
 
-use super::conf::CoreConf;
 use super::process_state::this_process;
 use super::time::{mono_ms, now_ms};
-use super::{ngx_workerbus_module, preload, ring_glue, wake, zone};
+use super::{conf, extension, heartbeat, pid, preload, ring_glue, wake, zone};
 
 fn cycle_log(cycle: *mut ngx_cycle_t) -> *mut ngx_log_t {
     // SAFETY: nginx passes a live cycle to every process hook.
     unsafe { (*cycle).log }
 }
 
-/// This module's configuration in `cycle`.
-pub fn core_conf(cycle: *const ngx_cycle_t) -> Option<&'static CoreConf> {
-    // SAFETY: conf_ctx has an entry per module index; ours was made by create_conf.
-    unsafe {
-        let ctx = (*cycle).conf_ctx;
-        let module = &raw const ngx_workerbus_module;
-        let p = *ctx.add((*module).index);
-        (p as *const CoreConf).as_ref()
+/// A configuration load begins (master): init_by_lua may run before init_module.
+pub unsafe extern "C" fn create_conf(cycle: *mut ngx_cycle_t) -> *mut c_void {
+    let p = conf::create(cycle);
+    if !p.is_null() {
+        preload::begin(p);
     }
+    p.cast()
 }
 
-pub fn worker_processes(cycle: *const ngx_cycle_t) -> u32 {
-    // SAFETY: the core module's configuration always exists in a configured cycle.
-    unsafe {
-        let ctx = (*cycle).conf_ctx;
-        let ccf = *ctx.add(nginx_sys::ngx_core_module.index) as *const ngx_core_conf_t;
-        ccf.as_ref().map_or(1, |c| c.worker_processes.max(1) as u32)
-    }
-}
-
-fn pid() -> i32 {
-    // SAFETY: set by nginx at process start.
-    unsafe { nginx_sys::ngx_pid }
+pub unsafe extern "C" fn init_conf(cycle: *mut ngx_cycle_t, cc: *mut c_void) -> *mut c_char {
+    // SAFETY: cc is what create_conf returned for this cycle.
+    conf::finish(cycle, unsafe { &mut *(cc as *mut conf::CoreConf) })
 }
 
 /// Master, once per configuration load (also in single-process mode).
@@ -55,10 +43,10 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     }
     let zones = zone::of_cycle(cycle);
     let Some(primary) = zones.first().copied() else {
-        preload::flush(&[], cycle_log(cycle));
+        preload::flush(&[], cycle);
         return NGX_OK as ngx_int_t;
     };
-    let workers = worker_processes(cycle);
+    let workers = conf::worker_processes(cycle);
     let generation = primary.header().lifecycle.begin_generation(pid(), workers, now_ms());
     let names: Vec<String> =
         zones.iter().map(|z| format!("\"{}\" {}k", String::from_utf8_lossy(z.name()), z.size() / 1024)).collect();
@@ -71,7 +59,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     );
     ring_glue::begin_generation(&zones, generation);
     // Events posted in init_by_lua: after the generation's first event.
-    preload::flush(&zones, cycle_log(cycle));
+    preload::flush(&zones, cycle);
     let l = this_process();
     l.generation.set(generation);
     l.master_pid_seen.set(pid());
@@ -115,10 +103,6 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
     l.set_zones(zone::of_cycle(cycle));
     l.is_worker.set(true);
     l.slot.set(slot);
-    if let Some(cc) = core_conf(cycle) {
-        l.heartbeat_ms.set(cc.heartbeat_ms);
-        l.hang_timeout_ms.set(cc.hang_timeout_ms);
-    }
     let Some(primary) = l.primary() else { return };
     let lc = &primary.header().lifecycle;
     let generation = l.generation.get();
@@ -127,7 +111,7 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
         let master = unsafe { libc::getppid() };
         lc.set_master_pid(generation, l.master_pid_seen.get(), master);
     }
-    let registered = lc.register(generation, slot, pid(), mono_ms(), pid_alive, |f| report(log, f, pid()));
+    let registered = lc.register(generation, slot, pid(), mono_ms(), pid_alive, |f| heartbeat::report(log, f, pid()));
     let respawned = registered.is_some_and(|r| r.respawn);
     l.record.set(registered.map(|r| r.index));
     if registered.is_none() {
@@ -145,27 +129,33 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
         pid(),
         lc.live_count(generation)
     );
-    ring_glue::init_worker(cycle, respawned);
-    super::extension::each(|e| (e.worker_start)(cycle));
-    start_heartbeat(log);
+    if l.record.get().is_some() {
+        ring_glue::init_worker(respawned);
+        wake::register(cycle);
+    }
+    extension::each(|e| (e.worker_start)(cycle));
+    heartbeat::start(log);
 }
 
 /// Worker exit through nginx (graceful stop, reload, quit).
 pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
-    super::extension::each(|e| (e.worker_exit)());
+    extension::each(|e| (e.worker_exit)());
+    // Stop reading (release the ring readers), close the wake-up socket.
+    ring_glue::release_readers();
     wake::unregister();
     let l = this_process();
     let Some(primary) = l.primary() else { return };
     let Some(index) = l.record.get() else { return };
+    let Some(slab) = primary.slab() else { return };
     let lc = &primary.header().lifecycle;
     // Exits serialized on the zone's mutex (nginx frees it if we die holding
     // it): workers leaving at the same instant each log a distinct count,
     // and the last one logs 0.
-    let lock = primary.lock();
-    lock.lock();
-    lc.exit_worker(index, pid(), mono_ms());
-    let live = lc.live_count(l.generation.get());
-    lock.unlock();
+    let live = {
+        let _locked = slab.lock();
+        lc.exit_worker(index, pid(), mono_ms());
+        lc.live_count(l.generation.get())
+    };
     l.record.set(None);
     ngx::ngx_log_error!(
         NGX_LOG_INFO,
@@ -175,83 +165,4 @@ pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
         l.slot.get(),
         l.generation.get()
     );
-}
-
-fn report(log: *mut ngx_log_t, f: Finding, me: i32) {
-    if let Some(primary) = this_process().primary() {
-        let h = primary.header();
-        let counter = match f {
-            Finding::Crashed { .. } => &h.crashes_seen,
-            Finding::Hung { .. } => &h.hangs_seen,
-        };
-        // Relaxed: a statistic; each finding is reported once (its state change is a CAS).
-        counter.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-    }
-    match f {
-        Finding::Crashed { pid, slot, generation } => {
-            ngx::ngx_log_error!(
-                NGX_LOG_ERR,
-                log,
-                "workerbus: worker process {pid} (slot {slot}, generation {generation}) crashed: \
-                 gone without exiting, seen by {me}"
-            );
-        }
-        Finding::Hung { pid, slot, generation, late_ms } => {
-            ngx::ngx_log_error!(
-                NGX_LOG_WARN,
-                log,
-                "workerbus: worker process {pid} (slot {slot}, generation {generation}) hung: \
-                 no heartbeat for {late_ms} ms, seen by {me}"
-            );
-        }
-    }
-}
-
-fn start_heartbeat(log: *mut ngx_log_t) {
-    let l = this_process();
-    let ev = l.heartbeat_event();
-    // SAFETY: the event and the dummy connection live in process-static
-    // memory for the life of the process, touched by this thread only.
-    unsafe {
-        (*ev).handler = Some(heartbeat);
-        (*ev).log = log;
-        // nginx's timer code logs ev->data as a connection's fd at debug
-        // level: point it at a dummy connection, as nginx's own timers do.
-        (*l.dummy_connection()).fd = -1;
-        (*ev).data = l.dummy_connection().cast::<c_void>();
-        // A cancelable timer does not hold up a graceful shutdown.
-        (*ev).set_cancelable(1);
-        nginx_sys::ngx_add_timer(ev, l.heartbeat_ms.get());
-    }
-}
-
-unsafe extern "C" fn heartbeat(ev: *mut ngx_event_t) {
-    let l = this_process();
-    // SAFETY: the event is the heartbeat event, with its log set in start_heartbeat.
-    let log = unsafe { (*ev).log };
-    let now = mono_ms();
-    if let (Some(primary), Some(index)) = (l.primary(), l.record.get()) {
-        let lc = &primary.header().lifecycle;
-        if lc.heartbeat(index, pid(), now) {
-            ngx::ngx_log_error!(
-                NGX_LOG_NOTICE,
-                log,
-                "workerbus: worker process {} (slot {}, generation {}) recovered: heartbeat resumed",
-                pid(),
-                l.slot.get(),
-                l.generation.get()
-            );
-        }
-        // Relaxed: a setting, set once from Lua.
-        let hang_ms = match lc.hang_timeout_ms.load(core::sync::atomic::Ordering::Relaxed) {
-            0 => l.hang_timeout_ms.get() as u64,
-            ms => ms,
-        };
-        lc.check(now, hang_ms, pid_alive, |f| report(log, f, pid()));
-    }
-    for z in &l.zones() {
-        ring_glue::on_heartbeat(z);
-    }
-    // SAFETY: as in start_heartbeat.
-    unsafe { nginx_sys::ngx_add_timer(ev, l.heartbeat_ms.get()) };
 }

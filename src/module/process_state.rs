@@ -1,6 +1,12 @@
-//! State private to one nginx process. The master fills it in init_module
-//! and its workers inherit it through fork; each worker completes it in
-//! init_process.
+//! Who this process is: its zones and its lifecycle identity. The master
+//! fills it in init_module and its workers inherit it through fork; each
+//! worker completes it when it starts (process.rs).
+//!
+//! What else a process keeps lives with its owner: the wake-up socket and
+//! the deferred wake-up in wake.rs, the heartbeat timer in heartbeat.rs, the
+//! init_by_lua hold in preload.rs, the poller's semaphore in sema.rs. The
+//! configuration is read from the cycle when needed (conf.rs), never copied
+//! here; what a zone's init needs travels in the zone's own data (zone.rs).
 //!
 //! Ownership: the one `ProcessState` below owns all of it, and the rest of
 //! the module only ever holds a shared reference (`this_process()`). Fields
@@ -8,16 +14,11 @@
 //! and read by copy (a `Zone` is a few addresses), so no reference into the
 //! state outlives the call that made it, and a handler that re-enters
 //! module code (a Lua FFI call from inside a wake-up, say) cannot alias a
-//! live borrow. The events nginx keeps pointers to live in `UnsafeCell`s
-//! and are handed out as raw pointers only.
+//! live borrow.
 
 use core::cell::{Cell, UnsafeCell};
 
-use nginx_sys::{ngx_connection_t, ngx_event_t, ngx_msec_t};
-
-use super::conf::CoreConf;
 use super::one_thread::OneThread;
-use super::preload::Held;
 use super::zone::Zone;
 
 pub struct ProcessState {
@@ -27,37 +28,13 @@ pub struct ProcessState {
     pub generation: Cell<u64>,
     /// Master pid recorded in init_module (before nginx daemonizes).
     pub master_pid_seen: Cell<i32>,
-    /// This worker's record in the primary zone's lifecycle table.
+    /// This worker's record in the primary zone's lifecycle table, which is
+    /// also the index of its reader in every zone's ring.
     pub record: Cell<Option<usize>>,
     pub slot: Cell<u32>,
     pub is_worker: Cell<bool>,
-    /// worker_start() ran (from init_process or from the first FFI call).
+    /// The worker's start ran (from init_process or from the first FFI call).
     pub worker_started: Cell<bool>,
-    pub heartbeat_ms: Cell<ngx_msec_t>,
-    pub hang_timeout_ms: Cell<ngx_msec_t>,
-    heartbeat: UnsafeCell<ngx_event_t>,
-    /// What timer events' `data` points at (fd -1), for nginx's debug logging.
-    dummy_conn: UnsafeCell<ngx_connection_t>,
-    /// This worker's own wake-up socket in its event loop, and the nonce in its name.
-    pub wake_conn: Cell<*mut ngx_connection_t>,
-    pub wake_nonce: Cell<u64>,
-    /// Unbound socket this process sends wake-ups from (-1 until needed).
-    pub send_fd: Cell<i32>,
-    pub wakeups_received: Cell<u64>,
-    /// Deferred wake-up: posted once per event-loop iteration, for these zones (bits).
-    wake_ev: UnsafeCell<ngx_event_t>,
-    pub wake_zones: Cell<u32>,
-    /// Ring reader slot of this worker (its lifecycle record index).
-    pub reader: Cell<Option<usize>>,
-    /// worker_processes of the configuration being loaded (master, from
-    /// init_conf to zone init): sizes the lifecycle table of fresh zones.
-    pub conf_workers: Cell<usize>,
-    /// Between create_conf and init_module (master): the configuration
-    /// phase, where init_by_lua runs; its configuration, and the events
-    /// posted there (see preload.rs).
-    pub loading: Cell<bool>,
-    pub loading_conf: Cell<*mut CoreConf>,
-    held: Cell<Vec<Held>>,
 }
 
 static STATE: OneThread<ProcessState> = OneThread::new(ProcessState {
@@ -68,24 +45,6 @@ static STATE: OneThread<ProcessState> = OneThread::new(ProcessState {
     slot: Cell::new(0),
     is_worker: Cell::new(false),
     worker_started: Cell::new(false),
-    heartbeat_ms: Cell::new(1000),
-    hang_timeout_ms: Cell::new(5000),
-    // SAFETY: an all-zero ngx_event_t is nginx's own "unused event" state.
-    heartbeat: UnsafeCell::new(unsafe { core::mem::zeroed() }),
-    // SAFETY: an all-zero connection is only ever read for its fd field.
-    dummy_conn: UnsafeCell::new(unsafe { core::mem::zeroed() }),
-    wake_conn: Cell::new(core::ptr::null_mut()),
-    wake_nonce: Cell::new(0),
-    send_fd: Cell::new(-1),
-    wakeups_received: Cell::new(0),
-    // SAFETY: as for the heartbeat event.
-    wake_ev: UnsafeCell::new(unsafe { core::mem::zeroed() }),
-    wake_zones: Cell::new(0),
-    reader: Cell::new(None),
-    conf_workers: Cell::new(1),
-    loading: Cell::new(false),
-    loading_conf: Cell::new(core::ptr::null_mut()),
-    held: Cell::new(Vec::new()),
 });
 
 /// This process's state (shared: see the module's comment).
@@ -122,34 +81,5 @@ impl ProcessState {
     /// The primary zone: the first one declared, which carries the lifecycle table.
     pub fn primary(&self) -> Option<Zone> {
         self.zone_at(0)
-    }
-
-    /// The heartbeat timer event (nginx keeps its address while it is armed).
-    pub fn heartbeat_event(&self) -> *mut ngx_event_t {
-        self.heartbeat.get()
-    }
-
-    /// The deferred wake-up event (posted to nginx's queue, so address-stable).
-    pub fn wake_event(&self) -> *mut ngx_event_t {
-        self.wake_ev.get()
-    }
-
-    /// The connection timer events point `data` at (fd -1).
-    pub fn dummy_connection(&self) -> *mut ngx_connection_t {
-        self.dummy_conn.get()
-    }
-
-    /// Works on the events held during configuration (taken out for the
-    /// call and put back after it, so no borrow of the state is open).
-    pub fn with_held<R>(&self, f: impl FnOnce(&mut Vec<Held>) -> R) -> R {
-        let mut held = self.held.take();
-        let r = f(&mut held);
-        self.held.set(held);
-        r
-    }
-
-    /// The events held so far, handed over once.
-    pub fn take_held(&self) -> Vec<Held> {
-        self.held.take()
     }
 }

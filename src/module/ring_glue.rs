@@ -5,14 +5,18 @@
 
 use core::sync::atomic::Ordering;
 
-use nginx_sys::{NGX_LOG_WARN, ngx_cycle_t, ngx_log_t};
+use nginx_sys::{NGX_LOG_WARN, ngx_log_t};
 use serde_json::{Value, json};
 
 use crate::shm::claims::Claims;
 use crate::shm::lifecycle::{MAX_GENERATIONS, pid_alive};
-use crate::shm::ring::{Overflow, RecordIn, Ring};
+use crate::shm::ring::{RecordIn, Ring};
 
+use super::conf::{self, CoreConf};
+
+use super::pid;
 use super::process_state::this_process;
+use super::time::{mono_ms, mono_ms_now};
 use super::wake;
 use super::zone::Zone;
 
@@ -47,38 +51,19 @@ pub fn first_seq(zone: &Zone, generation: u64) -> u64 {
     zone.header().first_seq[(generation as usize) % MAX_GENERATIONS].load(Ordering::Relaxed)
 }
 
-/// Worker start: position this worker's cursor in every zone's ring, then
-/// watch the wake-up descriptor. A worker replacing a crashed one starts at
+/// Worker start: position this worker's cursor in every zone's ring (its
+/// reader is its lifecycle record's index). A worker replacing a crashed one starts at
 /// the head (replaying its predecessor's generation would repeat side
 /// effects); any other starts at its generation's first event, so it also
 /// sees what was posted before its Lua code configured.
-pub fn init_worker(cycle: *mut ngx_cycle_t, respawned: bool) {
+pub fn init_worker(respawned: bool) {
     let l = this_process();
     let Some(reader) = l.record.get() else { return };
-    l.reader.set(Some(reader));
     for z in &l.zones() {
         let Some(r) = ring(z) else { continue };
         let Some(rd) = r.reader(reader) else { continue };
         let start = if respawned { r.head_seq() } else { first_seq(z, l.generation.get()).max(1) };
         rd.set_cursor(start);
-    }
-    wake::register(cycle);
-}
-
-/// Monotonic milliseconds (the same clock in every process of the host;
-/// immune to wall-clock steps): readers' signs of life.
-pub fn mono_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1000).saturating_add(ts.tv_nsec as u64 / 1_000_000)
-}
-
-/// Zone init (fresh or kept across a reload): apply this configuration's
-/// overflow setting to the zone's ring.
-pub fn configure_zone(ring: Option<Ring>, overwrite: bool) {
-    if let Some(r) = ring {
-        r.set_overflow(if overwrite { Overflow::Overwrite } else { Overflow::Refuse });
     }
 }
 
@@ -87,13 +72,12 @@ pub fn configure_zone(ring: Option<Ring>, overwrite: bool) {
 /// posters wake them at this process's address.
 pub fn claim_readers() {
     let l = this_process();
-    let Some(i) = l.reader.get() else { return };
-    // SAFETY: set by nginx at process start.
-    let pid = unsafe { nginx_sys::ngx_pid };
-    let nonce = if wake::available() { l.wake_nonce.get() } else { 0 };
+    let Some(i) = l.record.get() else { return };
+    let me = pid();
+    let nonce = wake::nonce().unwrap_or(0);
     for z in &l.zones() {
         if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
-            rd.claim(pid, nonce, mono_ms());
+            rd.claim(me, nonce, mono_ms_now());
         }
     }
 }
@@ -101,7 +85,7 @@ pub fn claim_readers() {
 /// Worker exit: its readers no longer guard anything.
 pub fn release_readers() {
     let l = this_process();
-    let Some(i) = l.reader.get() else { return };
+    let Some(i) = l.record.get() else { return };
     for z in &l.zones() {
         if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
             rd.release();
@@ -110,11 +94,11 @@ pub fn release_readers() {
 }
 
 /// Heartbeat overrun after which a reader no longer blocks posts: the
-/// lifecycle's hang timeout (as set from Lua, else the directive).
-fn hang_ms(zone: &Zone) -> u64 {
+/// lifecycle's hang timeout (as set from Lua, else the directive's in `conf`).
+fn hang_ms(zone: &Zone, conf: Option<&CoreConf>) -> u64 {
     // Relaxed: a setting.
     match zone.header().lifecycle.hang_timeout_ms.load(Ordering::Relaxed) {
-        0 => this_process().hang_timeout_ms.get() as u64,
+        0 => conf::hang_timeout_ms(conf),
         ms => ms,
     }
 }
@@ -122,12 +106,18 @@ fn hang_ms(zone: &Zone) -> u64 {
 /// Appends an event to zone `index`; the workers whose pollers sleep are
 /// woken when this event-loop iteration ends.
 pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
+    post_with(index, zone, rec, conf::running())
+}
+
+/// `post` under configuration `conf` (the master's init_module posts under
+/// the configuration it loads, not the running one it replaces).
+pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreConf>) -> Result<u64, String> {
     let r = ring(zone).ok_or("the zone has no event ring")?;
-    let hang = hang_ms(zone);
+    let hang = hang_ms(zone, conf);
     // Called only when the post would overwrite what a claimed reader has
     // not read: a reader blocks it while it lives and its heartbeat is not
     // overdue (a hung or dead worker is lapped, and told when it reads).
-    let responsive = |pid: i32, beat: u64| mono_ms().saturating_sub(beat) <= hang && pid_alive(pid);
+    let responsive = |pid: i32, beat: u64| mono_ms_now().saturating_sub(beat) <= hang && pid_alive(pid);
     let seq = r.post_checked(&zone.lock(), rec, &responsive).map_err(|e| {
         let mut m = e.to_string();
         if matches!(e, crate::shm::ring::PostError::Full { .. }) {
@@ -152,20 +142,17 @@ pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
 /// worker whose event loop stalls stops blocking posts after the hang
 /// timeout), and accounting for writers that died mid-post, each logged
 /// once by whichever worker sees it first. Wake-ups do not depend on it.
-pub fn on_heartbeat(zone: &Zone) {
+pub fn on_heartbeat(zone: &Zone, log: *mut ngx_log_t) {
     let l = this_process();
     let Some(r) = ring(zone) else { return };
-    // SAFETY: set by nginx at process start.
-    let me = unsafe { nginx_sys::ngx_pid };
-    if let Some(rd) = l.reader.get().and_then(|i| r.reader(i))
+    let me = pid();
+    if let Some(rd) = l.record.get().and_then(|i| r.reader(i))
         && rd.stats().owner == me
     {
-        rd.beat(mono_ms());
+        rd.beat(mono_ms_now());
     }
     r.repair(&zone.lock());
-    // SAFETY: the heartbeat event lives in process-static memory; its log
-    // is set before its timer first fires (and null until then).
-    report_abandoned(zone, unsafe { (*l.heartbeat_event()).log });
+    report_abandoned(zone, log);
 }
 
 /// Logs, once, the posts cut off by writers that died mid-post.
@@ -209,7 +196,7 @@ pub fn status(zone: &Zone) -> Option<Value> {
             "poller": rs.owner != 0,
         }));
     }
-    let claims = claims(zone).map(|c| c.stats(super::time::mono_ms()));
+    let claims = claims(zone).map(|c| c.stats(mono_ms()));
     Some(json!({
         "capacity": st.capacity,
         "used": st.used,

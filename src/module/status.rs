@@ -5,31 +5,25 @@
 
 use core::ffi::{c_char, c_void};
 
-use nginx_sys::{NGX_CONF_NOARGS, NGX_HTTP_LOC_CONF, ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t};
+use nginx_sys::{ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t};
 use ngx::core::NGX_CONF_OK;
 use serde_json::{Value, json};
 
 use crate::shm::lifecycle::Lifecycle;
 
 use super::http;
-use super::metrics;
+use super::pid;
 use super::process_state::this_process;
 use super::ring_glue;
 use super::time::{mono_ms, wall_of};
 use super::zone::Zone;
-use super::{directive, null_command};
-
-pub static mut HTTP_COMMANDS: [ngx_command_t; 3] = [
-    directive(ngx::ngx_string!("workerbus_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status),
-    directive(ngx::ngx_string!("workerbus_metrics"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, metrics::set_metrics),
-    null_command(),
-];
 
 /// The live status page: one self-contained file (inline CSS and JS) that
 /// polls this same location for JSON.
 const PAGE: &str = include_str!("status.html");
 
-unsafe extern "C" fn set_status(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
+/// `workerbus_status;`
+pub unsafe extern "C" fn set_status(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
     http::set_handler(cf, handler);
     NGX_CONF_OK
 }
@@ -132,8 +126,7 @@ pub fn snapshot() -> Value {
         "module": "workerbus",
         "version": env!("CARGO_PKG_VERSION"),
         "abi": crate::abi::ABI_VERSION,
-        // SAFETY: set by nginx at process start.
-        "pid": unsafe { nginx_sys::ngx_pid },
+        "pid": pid(),
         "generation": l.generation.get(),
         "zones": zones,
     });

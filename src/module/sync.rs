@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 
 use crate::shm::lease::{Me, Role, Why};
 use crate::shm::lifecycle::pid_alive;
-use crate::shm::lock::ShmLock;
 use crate::shm::sync::{Slab, SyncTable};
 
+use super::pid;
 use super::process_state::this_process;
 use super::time::mono_ms;
 use super::zone::Zone;
@@ -47,8 +47,8 @@ pub fn table_or_make(zone: &Zone) -> Option<&'static SyncTable> {
     if let Some(t) = table(zone) {
         return Some(t);
     }
-    let lock = zone.lock();
-    lock.lock();
+    let slab = zone.slab()?;
+    let locked = slab.lock();
     let made = table(zone).is_some() || {
         let len = SyncTable::region_size();
         // SAFETY: a live slab pool whose mutex we hold; a zeroed table is a valid, empty one.
@@ -61,7 +61,7 @@ pub fn table_or_make(zone: &Zone) -> Option<&'static SyncTable> {
         }
         !p.is_null()
     };
-    lock.unlock();
+    drop(locked);
     if made { table(zone) } else { None }
 }
 
@@ -115,11 +115,6 @@ pub fn alive(pid: i32) -> bool {
         tracked = true;
     }
     !tracked
-}
-
-fn pid() -> i32 {
-    // SAFETY: set by nginx at process start.
-    unsafe { nginx_sys::ngx_pid }
 }
 
 /// One tick of instance `inst`'s runner lease; logs changes of owner.

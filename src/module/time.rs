@@ -1,4 +1,8 @@
-//! Clocks from nginx's cached time (no syscall). The wall clock is for
+//! Clocks. `now_ms` and `mono_ms` are nginx's cached time (no syscall: as
+//! of the event loop's last time update); `mono_ms_now` reads the monotonic
+//! clock at the call, for stamps that must not lag behind a long handler
+//! (ring readers' signs of life, a post judging whether a reader is
+//! responsive). The wall clock is for
 //! display only; every judgement of age (heartbeats, hangs, claim expiry,
 //! how long ago a worker died) uses the monotonic clock, which an NTP step
 //! does not move. CLOCK_MONOTONIC counts from boot for the whole system, so
@@ -20,4 +24,13 @@ pub fn mono_ms() -> u64 {
 /// The wall-clock time (ms since the epoch) of a monotonic stamp, for display.
 pub fn wall_of(mono: u64) -> u64 {
     now_ms().saturating_sub(mono_ms().saturating_sub(mono))
+}
+
+/// Monotonic milliseconds read now (clock_gettime per call, CLOCK_MONOTONIC:
+/// the same clock in every process of the host, immune to wall-clock steps).
+pub fn mono_ms_now() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1000).saturating_add(ts.tv_nsec as u64 / 1_000_000)
 }

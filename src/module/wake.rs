@@ -11,10 +11,36 @@
 //! could drain the other's wake-up). The handler posts the Lua poller's
 //! ngx.semaphore.
 
+use core::cell::Cell;
+
 use nginx_sys::{NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t};
 
+use super::event::Event;
+use super::one_thread::OneThread;
 use super::process_state::this_process;
-use super::sema;
+use super::zone::Zone;
+use super::{extension, pid, sema};
+
+/// This process's wake-up state.
+struct Wake {
+    /// This worker's own wake-up socket in its event loop (null: none), and
+    /// the nonce in its name.
+    conn: Cell<*mut ngx_connection_t>,
+    nonce: Cell<u64>,
+    /// Unbound socket this process sends wake-ups from (-1 until needed).
+    send_fd: Cell<i32>,
+    /// Deferred wake-up: posted once per event-loop iteration, for these zones (bits).
+    deferred: Event,
+    zones: Cell<u32>,
+}
+
+static WAKE: OneThread<Wake> = OneThread::new(Wake {
+    conn: Cell::new(core::ptr::null_mut()),
+    nonce: Cell::new(0),
+    send_fd: Cell::new(-1),
+    deferred: Event::new(),
+    zones: Cell::new(0),
+});
 
 /// The abstract socket address of (pid, nonce), and its length.
 fn address(pid: i32, nonce: u64) -> (libc::sockaddr_un, libc::socklen_t) {
@@ -52,8 +78,8 @@ fn random_nonce() -> u64 {
 /// Worker: binds this process's wake-up socket and adds it to the event
 /// loop. Without it (logged) the Lua poller falls back to its interval.
 pub fn register(cycle: *mut ngx_cycle_t) {
-    let l = this_process();
-    if !l.wake_conn.get().is_null() {
+    let w = WAKE.get();
+    if !w.conn.get().is_null() {
         return;
     }
     // SAFETY: cycle is live.
@@ -103,13 +129,18 @@ pub fn register(cycle: *mut ngx_cycle_t) {
             return;
         }
     }
-    l.wake_conn.set(c);
-    l.wake_nonce.set(nonce);
+    w.conn.set(c);
+    w.nonce.set(nonce);
 }
 
 /// Whether posters can wake this worker.
 pub fn available() -> bool {
-    !this_process().wake_conn.get().is_null()
+    !WAKE.get().conn.get().is_null()
+}
+
+/// The nonce of this worker's wake-up address, when it has one.
+pub fn nonce() -> Option<u64> {
+    available().then(|| WAKE.get().nonce.get())
 }
 
 /// Drains the socket and wakes the Lua poller.
@@ -129,8 +160,7 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
         // to ourselves ends that wait at once, so the poller stops now
         // rather than at the next timer (the heartbeat, or never).
         sema::post();
-        // SAFETY: set by nginx at process start.
-        signal(unsafe { nginx_sys::ngx_pid }, this_process().wake_nonce.get());
+        signal(pid(), WAKE.get().nonce.get());
         return;
     }
     // SAFETY: as above.
@@ -138,11 +168,9 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     let mut b = [0u8; 8];
     // SAFETY: reading into a local buffer from our non-blocking socket; stops at EAGAIN.
     while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) } >= 0 {}
-    let l = this_process();
-    l.wakeups_received.set(l.wakeups_received.get() + 1);
     sema::post();
     // Other parts (the PostgreSQL bridge's holder) are woken through the same descriptor.
-    super::extension::each(|e| (e.on_wake)());
+    extension::each(|e| (e.on_wake)());
 }
 
 /// Wakes the idle workers of zone `index` at the end of this event-loop
@@ -150,27 +178,18 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
 /// one wake-up per idle worker in all, not one each time a fast reader
 /// drained the ring and went idle again.
 pub fn wake_later(index: usize) {
-    let l = this_process();
-    l.wake_zones.set(l.wake_zones.get() | 1u32 << (index % 32));
-    let ev = l.wake_event();
-    // SAFETY: the event lives in process-static memory, and only this
-    // thread touches it (nginx's posted queue is this loop's too).
-    unsafe {
-        if (*ev).posted() != 0 {
-            return;
-        }
-        if (*ev).handler.is_none() {
-            (*ev).handler = Some(on_deferred_wake);
-            (*ev).data = l.dummy_connection().cast();
-            (*ev).log = (*nginx_sys::ngx_cycle).log;
-        }
-        nginx_sys::ngx_post_event(ev, &raw mut nginx_sys::ngx_posted_events);
+    let w = WAKE.get();
+    w.zones.set(w.zones.get() | 1u32 << (index % 32));
+    if !w.deferred.is_set_up() {
+        // SAFETY: ngx_cycle is the running cycle, whose log lives as long as it.
+        w.deferred.init(unsafe { (*nginx_sys::ngx_cycle).log }, on_deferred_wake);
     }
+    w.deferred.post();
 }
 
 unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
     let l = this_process();
-    let bits = l.wake_zones.replace(0);
+    let bits = WAKE.get().zones.replace(0);
     // By index, copying one zone at a time: this runs once per event-loop
     // iteration with posts, and needs no copy of the whole list.
     let mut i = 0;
@@ -183,7 +202,7 @@ unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
 }
 
 /// Wakes every idle reader of a zone's ring, now.
-pub fn wake_zone(z: &super::zone::Zone) {
+pub fn wake_zone(z: &Zone) {
     let Some(r) = z.ring else { return };
     r.wake_idle(|_, pid, nonce| {
         if pid != 0 {
@@ -196,24 +215,24 @@ pub fn wake_zone(z: &super::zone::Zone) {
 /// queue means wake-ups are already waiting there; a gone address, that
 /// the worker is gone: both are fine to ignore.
 pub fn signal(pid: i32, nonce: u64) {
-    let l = this_process();
-    if l.send_fd.get() < 0 {
-        l.send_fd.set(datagram_socket());
-        if l.send_fd.get() < 0 {
+    let w = WAKE.get();
+    if w.send_fd.get() < 0 {
+        w.send_fd.set(datagram_socket());
+        if w.send_fd.get() < 0 {
             return;
         }
     }
     let (addr, len) = address(pid, nonce);
     // SAFETY: one byte from a local to a valid address; non-blocking.
     unsafe {
-        libc::sendto(l.send_fd.get(), c"w".as_ptr().cast(), 1, libc::MSG_DONTWAIT, (&raw const addr).cast(), len)
+        libc::sendto(w.send_fd.get(), c"w".as_ptr().cast(), 1, libc::MSG_DONTWAIT, (&raw const addr).cast(), len)
     };
 }
 
-/// Worker exit: stop reading (release the ring readers) and close the socket.
+/// Worker exit (after the ring readers were released): close the socket and
+/// forget the poller's semaphore.
 pub fn unregister() {
-    super::ring_glue::release_readers();
-    let c = this_process().wake_conn.replace(core::ptr::null_mut());
+    let c = WAKE.get().conn.replace(core::ptr::null_mut());
     if !c.is_null() {
         // SAFETY: the connection was made by register() in this process.
         unsafe { nginx_sys::ngx_close_connection(c) };

@@ -1,6 +1,7 @@
 //! Shared zones: declaring them, laying out a fresh one, accepting one kept
 //! across a reload, and finding this cycle's zones again in a worker.
 
+use core::cell::Cell;
 use core::ffi::c_void;
 use core::ptr;
 
@@ -13,9 +14,11 @@ use crate::shm::claims::Claims;
 use crate::shm::header::{LAYOUT, MAGIC, ZoneHeader};
 use crate::shm::lifecycle::{records_for, records_needed};
 use crate::shm::lock::ShmLock;
-use crate::shm::ring::Ring;
+use crate::shm::ring::{Overflow, Ring};
+use ngx::core::SlabPool;
+use ngx::core::slab::LockedSlabPool;
 
-use super::{time::now_ms, zone_tag};
+use super::{pid, time::now_ms, zone_tag};
 
 /// One of this module's zones, as seen by the current process.
 #[derive(Clone, Copy)]
@@ -55,9 +58,19 @@ impl Zone {
         pages * page_size()
     }
 
-    /// The slab pool's mutex, which nginx's master releases for dead holders.
+    /// The zone's slab pool (ngx's wrapper); None only for a zone nginx
+    /// has not mapped, which no process's zone list holds (of_cycle lists
+    /// initialised zones only).
+    pub fn slab(&self) -> Option<SlabPool> {
+        // SAFETY: the shm zone belongs to the running cycle and is
+        // initialised (see above); the pool stays mapped as `header` says.
+        unsafe { SlabPool::from_shm_zone(&*self.shm) }
+    }
+
+    /// The slab pool's mutex, which nginx's master releases for dead
+    /// holders, as the core's `ShmLock` (lock / unlock).
     pub fn lock(&self) -> PoolLock {
-        PoolLock(self.pool)
+        PoolLock { pool: self.slab(), held: Cell::new(None) }
     }
 }
 
@@ -66,25 +79,53 @@ fn page_size() -> usize {
     unsafe { nginx_sys::ngx_pagesize }
 }
 
-/// Writers' lock backed by the zone's slab pool mutex.
-pub struct PoolLock(*mut ngx_slab_pool_t);
+/// The core's writers' lock (`ShmLock`: separate lock and unlock calls,
+/// as src/shm is nginx-independent) on ngx's slab pool lock: `lock` keeps
+/// the crate's guard (`LockedSlabPool`, which unlocks in Drop) and `unlock`
+/// drops it, so the mutex calls are ngx's own. The glue's own critical
+/// sections take the guard directly (`zone.slab()?.lock()`).
+pub struct PoolLock {
+    pool: Option<SlabPool>,
+    held: Cell<Option<LockedSlabPool>>,
+}
 
 impl ShmLock for PoolLock {
     fn lock(&self) {
-        // SAFETY: the pool is a live slab pool; its mutex was set up by ngx_slab_init.
-        unsafe { nginx_sys::ngx_shmtx_lock(&raw mut (*self.0).mutex) }
+        if let Some(p) = &self.pool {
+            self.held.set(Some(p.lock()));
+        }
     }
     fn unlock(&self) {
-        // SAFETY: as above; called only by the holder.
-        unsafe { nginx_sys::ngx_shmtx_unlock(&raw mut (*self.0).mutex) }
+        drop(self.held.take());
     }
 }
 
 /// What the configuration says about a zone beyond its name and size;
-/// reaches init_zone through the zone's `data` (as nginx's own modules do).
+/// reaches init_zone through the zone's `data` (as nginx's limit_req
+/// module does with its ctx).
 #[repr(C)]
 struct ZoneConf {
     overwrite: bool,
+    /// worker_processes of the configuration (set_workers, from init_conf):
+    /// sizes a fresh zone's lifecycle table, bounds a kept one's.
+    workers: usize,
+}
+
+/// init_conf: the configuration's worker_processes, for the zone's init.
+pub fn set_workers(z: *mut ngx_shm_zone_t, workers: usize) {
+    // SAFETY: z is one of this configuration's zones, whose data add() set
+    // to its ZoneConf in the configuration pool; zone init has not run yet.
+    if let Some(zc) = unsafe { ((*z).data as *mut ZoneConf).as_mut() } {
+        zc.workers = workers;
+    }
+}
+
+/// Applies the configuration's overflow setting to the zone's ring (fresh
+/// or kept across a reload).
+fn configure_ring(ring: Option<Ring>, overwrite: bool) {
+    if let Some(r) = ring {
+        r.set_overflow(if overwrite { Overflow::Overwrite } else { Overflow::Refuse });
+    }
 }
 
 /// Declares a zone to nginx. Errors are logged by nginx itself.
@@ -115,6 +156,7 @@ pub fn add(cf: *mut ngx_conf_t, name: &[u8], size: usize, overwrite: bool) -> Op
             return None;
         }
         (*zc).overwrite = overwrite;
+        (*zc).workers = 1;
         (*z).data = zc.cast();
     }
     Some(z)
@@ -128,7 +170,8 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
         (z.shm.addr as *mut ngx_slab_pool_t, z.shm.size, z.shm.log, String::from_utf8_lossy(z.shm.name.as_bytes()))
     };
     // SAFETY: add() set data to this cycle's ZoneConf, in the configuration pool.
-    let overwrite = unsafe { ((*shm_zone).data as *const ZoneConf).as_ref().is_some_and(|c| c.overwrite) };
+    let (overwrite, workers) =
+        unsafe { ((*shm_zone).data as *const ZoneConf).as_ref().map_or((false, 1), |c| (c.overwrite, c.workers)) };
     if !old.is_null() {
         // SAFETY: old is the header this module stored in the previous cycle's zone of the same mapping.
         let header = unsafe { &*(old as *const ZoneHeader) };
@@ -140,7 +183,6 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
             );
             return NGX_ERROR as ngx_int_t;
         }
-        let workers = super::process_state::this_process().conf_workers.get();
         let needed = records_needed(workers);
         if header.lifecycle.record_count() < needed {
             ngx::ngx_log_error!(
@@ -165,7 +207,7 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
         };
         // SAFETY: zone is ours and valid.
         unsafe { (*shm_zone).data = old };
-        super::ring_glue::configure_zone(ring, overwrite);
+        configure_ring(ring, overwrite);
         return NGX_OK as ngx_int_t;
     }
     // SAFETY: a fresh slab pool owned by this zone; no worker runs yet.
@@ -179,9 +221,8 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
     h.magic = MAGIC;
     h.layout = LAYOUT;
     h.size = size as u64;
-    // SAFETY: reading the master's pid, set before configuration.
-    h.lifecycle.init(unsafe { nginx_sys::ngx_pid }, now_ms());
-    let records = records_for(super::process_state::this_process().conf_workers.get());
+    h.lifecycle.init(pid(), now_ms());
+    let records = records_for(workers);
     if let Err(why) = super::layout::lay_out(pool, h, records) {
         ngx::ngx_log_error!(NGX_LOG_EMERG, log, "workerbus: zone \"{name}\" of {size} bytes: {why}");
         return NGX_ERROR as ngx_int_t;
@@ -193,7 +234,7 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, old: *mut c_void) 
             return NGX_ERROR as ngx_int_t;
         }
     };
-    super::ring_glue::configure_zone(ring, overwrite);
+    configure_ring(ring, overwrite);
     // SAFETY: pool and zone are ours; data links the zone to its header for reloads.
     unsafe {
         (*pool).data = header.cast();

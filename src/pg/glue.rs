@@ -6,7 +6,7 @@
 // for the call by nginx's contract, so these lints would only repeat it.
 #![allow(clippy::not_unsafe_ptr_arg_deref, clippy::missing_safety_doc)]
 
-use core::cell::{Cell, OnceCell, UnsafeCell};
+use core::cell::{Cell, OnceCell};
 use core::ffi::{c_char, c_void};
 use core::sync::atomic::Ordering::Relaxed;
 use std::collections::HashMap;
@@ -14,13 +14,15 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use nginx_sys::{
     NGX_CONF_1MORE, NGX_CORE_MODULE, NGX_DIRECT_CONF, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_MAIN_CONF, ngx_command_t,
-    ngx_conf_t, ngx_connection_t, ngx_core_module_t, ngx_cycle_t, ngx_event_t, ngx_module_t,
+    ngx_conf_t, ngx_core_module_t, ngx_cycle_t, ngx_event_t, ngx_module_t,
 };
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use serde_json::{Value, json};
 
+use crate::module::event::Event;
 use crate::module::extension::{self, Extension};
 use crate::module::one_thread::OneThread;
+use crate::module::pid;
 use crate::module::process_state::this_process;
 use crate::module::time::mono_ms;
 use crate::module::zone::Zone;
@@ -55,10 +57,9 @@ struct PgWorker {
     bus: &'static PgBus,
     zone: Zone,
     origin: String,
-    tick: UnsafeCell<ngx_event_t>,
-    drive: UnsafeCell<ngx_event_t>,
-    timer: UnsafeCell<ngx_event_t>,
-    dummy: UnsafeCell<ngx_connection_t>,
+    tick: Event,
+    drive: Event,
+    timer: Event,
     /// The holder's session; out of the cell while it runs.
     bridge: Cell<Option<Box<Bridge>>>,
     /// Channels this worker's Lua code waits on or subscribes to, with counts.
@@ -92,9 +93,8 @@ impl PgWorker {
         r
     }
 
-    fn log(&self) -> *mut nginx_sys::ngx_log_t {
-        // SAFETY: our own event, set up in init_worker; only this thread touches it.
-        unsafe { (*self.tick.get()).log }
+    fn log(&'static self) -> *mut nginx_sys::ngx_log_t {
+        self.tick.log()
     }
 }
 
@@ -102,11 +102,6 @@ static PG: OneThread<OnceCell<PgWorker>> = OneThread::new(OnceCell::new());
 
 fn pg() -> Option<&'static PgWorker> {
     PG.get().get()
-}
-
-fn pid() -> i32 {
-    // SAFETY: set by nginx at process start.
-    unsafe { nginx_sys::ngx_pid }
 }
 
 // ---- directive ----------------------------------------------------------
@@ -147,7 +142,7 @@ static mut PG_COMMANDS: [ngx_command_t; 2] = [
         NGX_MAIN_CONF | NGX_DIRECT_CONF | NGX_CONF_1MORE,
         set_postgres,
     ),
-    crate::module::null_command(),
+    ngx_command_t::empty(),
 ];
 
 #[used]
@@ -253,24 +248,6 @@ fn node_origin(zone: &Zone) -> String {
     wire::clean_origin(&format!("{}/{m}/{s}", crate::module::status::host_name()))
 }
 
-/// # Safety
-/// `ev` must be an event of this process that no timer or queue holds yet.
-unsafe fn init_event(
-    ev: *mut ngx_event_t,
-    dummy: *mut ngx_connection_t,
-    log: *mut nginx_sys::ngx_log_t,
-    h: unsafe extern "C" fn(*mut ngx_event_t),
-) {
-    // SAFETY: guaranteed by the caller.
-    let ev = unsafe { &mut *ev };
-    ev.handler = Some(h);
-    ev.log = log;
-    // nginx's timer code logs ev->data as a connection at debug level.
-    ev.data = dummy.cast();
-    // Cancelable: a graceful shutdown does not wait for the bridge's timers.
-    ev.set_cancelable(1);
-}
-
 /// Worker start (the zones are attached, the ring reader set up).
 fn worker_start(cycle: *mut ngx_cycle_t) {
     let Some(cc) = pg_conf(cycle) else { return };
@@ -300,14 +277,9 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
         bus,
         zone,
         origin: node_origin(&zone),
-        // SAFETY: all-zero events and connection are nginx's unused states.
-        tick: UnsafeCell::new(unsafe { core::mem::zeroed() }),
-        // SAFETY: as above.
-        drive: UnsafeCell::new(unsafe { core::mem::zeroed() }),
-        // SAFETY: as above.
-        timer: UnsafeCell::new(unsafe { core::mem::zeroed() }),
-        // SAFETY: as above.
-        dummy: UnsafeCell::new(unsafe { core::mem::zeroed() }),
+        tick: Event::new(),
+        drive: Event::new(),
+        timer: Event::new(),
         bridge: Cell::new(None),
         interest: Cell::new(HashMap::new()),
         stopped: Cell::new(false),
@@ -316,15 +288,11 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
         return; // init_worker runs once per worker
     }
     let Some(p) = pg() else { return };
-    // SAFETY: the worker's events and dummy connection live in process-static
-    // memory from here on; only this thread touches them.
-    unsafe {
-        (*p.dummy.get()).fd = -1;
-        init_event(p.tick.get(), p.dummy.get(), log, on_tick);
-        init_event(p.drive.get(), p.dummy.get(), log, on_drive);
-        init_event(p.timer.get(), p.dummy.get(), log, on_timer);
-        nginx_sys::ngx_add_timer(p.tick.get(), 1);
-    }
+    // Cancelable (Event::init): a graceful shutdown does not wait for the bridge's timers.
+    p.tick.init(log, on_tick);
+    p.drive.init(log, on_drive);
+    p.timer.init(log, on_timer);
+    p.tick.add_timer(1);
 }
 
 /// Worker exit: close the session, give the lease up.
@@ -333,20 +301,12 @@ fn worker_exit() {
     stop(p);
 }
 
-fn stop(p: &PgWorker) {
+fn stop(p: &'static PgWorker) {
     p.stopped.set(true);
     p.drop_bridge();
     p.bus.release(&p.zone.lock(), pid());
-    // SAFETY: our own events; removing them from the timer tree / posted queue.
-    unsafe {
-        for ev in [p.tick.get(), p.timer.get()] {
-            if (*ev).timer_set() != 0 {
-                nginx_sys::ngx_del_timer(ev);
-            }
-        }
-        if (*p.drive.get()).posted() != 0 {
-            nginx_sys::ngx_delete_posted_event(p.drive.get());
-        }
+    for ev in [&p.tick, &p.timer, &p.drive] {
+        ev.cancel();
     }
 }
 
@@ -379,7 +339,7 @@ unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
     let lease = bus.try_lease(&lock, pid(), l.slot.get(), l.generation.get(), newest, now, LEASE_MS, pid_alive);
     match lease {
         Lease::Held | Lease::Acquired { .. } => {
-            bus.set_holder_nonce(l.wake_nonce.get());
+            bus.set_holder_nonce(crate::module::wake::nonce().unwrap_or(0));
             if !p.has_bridge() {
                 let from = if let Lease::Acquired { from } = lease { from } else { 0 };
                 let b = Bridge::new(Env {
@@ -390,8 +350,8 @@ unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
                     zone,
                     origin: p.origin.clone(),
                     log: p.log(),
-                    drive_ev: p.drive.get(),
-                    timer_ev: p.timer.get(),
+                    drive_ev: p.drive.as_ptr(),
+                    timer_ev: p.timer.as_ptr(),
                 });
                 b.log_takeover(from);
                 p.bridge.set(Some(Box::new(b)));
@@ -414,18 +374,11 @@ unsafe extern "C" fn on_tick(_ev: *mut ngx_event_t) {
             }
         }
     }
-    // SAFETY: the event lives in process-static memory.
-    unsafe { nginx_sys::ngx_add_timer(p.tick.get(), TICK_MS as _) };
+    p.tick.add_timer(TICK_MS as _);
 }
 
-fn post_drive(p: &PgWorker) {
-    let ev = p.drive.get();
-    // SAFETY: the event lives in process-static memory; nginx's own queue.
-    unsafe {
-        if (*ev).posted() == 0 {
-            nginx_sys::ngx_post_event(ev, &raw mut nginx_sys::ngx_posted_events);
-        }
-    }
+fn post_drive(p: &'static PgWorker) {
+    p.drive.post();
 }
 
 /// Runs the holder's session, unless the lease went to another worker
@@ -470,7 +423,7 @@ fn on_wake() {
 }
 
 /// Wakes the holder if it sleeps (or always, with `force`).
-fn wake_holder(p: &PgWorker, bus: &PgBus, force: bool) {
+fn wake_holder(p: &'static PgWorker, bus: &PgBus, force: bool) {
     if !bus.take_holder_waiting() && !force {
         return;
     }

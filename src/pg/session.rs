@@ -1188,7 +1188,8 @@ mod tests {
 
     fn conf(opts: &[&str]) -> &'static PgConfig {
         let plain = !opts.iter().any(|o| o.starts_with("sslmode="));
-        let mut args = vec![if plain { "postgresql://u@127.0.0.1/db?sslmode=disable" } else { "postgresql://u@127.0.0.1/db" }];
+        let mut args =
+            vec![if plain { "postgresql://u@127.0.0.1/db?sslmode=disable" } else { "postgresql://u@127.0.0.1/db" }];
         args.extend_from_slice(opts);
         Box::leak(Box::new(super::super::config::parse(&args, |_| Ok("0123456789abcdef0123".into())).unwrap()))
     }
