@@ -248,9 +248,9 @@ impl Claims {
     fn claim_probing<L: ShmLock>(&self, lock: &L, key: &[u8], now_ms: u64, ttl_ms: u64) -> (bool, usize) {
         let (h1, h2) = hashes(key);
         let expires = now_ms.saturating_add(ttl_ms);
-        lock.lock();
+        let guard = lock.guard();
         let (r, probes) = self.claim_locked(h1, h2, now_ms, expires);
-        lock.unlock();
+        drop(guard);
         let h = self.header();
         // Relaxed: statistics.
         match r {

@@ -140,9 +140,9 @@ impl Kv {
         if value.len() > KV_VALUE_MAX {
             return Err(KvError::ValueTooLong(value.len()));
         }
-        lock.lock();
+        let guard = lock.guard();
         let r = self.set_locked(key, value);
-        lock.unlock();
+        drop(guard);
         r
     }
 

@@ -169,9 +169,9 @@ impl Lease {
         if me.exiting || me.generation < me.current_generation {
             return Role::Other { pid: pid_of(w) };
         }
-        lock.lock();
+        let guard = lock.guard();
         let role = self.try_take(me, now_ms, lease_ms, &alive);
-        lock.unlock();
+        drop(guard);
         role
     }
 

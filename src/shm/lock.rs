@@ -9,9 +9,31 @@
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering, fence};
 
 /// Held around a writer's critical section only; never across a wait.
+/// Callers take a [`Guard`] (`let g = lock.guard();`), which unlocks when
+/// dropped: an early return or a `?` inside a critical section cannot
+/// leave the lock held. `lock`/`unlock` are what an implementation provides.
 pub trait ShmLock {
     fn lock(&self);
     fn unlock(&self);
+
+    /// Locks; the lock is released when the guard is dropped.
+    fn guard(&self) -> Guard<'_, Self>
+    where
+        Self: Sized,
+    {
+        self.lock();
+        Guard(self)
+    }
+}
+
+/// A held [`ShmLock`]; dropping it unlocks.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct Guard<'a, L: ShmLock>(&'a L);
+
+impl<L: ShmLock> Drop for Guard<'_, L> {
+    fn drop(&mut self) {
+        self.0.unlock();
+    }
 }
 
 /// Failed acquisitions before a waiter asks whether the holder still lives.

@@ -271,7 +271,7 @@ impl PgBus {
         alive: impl Fn(i32) -> bool,
     ) -> Lease {
         let me = Me { pid, generation, current_generation: newest_gen, exiting: false };
-        lock.lock();
+        let guard = lock.guard();
         let res = match self.lease.hold_locked(me, now_ms, lease_ms, alive) {
             // hold_locked never retires a holder: the bridge's holder renews.
             Role::Owner | Role::Retiring => Lease::Held,
@@ -285,7 +285,7 @@ impl PgBus {
             }
             Role::Other { pid } => Lease::Other(pid),
         };
-        lock.unlock();
+        drop(guard);
         res
     }
 
@@ -303,12 +303,12 @@ impl PgBus {
 
     /// Gives the lease up if `pid` holds it.
     pub fn release(&self, lock: &impl ShmLock, pid: i32) {
-        lock.lock();
+        let guard = lock.guard();
         if self.lease.release(pid) {
             // Relaxed: under the lock.
             self.state.store(ST_OFF, Ordering::Relaxed);
         }
-        lock.unlock();
+        drop(guard);
     }
 
     /// The holder is about to sleep: returns false if work arrived meanwhile.
@@ -338,15 +338,15 @@ impl PgBus {
     }
 
     pub fn set_text(&self, lock: &impl ShmLock, which: &Text, s: &[u8]) {
-        lock.lock();
+        let guard = lock.guard();
         which.set(s);
-        lock.unlock();
+        drop(guard);
     }
 
     pub fn text(&self, lock: &impl ShmLock, which: &Text) -> Vec<u8> {
-        lock.lock();
+        let guard = lock.guard();
         let v = which.get();
-        lock.unlock();
+        drop(guard);
         v
     }
 
@@ -366,7 +366,7 @@ impl PgBus {
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(format!("channel name of {} bytes", name.len()));
         }
-        lock.lock();
+        let guard = lock.guard();
         let res = if let Some(c) = self.find(name) {
             // Relaxed: under the lock.
             c.last_used_ms.store(now_ms, Ordering::Relaxed);
@@ -383,7 +383,7 @@ impl PgBus {
         } else {
             Err(format!("too many channels: the node listens to at most {CHANNELS}"))
         };
-        lock.unlock();
+        drop(guard);
         res
     }
 
@@ -394,7 +394,7 @@ impl PgBus {
 
     /// (name, state, last_used_ms) of every channel in use.
     pub fn channels(&self, lock: &impl ShmLock) -> Vec<(Vec<u8>, u32, u64)> {
-        lock.lock();
+        let guard = lock.guard();
         let v = self
             .channels
             .iter()
@@ -408,32 +408,32 @@ impl PgBus {
                 )
             })
             .collect();
-        lock.unlock();
+        drop(guard);
         v
     }
 
     pub fn is_listening(&self, lock: &impl ShmLock, name: &[u8]) -> bool {
-        lock.lock();
+        let guard = lock.guard();
         // Relaxed: under the lock.
         let r = self.find(name).is_some_and(|c| c.state.load(Ordering::Relaxed) == CH_LISTENING);
-        lock.unlock();
+        drop(guard);
         r
     }
 
     /// Sets a channel's state (CH_FREE removes it).
     pub fn set_channel(&self, lock: &impl ShmLock, name: &[u8], state: u32) {
-        lock.lock();
+        let guard = lock.guard();
         if let Some(c) = self.find(name) {
             // Relaxed: under the lock.
             c.state.store(state, Ordering::Relaxed);
         }
-        lock.unlock();
+        drop(guard);
     }
 
     /// After UNLISTEN: frees the channel unless a worker used it since `cutoff`
     /// (then it is wanted again and listened to anew).
     pub fn finish_unlisten(&self, lock: &impl ShmLock, name: &[u8], cutoff: u64) {
-        lock.lock();
+        let guard = lock.guard();
         if let Some(c) = self.find(name) {
             // Relaxed: under the lock.
             if c.last_used_ms.load(Ordering::Relaxed) < cutoff {
@@ -443,19 +443,19 @@ impl PgBus {
                 self.reg_version.fetch_add(1, Ordering::Relaxed);
             }
         }
-        lock.unlock();
+        drop(guard);
     }
 
     /// After a reconnect every channel must be listened to again.
     pub fn all_wanted(&self, lock: &impl ShmLock) {
-        lock.lock();
+        let guard = lock.guard();
         for c in &self.channels {
             // Relaxed: under the lock.
             if c.state.load(Ordering::Relaxed) == CH_LISTENING {
                 c.state.store(CH_WANTED, Ordering::Relaxed);
             }
         }
-        lock.unlock();
+        drop(guard);
     }
 
     // ---- outgoing queue ------------------------------------------------
@@ -505,12 +505,12 @@ impl PgBus {
     /// Appends a post; Err when the queue is full (counted).
     pub fn push(&self, lock: &impl ShmLock, channel: &[u8], payload: &[u8]) -> Result<u64, String> {
         let need = pad8(REC_HEAD + channel.len() + payload.len()) as u64;
-        lock.lock();
+        let guard = lock.guard();
         // Relaxed: under the lock.
         let cap = self.q_cap.load(Ordering::Relaxed);
         let (head, tail) = (self.q_head.load(Ordering::Relaxed), self.q_tail.load(Ordering::Relaxed));
         if tail - head + need > cap {
-            lock.unlock();
+            drop(guard);
             self.counters.queue_overflow.fetch_add(1, Ordering::Relaxed);
             return Err(format!(
                 "post queue full ({} posts, {} of {cap} bytes): the database is not keeping up or is unreachable",
@@ -528,7 +528,7 @@ impl PgBus {
         self.copy_in(tail + (REC_HEAD + channel.len()) as u64, payload);
         self.q_tail.store(tail + need, Ordering::Relaxed);
         self.q_count.fetch_add(1, Ordering::Relaxed);
-        lock.unlock();
+        drop(guard);
         self.counters.posts_queued.fetch_add(1, Ordering::Relaxed);
         Ok(seq)
     }
@@ -537,7 +537,7 @@ impl PgBus {
     /// them and the byte count to pass to `consume` once they were sent.
     pub fn peek(&self, lock: &impl ShmLock, max: usize, max_bytes: usize) -> (Vec<Queued>, u64) {
         let mut out = Vec::new();
-        lock.lock();
+        let guard = lock.guard();
         // Relaxed: under the lock.
         let (head, tail) = (self.q_head.load(Ordering::Relaxed), self.q_tail.load(Ordering::Relaxed));
         let mut pos = head;
@@ -556,20 +556,20 @@ impl PgBus {
             bytes += clen + plen;
             out.push(Queued { seq, channel, payload });
         }
-        lock.unlock();
+        drop(guard);
         (out, pos - head)
     }
 
     /// Removes `n` posts (`bytes` bytes) that `peek` returned and were sent.
     pub fn consume(&self, lock: &impl ShmLock, n: u64, bytes: u64) {
-        lock.lock();
+        let guard = lock.guard();
         // Relaxed: under the lock.
         let head = self.q_head.load(Ordering::Relaxed);
         let tail = self.q_tail.load(Ordering::Relaxed);
         self.q_head.store((head + bytes).min(tail), Ordering::Relaxed);
         let c = self.q_count.load(Ordering::Relaxed);
         self.q_count.store(c.saturating_sub(n), Ordering::Relaxed);
-        lock.unlock();
+        drop(guard);
         self.counters.notifications_out.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -624,7 +624,7 @@ impl PgBus {
         if id == 0 {
             return Track::Duplicate;
         }
-        lock.lock();
+        let guard = lock.guard();
         // Relaxed: under the lock.
         let res = if self.horizon_locked().covers(xid) {
             Track::Duplicate
@@ -660,7 +660,7 @@ impl PgBus {
                 None => Track::Duplicate,
             }
         };
-        lock.unlock();
+        drop(guard);
         match res {
             Track::Duplicate => self.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed),
             Track::Untracked => self.counters.track_overflow.fetch_add(1, Ordering::Relaxed),
@@ -671,21 +671,21 @@ impl PgBus {
 
     /// The ids remembered above the horizon (a replay skips them).
     pub fn tracked_ids(&self, lock: &impl ShmLock) -> Vec<u64> {
-        lock.lock();
+        let guard = lock.guard();
         // Relaxed: under the lock.
         let v = self.tracked.iter().map(|t| t.id.load(Ordering::Relaxed)).filter(|&id| id != 0).collect();
-        lock.unlock();
+        drop(guard);
         v
     }
 
     /// A snapshot is about to be taken: returns its epoch. Rows delivered
     /// from now on carry it.
     pub fn begin_snapshot(&self, lock: &impl ShmLock) -> u32 {
-        lock.lock();
+        let guard = lock.guard();
         // Relaxed: under the lock.
         let e = self.epoch.load(Ordering::Relaxed).wrapping_add(1);
         self.epoch.store(e, Ordering::Relaxed);
-        lock.unlock();
+        drop(guard);
         e
     }
 
@@ -695,7 +695,7 @@ impl PgBus {
     /// server, or one restored from a backup): then the record is reset to
     /// `xmin` and the caller re-bases.
     pub fn replay_from(&self, lock: &impl ShmLock, xmin: u64, xmax: u64) -> Option<Horizon> {
-        lock.lock();
+        let guard = lock.guard();
         let h = self.horizon_locked();
         let r = if xmax < h.hi.max(h.lo) {
             self.set_horizon(&Horizon { lo: xmin, hi: xmin, xip: Vec::new() });
@@ -708,7 +708,7 @@ impl PgBus {
         } else {
             Some(h)
         };
-        lock.unlock();
+        drop(guard);
         if r.is_none() {
             self.counters.rebases.fetch_add(1, Ordering::Relaxed);
         }
@@ -724,7 +724,7 @@ impl PgBus {
     /// `snap_epoch`) that claim a transaction id the server had not
     /// assigned yet (at or above `new.hi`): forged. Returns how many were forged.
     pub fn advance(&self, lock: &impl ShmLock, new: &Horizon, snap_epoch: u32) -> u32 {
-        lock.lock();
+        let guard = lock.guard();
         let old = self.horizon_locked();
         let new = if new.lo < old.lo { Horizon { lo: old.lo, ..new.clone() } } else { new.clone() };
         self.set_horizon(&new);
@@ -762,7 +762,7 @@ impl PgBus {
         }
         self.tracked_n.store(keep.len() as u32, Ordering::Relaxed);
         self.synced.store(1, Ordering::Relaxed);
-        lock.unlock();
+        drop(guard);
         forged
     }
 }

@@ -147,22 +147,6 @@ fn check_key(key: &[u8]) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// Holds a lock for a scope.
-struct Guard<'a, L: ShmLock>(&'a L);
-
-impl<'a, L: ShmLock> Guard<'a, L> {
-    fn new(l: &'a L) -> Self {
-        l.lock();
-        Guard(l)
-    }
-}
-
-impl<L: ShmLock> Drop for Guard<'_, L> {
-    fn drop(&mut self) {
-        self.0.unlock();
-    }
-}
-
 impl SyncTable {
     pub const fn region_size() -> usize {
         size_of::<SyncTable>()
@@ -180,7 +164,7 @@ impl SyncTable {
     pub fn instance<L: ShmLock>(&self, lock: &L, key: &[u8]) -> Result<usize, SyncError> {
         check_key(key)?;
         let mut s = Vec::with_capacity(SYNC_KEY_MAX);
-        let _g = Guard::new(lock);
+        let _g = lock.guard();
         let mut free = None;
         for (i, inst) in self.instances.iter().enumerate() {
             if key_eq(&inst.key, &inst.key_len, key, &mut s) {
@@ -206,7 +190,7 @@ impl SyncTable {
             return Err(SyncError::BadIndex("instance", instance));
         }
         let mut s = Vec::with_capacity(SYNC_KEY_MAX);
-        let _g = Guard::new(lock);
+        let _g = lock.guard();
         let mut free = None;
         for (i, t) in self.tasks.iter().enumerate() {
             // Relaxed: stored before key_len, which key_eq reads with Acquire.
@@ -250,7 +234,7 @@ impl SyncTable {
         let t = self.tasks.get(i).ok_or(SyncError::BadIndex("task", i))?;
         let size = HEAD + version.len() + data.len();
         let off = {
-            let _g = Guard::new(lock);
+            let _g = lock.guard();
             // Relaxed: pending and pending_pid change only under the lock.
             let left = t.pending.load(Ordering::Relaxed);
             if left != 0 {
@@ -276,7 +260,7 @@ impl SyncTable {
             core::ptr::copy_nonoverlapping(version.as_ptr(), p.add(HEAD), version.len());
             core::ptr::copy_nonoverlapping(data.as_ptr(), p.add(HEAD + version.len()), data.len());
         }
-        let _g = Guard::new(lock);
+        let _g = lock.guard();
         // Relaxed: under the lock, where updates are published.
         let seq = t.seq.load(Ordering::Relaxed).wrapping_add(1).max(1);
         let head = BlockHead {
@@ -324,7 +308,7 @@ impl SyncTable {
         f: impl FnOnce(&BlockHead, &[u8], &[u8]) -> R,
     ) -> Option<R> {
         let t = self.tasks.get(i)?;
-        let _g = Guard::new(lock);
+        let _g = lock.guard();
         // Relaxed: under the lock, where blocks are swapped and freed.
         let off = t.block.load(Ordering::Relaxed);
         if off == 0 {
@@ -352,7 +336,7 @@ impl SyncTable {
         if let Some(e) = err {
             t.failures.fetch_add(1, Ordering::Relaxed);
             let e = &e[..e.len().min(SYNC_ERR_MAX)];
-            let _g = Guard::new(lock);
+            let _g = lock.guard();
             racy::store(&t.err, &[e]);
             t.err_len.store(e.len() as u32, Ordering::Relaxed);
         }
@@ -388,7 +372,7 @@ impl SyncTable {
     pub fn last_error<L: ShmLock>(&self, lock: &L, i: usize) -> Vec<u8> {
         let mut e = vec![];
         if let Some(t) = self.tasks.get(i) {
-            let _g = Guard::new(lock);
+            let _g = lock.guard();
             // Relaxed: under the lock.
             racy::load_vec(&t.err, t.err_len.load(Ordering::Relaxed) as usize, &mut e);
         }

@@ -26,9 +26,9 @@ impl Ring {
         responsive: &dyn Fn(i32, u64) -> bool,
     ) -> Result<u64, PostError> {
         let need = self.check(rec)?;
-        lock.lock();
+        let guard = lock.guard();
         let r = self.post_locked(rec, need, true, responsive);
-        lock.unlock();
+        drop(guard);
         r
     }
 
@@ -52,6 +52,7 @@ impl Ring {
     #[doc(hidden)]
     pub fn post_partial_for_test<L: ShmLock>(&self, lock: &L, rec: &RecordIn) -> Result<u64, PostError> {
         let need = self.check(rec)?;
+        // No guard: the lock stays held, as a dead writer leaves it.
         lock.lock();
         self.post_locked(rec, need, false, &|_, _| true)
     }
@@ -115,9 +116,9 @@ impl Ring {
     /// such a writer (its record was never published); this only makes the
     /// death visible in the stats without waiting for the next post.
     pub fn repair<L: ShmLock>(&self, lock: &L) -> Option<i32> {
-        lock.lock();
+        let guard = lock.guard();
         let r = self.recover();
-        lock.unlock();
+        drop(guard);
         r
     }
 
