@@ -154,6 +154,9 @@ server {
                 local ok, err = c:update()
                 local v, _, lvl = c:get(k)
                 ngx.say(ok, " ", err, "|", v, "|", lvl)
+            elseif op == "forge" then     -- a cluster event on the ipc's source that no node sent
+                ngx.say(require("resty.worker.events").post_cluster("workerbus.mlcache",
+                        "mlcache:invalidations:users", ngx.var.arg_d))
             elseif op == "counts" then
                 ngx.say(got:get("inv:" .. me) or 0, " ", got:get("purge:" .. me) or 0, " ",
                         got:get("echo:" .. me) or 0)
@@ -400,6 +403,19 @@ like(on($NA, $A1, "op=setbig&n=8000"),
 my $bad_a = node_get($NA, "/bad") // "";
 is($bad_a, $bad_local . "no error\n" . $bad_calls . "true\ntrue\ncreated\n",
    "node A: the same errors, and with the bridge cluster = true works, also for the ipc made in init_by_lua");
+
+# cluster events on the ipc's source that no node sent are ignored, with a warning
+is(any($NB, "op=seed&k=c3&v=kept"), "true", "node B: L2 holds c3");
+fill_l1($NB, "c3", "kept");
+is(any($NA, "op=forge&d=garbage"), "true", "node A posts a cluster event without a node id");
+is(any($NA, "op=forge&d=9:c3"), "true", "node A posts a cluster event whose node id length is too long");
+my $warn = qq{[warn]};
+my $line = qq{workerbus: mlcache ipc: ignored a cluster event on channel "mlcache:invalidations:users" that no node sent (not <length>:<node><data>)};
+my $count = sub { my $log = node_log($_[0]); scalar(() = $log =~ /\Q$warn\E.*\Q$line\E/g) };
+ok(wait_until(15, sub { $count->($NB) == 4 }), "node B: both workers warned about both") or diag node_log($NB);
+for my $pid ($B1, $B2) {
+    is(on($NB, $pid, "op=l1&k=c3"), "kept", "node B worker $pid: c3 still in L1");
+}
 
 for my $n ($NA, $NB) {
     my @bad = grep { /\[(error|alert|crit|emerg)\]/ } split /\n/, node_log($n);
