@@ -111,7 +111,8 @@ CORE_PG = {("pg", "config"), ("pg", "wire"), ("pg", "error"), ("pg", "session"),
 
 
 def layer(m):
-    if not m or m[0] in ("shm", "abi", "prom") or m in CORE_PG or m == ():
+    in_core_pg = m in CORE_PG or any(len(c) > 1 and m[: len(c)] == c for c in CORE_PG)
+    if not m or m[0] in ("shm", "abi", "prom") or in_core_pg or m == ():
         return 0
     if m[0] == "ffi":
         return 2

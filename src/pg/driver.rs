@@ -1,5 +1,5 @@
 //! The nginx side of the node's session: it moves bytes between the
-//! connection (src/pg/conn.rs) and the sans-IO session (src/pg/session.rs),
+//! connection (src/pg/conn.rs) and the sans-IO session (src/pg/session/),
 //! carries out the session's transport actions, puts its deliveries into
 //! the node's ring and its log lines into nginx's log, and arms one timer
 //! for when the session wants to run again. It runs from one posted event
