@@ -56,7 +56,8 @@ our $Helpers = <<'_EOC_';
                 if n > (d:get("max:" .. tag) or 0) then
                     d:set("max:" .. tag, n)
                 end
-                d:incr("checks:" .. tag, 1, 0)
+                local c = d:incr("checks:" .. tag, 1, 0)
+                d:set("co:" .. tag .. ":" .. c, tostring(coroutine.running()))
                 if hold then hold(d) end
                 d:incr("active:" .. tag, -1)
                 return v
@@ -161,14 +162,14 @@ $::Helpers . <<'_EOC_';
         end)
         assert(s:start())
         SYNCER = s
-        -- Each worker, when "fire" is set, triggers 10 times.
+        -- Each worker, when "fire" is set, triggers 10 times (once for every task).
         local fired = false
         ngx.timer.every(0.01, function()
             local d = ngx.shared.runs
             if fired or not d:get("fire") then return end
             fired = true
-            for _ = 1, 10 do
-                assert(s:trigger("t"))
+            for i = 1, 10 do
+                if i == 1 then assert(s:trigger()) else assert(s:trigger("t")) end
                 d:incr("fired", 1, 0)
             end
         end)
@@ -188,6 +189,9 @@ _EOC_
             d:set("release", true)
             ngx.say("runs after the gate: ", T.wait(function() return d:get("checks:t") == before + 2 end)
                     and 2 or d:get("checks:t") - before)
+            -- "right after it": in the same timer, not at a later tick
+            ngx.say("the next run right after it: ",
+                    d:get("co:t:" .. (before + 1)) == d:get("co:t:" .. (before + 2)))
             ngx.say("under way: ", T.wait(function() return d:get("active:t") == 0 end) and 0)
             -- one more trigger, with a new version: every worker sees it
             -- after exactly one more run (a third, spurious run would count)
@@ -205,6 +209,7 @@ trigger: true
 run held: true
 40 triggers made: true
 runs after the gate: 2
+the next run right after it: true
 under way: 0
 trigger: true
 v2 in 4 workers: true
@@ -226,8 +231,20 @@ $::Helpers . <<'_EOC_';
         local T = package.loaded.T
         local s = assert(sync.new(60, "wb"))
         T.task(sync, s, "t")
-        assert(s:start())
         SYNCER = s
+        local victim = ngx.shared.runs:get("victim")
+        if not victim then
+            assert(s:start())
+        else
+            -- The respawned worker would take the lease in start() and run
+            -- every task there: it starts only once a survivor took over,
+            -- so that the trigger can only reach that survivor (from the zone).
+            ngx.timer.at(0, function()
+                T.wait(function() local r = s:runner() return r ~= 0 and r ~= victim end, 20)
+                assert(s:start())
+                ngx.shared.runs:set("respawn started", true)
+            end)
+        end
         -- A worker that is not the runner kills it, then changes the
         -- version and triggers at once (the lease still names the dead pid).
         local ffi = require "ffi"
@@ -269,6 +286,7 @@ _EOC_
                 local r = SYNCER:runner()
                 return r ~= 0 and r ~= victim
             end))
+            ngx.say("the respawned worker started: ", T.wait(function() return d:get("respawn started") end))
             ngx.shared.src:set("v:t", "v3")
             ngx.say("trigger: ", SYNCER:trigger("t"))
             ngx.say("v3 in 4 workers: ", T.wait(function() return T.seen("t", "v3") == 4 end))
@@ -284,6 +302,7 @@ _EOC_
 the lease still named the victim: true
 v2 in the 3 survivors: true
 a new runner: true
+the respawned worker started: true
 trigger: true
 v3 in 4 workers: true
 the victim saw none: true
