@@ -24,7 +24,11 @@ local stats = ngx.shared.bench_stats
 local VALUES = { small = string.rep("s", 100), big = string.rep("b", 1024 * 1024) }
 local syncer
 
-function _M.init_worker(interval)
+-- The pushed instance: interval 60 s, so that only triggers run it.
+local pushed
+local CHANNEL = "wb_sync_bench"
+
+function _M.init_worker(interval, bridge)
     -- The original's synopsis: sync.new(interval, "sync") over a lua_shared_dict.
     syncer = assert(sync.new(interval, "sync"))
     for tag, value in pairs(VALUES) do
@@ -43,6 +47,25 @@ function _M.init_worker(interval)
         stats:set("upd:" .. version .. ":" .. ngx.worker.pid(), now_ns())
     end))
     assert(syncer:start())
+
+    pushed = assert(sync.new(60, "sync"))
+    assert(pushed:register(function(mode)
+        local v = stats:get("pv") or 0
+        if mode == sync.ACTION_VERSION then
+            stats:incr("pchecks", 1, 0)
+            return v
+        end
+        return "data " .. v
+    end, "pushed"))
+    assert(pushed:on_update("pushed", function(_, version)
+        local t = now_ns()
+        local k = stats:incr("pn:" .. version, 1, 0)
+        stats:set("pt:" .. version .. ":" .. k, t)
+    end))
+    if bridge then
+        assert(pushed:trigger_on(CHANNEL))
+    end
+    assert(pushed:start())
 end
 
 -- ns per call of syncer:get_data(tag) and of ngx.shared.sync:get(tag),
@@ -102,6 +125,60 @@ function _M.change()
     end
     local fetched = stats:get("fetched:" .. v)
     ngx.say("change_ms=", (last - t0) / 1e6, " push_us=", (last - fetched) / 1e3)
+end
+
+local function percentile(sorted, p)
+    return sorted[math.max(1, math.ceil(#sorted * p))]
+end
+
+-- n triggers, one after the other (a random pause of 0 to 5 ms between
+-- them): each changes the version at the source, then calls
+-- trigger("pushed") (via=local) or posts the tag on the bridge channel
+-- (via=bridge: this node's PostgreSQL connection, LISTEN, the channel's
+-- subscriber in the runner), and waits until every worker's on_update saw
+-- it. The time is from the call to the last worker's on_update. Refused
+-- ("runner") in the runner's own worker: the measure is of the wake-up.
+function _M.trigger()
+    local n, workers, via = tonumber(ngx.var.arg_n), tonumber(ngx.var.arg_workers), ngx.var.arg_via
+    if pushed:runner() == ngx.worker.pid() then
+        ngx.say("runner") return
+    end
+    local wb = require "resty.workerbus"
+    if via == "bridge" then
+        local pg = require "resty.workerbus.pg"
+        local deadline = ngx.now() + 20
+        while not pg.listening(CHANNEL) do
+            if ngx.now() > deadline then ngx.say("not listening") return end
+            ngx.sleep(0.01)
+        end
+    end
+    local us = {}
+    local checks0 = stats:get("pchecks") or 0
+    for i = 1, n do
+        ngx.sleep(math.random(0, 5) / 1000)
+        local v = stats:incr("pv", 1, 0)
+        local t0 = now_ns()
+        local ok, err
+        if via == "bridge" then
+            ok, err = wb.post(CHANNEL, "pushed")
+        else
+            ok, err = pushed:trigger("pushed")
+        end
+        if not ok then ngx.say("trigger ", i, ": ", err) return end
+        local deadline = ngx.now() + 10
+        while (stats:get("pn:" .. v) or 0) < workers do
+            if ngx.now() > deadline then ngx.say("timeout at ", i) return end
+            ngx.sleep(0.001)
+        end
+        local last = 0
+        for k = 1, workers do
+            last = math.max(last, stats:get("pt:" .. v .. ":" .. k))
+        end
+        us[i] = (last - t0) / 1e3
+    end
+    table.sort(us)
+    ngx.say("p50_us=", percentile(us, 0.5), " p99_us=", percentile(us, 0.99), " max_us=", us[#us],
+            " checks=", (stats:get("pchecks") or 0) - checks0)
 end
 
 return _M

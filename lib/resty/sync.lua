@@ -49,6 +49,8 @@ local K = wb.K
 local T_STRING, T_NUMBER, T_BOOLEAN, T_TABLE =
     K.SYNC_T_STRING, K.SYNC_T_NUMBER, K.SYNC_T_BOOLEAN, K.SYNC_T_TABLE
 local EVENT_SOURCE = "workerbus.sync"
+-- trigger(): wakes the runner's worker (a private source: no sink sees it).
+local TRIGGER_SOURCE = "workerbus.sync.trigger"
 -- Longest pause between two lease ticks, and the lease in ticks.
 local MAX_TICK = 1
 local LEASE_TICKS, MIN_LEASE = 3, 3
@@ -64,6 +66,7 @@ local head = wb.sync_head   -- the scratch set's (resty.workerbus)
 local get_buf = wb.get_buf
 local ordinals = {}     -- shm -> instances made under that name in this worker
 local by_event = {}     -- "<zone>:<task>" -> task, for on_update
+local by_inst = {}      -- "<zone>:<inst>" -> started instance, for triggers
 local sink_added = false
 local copies = 0        -- updates copied out of the zone by this worker
 
@@ -226,7 +229,9 @@ function _M.register(self, callback, tag)
         seq = 0,
         notified = 0,
         handlers = {},
-        scheduled = false,
+        scheduled = false,  -- its interval timer is pending
+        running = false,    -- a run (or a chain of triggered runs) is under way
+        kicked = false,     -- an immediate run is coming (a trigger)
     }
     self.tasks[tag] = task
     self.order[#self.order + 1] = task
@@ -307,21 +312,72 @@ local function run(self, task, in_init)
     return false, msg
 end
 
-local schedule
+local schedule, go
 
--- `task.scheduled` stays true from scheduling to the end of the run, so a
--- tick never starts a second run of a task while one is under way.
-local function run_timer(premature, self, task)
-    if premature or exiting()
-       or C.workerbus_sync_tick(self.zone, self.inst, self.lease_ms, 0) ~= 1 then
-        task.scheduled = false
+-- A triggered run, soon: unless one is under way (its loop looks at the
+-- trigger again when the run ends) or already coming. A trigger whose
+-- timer cannot be made stays in the zone: the next tick sees it.
+local function kick_timer(premature, self, task)
+    task.kicked = false
+    if not premature then
+        go(self, task, false)
+    end
+end
+
+local function kick(self, task)
+    if task.running or task.kicked or exiting() then
         return
     end
-    update_time()
-    local started = now()
-    run(self, task, false)
+    local ok, err = timer_at(0, kick_timer, self, task)
+    if not ok then
+        log(ERR, "sync: cannot run triggered tag \"", task.tag, "\" now (the next tick will): ", err)
+        return
+    end
+    task.kicked = true
+end
+
+-- Runs the task (`forced`: its interval passed), then again as long as a
+-- trigger asks for one: the zone's trigger word is taken right before each
+-- run, so a trigger during a run makes exactly one more run after it, and
+-- any number of triggers before a run make that one run. `task.running`
+-- keeps a second run of the task from starting in this worker (the only
+-- one that runs it: the lease's owner); nothing yields between the last
+-- look at the trigger word and clearing it, so a trigger's event that
+-- finds it set is always followed by that look.
+go = function(self, task, forced)
+    if task.running then
+        return
+    end
+    task.running = true
+    local started, runner = nil, true
+    while true do
+        if exiting() or C.workerbus_sync_tick(self.zone, self.inst, self.lease_ms, 0) ~= 1 then
+            runner = false
+            break
+        end
+        local asked = C.workerbus_sync_triggered(self.zone, task.idx, 1) == 1
+        if not (forced or asked) then
+            break
+        end
+        forced = false
+        update_time()
+        started = now()
+        run(self, task, false)
+    end
+    task.running = false
+    if runner and started then
+        schedule(self, task, started + self.interval - now())
+    end
+end
+
+-- The task's interval passed. A run under way (a triggered one) schedules
+-- the next interval itself when it ends.
+local function run_timer(premature, self, task)
     task.scheduled = false
-    schedule(self, task, started + self.interval - now())
+    if premature or exiting() or task.running then
+        return
+    end
+    go(self, task, true)
 end
 
 schedule = function(self, task, delay)
@@ -339,15 +395,17 @@ schedule = function(self, task, delay)
 end
 
 -- Every worker, every tick: renew, take or leave the runner lease; a new
--- runner starts every task's schedule.
+-- runner starts every task's schedule, and the runner runs the triggered
+-- tasks whose wake-up it missed (made while no live worker held the lease,
+-- or whose event could not be posted).
 local function tick(premature, self)
     local going = premature or exiting()
     local role = C.workerbus_sync_tick(self.zone, self.inst, self.lease_ms, going and 1 or 0)
     if role == 1 and not going then
-        -- A new runner keeps its predecessor's schedule.
         for i = 1, #self.order do
             local task = self.order[i]
-            if not task.scheduled then
+            if not task.scheduled and not task.running then
+                -- A new runner keeps its predecessor's schedule.
                 local last = tonumber(C.workerbus_sync_last_run_ms(self.zone, task.idx)) / 1000
                 local delay = last + self.interval - now()
                 -- Never more than an interval away, whatever the stamp says
@@ -355,7 +413,36 @@ local function tick(premature, self)
                 -- would otherwise put the run off for decades).
                 schedule(self, task, delay < self.interval and delay or self.interval)
             end
+            if not task.running and C.workerbus_sync_triggered(self.zone, task.idx, 0) == 1 then
+                kick(self, task)
+            end
         end
+    end
+end
+
+-- The tasks named by a trigger: `tag` or, when it is nil (or "" from a
+-- channel), all of them.
+local function tasks_of(self, tag)
+    if tag == nil or tag == "" then
+        return self.order
+    end
+    local task = self.tasks[tag]
+    return task and { task }
+end
+
+local function is_runner(self)
+    return C.workerbus_sync_runner(self.zone, self.inst) == ngx.worker.pid()
+end
+
+-- A trigger's event, in every worker: the runner starts the runs.
+local function on_trigger(tag, event)
+    local self = by_inst[event]
+    if not self or not is_runner(self) then
+        return
+    end
+    local list = tasks_of(self, tag)
+    for i = 1, list and #list or 0 do
+        kick(self, list[i])
     end
 end
 
@@ -371,6 +458,7 @@ function _M.start(self)
         end
         sink_added = true
         core.add_sink(on_event, on_lagged)
+        core.add_private_source(TRIGGER_SOURCE, on_trigger)
         local ok, err = core.want_loop("resty.sync", 3600)
         if not ok then
             log(ERR, "sync: on_update will not fire: ", err)
@@ -383,6 +471,7 @@ function _M.start(self)
         local started = now()
         for i = 1, #self.order do
             local task = self.order[i]
+            C.workerbus_sync_triggered(self.zone, task.idx, 1)   -- this run answers it
             local ok = run(self, task, in_init)
             -- A failure in init_worker is retried at once; the rest wait an interval.
             schedule(self, task, ok and started + self.interval - now() or 0)
@@ -391,6 +480,82 @@ function _M.start(self)
     local ok, err = ngx.timer.every(self.tick, tick, self)
     if not ok then
         return nil, "cannot start the sync timer: " .. tostring(err)
+    end
+    by_inst[self.zone .. ":" .. self.inst] = self
+    return true
+end
+
+-- Runs the version check of task `tag` (every task when nil) at once in the
+-- instance's runner on this node, wherever it is called; triggers coalesce,
+-- and a trigger during a run makes one more run after it. The request is
+-- kept in the zone until the runner takes it (a runner that dies first
+-- leaves it to the next), and the runner's worker is woken through the
+-- event ring.
+function _M.trigger(self, tag)
+    if not self.started then
+        return nil, "not started: call start() first"
+    end
+    if tag ~= nil and type(tag) ~= "string" then
+        return nil, "tag must be a string or nil"
+    end
+    local list = tag ~= "" and tasks_of(self, tag)
+    if not list then
+        return nil, "unknown tag \"" .. tag .. "\""
+    end
+    for i = 1, #list do
+        if C.workerbus_sync_trigger(self.zone, list[i].idx) ~= 1 then
+            return nil, last_error()
+        end
+    end
+    if is_runner(self) then
+        for i = 1, #list do
+            kick(self, list[i])
+        end
+        return true
+    end
+    local ok, err = core.post(TRIGGER_SOURCE, self.zone .. ":" .. self.inst, tag or "", nil, 0)
+    if not ok then
+        -- The request is in the zone: the runner's next tick (within 1 s) runs it.
+        log(WARN, "sync: trigger of \"", self.key, "\" could not wake the runner (",
+                  err, "): it runs at the runner's next tick")
+    end
+    return true
+end
+
+-- A post on PostgreSQL channel `channel` (from any node, or from SQL:
+-- `SELECT workerbus_post(channel, tag)`) triggers `tag` (every task when
+-- the payload is empty) in the runner of every node that listens. Every
+-- worker records the request in the zone (the runner also starts it), so
+-- a runner that dies as the post arrives leaves it to the next.
+function _M.trigger_on(self, channel)
+    if type(channel) ~= "string" then
+        return nil, "channel must be a string"
+    end
+    local ok, id, err = pcall(wb.subscribe, channel, function(payload)
+        if not self.started then
+            return
+        end
+        local list = tasks_of(self, payload)
+        local me = is_runner(self)
+        if not list then
+            if me then
+                log(WARN, "sync \"", self.key, "\": a post on channel \"", channel,
+                          "\" names no tag of it: \"", payload, "\"; ignored")
+            end
+            return
+        end
+        for i = 1, #list do
+            C.workerbus_sync_trigger(self.zone, list[i].idx)
+            if me then
+                kick(self, list[i])
+            end
+        end
+    end)
+    if not ok then
+        return nil, tostring(id)
+    end
+    if not id then
+        return nil, err
     end
     return true
 end

@@ -78,6 +78,8 @@ ffi.cdef [[
     void workerbus_sync_record_run(int zone, int task, uint64_t started_ms, uint64_t duration_us,
                                    const unsigned char *err, size_t elen);
     uint64_t workerbus_sync_last_run_ms(int zone, int task);
+    int workerbus_sync_trigger(int zone, int task);
+    int workerbus_sync_triggered(int zone, int task, int take);
 
     /* resty.worker.manager */
     int workerbus_lc_lock(void);

@@ -218,3 +218,26 @@ pub extern "C" fn workerbus_sync_last_run_ms(zone_index: c_int, task: c_int) -> 
     // Relaxed: a schedule hint.
     t.task_ref(task).map_or(0, |t| t.last_run_ms.load(Ordering::Relaxed))
 }
+
+/// Asks for a run of `task` at once (resty.sync's trigger): the request
+/// stays in the zone until the instance's runner takes it, so that a
+/// trigger made while no live runner holds the lease reaches the next one.
+/// 1 asked, -1 error.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_sync_trigger(zone_index: c_int, task: c_int) -> c_int {
+    let task = arg!(abi::index(task, "sync task index"), -1);
+    let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return fail(-1, "the zone has no sync table") };
+    if t.trigger(task) { 1 } else { fail(-1, format!("bad sync task index {task}")) }
+}
+
+/// Whether a run of `task` was asked for (1) or not (0), the request
+/// cleared when `take` is non-zero; -1 error.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_sync_triggered(zone_index: c_int, task: c_int, take: c_int) -> c_int {
+    let task = arg!(abi::index(task, "sync task index"), -1);
+    let Some(t) = zone(zone_index).and_then(|z| sy::table(&z)) else { return fail(-1, "the zone has no sync table") };
+    if t.task_ref(task).is_none() {
+        return fail(-1, format!("bad sync task index {task}"));
+    }
+    c_int::from(t.take_trigger(task, take != 0))
+}

@@ -55,7 +55,11 @@ pub struct Task {
     /// Sequence of the published update (0: none yet); Lua reads its low
     /// 32 bits directly, so it is a u32 on its own 8 bytes.
     seq: AtomicU32,
-    _pad: u32,
+    /// 1: a run of the task was asked for (resty.sync's trigger) and not
+    /// yet taken by the runner. Kept in the zone so that a trigger made
+    /// while no live runner holds the lease reaches the next one. It sits
+    /// where padding was: the layout is unchanged.
+    trigger: AtomicU32,
     /// Offset of the published block (0: none).
     block: AtomicU64,
     /// A block being filled, and by whom: freed by the next writer if that
@@ -293,6 +297,22 @@ impl SyncTable {
         self.tasks.get(i).map_or(0, |t| t.seq.load(Ordering::Acquire))
     }
 
+    /// Asks for a run of task `i` (false: no such task).
+    pub fn trigger(&self, i: usize) -> bool {
+        let Some(t) = self.tasks.get(i) else { return false };
+        // Release: pairs with take_trigger's Acquire (what the caller did
+        // before triggering is seen by the run that takes the trigger).
+        t.trigger.store(1, Ordering::Release);
+        true
+    }
+
+    /// Whether a run of task `i` was asked for; `take` clears the request.
+    pub fn take_trigger(&self, i: usize, take: bool) -> bool {
+        let Some(t) = self.tasks.get(i) else { return false };
+        // Acquire (AcqRel for the swap): pairs with trigger's Release.
+        if take { t.trigger.swap(0, Ordering::AcqRel) != 0 } else { t.trigger.load(Ordering::Acquire) != 0 }
+    }
+
     /// Address of task `i`'s sequence word, for readers that poll it directly.
     pub fn seq_ptr(&self, i: usize) -> *const u32 {
         self.tasks.get(i).map_or(core::ptr::null(), |t| t.seq.as_ptr() as *const u32)
@@ -502,6 +522,20 @@ mod tests {
         t.tasks[i].pending_pid.store(5, Ordering::Relaxed);
         t.publish(&NoLock, &s, i, 6, |p| p != 5, 1, b"v", 1, b"d", 1).unwrap();
         assert_eq!(s.used(), HEAD + 2);
+    }
+
+    #[test]
+    fn triggers_are_kept_until_taken_and_coalesce() {
+        let t = table();
+        let i = t.task(&NoLock, 0, b"a").unwrap();
+        let j = t.task(&NoLock, 0, b"b").unwrap();
+        assert!(!t.take_trigger(i, false));
+        assert!(t.trigger(i) && t.trigger(i));
+        assert!(t.take_trigger(i, false), "a peek leaves it");
+        assert!(!t.take_trigger(j, true), "per task");
+        assert!(t.take_trigger(i, true), "two triggers, one run");
+        assert!(!t.take_trigger(i, true));
+        assert!(!t.trigger(SYNC_TASKS) && !t.take_trigger(SYNC_TASKS, true));
     }
 
     #[test]
