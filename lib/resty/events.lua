@@ -19,6 +19,7 @@ local setmetatable = setmetatable
 local str_sub = string.sub
 local huge = math.huge
 local worker_count = ngx.worker.count
+local worker_id = ngx.worker.id
 local get_phase = ngx.get_phase
 local timer_at = ngx.timer.at
 
@@ -32,6 +33,7 @@ local MAX_UNIQUE_TIMEOUT = 2147483647  -- seconds; beyond it a claim would never
 local DEFAULT_MAX_QUEUE_LEN = 1024 * 10
 local DEFAULT_MAX_PAYLOAD_LEN = 1024 * 64
 local LIMIT_MAX_PAYLOAD_LEN = 1024 * 1024 * 16
+local FRAME_MAX = 2 ^ 24 - 1  -- the original's frame length field: 3 bytes
 
 local _M = {
     _VERSION = "0.3.1",
@@ -131,6 +133,74 @@ function _M.new(opts)
     }, _MT)
 end
 
+-- The length of the frame lua-resty-events would send to its broker for
+-- this event, which is what its max_payload_len bounds (docs/events.md,
+-- "max_payload_len"): the event {source, event, data, wid} serialized, that
+-- string serialized again as the data of {spec = {unique}, data}, both with
+-- its codec: string.buffer with the six field names as its dictionary, or
+-- the shared cjson.safe where LuaJIT lacks string.buffer. The bytes are
+-- only measured and dropped; the ring carries the event in its own format.
+-- Returns the length, or nil and why the data cannot be serialized.
+local frame_len
+do
+    local event_t = { source = "", event = "", data = "", wid = 0 }
+    local spec_t = { unique = "" }
+    local outer_t = { spec = spec_t, data = "" }
+
+    local function fill(source, event, data, unique)
+        event_t.source, event_t.event, event_t.data = source, event, data
+        event_t.wid = worker_id() or -1   -- the original's -1: no worker id
+        spec_t.unique = unique
+    end
+
+    local function clear()
+        event_t.data, outer_t.data, spec_t.unique = nil, "", nil
+    end
+
+    local ok, buffer = pcall(require, "string.buffer")
+    if ok and type(buffer) == "table" then
+        local fbuf = buffer.new { dict = { "spec", "data", "source", "event", "wid", "unique" } }
+        local encode = fbuf.encode
+        local LARGE_FRAME = 1024 * 1024
+        frame_len = function(source, event, data, unique)
+            fill(source, event, data, unique)
+            fbuf:reset()
+            local done, err = pcall(encode, fbuf, event_t)  -- raises on a function, ...
+            local len
+            if done then
+                outer_t.data = fbuf:get()
+                len = #encode(fbuf, outer_t)  -- strings and tables only
+            end
+            if len and len > LARGE_FRAME then
+                fbuf:free()   -- a rare big event: do not keep its space
+            else
+                fbuf:reset()
+            end
+            clear()
+            if not done then
+                return nil, "cannot serialize data: " .. tostring(err)
+            end
+            return len
+        end
+    else
+        local cjson = require "cjson.safe"
+        frame_len = function(source, event, data, unique)
+            fill(source, event, data, unique)
+            local s, err = cjson.encode(event_t)
+            if s then
+                outer_t.data = s
+                s, err = cjson.encode(outer_t)
+            end
+            clear()
+            if not s then
+                return nil, "cannot encode data as JSON: " .. tostring(err)
+            end
+            return #s
+        end
+    end
+end
+_M._frame_len = frame_len  -- for tests
+
 local function dispatch(self, data, event, source, wid)
     self._reg:dispatch(self._funcs, data, event, source, "wid", wid)
 end
@@ -217,6 +287,21 @@ function _M:publish(target, source, event, data)
         return core.post_local(source, event, data)
     end
 
+    -- Measured and refused as the original does, its two messages in its
+    -- order: the frame's own bound first, then the option.
+    local unique = target ~= "all" and target or nil
+    local len, why = frame_len(source, event, data, unique)
+    if not len then
+        return nil, "failed to publish event: " .. why
+    end
+    if len > FRAME_MAX then
+        return nil, "failed to publish event: payload too big"
+    end
+    if len > opts.max_payload_len then
+        return nil, "failed to publish event: payload exceeds the limitation ("
+                    .. opts.max_payload_len .. ")"
+    end
+
     if not core.attached() then
         local ok, err = attach(self)
         if not ok then
@@ -224,8 +309,7 @@ function _M:publish(target, source, event, data)
         end
     end
 
-    local unique = target ~= "all" and target or nil
-    local ok, err = core.post(source, event, data, unique, FLAG_EVENTS, opts.max_payload_len)
+    local ok, err = core.post(source, event, data, unique, FLAG_EVENTS)
     if not ok then
         return nil, "failed to publish event: " .. err
     end
