@@ -28,6 +28,9 @@ add_block_preprocessor(sub {
 });
 
 no_long_string();
+# the real runner: each error_log check sees the whole block's log (see
+# Workerbus::TestCore)
+check_accum_error_log();
 run_tests();
 
 __DATA__

@@ -6,6 +6,9 @@ use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
+# the real runner: each error_log check sees the whole block's log (see
+# Workerbus::TestCore)
+check_accum_error_log();
 no_long_string();
 run_tests();
 
