@@ -2,8 +2,6 @@
 # Self-test of the block runner in t/lib (Test::Nginx::Socket::Lua subset).
 # Needs only nginx + the ndk and lua modules, not the workerbus module.
 
-use Test::Nginx::Socket::Lua 'no_plan';
-
 BEGIN {
     # The runner is tested with nginx's own Lua modules only: drop ours (and
     # anything else) from the list; unset or empty means ndk + lua.
@@ -11,6 +9,9 @@ BEGIN {
         grep { m{/(?:ndk_http_module|ngx_http_lua_module)\.so$} }
         split " ", ($ENV{TEST_NGINX_LOAD_MODULES} // "");
 }
+
+# after the BEGIN block: the real runner reads TEST_NGINX_* when it is loaded
+use Workerbus::TestCore 'no_plan';
 
 # blocks with a "--- master_workers: N" section run with master_on() and
 # workers(N); the others with the defaults (no master process, 1 worker).
@@ -27,6 +28,9 @@ add_block_preprocessor(sub {
 });
 
 no_long_string();
+# the real runner: each error_log check sees the whole block's log (see
+# Workerbus::TestCore)
+check_accum_error_log();
 run_tests();
 
 __DATA__

@@ -2,7 +2,7 @@
 # The module loads, and every bad directive value stops `nginx -t` with an
 # [emerg] that names the directive and the value.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 
 no_long_string();

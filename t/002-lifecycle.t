@@ -2,10 +2,13 @@
 # The lifecycle table: workers of a generation, reloads, crashes, exits.
 # Signals are sent in-band from Lua (see t/README.md).
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
+# the real runner: each error_log check sees the whole block's log (see
+# Workerbus::TestCore)
+check_accum_error_log();
 no_long_string();
 run_tests();
 
@@ -20,13 +23,7 @@ __DATA__
         content_by_lua_block {
             local cjson = require "cjson"
             local st
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local wait_for = require("wbtest").wait_for
             wait_for("4 running workers", function()
                 st = cjson.decode(ngx.location.capture("/status").body)
                 local n = 0
@@ -76,13 +73,7 @@ qr/workerbus: generation 1 begins: master pid \d+, 4 worker processes, zones "wb
             local ffi = require "ffi"
             ffi.cdef "int kill(int pid, int sig);"
             ffi.C.kill(require("ngx.process").get_master_pid(), 1)  -- SIGHUP
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local wait_for = require("wbtest").wait_for
             -- this old worker keeps serving us until the new ones run and the
             -- other old ones left, so that the next request reaches a new one
             wait_for("4 workers of generation 2, 3 of generation 1 exited", function()
@@ -98,13 +89,7 @@ qr/workerbus: generation 1 begins: master pid \d+, 4 worker processes, zones "wb
     location = /after {
         content_by_lua_block {
             local wb = require "resty.workerbus"
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local wait_for = require("wbtest").wait_for
             local st, old_exited
             wait_for("the old workers to exit", function()
                 st, old_exited = wb.status(), 0
@@ -137,13 +122,7 @@ crashed
     location = /t {
         content_by_lua_block {
             local wb = require "resty.workerbus"
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local wait_for = require("wbtest").wait_for
             local function live()
                 local n = 0
                 for _, w in ipairs(wb.status().workers) do n = n + (w.state == "running" and 1 or 0) end
@@ -189,13 +168,7 @@ qr/workerbus: worker process \d+ \(slot \d, generation 1\) crashed: gone without
 --- config
     location = /t {
         content_by_lua_block {
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local wait_for = require("wbtest").wait_for
             wait_for("4 workers", function() return #require("resty.workerbus").status().workers == 4 end)
             ngx.say(#require("resty.workerbus").status().workers, " workers")
         }
@@ -239,20 +212,8 @@ GET /t
             local wb = require "resty.workerbus"
             local ev = require "resty.worker.events"
             local got = ngx.shared.got
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
-            local function running()
-                local r = {}
-                for _, w in ipairs(wb.status().workers) do
-                    if w.state == "running" then r[#r + 1] = w end
-                end
-                return r
-            end
+            local wait_for = require("wbtest").wait_for
+            local running = require("wbtest").running
             wait_for("4 running workers", function() return #running() == 4 end)
             local before = running()
             assert(ev.post("t", "before", "x"))

@@ -6,7 +6,6 @@
 # written in a file to gettimeofday() and CLOCK_REALTIME; the monotonic
 # clock is left alone, as a real step leaves it.
 
-use Test::Nginx::Socket::Lua 'no_plan';
 use File::Temp qw(tempdir);
 
 BEGIN {
@@ -58,6 +57,9 @@ C
     $ENV{TEST_NGINX_CLOSED_PORT} = $s->sockport;
     close $s;
 }
+
+# after the BEGIN block: the real runner reads TEST_NGINX_* when it is loaded
+use Workerbus::TestCore 'no_plan';
 
 # Each block starts with the clock unstepped, even after a failed block.
 add_block_preprocessor(sub { unlink $ENV{TEST_NGINX_CLOCK_STEP} });
@@ -157,13 +159,7 @@ __DATA__
             local wb = require "resty.workerbus"
             local ev = require "resty.worker.events"
             local got = ngx.shared.got
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local wait_for = require("wbtest").wait_for
             local function running()
                 local n = 0
                 for _, w in ipairs(wb.status().workers) do n = n + (w.state == "running" and 1 or 0) end

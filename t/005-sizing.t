@@ -3,7 +3,7 @@
 # worker_processes: every worker is tracked and gets events, whatever the
 # count, and nginx -t refuses what cannot fit, naming the directive.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 add_block_preprocessor(sub {
     my $block = shift;
@@ -31,13 +31,7 @@ __DATA__
     location = /t {
         content_by_lua_block {
             local wb = require "resty.workerbus"
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 30
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.05)
-                end
-            end
+            local function wait_for(what, f) return require("wbtest").wait_for(what, f, 30) end
             local running
             wait_for("130 running workers", function()
                 running = 0

@@ -5,7 +5,7 @@
 # wake-ups. configure() there works, and an event posted there reaches every
 # worker of the generation once.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
@@ -42,13 +42,7 @@ __DATA__
         content_by_lua_block {
             local wb = require "resty.workerbus"
             local ev = require "resty.worker.events"
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local wait_for = require("wbtest").wait_for
             local init = package.loaded.t_init
             ngx.say("status in init_by_lua: ", init.status)
             ngx.say("get in init_by_lua: ", init.get)
@@ -105,20 +99,8 @@ not tracked
             local wb = require "resty.workerbus"
             local ev = require "resty.worker.events"
             local got = ngx.shared.got
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
-            local function running()
-                local r = {}
-                for _, w in ipairs(wb.status().workers) do
-                    if w.state == "running" then r[#r + 1] = w end
-                end
-                return r
-            end
+            local wait_for = require("wbtest").wait_for
+            local running = require("wbtest").running
             wait_for("4 running workers", function() return #running() == 4 end)
             wait_for("hello at every worker", function()
                 for _, w in ipairs(running()) do
@@ -189,13 +171,7 @@ failed in this worker
     location = /hup {
         content_by_lua_block {
             local wb = require "resty.workerbus"
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local wait_for = require("wbtest").wait_for
             wait_for("hello at every worker of generation 1", function()
                 for w = 0, 3 do if not wb.get("hello:1:" .. w) then return false end end
                 return true
@@ -218,13 +194,7 @@ failed in this worker
     location = /after {
         content_by_lua_block {
             local wb = require "resty.workerbus"
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local wait_for = require("wbtest").wait_for
             wait_for("hello at every worker of generation 2", function()
                 for w = 0, 3 do if not wb.get("hello:2:" .. w) then return false end end
                 return true

@@ -3,7 +3,7 @@
 # distinct keys than the old fixed table (1,024) within one timeout are each
 # handled by exactly one worker.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
@@ -31,13 +31,7 @@ __DATA__
             local ev = require "resty.worker.events"
             local wb = require "resty.workerbus"
             local got = ngx.shared.got
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 20
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local function wait_for(what, f) return require("wbtest").wait_for(what, f, 20) end
             local N = 3000
             for i = 1, N do
                 assert(ev.post("u", "e", tostring(i), "key-" .. i))

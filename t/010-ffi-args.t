@@ -4,7 +4,7 @@
 # or unknown indexes and bad periods return the error result with the exact
 # reason in workerbus_last_error, and no worker crashes.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 no_long_string();
 run_tests();

@@ -10,7 +10,7 @@
 # gets its own trace). Nothing here depends on timing: the loops run
 # inside one request, and the log is read once logging is off.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(1);
 no_long_string();

@@ -3,7 +3,7 @@
 # workerbus event ring: delivery, order, unique events, local events,
 # polling, the module's own events, handler management and bad input.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
@@ -269,22 +269,12 @@ after the timeout: 2
         assert(ev.configure { shm = "ev" })
         assert(ev.post("boot", "hello", tostring(ngx.worker.id())))
     }
---- config
-    location = /t {
-        content_by_lua_block {
-            ngx.sleep(0.5)
-            for w = 0, 3 do
-                ngx.say("worker ", w, " got hello from ", ngx.shared.got:get("from" .. w))
-            end
-        }
-    }
+--- config eval
+$::HelloFromEveryWorker
 --- request
 GET /t
---- response_body
-worker 0 got hello from 0,1,2,3
-worker 1 got hello from 0,1,2,3
-worker 2 got hello from 0,1,2,3
-worker 3 got hello from 0,1,2,3
+--- response_body eval
+$::HelloFromEveryWorkerBody
 --- no_error_log
 [error]
 
@@ -314,22 +304,12 @@ worker 3 got hello from 0,1,2,3
             configure()
         end
     }
---- config
-    location = /t {
-        content_by_lua_block {
-            ngx.sleep(0.6)
-            for w = 0, 3 do
-                ngx.say("worker ", w, " got hello from ", ngx.shared.got:get("from" .. w))
-            end
-        }
-    }
+--- config eval
+$::HelloFromEveryWorker
 --- request
 GET /t
---- response_body
-worker 0 got hello from 0,1,2,3
-worker 1 got hello from 0,1,2,3
-worker 2 got hello from 0,1,2,3
-worker 3 got hello from 0,1,2,3
+--- response_body eval
+$::HelloFromEveryWorkerBody
 --- no_error_log
 [error]
 
@@ -1047,20 +1027,8 @@ other workers that handled it: 3
     location = /t {
         content_by_lua_block {
             local wb = require "resty.workerbus"
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 10
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
-            local function running()
-                local r = {}
-                for _, w in ipairs(wb.status().workers) do
-                    if w.state == "running" then r[#r + 1] = w end
-                end
-                return r
-            end
+            local wait_for = require("wbtest").wait_for
+            local running = require("wbtest").running
             wait_for("4 running workers", function() return #running() == 4 end)
             local victim
             for _, w in ipairs(running()) do
@@ -1184,15 +1152,7 @@ qr/\A\[notice\] \d+#\d+: \*?\d* ?\[lua\] events.lua:\d+: \w+\(\): workerbus: shm
                 sock:close()
                 return body
             end
-            local function wait(cond, secs)
-                ngx.update_time()
-                local deadline = ngx.now() + secs
-                while not cond() and ngx.now() < deadline do
-                    ngx.sleep(0.01)
-                    ngx.update_time()
-                end
-                return cond()
-            end
+            local wait = require("wbtest").wait
             ngx.sleep(0.2)
             local n = #wb.status().workers
             ffi.C.kill(require("ngx.process").get_master_pid(), 1)   -- HUP
@@ -1330,15 +1290,7 @@ qr/workerbus: worker process \d+ exited from slot \d, generation 1 \(0 live\)/
                 for _ in pairs(made) do n = n + 1 end
                 return n
             end
-            local function wait_for(f)
-                ngx.update_time()
-                local deadline = ngx.now() + 10
-                while not f() and ngx.now() < deadline do
-                    ngx.sleep(0.01)
-                    ngx.update_time()
-                end
-                return f()
-            end
+            local wait_for = require("wbtest").wait
             ngx.say("first poller's semaphore: ", wait_for(function() return made_count() == 1 end))
 
             -- the poller's coroutine dies in its next wait, with its

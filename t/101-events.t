@@ -3,7 +3,7 @@
 # broker; publish to all, current or one worker; subscribe / unsubscribe;
 # options; both event APIs in one worker.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
@@ -33,14 +33,7 @@ __DATA__
 --- config
     location = /t {
         content_by_lua_block {
-            local function wait_for(f)
-                local deadline = ngx.now() + 10
-                while not f() and ngx.now() < deadline do
-                    ngx.sleep(0.005)
-                    ngx.update_time()
-                end
-                return f()
-            end
+            local wait_for = require("wbtest").wait
             ngx.say("publish: ", _G.ev:publish("all", "t", "hello", { a = 1, list = { "x", "y" } }))
             wait_for(function()
                 for w = 0, 3 do
@@ -98,14 +91,7 @@ worker 3: 1 call, t/hello a=1 list=x,y from the poster: true
     location = /t {
         content_by_lua_block {
             local ev, got, ids = package.loaded.t_ev, package.loaded.t_got, package.loaded.t_ids
-            local function wait_for(f)
-                local deadline = ngx.now() + 10
-                while not f() and ngx.now() < deadline do
-                    ngx.sleep(0.005)
-                    ngx.update_time()
-                end
-                return f()
-            end
+            local wait_for = require("wbtest").wait
             local function round(expect)
                 for k in pairs(got) do got[k] = nil end
                 for _, e in ipairs { { "s1", "e1" }, { "s1", "e2" }, { "s2", "e1" } } do
@@ -155,14 +141,7 @@ evt<s1/e1 src<s1/e1 src<s1/e2 evt<s2/e1
             local payload = { f = print }   -- could not be serialized
             ngx.say("publish: ", ev:publish("current", "t", "local", payload))
             ngx.say("handled at once: ", #seen)
-            local function wait_for(f)
-                local deadline = ngx.now() + 10
-                while not f() and ngx.now() < deadline do
-                    ngx.sleep(0.005)
-                    ngx.update_time()
-                end
-                return f()
-            end
+            local wait_for = require("wbtest").wait
             wait_for(function() return #seen >= 1 end)
             ngx.say("handled: ", #seen, ", same table: ", seen[1].data == payload,
                     ", wid: ", tostring(seen[1].wid))
@@ -200,14 +179,7 @@ workers that saw it: 1
 --- config
     location = /t {
         content_by_lua_block {
-            local function wait_for(f)
-                local deadline = ngx.now() + 10
-                while not f() and ngx.now() < deadline do
-                    ngx.sleep(0.005)
-                    ngx.update_time()
-                end
-                return f()
-            end
+            local wait_for = require("wbtest").wait
             wait_for(function()
                 return ngx.shared.got:get("key-a") and ngx.shared.got:get("key-b")
             end)
@@ -254,14 +226,7 @@ key-b handled 1 time(s)
             ngx.timer.at(0, function()
                 ngx.shared.got:set("run", tostring(require("resty.events").run()) .. " " .. tostring(_G.ev:run()))
             end)
-            local function wait(f)
-                local deadline = ngx.now() + 10
-                while not f() and ngx.now() < deadline do
-                    ngx.sleep(0.005)
-                    ngx.update_time()
-                end
-                return f()
-            end
+            local wait = require("wbtest").wait
             wait(function() return ngx.shared.got:get("run") end)
             ngx.say("run: ", ngx.shared.got:get("run"))
             local sock = ngx.socket.tcp()
@@ -506,14 +471,7 @@ ring untouched: true
             assert(package.loaded.t_ev:publish("all", "t", "b"))
             assert(we.post("t", "c"))
             local d = ngx.shared.got
-            local function wait_for(f)
-                local deadline = ngx.now() + 10
-                while not f() and ngx.now() < deadline do
-                    ngx.sleep(0.005)
-                    ngx.update_time()
-                end
-                return f()
-            end
+            local wait_for = require("wbtest").wait
             wait_for(function()
                 for w = 0, 3 do
                     if d:get("old" .. w) ~= "abc" or d:get("new" .. w) ~= "abc" then return false end
@@ -558,14 +516,7 @@ zone: ev
             local ev = package.loaded.t_ev
             assert(ev:publish("all", "t", "x", { [1] = "a", [3] = "c", [true] = 1, [2.5] = "f",
                                                 nested = { x = { 1, 2 } } }))
-            local function wait_for(f)
-                local deadline = ngx.now() + 10
-                while not f() and ngx.now() < deadline do
-                    ngx.sleep(0.005)
-                    ngx.update_time()
-                end
-                return f()
-            end
+            local wait_for = require("wbtest").wait
             wait_for(function() return package.loaded.t_data end)
             local d = package.loaded.t_data
             ngx.say(d[1], " ", tostring(d[2]), " ", d[3], " ", d[true], " ", d[2.5], " ",
@@ -597,14 +548,7 @@ a nil c 1 f 12
     location = /t {
         content_by_lua_block {
             ngx.say("publish: ", package.loaded.t_ev:publish("current", "t", "boom", "secret-payload"))
-            local function wait_for(f)
-                local deadline = ngx.now() + 10
-                while not f() and ngx.now() < deadline do
-                    ngx.sleep(0.005)
-                    ngx.update_time()
-                end
-                return f()
-            end
+            local wait_for = require("wbtest").wait
             wait_for(function() return package.loaded.t_after.n >= 1 end)
             ngx.say("second callback ran: ", package.loaded.t_after.n)
         }

@@ -2,7 +2,7 @@
 # The event APIs under load and trouble: volume, a worker lapped by the
 # ring, a reload in the middle of a stream of events.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
@@ -448,15 +448,7 @@ refused counted: true, overflow: refuse
             local ev = require "resty.worker.events"
             local wb = require "resty.workerbus"
             local d = ngx.shared.got
-            local function wait(cond)
-                ngx.update_time()
-                local deadline = ngx.now() + 10
-                while not cond() and ngx.now() < deadline do
-                    ngx.sleep(0.02)
-                    ngx.update_time()
-                end
-                return cond()
-            end
+            local wait = require("wbtest").wait
             ngx.sleep(0.3)
             local victim = (ngx.worker.id() + 1) % 4
             local vpid = d:get("pid" .. victim)

@@ -10,7 +10,7 @@
 # adds up the holes. Tallies live in a lua_shared_dict, per receiver pid,
 # so that those of killed workers survive them.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
@@ -74,13 +74,7 @@ our $Check = <<'_EOC_';
             local wb = require "resty.workerbus"
             local ev = require "resty.worker.events"
             local tally = ngx.shared.tally
-            local function wait_for(what, f)
-                local deadline = ngx.now() + 20
-                while not f() do
-                    if ngx.now() > deadline then error("timed out waiting for " .. what) end
-                    ngx.sleep(0.02)
-                end
-            end
+            local function wait_for(what, f) return require("wbtest").wait_for(what, f, 20) end
             local function running()
                 local st, r = wb.status(), {}
                 for _, w in ipairs(st.workers) do

@@ -8,7 +8,7 @@
 # Every wait is a deadline loop on an observable (wait_for below), never a
 # fixed sleep.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();

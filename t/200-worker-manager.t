@@ -4,7 +4,7 @@
 # bad calls. Every callback logs "<kind> id=.. n_prev=.. n_mine=.. n_next=.."
 # at notice.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();

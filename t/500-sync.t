@@ -3,7 +3,7 @@
 # instance per node, failover on kill -9 and HUP without two runs at once,
 # concurrent tasks, atomic updates, large data, on_update, bad input.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
