@@ -201,19 +201,6 @@ mod tests {
     }
 
     #[test]
-    fn cluster_events_carry_exactly_the_record_kinds_a_node_sends() {
-        use record::*;
-        for api in [0, FLAG_EVENTS] {
-            for kind in [KIND_RAW, KIND_JSON, KIND_NIL] {
-                assert!(crate::pg::wire::EVENT_FLAGS_OK(kind | api), "{kind} {api}");
-            }
-            // resty.workerbus.cluster encodes tables as JSON, never with string.buffer
-            assert!(!crate::pg::wire::EVENT_FLAGS_OK(KIND_SBUF | api));
-            assert!(!crate::pg::wire::EVENT_FLAGS_OK(KIND_RAW | api | (1 << WID_SHIFT)));
-        }
-    }
-
-    #[test]
     fn indexes_and_periods() {
         assert_eq!(index(3, "task index"), Ok(3));
         assert_eq!(index(-1, "task index").unwrap_err().to_string(), "bad task index -1");

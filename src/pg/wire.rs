@@ -115,12 +115,14 @@ pub fn decode(msg: &[u8]) -> Incoming<'_> {
     Incoming { durable: xid.map(|x| (id, x)), origin, payload: &msg[nl + 1..] }
 }
 
-/// Flags a node sends with a cluster event: its encoding (0 plain string,
-/// 1 JSON, 2 nil; lib/resty/workerbus/cluster.lua) plus, for resty.events, its
-/// API bit (4). Anything else did not come from a node.
-#[allow(non_snake_case)]
-pub fn EVENT_FLAGS_OK(flags: u32) -> bool {
-    matches!(flags, 0 | 1 | 2 | 4 | 5 | 6)
+/// Flags a node sends with a cluster event (lib/resty/workerbus/cluster.lua):
+/// its data's encoding, raw, JSON or nil (never string.buffer across nodes),
+/// plus resty.events' bit; no worker id and no other bit. Anything else did
+/// not come from a node.
+pub fn event_flags_ok(flags: u32) -> bool {
+    use crate::abi::record::{FLAG_EVENTS, KIND_JSON, KIND_MASK, KIND_NIL, KIND_RAW};
+    let kind = flags & KIND_MASK;
+    flags & !(KIND_MASK | FLAG_EVENTS) == 0 && matches!(kind, KIND_RAW | KIND_JSON | KIND_NIL)
 }
 
 /// The signed form of a cluster event's body: `s <hex HMAC-SHA-256>\n<body>`,
@@ -259,6 +261,19 @@ mod tests {
         assert!(verify_event(key, b"workerbus_events", b"node/9/9", &s).is_err());
         assert!(verify_event(key, b"workerbus_events", b"node/1/2", b"0 1 1\nse").unwrap_err().contains("unsigned"));
         assert_eq!(strip_signature(&s), Some(&b"0 1 1\nse"[..]));
-        assert!(EVENT_FLAGS_OK(5) && EVENT_FLAGS_OK(6) && !EVENT_FLAGS_OK(3) && !EVENT_FLAGS_OK(u32::MAX));
+        assert!(event_flags_ok(5) && event_flags_ok(6) && !event_flags_ok(3) && !event_flags_ok(u32::MAX));
+    }
+
+    #[test]
+    fn cluster_events_carry_exactly_the_record_kinds_a_node_sends() {
+        use crate::abi::record::*;
+        for api in [0, FLAG_EVENTS] {
+            for kind in [KIND_RAW, KIND_JSON, KIND_NIL] {
+                assert!(event_flags_ok(kind | api), "{kind} {api}");
+            }
+            // resty.workerbus.cluster encodes tables as JSON, never with string.buffer
+            assert!(!event_flags_ok(KIND_SBUF | api));
+            assert!(!event_flags_ok(KIND_RAW | api | (1 << WID_SHIFT)));
+        }
     }
 }

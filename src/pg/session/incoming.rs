@@ -48,7 +48,7 @@ impl Session {
                 None => Ok(payload),
             };
             let why = match body.map(wire::decode_event) {
-                Ok(Some(e)) if wire::EVENT_FLAGS_OK(e.flags) => None,
+                Ok(Some(e)) if wire::event_flags_ok(e.flags) => None,
                 Ok(_) => Some("a cluster event that no node sends (malformed, or unknown flags)"),
                 Err(why) => Some(why),
             };
@@ -78,7 +78,7 @@ impl Session {
                 (false, Some(key)) => wire::verify_event(key, channel, origin, payload).ok(),
                 (_, None) => Some(payload),
             };
-            match body.and_then(wire::decode_event).filter(|e| wire::EVENT_FLAGS_OK(e.flags)) {
+            match body.and_then(wire::decode_event).filter(|e| wire::event_flags_ok(e.flags)) {
                 Some(e) => {
                     node.deliver(Delivery::Event { flags: e.flags, source: e.source, event: e.event, data: e.data })
                 }
