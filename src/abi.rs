@@ -16,7 +16,7 @@ use core::fmt;
 
 /// Bumped on any change of an exported signature or structure; checked by
 /// lib/resty/workerbus.lua before it calls anything else.
-pub const ABI_VERSION: c_int = 4;
+pub const ABI_VERSION: c_int = 5;
 
 /// The flags word of an event-ring record. The module stores and returns
 /// it as is; lib/resty/workerbus/record.lua (which reads these values

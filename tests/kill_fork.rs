@@ -272,7 +272,7 @@ fn ring_writers_killed_at_random_points() {
     let shm = Shm::new(DATA + Ring::region_size(RING_CAP, 2));
     // SAFETY: as in ring_at; nobody else uses the region yet.
     let ring = unsafe { Ring::init(shm.ptr.add(DATA), shm.len - DATA, RING_CAP, 2) }.expect("ring init");
-    ring.reader(0).unwrap().claim(1, 0, 0);
+    ring.reader(0).unwrap().attach(1, 0, 0);
     let readers = [fork(|| ring_reader(&shm, 0, true, 0)), fork(|| ring_reader(&shm, 1, false, 3000))];
     let (ids, kills) = kill_writers(&mut Rng(seed), 2, |_, id| fork(|| ring_writer(&shm, id, u64::MAX)), |_, _| {});
     // A writer that is not killed: it takes the lock over and posts after the dead.

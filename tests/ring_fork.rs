@@ -67,7 +67,7 @@ fn write_records(shm: &Shm, w: u64, n: u64, spin: u32) -> i32 {
         data[16..16 + fill].fill(i as u8);
         let rec =
             RecordIn { source: b"writer", event: b"tick", unique: b"", data: &data[..16 + fill], pid, flags: w as u32 };
-        // A full ring refuses while a claimed reader has not read: wait for it.
+        // A full ring refuses while an attached reader has not read: wait for it.
         loop {
             match ring.post(&lock, &rec) {
                 Ok(_) => break,
@@ -241,7 +241,7 @@ fn writer_killed_mid_post_wedges_nobody() {
     assert_eq!(lock_word.owner(), dying);
     // The reader is guarded (as a worker with a poller is): however the
     // machine schedules it, the writer waits for it rather than lap it.
-    ring.reader(0).unwrap().claim(1, 0, 0);
+    ring.reader(0).unwrap().attach(1, 0, 0);
     let reader = fork(|| read_records(&shm, 0, 0, 1010, 2, 0));
     let writer = fork(|| write_records(&shm, 1, 1000, 0));
     std::thread::sleep(Duration::from_millis(100));

@@ -16,7 +16,7 @@ local ffi_string = ffi.string
 local type = type
 local error = error
 
-local ABI_VERSION = 4
+local ABI_VERSION = 5
 local MODULE_PATH = "/usr/lib/nginx/modules/ngx_workerbus_module.so"
 
 ffi.cdef [[
@@ -88,8 +88,8 @@ ffi.cdef [[
     int workerbus_lc_counts(uint64_t generation, double failed_sec, int64_t *out);
     int workerbus_lc_mark_started(void);
     int workerbus_lc_leave(void);
-    int workerbus_lc_claim_master_start(uint64_t generation);
-    int workerbus_lc_claim_master_exit(uint64_t generation);
+    int workerbus_lc_take_master_start(uint64_t generation);
+    int workerbus_lc_take_master_exit(uint64_t generation);
     int workerbus_lc_gen_flags(uint64_t generation);
     int workerbus_lc_set_hang_timeout(double sec);
     uint64_t workerbus_lc_current_generation(void);

@@ -1,6 +1,6 @@
 //! FFI for resty.worker.manager: the node-wide callback lock, the counts
 //! its callbacks receive, this worker's marks in the lifecycle table, and
-//! the once-per-generation claims. All of it lives in the primary zone.
+//! the once-per-generation master callbacks. All of it lives in the primary zone.
 //!
 //! Conventions as in the rest of the C ABI: a negative result is an error
 //! explained by `workerbus_last_error`; nothing here blocks.
@@ -100,20 +100,20 @@ pub extern "C" fn workerbus_lc_leave() -> c_int {
 
 /// 1 for the one caller that runs the master-start callback of `generation`, else 0.
 #[unsafe(no_mangle)]
-pub extern "C" fn workerbus_lc_claim_master_start(generation: u64) -> c_int {
+pub extern "C" fn workerbus_lc_take_master_start(generation: u64) -> c_int {
     let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
-    c_int::from(lc.claim_master_start(generation))
+    c_int::from(lc.take_master_start(generation))
 }
 
 /// 1 for the one caller that runs the master-exit callback of `generation`, else 0.
 #[unsafe(no_mangle)]
-pub extern "C" fn workerbus_lc_claim_master_exit(generation: u64) -> c_int {
+pub extern "C" fn workerbus_lc_take_master_exit(generation: u64) -> c_int {
     let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
-    c_int::from(lc.claim_master_exit(generation))
+    c_int::from(lc.take_master_exit(generation))
 }
 
-/// GEN_* bits of `generation` (1 master start claimed, 2 master exit
-/// claimed); -2 when that generation is not in the table; -1 error.
+/// GEN_* bits of `generation` (1 master start taken, 2 master exit
+/// taken); -2 when that generation is not in the table; -1 error.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_gen_flags(generation: u64) -> c_int {
     let Some(lc) = lifecycle() else { return fail(-1, no_zone()) };
@@ -131,10 +131,10 @@ pub extern "C" fn workerbus_lc_set_hang_timeout(sec: f64) -> c_int {
     0
 }
 
-/// Newest generation whose master-start callback has been claimed.
+/// Newest generation whose master-start callback has been taken.
 #[unsafe(no_mangle)]
 pub extern "C" fn workerbus_lc_master_started() -> u64 {
-    // Acquire: pairs with the claim's AcqRel.
+    // Acquire: pairs with take_once's AcqRel.
     lifecycle().map_or(0, |lc| lc.master_started.load(Ordering::Acquire))
 }
 

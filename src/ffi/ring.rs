@@ -122,7 +122,7 @@ pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
 }
 
 /// Registers the ngx.semaphore posted on wake-up (NULL unregisters) and
-/// claims this worker's readers. Returns 1 when posters can wake this
+/// attaches this worker's readers. Returns 1 when posters can wake this
 /// worker (the poller may then sleep without a timeout), 0 when it must poll.
 ///
 /// `sem` is an `ngx_http_lua_sema_t *` that the caller keeps alive until it
@@ -136,7 +136,7 @@ pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
         ev::release_readers();
         return 0;
     }
-    ev::claim_readers();
+    ev::attach_readers();
     c_int::from(wake::available() && this_process().record.get().is_some())
 }
 

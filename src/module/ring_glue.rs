@@ -1,5 +1,5 @@
 //! The event ring's nginx side: where each worker starts reading, posting
-//! with wake-ups, which readers may block a post on a full ring (claimed,
+//! with wake-ups, which readers may block a post on a full ring (attached,
 //! alive, heartbeat not overdue), repair of records abandoned by dead
 //! writers, and the ring's figures for the status document.
 
@@ -70,14 +70,14 @@ pub fn init_worker(respawned: bool) {
 /// The Lua poller started (its semaphore is registered): this worker's
 /// readers are read from now on, so their unread records are guarded and
 /// posters wake them at this process's address.
-pub fn claim_readers() {
+pub fn attach_readers() {
     let l = this_process();
     let Some(i) = l.record.get() else { return };
     let me = pid();
     let nonce = wake::nonce().unwrap_or(0);
     for z in &l.zones() {
         if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
-            rd.claim(me, nonce, mono_ms_now());
+            rd.attach(me, nonce, mono_ms_now());
         }
     }
 }
@@ -114,7 +114,7 @@ pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
 pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreConf>) -> Result<u64, String> {
     let r = ring(zone).ok_or("the zone has no event ring")?;
     let hang = hang_ms(zone, conf);
-    // Called only when the post would overwrite what a claimed reader has
+    // Called only when the post would overwrite what an attached reader has
     // not read: a reader blocks it while it lives and its heartbeat is not
     // overdue (a hung or dead worker is lapped, and told when it reads).
     let responsive = |pid: i32, beat: u64| mono_ms_now().saturating_sub(beat) <= hang && pid_alive(pid);

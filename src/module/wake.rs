@@ -4,7 +4,7 @@
 //! to sleep sets the idle flag of its own ring reader (one per worker
 //! process, never shared between generations); a poster clears the flags
 //! and sends one datagram to each reader that was idle, at the address the
-//! reader registered with its claim. So a burst of posts costs one atomic
+//! reader registered when it attached. So a burst of posts costs one atomic
 //! load each and no syscall, and no worker can take another's wake-up:
 //! during a reload the two generations' workers of a slot have separate
 //! readers, flags and sockets (with an eventfd per slot shared by both, one

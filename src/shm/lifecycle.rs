@@ -2,13 +2,13 @@
 //!
 //! One table per node, in the primary zone. The master writes a generation
 //! record on every configuration load (it is the only writer of those); each
-//! worker claims a worker record when it starts and keeps its heartbeat in it.
+//! worker reserves a worker record when it starts and keeps its heartbeat in it.
 //! Every transition is a single compare-and-swap on `state`, so a process
 //! that dies at any instruction leaves at worst a record in a state another
 //! process can still judge (its pid is gone, its heartbeat is old).
 //!
 //! resty.worker.manager's policy over this table (its flags, counts, lock
-//! and once-per-generation claims) is in manager.rs; the fields it keeps
+//! and once-per-generation callbacks) is in manager.rs; the fields it keeps
 //! here are marked as its.
 
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
@@ -36,17 +36,17 @@ pub const fn records_needed(worker_processes: usize) -> usize {
     worker_processes.saturating_mul(2)
 }
 
-/// Low bits of a record's state word: the WorkerState. A Claiming word also
-/// carries the claimer's pid above them (Linux pids are below 2^22), so that
-/// one compare-and-swap both claims the record and names who claimed it.
+/// Low bits of a record's state word: the WorkerState. A Reserved word also
+/// carries the reserver's pid above them (Linux pids are below 2^22), so that
+/// one compare-and-swap both reserves the record and names who reserved it.
 const STATE_BITS: u32 = 3;
 const STATE_MASK: u32 = (1 << STATE_BITS) - 1;
 
-fn claim_word(pid: i32) -> u32 {
-    ((pid as u32) << STATE_BITS) | WorkerState::Claiming as u32
+fn reserve_word(pid: i32) -> u32 {
+    ((pid as u32) << STATE_BITS) | WorkerState::Reserved as u32
 }
 
-fn claimer(word: u32) -> i32 {
+fn reserver(word: u32) -> i32 {
     (word >> STATE_BITS) as i32
 }
 
@@ -55,8 +55,8 @@ fn claimer(word: u32) -> i32 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkerState {
     Free = 0,
-    /// Being filled by the process that claimed it; invisible to readers.
-    Claiming = 1,
+    /// Being filled by the process that reserved it; invisible to readers.
+    Reserved = 1,
     Running = 2,
     /// Heartbeat overdue while the pid is alive (stopped, or stuck in a loop).
     Hung = 3,
@@ -68,9 +68,9 @@ pub enum WorkerState {
 
 impl WorkerState {
     pub fn from_u32(v: u32) -> WorkerState {
-        // The bits above STATE_BITS hold a claimer's pid (Claiming only).
+        // The bits above STATE_BITS hold a reserver's pid (Reserved only).
         match v & STATE_MASK {
-            1 => WorkerState::Claiming,
+            1 => WorkerState::Reserved,
             2 => WorkerState::Running,
             3 => WorkerState::Hung,
             4 => WorkerState::Exited,
@@ -82,7 +82,7 @@ impl WorkerState {
     pub fn name(self) -> &'static str {
         match self {
             WorkerState::Free => "free",
-            WorkerState::Claiming => "starting",
+            WorkerState::Reserved => "starting",
             WorkerState::Running => "running",
             WorkerState::Hung => "hung",
             WorkerState::Exited => "exited",
@@ -107,7 +107,7 @@ pub struct GenRecord {
     pub master_pid: AtomicI32,
     pub worker_count: AtomicU32,
     pub started_ms: AtomicU64,
-    /// GEN_* bits: resty.worker.manager's once-per-generation claims.
+    /// GEN_* bits: resty.worker.manager's once-per-generation callbacks (taken once).
     pub manager: AtomicU32,
     _pad: u32,
 }
@@ -139,7 +139,7 @@ pub struct Lifecycle {
     pub node_master_pid: AtomicI32,
     /// resty.worker.manager's node-wide lock: owner pid, 0 when free.
     pub manager_lock: AtomicI32,
-    /// Newest generation whose "master start" callback was claimed.
+    /// Newest generation whose "master start" callback was taken.
     pub master_started: AtomicU64,
     /// Hang timeout set from Lua (resty.worker.manager's `failed`), 0 = the
     /// directive's. Reset by every configuration load: a configuration that
@@ -260,7 +260,7 @@ impl Lifecycle {
         })
     }
 
-    /// The tests' shorthand for `register`: the claimed record's index.
+    /// The tests' shorthand for `register`: the reserved record's index.
     #[cfg(test)]
     pub fn register_worker(
         &self,
@@ -280,7 +280,7 @@ impl Lifecycle {
     /// crashed here (the master only respawns a slot after reaping its
     /// previous worker) and reported through `found`; records a sibling's
     /// heartbeat already marked crashed get their `replaced_by` too. Returns
-    /// the claimed record and whether the worker replaces an earlier one of
+    /// the reserved record and whether the worker replaces an earlier one of
     /// its slot and generation (it must not replay their events), or None
     /// when every record is live.
     pub fn register(
@@ -295,7 +295,7 @@ impl Lifecycle {
         let mut respawn = false;
         for rec in self.records() {
             let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
-            if matches!(st, WorkerState::Free | WorkerState::Claiming)
+            if matches!(st, WorkerState::Free | WorkerState::Reserved)
                 || rec.generation.load(Ordering::Relaxed) != generation
                 || rec.slot.load(Ordering::Relaxed) != slot
             {
@@ -320,9 +320,9 @@ impl Lifecycle {
                 let _ = rec.replaced_by.compare_exchange(0, pid, Ordering::Relaxed, Ordering::Relaxed);
             }
         }
-        let index = self.claim_record(pid, &alive)?;
+        let index = self.reserve_record(pid, &alive)?;
         let rec = &self.records()[index];
-        // Relaxed: the record is invisible (Claiming) until the Release below.
+        // Relaxed: the record is invisible (Reserved) until the Release below.
         rec.slot.store(slot, Ordering::Relaxed);
         rec.pid.store(pid, Ordering::Relaxed);
         rec.replaced_by.store(0, Ordering::Relaxed);
@@ -369,17 +369,17 @@ impl Lifecycle {
         self.records_n as usize
     }
 
-    /// A free record (or one whose claimer died before publishing it),
-    /// else the ended record that ended first. The claim word carries the
-    /// claimer's pid, so a claim left by a dead process is seen as such.
-    fn claim_record(&self, pid: i32, alive: impl Fn(i32) -> bool) -> Option<usize> {
-        let mine = claim_word(pid);
+    /// A free record (or one whose reserver died before publishing it),
+    /// else the ended record that ended first. The reserve word carries the
+    /// reserver's pid, so a reservation left by a dead process is seen as such.
+    fn reserve_record(&self, pid: i32, alive: impl Fn(i32) -> bool) -> Option<usize> {
+        let mine = reserve_word(pid);
         for _ in 0..8 {
             let mut oldest: Option<(usize, u32, u64)> = None;
             for (i, rec) in self.records().iter().enumerate() {
                 let raw = rec.state.load(Ordering::Acquire);
                 let st = WorkerState::from_u32(raw);
-                if st == WorkerState::Free || (st == WorkerState::Claiming && !alive(claimer(raw))) {
+                if st == WorkerState::Free || (st == WorkerState::Reserved && !alive(reserver(raw))) {
                     // AcqRel: the winner owns the record's fields.
                     if rec.state.compare_exchange(raw, mine, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                         return Some(i);
@@ -446,13 +446,13 @@ impl Lifecycle {
 
     /// Judges every live record by its heartbeat: pid gone → crashed, pid
     /// alive but heartbeat older than `hang_ms` → hung. Any worker may run it.
-    /// A record claimed by a process that died before publishing it is freed.
+    /// A record reserved by a process that died before publishing it is freed.
     pub fn check(&self, now_ms: u64, hang_ms: u64, alive: impl Fn(i32) -> bool, mut found: impl FnMut(Finding)) {
         for rec in self.records() {
             let raw = rec.state.load(Ordering::Acquire);
             let st = WorkerState::from_u32(raw);
-            if st == WorkerState::Claiming && !alive(claimer(raw)) {
-                // Relaxed: the record holds nothing anyone reads; a racing claim wins or we do.
+            if st == WorkerState::Reserved && !alive(reserver(raw)) {
+                // Relaxed: the record holds nothing anyone reads; a racing reservation wins or we do.
                 let _ = rec.state.compare_exchange(raw, WorkerState::Free as u32, Ordering::Relaxed, Ordering::Relaxed);
                 continue;
             }
@@ -489,7 +489,7 @@ impl Lifecycle {
     pub fn workers(&self) -> impl Iterator<Item = WorkerView> + '_ {
         self.records().iter().enumerate().filter_map(|(index, rec)| {
             let state = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
-            if matches!(state, WorkerState::Free | WorkerState::Claiming) {
+            if matches!(state, WorkerState::Free | WorkerState::Reserved) {
                 return None;
             }
             Some(WorkerView {
@@ -637,25 +637,25 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_record_whose_claimer_died_before_publishing_is_reused() {
+    fn a_record_whose_reserver_died_before_publishing_is_reused() {
         let t = table();
         let g = t.begin_generation(1, 1, 0);
-        // pid 77 claims a record and dies before publishing it.
-        let stuck = t.claim_record(77, alive).unwrap();
-        assert_eq!(WorkerState::from_u32(t.records()[stuck].state.load(Ordering::Relaxed)), WorkerState::Claiming);
+        // pid 77 reserves a record and dies before publishing it.
+        let stuck = t.reserve_record(77, alive).unwrap();
+        assert_eq!(WorkerState::from_u32(t.records()[stuck].state.load(Ordering::Relaxed)), WorkerState::Reserved);
         for n in 1..RECORDS as u32 {
             assert!(t.register_worker(g, n, 100 + n as i32, 0, alive, |_| {}).is_some());
         }
         let dead77 = |p: i32| p != 77;
-        assert_eq!(t.register_worker(g, 0, 5000, 0, dead77, |_| {}), Some(stuck), "the dead claim is taken over");
+        assert_eq!(t.register_worker(g, 0, 5000, 0, dead77, |_| {}), Some(stuck), "the dead reservation is taken over");
         // The heartbeat check frees such a record too.
         let t = table();
-        let stuck = t.claim_record(78, alive).unwrap();
+        let stuck = t.reserve_record(78, alive).unwrap();
         t.check(0, 5000, |p| p != 78, |_| {});
         assert_eq!(WorkerState::from_u32(t.records()[stuck].state.load(Ordering::Relaxed)), WorkerState::Free);
-        let live = t.claim_record(79, alive).unwrap();
+        let live = t.reserve_record(79, alive).unwrap();
         t.check(0, 5000, alive, |_| {});
-        assert_eq!(WorkerState::from_u32(t.records()[live].state.load(Ordering::Relaxed)), WorkerState::Claiming);
+        assert_eq!(WorkerState::from_u32(t.records()[live].state.load(Ordering::Relaxed)), WorkerState::Reserved);
     }
 
     #[test]

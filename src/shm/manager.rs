@@ -2,7 +2,7 @@
 //! it counts (n_prev, n_mine, n_next), the flags a worker sets on its own
 //! record when the manager saw it start or leave, the node-wide manager
 //! lock, and the once-per-generation "master start" / "master exit"
-//! claims. The table itself (records, transitions, crash and hang
+//! callbacks, each taken by one caller. The table itself (records, transitions, crash and hang
 //! findings) is lifecycle.rs; the fields used here live in its layout.
 
 use core::sync::atomic::Ordering;
@@ -15,9 +15,9 @@ pub const FLAG_MANAGED: u32 = 1;
 /// the process lives on (draining requests) until exit_process.
 pub const FLAG_LEFT: u32 = 2;
 
-/// GenRecord::manager: the generation's "master start" callback was claimed.
+/// GenRecord::manager: the generation's "master start" callback was taken (by exactly one caller).
 pub const GEN_MASTER_STARTED: u32 = 1;
-/// GenRecord::manager: the generation's "master exit" callback was claimed.
+/// GenRecord::manager: the generation's "master exit" callback was taken (by exactly one caller).
 pub const GEN_MASTER_EXITED: u32 = 2;
 
 impl Lifecycle {
@@ -65,34 +65,34 @@ impl Lifecycle {
         if generation == 0 || rec.generation.load(Ordering::Acquire) != generation {
             return None;
         }
-        // Acquire: pairs with the AcqRel of the claim.
+        // Acquire: pairs with the AcqRel of take_once.
         Some(rec.manager.load(Ordering::Acquire))
     }
 
     /// True for exactly one caller per generation and bit.
-    pub fn claim_gen(&self, generation: u64, bit: u32) -> bool {
+    pub fn take_once(&self, generation: u64, bit: u32) -> bool {
         let rec = &self.gens[(generation as usize) % MAX_GENERATIONS];
         // Acquire: pairs with the Release in begin_generation.
         if generation == 0 || rec.generation.load(Ordering::Acquire) != generation {
             return false;
         }
-        // AcqRel: the one caller that sets the bit wins, and sees earlier claims.
+        // AcqRel: the one caller that sets the bit wins, and sees earlier takes.
         rec.manager.fetch_or(bit, Ordering::AcqRel) & bit == 0
     }
 
     /// True for exactly one caller per generation: it runs "master start".
-    pub fn claim_master_start(&self, generation: u64) -> bool {
-        if !self.claim_gen(generation, GEN_MASTER_STARTED) {
+    pub fn take_master_start(&self, generation: u64) -> bool {
+        if !self.take_once(generation, GEN_MASTER_STARTED) {
             return false;
         }
-        // AcqRel: a newest-claimed watermark, for diagnostics.
+        // AcqRel: a newest-taken watermark, for diagnostics.
         self.master_started.fetch_max(generation, Ordering::AcqRel);
         true
     }
 
     /// True for exactly one caller per generation: it runs "master exit".
-    pub fn claim_master_exit(&self, generation: u64) -> bool {
-        self.claim_gen(generation, GEN_MASTER_EXITED)
+    pub fn take_master_exit(&self, generation: u64) -> bool {
+        self.take_once(generation, GEN_MASTER_EXITED)
     }
 
     /// Workers of `generation` the manager saw start and that have neither
@@ -245,20 +245,20 @@ mod tests {
     }
 
     #[test]
-    fn master_start_and_exit_are_claimed_once_per_generation() {
+    fn master_start_and_exit_are_taken_once_per_generation() {
         let t = table();
-        assert!(!t.claim_master_start(1), "a generation not in the table cannot be claimed");
+        assert!(!t.take_master_start(1), "a generation not in the table cannot be taken");
         for _ in 0..3 {
             t.begin_generation(1, 1, 0);
         }
-        assert!(t.claim_master_start(3));
-        assert!(!t.claim_master_start(3));
-        // A quick double reload: generation 2's claim still works after 3's.
-        assert!(t.claim_master_start(2));
+        assert!(t.take_master_start(3));
+        assert!(!t.take_master_start(3));
+        // A quick double reload: generation 2's take still works after 3's.
+        assert!(t.take_master_start(2));
         assert_eq!(t.master_started.load(Ordering::Relaxed), 3);
         assert_eq!(t.gen_flags(2), Some(GEN_MASTER_STARTED));
-        assert!(t.claim_master_exit(2));
-        assert!(!t.claim_master_exit(2));
+        assert!(t.take_master_exit(2));
+        assert!(!t.take_master_exit(2));
         assert_eq!(t.gen_flags(2), Some(GEN_MASTER_STARTED | GEN_MASTER_EXITED));
         assert_eq!(t.gen_flags(1), Some(0));
         assert_eq!(t.gen_flags(4), None);

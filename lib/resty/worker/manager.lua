@@ -174,7 +174,7 @@ local function on_exit(premature)
         if C.workerbus_lc_leave() < 0 then
             ngx_log(ERR, NAME, ": ", wb.last_error())
         end
-        if n_mine <= 1 and C.workerbus_lc_claim_master_exit(generation) == 1 then
+        if n_mine <= 1 and C.workerbus_lc_take_master_exit(generation) == 1 then
             call("master exit", conf.master_exit, generation, get_counts(generation, 0))
         end
     end)

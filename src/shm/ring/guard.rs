@@ -1,4 +1,4 @@
-//! The liveness guard: a reader that `claim`s its slot and keeps beating
+//! The liveness guard: a reader that `attach`es to its slot and keeps beating
 //! has its unread records guarded (with `Overflow::Refuse`) while the
 //! caller judges it responsive; `guard_pos`, a lower bound of the guarded
 //! positions, spares most posts the scan of the readers.
@@ -9,7 +9,7 @@ use super::record::PostError;
 use super::{Reader, Ring};
 
 impl Ring {
-    /// With `Overflow::Refuse`: the first responsive claimed reader that has
+    /// With `Overflow::Refuse`: the first responsive attached reader that has
     /// not read past `new_tail`. Lock held.
     pub(super) fn blocker(
         &self,
@@ -18,7 +18,7 @@ impl Ring {
         responsive: &dyn Fn(i32, u64) -> bool,
     ) -> Result<(), PostError> {
         let w = self.w();
-        // Acquire: pairs with the AcqRel fetch_min of readers that claim or beat.
+        // Acquire: pairs with the AcqRel fetch_min of readers that attach or beat.
         let guard = w.guard_pos.load(Ordering::Acquire);
         if new_tail <= guard {
             return Ok(());
@@ -26,7 +26,7 @@ impl Ring {
         let mut min = u64::MAX;
         for i in 0..self.readers_hi() {
             let Some(s) = self.slot(i) else { break };
-            // Acquire: a reader's claim (owner) comes with its position and beat.
+            // Acquire: a reader's attach (owner) comes with its position and beat.
             let owner = s.owner.load(Ordering::Acquire);
             if owner == 0 {
                 continue;
@@ -56,13 +56,13 @@ impl Reader {
     /// This process now reads the slot with a poller: its unread records
     /// are guarded (with `Overflow::Refuse`) while the caller judges it
     /// responsive from `beat`, and posters wake it at (pid, nonce).
-    pub fn claim(&self, pid: i32, nonce: u64, now: u64) {
+    pub fn attach(&self, pid: i32, nonce: u64, now: u64) {
         let slot = self.slot();
         // Relaxed: published by the Release store of owner.
         slot.beat.store(now, Ordering::Relaxed);
         slot.nonce.store(nonce, Ordering::Relaxed);
         slot.owner.store(pid, Ordering::Release);
-        // AcqRel: posters that see the new bound see this slot's claim.
+        // AcqRel: posters that see the new bound see this slot's attach.
         self.ring.w().readers_hi.fetch_max(self.index as u32 + 1, Ordering::AcqRel);
         self.lower_guard();
     }
@@ -101,8 +101,8 @@ mod tests {
         let (_r, ring) = ring(1024, 3);
         assert_eq!(ring.overflow(), Overflow::Refuse, "refusing is the default");
         let slow = ring.reader(1).unwrap();
-        slow.claim(4321, 1, 1000);
-        let unclaimed = ring.reader(2).unwrap(); // no poller: never blocks
+        slow.attach(4321, 1, 1000);
+        let unattached = ring.reader(2).unwrap(); // no poller: never blocks
         let res = fill(&ring, 30, &|_, _| true);
         let ok = res.iter().filter(|r| r.is_ok()).count();
         assert_eq!(ok, 1024 / 56, "exactly what fits was accepted");
@@ -121,7 +121,7 @@ mod tests {
         let (n, out, _) = read(&slow);
         assert_eq!((n, out.seq, out.missed), (Next::Record, 1, 0));
         assert_eq!(fill(&ring, 1, &|_, _| true)[0], Ok(behind + 1));
-        assert_eq!(read(&unclaimed).1.missed, 1, "the unclaimed reader was lapped and told");
+        assert_eq!(read(&unattached).1.missed, 1, "the unattached reader was lapped and told");
         // A reader judged unresponsive (hung or dead) is lapped and told.
         let res = fill(&ring, 40, &|pid, beat| !(pid == 4321 && beat == 1000));
         assert!(res.iter().all(|r| r.is_ok()));
@@ -131,7 +131,7 @@ mod tests {
         // Released (the worker exited): never blocks.
         slow.release();
         let other = ring.reader(0).unwrap();
-        other.claim(99, 2, 5);
+        other.attach(99, 2, 5);
         other.set_cursor(ring.head_seq());
         assert!(fill(&ring, 15, &|_, _| true).iter().all(|r| r.is_ok()), "the released reader did not block");
         let more = fill(&ring, 10, &|_, _| true);

@@ -1,6 +1,6 @@
 //! The idle/wake flags: a poller about to sleep sets its slot's idle flag
 //! (and re-checks for records), a poster clears the flags it finds set and
-//! signals those readers at the address they claimed; a fence on each side
+//! signals those readers at the address they attached with; a fence on each side
 //! (Dekker) makes one of the two see the other.
 
 use core::sync::atomic::{Ordering, fence};
@@ -9,7 +9,7 @@ use super::{Reader, Ring};
 
 impl Ring {
     /// After a post: signals every idle reader once (`signal(slot, owner
-    /// pid, nonce)`: the address its owner registered with `claim`).
+    /// pid, nonce)`: the address its owner registered with `attach`).
     pub fn wake_idle(&self, mut signal: impl FnMut(usize, i32, u64)) {
         // SeqCst fence: the published head is ordered before the idle flags
         // are read; pairs with the fence in Reader::set_idle (Dekker).
@@ -18,7 +18,7 @@ impl Ring {
             let Some(s) = self.slot(i) else { break };
             // Relaxed probe: in a burst nobody is idle, and this costs no write.
             if s.idle.load(Ordering::Relaxed) != 0 && s.idle.swap(0, Ordering::AcqRel) != 0 {
-                // Acquire: the claim that set these came before the idle flag.
+                // Acquire: the attach that set these came before the idle flag.
                 signal(i, s.owner.load(Ordering::Acquire), s.nonce.load(Ordering::Relaxed));
                 // Relaxed: statistics.
                 s.wakeups.fetch_add(1, Ordering::Relaxed);
@@ -64,10 +64,10 @@ mod tests {
         assert!(rd.set_idle(true));
         let mut woken = vec![];
         ring.post(&NoLock, &rec(b"e", b"")).unwrap();
-        rd.claim(4242, 77, 0);
+        rd.attach(4242, 77, 0);
         ring.wake_idle(|s, pid, nonce| woken.push((s, pid, nonce)));
         ring.wake_idle(|s, pid, nonce| woken.push((s, pid, nonce)));
-        assert_eq!(woken, vec![(2, 4242, 77)], "the address the owner claimed");
+        assert_eq!(woken, vec![(2, 4242, 77)], "the address the owner attached with");
         assert!(!rd.set_idle(true), "a pending record keeps the reader awake");
         assert_eq!((rd.stats().wakeups, rd.stats().idle, ring.stats().wakeups), (1, false, 1));
         assert!(ring.reader(3).is_none());

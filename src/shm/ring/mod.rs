@@ -4,7 +4,7 @@
 //! - Writers serialize through a `ShmLock` and never wait for readers. When
 //!   the data area is full, what happens depends on the ring's `Overflow`
 //!   setting: `Refuse` (the default) refuses the post while a responsive
-//!   reader (one that `claim`ed its slot and whose caller-judged liveness
+//!   reader (one that `attach`ed to its slot and whose caller-judged liveness
 //!   holds) still has to read a record the post would overwrite; lapped,
 //!   hung or dead readers never block. `Overwrite` always moves the tail
 //!   past the oldest records before writing over them.
@@ -89,9 +89,9 @@ struct WriterState {
     rejected: AtomicU64,
     /// Invalid headers met (memory corruption): the ring was reset past them.
     corrupt: AtomicU64,
-    /// A lower bound of the positions of the claimed readers that were
+    /// A lower bound of the positions of the attached readers that were
     /// responsive at the last scan: evicting below it needs no scan.
-    /// Readers lower it (`fetch_min`) when they claim, beat or move back.
+    /// Readers lower it (`fetch_min`) when they attach, beat or move back.
     guard_pos: AtomicU64,
     /// Posts refused because a responsive reader had not read yet.
     refused: AtomicU64,
@@ -99,7 +99,7 @@ struct WriterState {
     reported: AtomicU64,
     /// `Overflow` as u32; set by the owner of the configuration on each load.
     overflow: AtomicU32,
-    /// 1 + the highest reader index ever claimed: posters' scans (idle
+    /// 1 + the highest reader index ever attached: posters' scans (idle
     /// flags, guarded readers) stop there instead of at `max_readers`.
     readers_hi: AtomicU32,
     _pad2: u32,
@@ -406,9 +406,9 @@ impl Ring {
         }
     }
 
-    /// Slots a scan for claimed (or idle) readers must cover.
+    /// Slots a scan for attached (or idle) readers must cover.
     fn readers_hi(&self) -> usize {
-        // Acquire: pairs with the claim's AcqRel fetch_max.
+        // Acquire: pairs with the attach's AcqRel fetch_max.
         (self.w().readers_hi.load(Ordering::Acquire) as usize).min(self.max_readers)
     }
 }

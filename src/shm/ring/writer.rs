@@ -12,13 +12,13 @@ use crate::shm::lock::ShmLock;
 use crate::shm::racy;
 
 impl Ring {
-    /// Publishes one record; returns its seq. Claimed readers count as responsive.
+    /// Publishes one record; returns its seq. Attached readers count as responsive.
     pub fn post<L: ShmLock>(&self, lock: &L, rec: &RecordIn) -> Result<u64, PostError> {
         self.post_checked(lock, rec, &|_, _| true)
     }
 
     /// Publishes one record; returns its seq. With `Overflow::Refuse`, a
-    /// claimed reader blocks the post only if `responsive(pid, beat)`.
+    /// attached reader blocks the post only if `responsive(pid, beat)`.
     pub fn post_checked<L: ShmLock>(
         &self,
         lock: &L,
@@ -307,7 +307,7 @@ mod tests {
         let (_r, ring) = ring(1024, 1);
         ring.set_overflow(Overflow::Overwrite);
         let rd = ring.reader(0).unwrap();
-        rd.claim(4321, 1, 0);
+        rd.attach(4321, 1, 0);
         assert!(fill(&ring, 100, &|_, _| true).iter().all(|r| r.is_ok()));
         let oldest = ring.oldest_seq();
         let (n, out, _) = read(&rd);
