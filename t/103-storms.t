@@ -15,6 +15,8 @@ use Workerbus::TestCore 'no_plan';
 workers(4);
 master_on();
 no_long_string();
+# Each post logs a debug line (as in the original); thousands per storm.
+log_level('info');
 
 our $Config = <<'_EOC_';
     lua_shared_dict tally 8m;

@@ -36,4 +36,23 @@ function _M.running()
     return r
 end
 
+-- Whether a line of this nginx's error log matches the Lua pattern `pat`.
+-- For a multi-request block whose later request expects a line: the real
+-- Test::Nginx checks `--- error_log` after every request of the block, so
+-- such a line is asserted in the last response instead.
+function _M.logged(pat)
+    local f = io.open(ngx.config.prefix() .. "logs/error.log")
+    if not f then
+        return false
+    end
+    for line in f:lines() do
+        if line:find(pat) then
+            f:close()
+            return true
+        end
+    end
+    f:close()
+    return false
+end
+
 return _M
