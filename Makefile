@@ -72,13 +72,13 @@ deps:
 # left out: they do not change the module signature and point at the
 # builder's paths), so the module's signature matches $(NGINX).
 $(NGX_TREE)/objs/ngx_auto_config.h:
-	@nv=$$($(NGINX) -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p'); \
+	@nv=$$($(NGINX) -v 2>&1 | sed -n 's|.*version: [a-z]*/\([0-9]*\.[0-9]*\.[0-9]*\).*|\1|p'); \
 	hv=$$(sed -n 's/^#define NGINX_VERSION *"\(.*\)"/\1/p' $(NGINX_SRC)/src/core/nginx.h); \
 	if [ "$$nv" != "$$hv" ]; then \
 	  echo "error: $(NGINX) is nginx $$nv but the sources in $(NGINX_SRC) are nginx $$hv;" \
 	       "install matching nginx and nginx-dev packages, or give NGINX_SRC=<nginx $$nv's source tree>" >&2; exit 1; \
 	fi
-	rm -rf $(NGX_TREE) && mkdir -p $(dir $(NGX_TREE)) && cp -r $(NGINX_SRC) $(NGX_TREE)
+	rm -rf $(NGX_TREE) && mkdir -p $(dir $(NGX_TREE)) $(BUILD) && cp -r $(NGINX_SRC) $(NGX_TREE)
 	cd $(NGX_TREE) && if [ -f conf_flags ]; then \
 	  source ./conf_flags && set -- "$${NGX_CONF_FLAGS[@]}"; \
 	else \
@@ -91,6 +91,7 @@ $(NGX_TREE)/objs/ngx_auto_config.h:
 
 build: deps $(NGX_TREE)/objs/ngx_auto_config.h
 	$(CARGO_ENV) cargo build --release
+	@mkdir -p $(dir $(MODULE))
 	cp $(TARGET_DIR)/release/libworkerbus.so $(MODULE).tmp && mv -f $(MODULE).tmp $(MODULE)   # a new inode: running nginx keeps its mapping
 	@echo "built $(MODULE)"
 	@if nm -D $(MODULE) | grep -q ' workerbus_test_'; then \
