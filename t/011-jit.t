@@ -49,8 +49,9 @@ our $Helpers = <<'_EOC_';
             end
             local traced, bad = false, {}
             for line in log:gmatch("[^\n]+") do
-                local start = line:match("^%[TRACE%s+%d+ (%S+)")
-                                or line:match("^%[TRACE%s+%d+ %(%d+/[%w]+%) (%S+)")
+                -- a side trace names its parent first: "[TRACE 2 (1/stitch) file:line ..."
+                local start = line:match("^%[TRACE%s+%d+ %(%d+/[%w]+%) (%S+)")
+                                or line:match("^%[TRACE%s+%d+ (%S+)")
                 if start and (start:find("content_by_lua", 1, true) or ours(start)) then
                     traced = true
                 end
