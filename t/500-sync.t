@@ -237,10 +237,11 @@ the short interval ran more often: true
 --- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
+        local T = require "wbtest.sync"
         local s = assert(sync.new(0.5, "wb"))
         assert(s:register(function(mode)
             if mode == sync.ACTION_VERSION then
-                return require("wbtest.sync").run(0.2, function()
+                return T.run(0.2, function()
                     return ngx.shared.runs:get("n")
                 end)
             end
@@ -249,7 +250,7 @@ the short interval ran more often: true
         assert(s:start())
         SYNCER = s
         -- A worker that is not the runner kills it while a run is under way.
-        require("wbtest.sync").kill_runner(s, 0.02, function(victim)
+        T.kill_runner(s, 0.02, function(victim)
             local d = ngx.shared.runs
             local n = d:get("n")
             return n and d:get("s" .. n) and not d:get("e" .. n)
@@ -308,10 +309,11 @@ qr/sync "wb#1": worker process \d+ is the runner, taken from pid \d+ \(owner die
 --- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
+        local T = require "wbtest.sync"
         local s = assert(sync.new(0.3, "wb"))
         assert(s:register(function(mode)
             if mode == sync.ACTION_VERSION then
-                return require("wbtest.sync").run(0.25, function() return "same" end)
+                return T.run(0.25, function() return "same" end)
             end
             return "data"
         end, "t"))
