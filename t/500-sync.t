@@ -9,89 +9,10 @@ workers(4);
 master_on();
 no_long_string();
 
-# Helpers every block can use (package.loaded.T): a deadline loop, and run
-# records kept in the lua_shared_dict "runs" (s<id> = "pid start gen",
-# e<id> = end) with the check that no two runs ever overlapped.
-our $Helpers = <<'_EOC_';
-    lua_shared_dict runs 4m;
-    lua_shared_dict src 1m;
-    init_by_lua_block {
-        local T = {}
-        function T.wait(cond, limit)
-            local deadline = ngx.now() + (limit or 10)
-            while not cond() do
-                if ngx.now() > deadline then
-                    return false
-                end
-                ngx.sleep(0.05)
-                ngx.update_time()
-            end
-            return true
-        end
-        local function now()
-            ngx.update_time()
-            return ngx.now()
-        end
-        -- Records a run around fn(); sleeps `pause` inside it (raises in
-        -- init_worker, where ngx.sleep does not exist: the run is retried).
-        function T.run(pause, fn)
-            local d = ngx.shared.runs
-            if pause and pause > 0 then
-                ngx.sleep(pause)   -- raises in init_worker before anything is recorded
-            end
-            local id = d:incr("n", 1, 0)
-            local start = now()
-            d:set("s" .. id, ngx.worker.pid() .. " " .. start .. " "
-                  .. require("resty.workerbus").generation())
-            if pause and pause > 0 then
-                ngx.sleep(pause)
-            end
-            local r = fn and fn()
-            d:set("e" .. id, now())
-            return r
-        end
-        function T.runs()
-            local d = ngx.shared.runs
-            local out = {}
-            for id = 1, d:get("n") or 0 do
-                local s = d:get("s" .. id)
-                if s then
-                    local pid, start, gen = s:match("^(%d+) (%S+) (%d+)$")
-                    out[#out + 1] = { id = id, pid = tonumber(pid), start = tonumber(start),
-                                      gen = tonumber(gen), stop = d:get("e" .. id) }
-                end
-            end
-            table.sort(out, function(a, b) return a.start < b.start end)
-            return out
-        end
-        -- nil when no two runs overlapped; runs of `dead` without an end
-        -- ended when it was killed, at `killed`.
-        function T.overlap(dead, killed)
-            local runs = T.runs()
-            for i = 2, #runs do
-                local prev, cur = runs[i - 1], runs[i]
-                local stop = prev.stop or (prev.pid == dead and killed)
-                if not stop then
-                    return "run " .. prev.id .. " (pid " .. prev.pid .. ") never ended but run "
-                           .. cur.id .. " (pid " .. cur.pid .. ") started"
-                end
-                if cur.start < stop then
-                    return "run " .. cur.id .. " (pid " .. cur.pid .. ") started at " .. cur.start
-                           .. " before run " .. prev.id .. " (pid " .. prev.pid .. ") ended at " .. stop
-                end
-            end
-            return nil
-        end
-        function T.pids()
-            local set, n = {}, 0
-            for _, r in ipairs(T.runs()) do
-                if not set[r.pid] then set[r.pid] = true n = n + 1 end
-            end
-            return n, set
-        end
-        package.loaded.T = T
-    }
-_EOC_
+# Blocks 2-15 use the helpers of t/lib/wbtest/sync.lua (`local T = require
+# "wbtest.sync"`): a deadline loop, and run records kept in the
+# lua_shared_dict "runs" with the check that no two runs ever overlapped.
+# Their callbacks read the source from the lua_shared_dict "src".
 
 run_tests();
 
@@ -184,10 +105,9 @@ after 5s, task ex1, data: data \d+ and version: version \d+
 
 
 === TEST 2: four workers read the same version and data within an interval; the callbacks run in exactly one worker; the status shows the instance
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: runs 4m, src 1m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(0.2, "wb"))
@@ -205,11 +125,10 @@ $::Helpers . <<'_EOC_';
             ngx.shared.src:set("seen:" .. ngx.worker.pid(), tostring(v) .. "|" .. tostring(d))
         end)
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local src = ngx.shared.src
             local function all_see(want)
                 local n = 0
@@ -262,10 +181,9 @@ t v2 string string size 10 runs>0 true failures 0
 
 
 === TEST 3: two instances on one shm keep their own intervals and runners
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: runs 4m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         for _, iv in ipairs({ 0.3, 1.2 }) do
@@ -280,11 +198,10 @@ $::Helpers . <<'_EOC_';
             assert(s:start())
         end
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local d = ngx.shared.runs
             T.wait(function() return (d:llen("at:1.2") or 0) >= 4 end, 20)
             for _, iv in ipairs({ "0.3", "1.2" }) do
@@ -315,16 +232,16 @@ the short interval ran more often: true
 
 
 === TEST 4: kill -9 of the runner in the middle of a run: another worker runs within interval + lease, and no two runs ever overlap
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: runs 4m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
+        local T = require "wbtest.sync"
         local s = assert(sync.new(0.5, "wb"))
         assert(s:register(function(mode)
             if mode == sync.ACTION_VERSION then
-                return package.loaded.T.run(0.2, function()
+                return T.run(0.2, function()
                     return ngx.shared.runs:get("n")
                 end)
             end
@@ -333,29 +250,17 @@ $::Helpers . <<'_EOC_';
         assert(s:start())
         SYNCER = s
         -- A worker that is not the runner kills it while a run is under way.
-        local ffi = require "ffi"
-        ffi.cdef "int kill(int pid, int sig);"
-        ngx.timer.every(0.02, function()
+        T.kill_runner(s, 0.02, function(victim)
             local d = ngx.shared.runs
-            local victim = s:runner()
-            if not d:get("kill") or victim == ngx.worker.pid() or victim == 0 then
-                return
-            end
             local n = d:get("n")
-            local open = n and d:get("s" .. n) and not d:get("e" .. n)
-                         and tonumber(d:get("s" .. n):match("^%d+")) == victim
-            if open and d:add("victim", victim) then
-                ngx.update_time()
-                d:set("killed", ngx.now())
-                ffi.C.kill(victim, 9)
-            end
+            return n and d:get("s" .. n) and not d:get("e" .. n)
+                   and tonumber(d:get("s" .. n):match("^%d+")) == victim
         end)
     }
-_EOC_
 --- config
     location = /kill {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local d = ngx.shared.runs
             ngx.say("runs before: ", T.wait(function() return (d:get("n") or 0) >= 3 end))
             d:set("kill", true)
@@ -363,7 +268,7 @@ _EOC_
     }
     location = /check {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local d = ngx.shared.runs
             T.wait(function() return d:get("killed") end)
             local victim, killed = d:get("victim"), d:get("killed")
@@ -399,31 +304,28 @@ qr/sync "wb#1": worker process \d+ is the runner, taken from pid \d+ \(owner die
 
 
 === TEST 5: HUP: the runner moves to a worker of the new generation, never two runs at once
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: runs 4m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
+        local T = require "wbtest.sync"
         local s = assert(sync.new(0.3, "wb"))
         assert(s:register(function(mode)
             if mode == sync.ACTION_VERSION then
-                return package.loaded.T.run(0.25, function() return "same" end)
+                return T.run(0.25, function() return "same" end)
             end
             return "data"
         end, "t"))
         assert(s:start())
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
-            local ffi = require "ffi"
-            ffi.cdef "int kill(int pid, int sig);"
+            local T = require "wbtest.sync"
             local d = ngx.shared.runs
             T.wait(function() return (d:get("n") or 0) >= 3 end)
-            ffi.C.kill(require("ngx.process").get_master_pid(), 1)
+            require("wbtest").kill(require("ngx.process").get_master_pid(), 1)   -- SIGHUP
             local ok = T.wait(function()
                 local gen2 = 0
                 for _, r in ipairs(T.runs()) do
@@ -455,10 +357,9 @@ overlap: nil
 
 
 === TEST 6: a 5 MB data value is synchronized to every worker
---- main_config
-    workerbus_zone big 24m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: big 24m
+--- shared_dicts: src 1m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(0.5, "big"))
@@ -474,11 +375,10 @@ $::Helpers . <<'_EOC_';
             end
         end)
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local src = ngx.shared.src
             local want = #string.rep("x", 5 * 1024 * 1024) .. " "
                          .. ngx.md5(string.rep("0123456789abcdef", 5 * 1024 * 1024 / 16))
@@ -503,10 +403,9 @@ GET /t
 
 
 === TEST 7: data too large for the zone is logged with its size and the zone's free bytes; the previous data stays
---- main_config
-    workerbus_zone small 2m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: small 2m
+--- shared_dicts: src 1m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(0.2, "small"))
@@ -518,11 +417,10 @@ $::Helpers . <<'_EOC_';
         assert(s:start())
         SYNCER = s
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local s = SYNCER
             T.wait(function() return s:get_data("t") end)
             ngx.shared.src:set("version", 2)
@@ -548,10 +446,9 @@ qr/\[error\] .*sync: tag "t" of "small#1": an update of 4194\d{3} bytes does not
 
 
 === TEST 8: a task that sleeps 3 s does not delay another task of the same instance
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: runs 4m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(0.2, "wb"))
@@ -572,11 +469,10 @@ $::Helpers . <<'_EOC_';
         end, "fast"))
         assert(s:start())
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local d = ngx.shared.runs
             T.wait(function() return (d:get("slow done") or 0) >= 1 end)
             -- the fast task ran at least 4 times before the first slow run ended
@@ -595,10 +491,9 @@ fast runs 2..5 before the slow one ended: true
 
 
 === TEST 9: on_update fires once per worker per new version, with data and version
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: runs 4m, src 1m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(0.1, "wb"))
@@ -613,11 +508,10 @@ $::Helpers . <<'_EOC_';
         end))
         assert(s:start())
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local d = ngx.shared.runs
             local function count(v)
                 local workers, total = 0, 0
@@ -658,10 +552,9 @@ v2: 4 workers, 4 calls
 
 
 === TEST 10: get() during 1,000 updates never pairs the data of one update with the version of another, in any worker
---- main_config
-    workerbus_zone wb 8m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 8m
+--- shared_dicts: runs 4m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(0.001, "wb"))
@@ -696,11 +589,10 @@ $::Helpers . <<'_EOC_';
         end
         ngx.timer.at(0, reader)
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local d = ngx.shared.runs
             ngx.say("readers done: ", T.wait(function() return d:get("readers done") == 4 end, 60))
             ngx.say("torn reads: ", d:get("torn") or 0)
@@ -720,17 +612,11 @@ versions seen > 400: true, reads > 2000: true
 
 
 === TEST 11: bad input gives nil and an exact error
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
-        local out = {}
-        local function try(what, ...)
-            local r, err = ...
-            out[#out + 1] = what .. ": " .. tostring(r) .. ", " .. tostring(err)
-        end
+        local try, out = require("wbtest").recorder()
         try("new(0)", sync.new(0, "wb"))
         try("new(-1)", sync.new(-1, "wb"))
         try("new('5')", sync.new("5", "wb"))
@@ -766,7 +652,6 @@ $::Helpers . <<'_EOC_';
         try("get(no data)", empty:get("none"))
         OUT = out
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block { ngx.say(table.concat(OUT, "\n")) }
@@ -806,10 +691,8 @@ get(no data): nil, no data
 
 
 === TEST 12: a callback that raises, returns nil or an unsupported type is logged with its tag and counted; the previous data stays
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(0.2, "wb"))
@@ -831,11 +714,10 @@ $::Helpers . <<'_EOC_';
         assert(s:start())
         SYNCER = s
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local wb = require "resty.workerbus"
             local tasks
             T.wait(function()
@@ -875,10 +757,9 @@ table version: good 1, failures >= 2: true, runs: true
 
 
 === TEST 13: Lua types are kept in every worker; a table is decoded once per version and shared by every get_data
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: src 1m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(0.2, "wb"))
@@ -909,11 +790,10 @@ $::Helpers . <<'_EOC_';
             ngx.shared.src:set("types:" .. ngx.worker.pid(), table.concat(out, " "))
         end)
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local src = ngx.shared.src
             local n = 0
             T.wait(function()
@@ -937,10 +817,8 @@ str=string:v1/string:text num=number:42.5/number:1e+300 int=number:7/number:-3 b
 
 
 === TEST 14: a callback that needs a cosocket fails in init_worker and is retried at once from a timer
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(60, "wb"))
@@ -954,11 +832,10 @@ $::Helpers . <<'_EOC_';
         assert(s:start())
         SYNCER = s
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             T.wait(function() return SYNCER:get_data("t") end)
             ngx.say(SYNCER:get_data("t"))
         }
@@ -976,10 +853,9 @@ qr/\[info\] .*sync: tag "t" failed in init_worker \(callback raised: .*API disab
 
 
 === TEST 15: a worker copies an update out of the zone once per version, however often it reads
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: src 1m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
         local s = assert(sync.new(0.1, "wb"))
@@ -990,11 +866,10 @@ $::Helpers . <<'_EOC_';
         assert(s:start())
         SYNCER = s
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local sync = require "resty.sync"
             local s = SYNCER
             T.wait(function() return s:get_version("t") == "v1" end)

@@ -7,93 +7,38 @@
 # channel (trigger_on) is t/502-sync-trigger-pg.t. No latency is asserted
 # here (bench/sync_run measures it): every wait is a deadline loop.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(4);
 master_on();
 no_long_string();
 
-# Every block: a deadline loop, per-version sets of workers whose on_update
-# ran (runs dict, "upd:<tag>:<version>:<pid>"), and the source (src dict).
-our $Helpers = <<'_EOC_';
-    lua_shared_dict runs 4m;
-    lua_shared_dict src 1m;
-    init_by_lua_block {
-        local T = {}
-        function T.wait(cond, limit)
-            local deadline = ngx.now() + (limit or 10)
-            while not cond() do
-                if ngx.now() > deadline then
-                    return false
-                end
-                ngx.sleep(0.01)
-                ngx.update_time()
-            end
-            return true
-        end
-        -- How many workers' on_update saw `version` of `tag`.
-        function T.seen(tag, version)
-            local n = 0
-            local prefix = "upd:" .. tag .. ":" .. version .. ":"
-            for _, k in ipairs(ngx.shared.runs:get_keys(0)) do
-                if k:sub(1, #prefix) == prefix then
-                    n = n + 1
-                end
-            end
-            return n
-        end
-        -- A task whose version is src's "v:<tag>" (default "v1"); counts
-        -- its version checks ("checks:<tag>"), the checks under way
-        -- ("active:<tag>") and the most ever under way at once ("max:<tag>").
-        function T.task(sync, s, tag, hold)
-            assert(s:register(function(mode)
-                local src, d = ngx.shared.src, ngx.shared.runs
-                local v = src:get("v:" .. tag) or "v1"
-                if mode == sync.ACTION_DATA then
-                    return "data of " .. v
-                end
-                local n = d:incr("active:" .. tag, 1, 0)
-                if n > (d:get("max:" .. tag) or 0) then
-                    d:set("max:" .. tag, n)
-                end
-                local c = d:incr("checks:" .. tag, 1, 0)
-                d:set("co:" .. tag .. ":" .. c, tostring(coroutine.running()))
-                if hold then hold(d) end
-                d:incr("active:" .. tag, -1)
-                return v
-            end, tag))
-            assert(s:on_update(tag, function(data, version)
-                assert(data == "data of " .. version)
-                ngx.shared.runs:set("upd:" .. tag .. ":" .. version .. ":" .. ngx.worker.pid(), true)
-            end))
-        end
-        package.loaded.T = T
-    }
-_EOC_
+# Blocks 1-3 use the helpers of t/lib/wbtest/sync.lua (`local T = require
+# "wbtest.sync"`): a deadline loop, T.task() (a task whose version is the
+# lua_shared_dict "src"'s, counting its checks in the lua_shared_dict
+# "runs"), and T.seen() (how many workers' on_update saw a version).
 
 run_tests();
 
 __DATA__
 
 === TEST 1: interval 60 s: trigger(tag) from whichever worker serves the request, then trigger() for every task; every worker's on_update sees each new version
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: runs 4m, src 1m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
-        local T = package.loaded.T
+        local T = require "wbtest.sync"
         local s = assert(sync.new(60, "wb"))
-        T.task(sync, s, "a")
-        T.task(sync, s, "b")
+        T.task(s, "a")
+        T.task(s, "b")
         assert(s:start())
         SYNCER = s
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local src, d = ngx.shared.src, ngx.shared.runs
             -- a worker sees v1 once the first event reaches it: make one
             src:set("v:a", "v2")
@@ -113,7 +58,7 @@ _EOC_
     location = /more {
         content_by_lua_block {
             -- another request, maybe another worker: still at once
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             ngx.shared.src:set("v:b", "v4")
             ngx.say("trigger b: ", SYNCER:trigger("b"))
             ngx.say("b v4 in 4 workers: ", T.wait(function() return T.seen("b", "v4") == 4 end))
@@ -143,16 +88,15 @@ b v4 in 4 workers: true
 
 
 === TEST 2: 40 triggers from all four workers during a run make exactly one more run after it, never two at once; then one trigger makes one run
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: runs 4m, src 1m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
-        local T = package.loaded.T
+        local T = require "wbtest.sync"
         local s = assert(sync.new(60, "wb"))
         -- Once "gate" is set, the next check holds until "release".
-        T.task(sync, s, "t", function(d)
+        T.task(s, "t", function(d)
             if ngx.get_phase() ~= "init_worker" and d:get("gate") and d:add("held", true) then
                 T.wait(function() return d:get("release") end, 20)
             end
@@ -174,11 +118,10 @@ $::Helpers . <<'_EOC_';
             end
         end)
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local d = ngx.shared.runs
             local before = d:get("checks:t")
             d:set("gate", true)
@@ -222,15 +165,14 @@ most at once: 1
 
 
 === TEST 3: kill -9 of the runner: a trigger made right after the kill reaches the next runner; one made after the takeover works
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- shared_dicts: runs 4m, src 1m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
-        local T = package.loaded.T
+        local T = require "wbtest.sync"
         local s = assert(sync.new(60, "wb"))
-        T.task(sync, s, "t")
+        T.task(s, "t")
         SYNCER = s
         local victim = ngx.shared.runs:get("victim")
         if not victim then
@@ -247,23 +189,13 @@ $::Helpers . <<'_EOC_';
         end
         -- A worker that is not the runner kills it, then changes the
         -- version and triggers at once (the lease still names the dead pid).
-        local ffi = require "ffi"
-        ffi.cdef "int kill(int pid, int sig);"
-        ngx.timer.every(0.01, function()
+        T.kill_runner(s, 0.01, nil, function()
             local d = ngx.shared.runs
-            local victim = s:runner()
-            if not d:get("kill") or victim == ngx.worker.pid() or victim == 0 then
-                return
-            end
-            if d:add("victim", victim) then
-                ffi.C.kill(victim, 9)
-                ngx.shared.src:set("v:t", "v2")
-                d:set("trigger", tostring(s:trigger("t")))
-                d:set("runner at trigger", s:runner())
-            end
+            ngx.shared.src:set("v:t", "v2")
+            d:set("trigger", tostring(s:trigger("t")))
+            d:set("runner at trigger", s:runner())
         end)
     }
-_EOC_
 --- config
     location = /kill {
         content_by_lua_block {
@@ -274,7 +206,7 @@ _EOC_
     }
     location = /check {
         content_by_lua_block {
-            local T = package.loaded.T
+            local T = require "wbtest.sync"
             local d = ngx.shared.runs
             ngx.say("killed and triggered: ", T.wait(function() return d:get("trigger") end) and d:get("trigger"))
             local victim = d:get("victim")
@@ -314,17 +246,11 @@ qr/sync "wb#1": worker process \d+ is the runner, taken from pid \d+ \(owner die
 
 
 === TEST 4: bad input gives nil and an exact error
---- main_config
-    workerbus_zone wb 4m;
---- http_config eval
-$::Helpers . <<'_EOC_';
+--- zone: wb 4m
+--- http_config
     init_worker_by_lua_block {
         local sync = require "resty.sync"
-        local out = {}
-        local function try(what, ...)
-            local r, err = ...
-            out[#out + 1] = what .. ": " .. tostring(r) .. ", " .. tostring(err)
-        end
+        local try, out = require("wbtest").recorder()
         local s = assert(sync.new(60, "wb"))
         assert(s:register(function() return "x" end, "a"))
         try("trigger before start", s:trigger("a"))
@@ -342,7 +268,6 @@ $::Helpers . <<'_EOC_';
         try("trigger_on without the bridge", s:trigger_on("sync"))
         OUT = out
     }
-_EOC_
 --- config
     location = /t {
         content_by_lua_block { ngx.say(table.concat(OUT, "\n")) }

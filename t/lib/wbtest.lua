@@ -2,6 +2,14 @@
 -- Workerbus::TestCore puts t/lib on every block's lua_package_path.
 -- Every wait is a deadline loop on a condition, never a fixed sleep.
 
+local ffi = require "ffi"
+
+ffi.cdef [[
+int kill(int pid, int sig);
+]]
+
+local C = ffi.C
+
 local _M = {}
 
 -- Calls f until it returns a true value or `secs` (default 10) have passed;
@@ -53,6 +61,24 @@ function _M.logged(pat)
     end
     f:close()
     return false
+end
+
+-- Sends signal `sig` (a number: 1 for SIGHUP, 9 for SIGKILL) to `pid`;
+-- returns kill(2)'s result.
+function _M.kill(pid, sig)
+    return C.kill(pid, sig)
+end
+
+-- For blocks that list calls and what they returned, one line each:
+-- `local try, out = T.recorder()`; try(what, f(...)) appends
+-- "<what>: <first value>, <second value>" to the list out.
+function _M.recorder()
+    local out = {}
+    local function try(what, ...)
+        local r, err = ...
+        out[#out + 1] = what .. ": " .. tostring(r) .. ", " .. tostring(err)
+    end
+    return try, out
 end
 
 return _M
