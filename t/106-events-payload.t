@@ -6,7 +6,7 @@
 # computed by running lua-resty-events 0.3.1's own worker.lua publish on
 # this LuaJIT (2.1-20230119, string.buffer), not by this implementation.
 
-use Test::Nginx::Socket::Lua 'no_plan';
+use Workerbus::TestCore 'no_plan';
 
 workers(2);
 master_on();
