@@ -221,7 +221,7 @@ handled: 300
                     same = same + 1
                 end
             end
-            J.check { "sync.lua", "workerbus.lua" }
+            J.check { "sync.lua", "sync_value.lua", "workerbus.lua" }
             ngx.say("same table: ", same)
         }
     }
@@ -229,7 +229,7 @@ handled: 300
 GET /t
 --- response_body
 trace recorded: true
-aborts and NYI in sync.lua, workerbus.lua: 0
+aborts and NYI in sync.lua, sync_value.lua, workerbus.lua: 0
 same table: 300
 --- no_error_log
 [error]
