@@ -196,8 +196,10 @@ bench: build
 	bench/scrape
 	bench/tail
 
-# The PostgreSQL bus between two nodes through the local server (see bench/pg_run).
+# The PostgreSQL bus between two nodes through the local server, beside its
+# floor (examples/pg_floor.rs) in the same run (see bench/pg_run).
 bench-pg: build
+	$(CARGO_ENV) cargo build --release --example pg_floor
 	bench/pg_run
 
 bench-sync: build
