@@ -37,7 +37,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
 # server: deps stops and disables it again.
 TEST_PACKAGES := prometheus chromium
 
-.PHONY: all deps build build-test-hooks install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync clean
+.PHONY: all deps build build-test-hooks install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync bench-memory clean
 .PHONY: deb
 
 all: build
@@ -196,13 +196,21 @@ bench: build
 	bench/run
 	bench/scrape
 	bench/tail
+	bench/memory
 
-# The PostgreSQL bus between two nodes through the local server (see bench/pg_run).
+# The PostgreSQL bus between two nodes through the local server, beside its
+# floor (examples/pg_floor.rs) in the same run (see bench/pg_run).
 bench-pg: build
+	$(CARGO_ENV) cargo build --release --example pg_floor
 	bench/pg_run
 
 bench-sync: build
 	bench/sync_run
+
+# What the module costs an idle node: RSS per worker with and without it,
+# and the zone's parts (see bench/memory).
+bench-memory: build
+	bench/memory
 
 clean:
 	rm -rf $(BUILD) target t/servroot*

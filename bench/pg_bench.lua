@@ -19,7 +19,11 @@ local function now_us()
 end
 
 local _M = {}
-local CH = "bench_bus"
+-- Channels: BENCH_CHANNEL's stem (bench/pg_run: bench_<port>), so that two
+-- runs on one server do not hear each other.
+local STEM = os.getenv("BENCH_CHANNEL") or "bench"
+local CH = STEM .. "_bus"
+local BASE_CH = STEM .. "_base"
 local stats = ngx.shared.bench_stats
 
 -- ---- a minimal PostgreSQL client over cosockets (trust auth only) ---------
@@ -101,7 +105,7 @@ function _M.init_worker(role)
             ngx.log(ngx.ERR, "baseline listener: ", err)
             return ngx.timer.at(1, listener)
         end
-        pg_query(sock, "LISTEN base_bus")
+        pg_query(sock, "LISTEN " .. BASE_CH)
         stats:incr("base_ready", 1, 0)
         sock:settimeout(3600 * 1000)
         while not ngx.worker.exiting() do
@@ -127,7 +131,7 @@ local function base_post(payload)
         base_sock, err = pg_connect(base_conf())
         if not base_sock then return nil, err end
     end
-    local ok, err = pg_query(base_sock, "SELECT pg_notify('base_bus', " .. literal(payload) .. ")")
+    local ok, err = pg_query(base_sock, "SELECT pg_notify(" .. literal(BASE_CH) .. ", " .. literal(payload) .. ")")
     if not ok then base_sock = nil end
     return ok, err
 end

@@ -856,3 +856,52 @@ refused: 0
 this worker was told it lost events: true
 --- no_error_log
 [error]
+
+
+
+=== TEST 13: a worker's own post wakes its own sleeping poller in place (its semaphore posted, no datagram to itself), and the other workers by datagram as before
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local d = ngx.shared.got
+        ev.register(function() d:incr("n" .. ngx.worker.pid(), 1, 0) d:incr("all", 1, 0) end, "self", "e")
+        assert(ev.configure { shm = "workerbus", interval = 0.01 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local wb = require "resty.workerbus"
+            local d = ngx.shared.got
+            local me = "n" .. ngx.worker.pid()
+            local N = 20
+            local before = wb.status()
+            local in_place0 = before.local_wakeups
+            local sent0 = before.zones[1].events.wakeups_sent
+            for i = 1, N do
+                ngx.sleep(0.02)  -- every poller is asleep again
+                assert(ev.post("self", "e", i))
+                ngx.update_time()
+                local deadline = ngx.now() + 5
+                while ((d:get(me) or 0) < i or (d:get("all") or 0) < 4 * i) and ngx.now() < deadline do
+                    ngx.sleep(0.002)
+                    ngx.update_time()
+                end
+            end
+            local after = wb.status()
+            ngx.say("this worker handled: ", d:get(me), ", all workers: ", d:get("all"))
+            local in_place = after.local_wakeups - in_place0
+            ngx.say("own poller woken in place for most posts: ", in_place >= N / 2, " (", in_place >= N / 2 or in_place, ")")
+            ngx.say("others woken too: ", after.zones[1].events.wakeups_sent - sent0 > in_place)
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+this worker handled: 20, all workers: 80
+own poller woken in place for most posts: true (true)
+others woken too: true
+--- no_error_log
+[error]

@@ -216,7 +216,58 @@ for my $pid ($holderC, $otherC) {
     is($res->(), "new$pid|$nodeB|$pid\n", "worker $pid gets the post made after its wait began");
 }
 
-my @bad = grep { /\[(error|alert|crit|emerg)\]/ } split /\n/, node_log($A) . node_log($B) . node_log($C);
+# 7. A post from a worker that does not hold the connection wakes the
+# holder for its flush only: the holder's event poller (running, asleep)
+# is not resumed by it. Node D: two workers, resty.worker.events configured
+# in each (so each has a poller asleep on its semaphore), nothing
+# subscribed; the post's channel is one no node listens to.
+my $lua_d = <<'EOF_LUA';
+location = /wakes {
+    content_by_lua_block {
+        if tonumber(ngx.var.arg_pid) ~= ngx.worker.pid() then return ngx.say("other") end
+        ngx.say(require("resty.workerbus.events_core").poller_wakes())
+    }
+}
+location = /posts {
+    content_by_lua_block {
+        -- n posts from this worker, one at a time: each after the holder
+        -- flushed the one before and went back to sleep
+        if tonumber(ngx.var.arg_pid) ~= ngx.worker.pid() then return ngx.say("other") end
+        local wb = require "resty.workerbus"
+        local out = function() return wb.status().postgres.notifications_out end
+        local o0 = out()
+        for i = 1, tonumber(ngx.var.arg_n) do
+            ngx.sleep(0.05)
+            local ok, err = wb.post(ngx.var.arg_c, "p" .. i)
+            if not ok then return ngx.say("post failed: ", err) end
+            ngx.update_time()
+            local deadline = ngx.now() + 10
+            while out() < o0 + i do
+                ngx.sleep(0.002)
+                ngx.update_time()
+                if ngx.now() > deadline then return ngx.say("post ", i, " was not flushed") end
+            end
+        end
+        ngx.say("flushed ", out() - o0)
+    }
+}
+EOF_LUA
+my $portD = $B->{port} + 1;   # offset 2
+my $D = start_node(name => "d", offset => 2,
+    main => "workerbus_postgres \"$url\" backoff_min=50ms backoff_max=2s;",
+    http => "init_worker_by_lua_block { assert(require('resty.worker.events').configure { shm = 'workerbus', interval = 0.01 }) }\n"
+          . "server {\n listen 127.0.0.1:$portD reuseport;\n server_name d.test;\n location = /status { workerbus_status; }\n$lua_d\n}\n");
+ok(wait_until(20, sub { my $q = pgst($D); $q && $q->{state} eq "connected" }), "node d connects");
+my $holderD = pgst($D)->{holder_pid};
+my ($otherD) = grep { $_ != $holderD } map { $_->{pid} } grep { $_->{state} eq "running" } @{ node_status($D)->{workers} };
+ok($otherD, "d: a worker besides the holder ($holderD)");
+my $w0 = on_worker($D, $holderD, "/wakes?x=1");
+like($w0, qr/^\d+\n$/, "d: the holder's poller runs");
+is(on_worker($D, $otherD, "/posts?c=${tag}_nobody&n=20"), "flushed 20\n", "d: 20 posts from the other worker, each flushed by the holder");
+my $w1 = on_worker($D, $holderD, "/wakes?x=1");
+ok($w1 - $w0 < 10, "d: the holder's poller was not resumed by the wake-ups for its flushes (" . ($w1 - $w0) . " resumptions for 20 posts)");
+
+my @bad = grep { /\[(error|alert|crit|emerg)\]/ } split /\n/, node_log($A) . node_log($B) . node_log($C) . node_log($D);
 is(scalar @bad, 0, "no errors in the logs") or diag join("\n", @bad[0 .. ($#bad < 5 ? $#bad : 5)]);
 
 done_testing();

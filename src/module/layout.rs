@@ -56,6 +56,37 @@ pub fn estimate(size: usize, records: usize) -> usize {
         + pages(size / 4096 * 24 + 4096)
 }
 
+/// What the slab allocator takes from the zone for `len` bytes: whole
+/// pages beyond half a page, else the chunk size (a power of two, at least 8).
+fn slab_bytes(len: usize) -> usize {
+    match len {
+        0 => 0,
+        n if n > 2048 => n.div_ceil(4096) * 4096,
+        n => n.next_power_of_two().max(8),
+    }
+}
+
+/// The zone's parts and the bytes each takes from it (as the slab allocator
+/// rounds them), in the status document's order: the header (with the
+/// small value store and the lifecycle table's head), the lifecycle table's
+/// worker records, the unique-event claim table, the event ring with its
+/// readers, the PostgreSQL bridge's state and post queue, resty.sync's
+/// table (0 until the zone's first sync.new). The rest of what the zone
+/// uses is the allocator's own bookkeeping and resty.sync's published data.
+pub fn parts(h: &ZoneHeader) -> [(&'static str, usize); 6] {
+    use core::sync::atomic::Ordering::Relaxed;
+    // Relaxed: lengths written once when the zone (or sync's table) was laid out; figures only.
+    let sync_len = if h.sync_off.load(Relaxed) == 0 { 0 } else { h.sync_len.load(Relaxed) as usize };
+    [
+        ("header", slab_bytes(size_of::<ZoneHeader>())),
+        ("lifecycle", slab_bytes(Lifecycle::records_size(h.lifecycle.records().len()))),
+        ("unique_claims", slab_bytes(h.claims_len as usize)),
+        ("ring", slab_bytes(h.ring_len as usize)),
+        ("postgres", slab_bytes(h.pg_len as usize)),
+        ("sync", slab_bytes(sync_len)),
+    ]
+}
+
 pub fn lay_out(pool: *mut ngx_slab_pool_t, h: &mut ZoneHeader, records: usize) -> Result<(), String> {
     let (p, _) = alloc(pool, h, Lifecycle::records_size(records), "lifecycle table")?;
     // SAFETY: p is a zeroed, page-aligned region for `records` records in the zone, as is the table.

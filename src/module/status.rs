@@ -107,11 +107,20 @@ pub fn snapshot() -> Value {
         .iter()
         .map(|z| {
             let (size, free) = (z.size(), z.free_bytes());
+            let used = size.saturating_sub(free);
+            let mut parts = serde_json::Map::new();
+            let mut laid_out = 0;
+            for (name, bytes) in super::layout::parts(z.header()) {
+                parts.insert(name.into(), json!(bytes));
+                laid_out += bytes;
+            }
+            parts.insert("other".into(), json!(used.saturating_sub(laid_out)));
             let mut o = json!({
                 "name": String::from_utf8_lossy(z.name()),
                 "size": size,
-                "used": size.saturating_sub(free),
+                "used": used,
                 "free": free,
+                "parts": parts,
             });
             if let Some(ev) = ring_glue::status(z) {
                 o["events"] = ev;
@@ -128,6 +137,7 @@ pub fn snapshot() -> Value {
         "abi": crate::abi::ABI_VERSION,
         "pid": pid(),
         "generation": l.generation.get(),
+        "local_wakeups": super::wake::local_wakeups(),
         "zones": zones,
     });
     if let Some(primary) = l.primary() {

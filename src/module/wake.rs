@@ -9,7 +9,11 @@
 //! during a reload the two generations' workers of a slot have separate
 //! readers, flags and sockets (with an eventfd per slot shared by both, one
 //! could drain the other's wake-up). The handler posts the Lua poller's
-//! ngx.semaphore.
+//! ngx.semaphore. A poster's own reader is woken in place (its semaphore
+//! posted, no datagram). The same socket wakes the other parts (the
+//! PostgreSQL bridge's holder): a datagram of one byte says for whom, so a
+//! wake-up meant only for the holder runs its flush first and does not
+//! resume the poller for nothing.
 
 use core::cell::Cell;
 
@@ -32,6 +36,8 @@ struct Wake {
     /// Deferred wake-up: posted once per event-loop iteration, for these zones (bits).
     deferred: Event,
     zones: Cell<u32>,
+    /// Wake-ups of this worker's own reader, made in place (wake_zone).
+    local: Cell<u64>,
 }
 
 static WAKE: OneThread<Wake> = OneThread::new(Wake {
@@ -40,6 +46,7 @@ static WAKE: OneThread<Wake> = OneThread::new(Wake {
     send_fd: Cell::new(-1),
     deferred: Event::new(),
     zones: Cell::new(0),
+    local: Cell::new(0),
 });
 
 /// The abstract socket address of (pid, nonce), and its length.
@@ -166,11 +173,25 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     // SAFETY: as above.
     let fd = unsafe { (*c).fd };
     let mut b = [0u8; 8];
-    // SAFETY: reading into a local buffer from our non-blocking socket; stops at EAGAIN.
-    while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) } >= 0 {}
-    sema::post();
-    // Other parts (the PostgreSQL bridge's holder) are woken through the same descriptor.
+    let mut ring = false;
+    loop {
+        // SAFETY: reading into a local buffer from our non-blocking socket; stops at EAGAIN.
+        let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            break;
+        }
+        // Anything but an extension's byte is the ring's (an empty datagram too).
+        ring |= n == 0 || b[0] != FOR_EXTENSIONS;
+    }
+    // Other parts (the PostgreSQL bridge's holder) are woken through the
+    // same descriptor; first, so that their posted event (the holder's
+    // flush) runs before the poller's resumption.
     extension::each(|e| (e.on_wake)());
+    // Only a ring wake-up resumes the poller: a wake-up meant for the holder
+    // alone (`signal_extensions`) would resume it to find nothing.
+    if ring {
+        sema::post();
+    }
 }
 
 /// Wakes the idle workers of zone `index` at the end of this event-loop
@@ -201,20 +222,53 @@ unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
     }
 }
 
-/// Wakes every idle reader of a zone's ring, now.
+/// Wakes every idle reader of a zone's ring, now. This worker's own reader
+/// is woken in place (its poller's semaphore posted), not by a datagram to
+/// itself: that would cost a sendto, one more trip through epoll and a
+/// recv before the same post, and it is what the bridge's holder does with
+/// every notification it receives.
 pub fn wake_zone(z: &Zone) {
     let Some(r) = z.ring else { return };
+    let w = WAKE.get();
+    let (me, mine) = (pid(), w.nonce.get());
+    let here = available();
     r.wake_idle(|_, pid, nonce| {
-        if pid != 0 {
+        if here && pid == me && nonce == mine {
+            w.local.set(w.local.get() + 1);
+            sema::post();
+        } else if pid != 0 {
             signal(pid, nonce);
         }
     });
 }
 
+/// How many wake-ups this worker gave its own poller in place (status:
+/// `wakeups_local` of the worker that answers).
+pub fn local_wakeups() -> u64 {
+    WAKE.get().local.get()
+}
+
+/// The byte of a wake-up for the other parts only (not the ring's poller).
+const FOR_EXTENSIONS: u8 = b'x';
+/// The byte of a ring wake-up.
+const FOR_RING: u8 = b'w';
+
+/// Wakes the ring's poller (and the other parts) of the worker that
+/// registered (pid, nonce).
+pub fn signal(pid: i32, nonce: u64) {
+    send(pid, nonce, FOR_RING);
+}
+
+/// Wakes only the other parts (the PostgreSQL bridge's holder) of the
+/// worker that registered (pid, nonce); its ring poller sleeps on.
+pub fn signal_extensions(pid: i32, nonce: u64) {
+    send(pid, nonce, FOR_EXTENSIONS);
+}
+
 /// Sends one datagram to the worker that registered (pid, nonce). A full
 /// queue means wake-ups are already waiting there; a gone address, that
 /// the worker is gone: both are fine to ignore.
-pub fn signal(pid: i32, nonce: u64) {
+fn send(pid: i32, nonce: u64, what: u8) {
     let w = WAKE.get();
     if w.send_fd.get() < 0 {
         w.send_fd.set(datagram_socket());
@@ -225,7 +279,7 @@ pub fn signal(pid: i32, nonce: u64) {
     let (addr, len) = address(pid, nonce);
     // SAFETY: one byte from a local to a valid address; non-blocking.
     unsafe {
-        libc::sendto(w.send_fd.get(), c"w".as_ptr().cast(), 1, libc::MSG_DONTWAIT, (&raw const addr).cast(), len)
+        libc::sendto(w.send_fd.get(), (&raw const what).cast(), 1, libc::MSG_DONTWAIT, (&raw const addr).cast(), len)
     };
 }
 

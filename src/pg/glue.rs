@@ -431,7 +431,7 @@ fn wake_holder(p: &'static PgWorker, bus: &PgBus, force: bool) {
     if holder == pid() {
         post_drive(p);
     } else if holder != 0 {
-        crate::module::wake::signal(holder, bus.holder_nonce());
+        crate::module::wake::signal_extensions(holder, bus.holder_nonce());
     }
 }
 
