@@ -16,7 +16,7 @@ use core::fmt;
 
 /// Bumped on any change of an exported signature or structure; checked by
 /// lib/resty/workerbus.lua before it calls anything else.
-pub const ABI_VERSION: c_int = 5;
+pub const ABI_VERSION: c_int = 6;
 
 /// The flags word of an event-ring record. The module stores and returns
 /// it as is; lib/resty/workerbus/record.lua (which reads these values
@@ -35,7 +35,14 @@ pub mod record {
     pub const KIND_SBUF: u32 = 3;
     /// Bit 2: posted through resty.events (its unique timeout, its own unique keys).
     pub const FLAG_EVENTS: u32 = 4;
-    /// Bits 16-31: the poster's ngx.worker.id() + 1 (0: unknown).
+    /// Bit 3: posted from the stream subsystem's Lua VM (stream-lua).
+    pub const FLAG_STREAM: u32 = 8;
+    /// Bits 4-15: the resty.events bus (its `listening` path, numbered by
+    /// resty.events; 0: none, as for resty.worker.events).
+    pub const BUS_SHIFT: u32 = 4;
+    pub const BUS_MASK: u32 = 0xfff << BUS_SHIFT;
+    /// Bits 16-31: the poster's ngx.worker.id() + 1 (0: unknown; 0xffff:
+    /// the privileged agent, whose id lua-resty-events calls -1).
     pub const WID_SHIFT: u32 = 16;
 }
 

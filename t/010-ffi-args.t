@@ -51,10 +51,14 @@ __DATA__
             local rec = ffi.new("workerbus_record_t")
             say("ev_post(data NULL, 5)", C.workerbus_ev_post(zone, "s", 1, "e", 1, NULL, 0, NULL, 5, 0))
             say("ev_post(source, SIZE_MAX)", C.workerbus_ev_post(zone, "s", huge, "e", 1, NULL, 0, NULL, 0, 0))
-            say("ev_next(out NULL)", C.workerbus_ev_next(zone, NULL, buf, 64, len))
-            say("ev_next(buf NULL, 64)", C.workerbus_ev_next(zone, rec, NULL, 64, len))
-            say("ev_next(need NULL)", C.workerbus_ev_next(zone, rec, buf, 64, NULL))
-            say("ev_next(zone 7)", C.workerbus_ev_next(7, rec, buf, 64, len))
+            say("ev_next(out NULL)", C.workerbus_ev_next(zone, 0, NULL, buf, 64, len))
+            say("ev_next(buf NULL, 64)", C.workerbus_ev_next(zone, 0, rec, NULL, 64, len))
+            say("ev_next(need NULL)", C.workerbus_ev_next(zone, 0, rec, buf, 64, NULL))
+            say("ev_next(zone 7)", C.workerbus_ev_next(7, 0, rec, buf, 64, len))
+            say("ev_next(vm 2)", C.workerbus_ev_next(zone, 2, rec, buf, 64, len))
+            say("ev_idle(vm -1)", C.workerbus_ev_idle(zone, -1))
+            say("ev_set_sema(vm 5)", C.workerbus_ev_set_sema(5, NULL))
+            say("ev_cursor(vm 9)", C.workerbus_ev_cursor(zone, 9))
             say("ev_claim(ttl NaN)", C.workerbus_ev_claim(zone, "k", 1, 0/0))
             say("ev_claim(ttl -1)", C.workerbus_ev_claim(zone, "k", 1, -1))
             say("ev_claim(ttl 1e300)", C.workerbus_ev_claim(zone, "k", 1, 1e300))
@@ -118,6 +122,10 @@ ev_next(out NULL): -1 out is NULL
 ev_next(buf NULL, 64): -1 buf is NULL but its length is 64
 ev_next(need NULL): -1 need is NULL
 ev_next(zone 7): -1 bad zone index 7
+ev_next(vm 2): -1 bad vm 2 (0: http, 1: stream)
+ev_idle(vm -1): -1 bad vm -1 (0: http, 1: stream)
+ev_set_sema(vm 5): -1 bad vm 5 (0: http, 1: stream)
+ev_cursor(vm 9): 0 bad vm 9 (0: http, 1: stream)
 ev_claim(ttl NaN): -1 timeout must be a number from 0 to 3153600000 seconds
 ev_claim(ttl -1): -1 timeout must be a number from 0 to 3153600000 seconds
 ev_claim(ttl 1e300): -1 timeout must be a number from 0 to 3153600000 seconds

@@ -381,7 +381,8 @@ lost: 0 0
             local pat = '^failed posting event "e" by "flood"; the event ring is full: worker process '
                         .. '(%d+) %(reader %d+%) has not read the last (%d+) events yet and '
                         .. 'this one would overwrite the oldest of them %(workerbus zone "ev", ring of '
-                        .. '131072 bytes: make the zone larger, or let the ring overwrite with '
+                        .. require("resty.workerbus").status().zones[1].events.capacity
+                        .. ' bytes: make the zone larger, or let the ring overwrite with '
                         .. 'overflow=overwrite%)$'
             local pid, behind = (first_err or ""):match(pat)
             local known = false

@@ -17,6 +17,7 @@ local tostring = tostring
 local assert = assert
 local setmetatable = setmetatable
 local str_sub = string.sub
+local str_byte = string.byte
 local huge = math.huge
 local worker_count = ngx.worker.count
 local worker_id = ngx.worker.id
@@ -24,6 +25,7 @@ local get_phase = ngx.get_phase
 local timer_at = ngx.timer.at
 
 local FLAG_EVENTS = record.FLAG_EVENTS
+local BUS_MAX = record.BUS_MAX
 local SOURCE = "resty-events"     -- source of this module's own "lagged" event
 local POLL_BOUND = 1              -- the poller wakes at least this often (seconds)
 
@@ -122,9 +124,33 @@ local function check_options(opts)
     return true
 end
 
+-- The bus of a `listening` path: in the original every path is its own
+-- broker, whose clients hear each other only; here a record carries its
+-- path's number (1 to BUS_MAX, from a hash of the path: the same path
+-- gives the same number in every process and VM), and an object hears its
+-- own bus only (and the events of no bus, resty.worker.events', posted in
+-- its subsystem). Two paths this VM uses that get the same number are
+-- refused by new(). See docs/events.md, "http and stream".
+local buses = {}   -- number -> path, in this VM
+local function bus_of(path)
+    local h = 0
+    for i = 1, #path do
+        h = (h * 31 + str_byte(path, i)) % 4294967296  -- exact in a double
+    end
+    return h % BUS_MAX + 1
+end
+_M._bus_of = bus_of  -- for tests
+
 function _M.new(opts)
     assert(check_options(opts))
+    local bus = bus_of(opts.listening)
+    local other = buses[bus]
+    assert(other == nil or other == opts.listening, '"listening" paths "' .. tostring(other)
+           .. '" and "' .. opts.listening .. '" get the same bus number ' .. bus
+           .. ': rename one of the two sockets')
+    buses[bus] = opts.listening
     return setmetatable({
+        _bus = bus,
         opts = opts,
         _funcs = {},      -- id -> callback
         _reg = handlers.new("*"),  -- source -> event -> ids ("*": any)
@@ -219,9 +245,21 @@ local function mark_ready(premature, self)
     end
 end
 
+-- The privileged agent reads events unless the option says false, as in
+-- the original (whose agent connects to the broker when it is true, and
+-- also when it is unset: then the broker makes its queue on connection).
+local function agent_reads(opts)
+    return opts.enable_privileged_agent ~= false
+end
+
 function _M:init_worker()
     local opts = self.opts
     self._ready = false
+    if worker_id() == nil and core.is_agent() and not agent_reads(opts) then
+        -- The original's agent with enable_privileged_agent = false: no
+        -- connection, no events; init_worker succeeds.
+        return true
+    end
     if not opts.testing then
         local ok, err = attach(self)
         if not ok then
@@ -234,7 +272,7 @@ function _M:init_worker()
             end
             core.add_sink(self._sink, function(n)
                 return dispatch(self, n, "lagged", SOURCE, nil)
-            end)
+            end, self._bus)
         end
         -- one owner for every object (all want the same bound): objects
         -- made again and again (compat's configure) leave nothing behind
@@ -284,7 +322,7 @@ function _M:publish(target, source, event, data)
     end
 
     if target == "current" then
-        return core.post_local(source, event, data)
+        return core.post_local(source, event, data, self._bus)
     end
 
     -- Measured and refused as the original does, its two messages in its
@@ -309,13 +347,16 @@ function _M:publish(target, source, event, data)
         end
     end
 
-    local ok, err = core.post(source, event, data, unique, FLAG_EVENTS)
+    local ok, err = core.post(source, event, data, unique, FLAG_EVENTS, nil, self._bus)
     if not ok then
         return nil, "failed to publish event: " .. err
     end
     -- The original's broker line; here every worker of the generation reads
-    -- the event (one of them handles a unique one).
-    log(DEBUG, "event published to ", unique and 1 or worker_count(), " workers")
+    -- the event (one of them handles a unique one), and the privileged
+    -- agent when the option is true (the original's broker then counts its
+    -- queue too).
+    log(DEBUG, "event published to ", unique and 1
+               or worker_count() + (opts.enable_privileged_agent == true and 1 or 0), " workers")
     return true
 end
 

@@ -16,7 +16,7 @@ local ffi_string = ffi.string
 local type = type
 local error = error
 
-local ABI_VERSION = 5
+local ABI_VERSION = 6
 local MODULE_PATH = "/usr/lib/nginx/modules/ngx_workerbus_module.so"
 
 ffi.cdef [[
@@ -47,15 +47,18 @@ ffi.cdef [[
                               const unsigned char *uniq, size_t ulen,
                               const unsigned char *data, size_t dlen,
                               uint32_t flags);
-    int workerbus_ev_next(int zone, workerbus_record_t *out, unsigned char *buf,
-                          size_t cap, size_t *need);
-    int workerbus_ev_idle(int zone);
-    int workerbus_ev_set_sema(void *sem);
+    /* vm: this Lua VM's readers, 0 http (lua-nginx-module), 1 stream
+       (stream-lua-nginx-module): each VM reads with its own cursor */
+    int workerbus_ev_next(int zone, int vm, workerbus_record_t *out,
+                          unsigned char *buf, size_t cap, size_t *need);
+    int workerbus_ev_idle(int zone, int vm);
+    int workerbus_ev_set_sema(int vm, void *sem);
     int workerbus_ev_claim(int zone, const unsigned char *key, size_t klen,
                            double ttl_sec);
     size_t workerbus_ev_max_payload(int zone);
     uint64_t workerbus_ev_head(int zone);
-    uint64_t workerbus_ev_cursor(int zone);
+    uint64_t workerbus_ev_cursor(int zone, int vm);
+    int workerbus_is_privileged_agent(void);
     uint64_t workerbus_heartbeat_ms(void);
 
     /* resty.sync */
@@ -158,6 +161,8 @@ local _M = {
     -- Constants of the module's side (src/abi.rs record, src/module/sync.rs,
     -- src/pg/wire.rs): record flags and kinds, sync value types, ring sources.
     K = constants(),
+    -- This Lua VM, as the event ring's calls name it: 0 http, 1 stream.
+    VM = ngx.config.subsystem == "stream" and 1 or 0,
     get_buf = get_buf,
     sizes = sizes,                                  -- size_t[2]: lengths written back
     record = ffi_new("workerbus_record_t"),         -- workerbus_ev_next's record

@@ -7,7 +7,7 @@ use core::ffi::{c_int, c_void};
 use crate::module::pid;
 use crate::module::process_state::this_process;
 use crate::module::ring_glue as ev;
-use crate::module::sema;
+use crate::module::sema::{self, Vm};
 use crate::module::time::mono_ms;
 use crate::module::wake;
 use crate::shm::ring::{Next, RecordIn, RecordOut};
@@ -72,7 +72,12 @@ pub unsafe extern "C" fn workerbus_ev_post(
     }
 }
 
-/// Next event for this worker: 1 record, 3 record after a gap (`out.missed`
+/// The VM behind the `vm` argument (0 http, 1 stream), or the reason.
+fn vm_arg(vm: c_int) -> Result<Vm, String> {
+    Vm::from_index(vm).ok_or_else(|| format!("bad vm {vm} (0: http, 1: stream)"))
+}
+
+/// Next event for VM `vm` of this process: 1 record, 3 record after a gap (`out.missed`
 /// were lost right before it: Lua reads that 64-bit field only then), 0
 /// none, 2 lagged with no record after the gap yet, -2 buffer too small,
 /// -1 error.
@@ -82,6 +87,7 @@ pub unsafe extern "C" fn workerbus_ev_post(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn workerbus_ev_next(
     zone_index: c_int,
+    vm: c_int,
     out: *mut RecordOut,
     buf: *mut u8,
     cap: usize,
@@ -91,9 +97,13 @@ pub unsafe extern "C" fn workerbus_ev_next(
     let (out, buf, need) = unsafe {
         (arg!(abi::out(out, "out"), -1), arg!(abi::output(buf, cap, "buf"), -1), arg!(abi::out(need, "need"), -1))
     };
+    let vm = match vm_arg(vm) {
+        Ok(vm) => vm,
+        Err(e) => return fail(-1, e),
+    };
     let Some(z) = zone(zone_index) else { return -1 };
     let Some(r) = ev::ring(&z) else { return fail(-1, "the zone has no event ring") };
-    let Some(rd) = this_process().record.get().and_then(|i| r.reader(i)) else {
+    let Some(rd) = this_process().record.get().and_then(|i| ev::reader_of(&r, i, vm)) else {
         return fail(-1, "this process reads no events (not an nginx worker, or not tracked)");
     };
     match rd.next(out, buf) {
@@ -111,32 +121,44 @@ pub unsafe extern "C" fn workerbus_ev_next(
     }
 }
 
-/// The poller is about to sleep: 1 if events are already pending, else 0
-/// (this worker's reader is then flagged idle, and the next post wakes it).
+/// VM `vm`'s poller is about to sleep: 1 if events are already pending,
+/// else 0 (its reader is then flagged idle, and the next post wakes it).
 #[unsafe(no_mangle)]
-pub extern "C" fn workerbus_ev_idle(zone_index: c_int) -> c_int {
+pub extern "C" fn workerbus_ev_idle(zone_index: c_int, vm: c_int) -> c_int {
+    let vm = match vm_arg(vm) {
+        Ok(vm) => vm,
+        Err(e) => return fail(-1, e),
+    };
     let Some(z) = zone(zone_index) else { return -1 };
-    let (Some(r), Some(i)) = (ev::ring(&z), this_process().record.get()) else { return 0 };
-    let Some(rd) = r.reader(i) else { return 0 };
+    let Some(rd) = ev::my_reader(&z, vm) else { return 0 };
     c_int::from(!rd.set_idle(true))
 }
 
-/// Registers the ngx.semaphore posted on wake-up (NULL unregisters) and
-/// attaches this worker's readers. Returns 1 when posters can wake this
-/// worker (the poller may then sleep without a timeout), 0 when it must poll.
+/// Registers VM `vm`'s ngx.semaphore, posted on wake-up (NULL
+/// unregisters), and attaches that VM's readers. Returns 1 when posters can
+/// wake this process (the poller may then sleep without a timeout), 0 when
+/// it must poll, -1 when the VM's semaphores cannot be posted (its module's
+/// post function is missing; nothing is attached then).
 ///
-/// `sem` is an `ngx_http_lua_sema_t *` that the caller keeps alive until it
-/// registers another one or NULL (module::sema states the contract; the
-/// address is also forgotten at worker exit).
+/// `sem` is an `ngx_http_lua_sema_t *` (vm 0) or `ngx_stream_lua_sema_t *`
+/// (vm 1) that the caller keeps alive until it registers another one or
+/// NULL (module::sema states the contract; the address is also forgotten
+/// at worker exit).
 #[unsafe(no_mangle)]
-pub extern "C" fn workerbus_ev_set_sema(sem: *mut c_void) -> c_int {
+pub extern "C" fn workerbus_ev_set_sema(vm: c_int, sem: *mut c_void) -> c_int {
+    let vm = match vm_arg(vm) {
+        Ok(vm) => vm,
+        Err(e) => return fail(-1, e),
+    };
     crate::module::process::ensure_worker_started();
-    sema::register(sem);
+    if let Err(e) = sema::register(vm, sem) {
+        return fail(-1, e);
+    }
     if sem.is_null() {
-        ev::release_readers();
+        ev::release_readers(vm);
         return 0;
     }
-    ev::attach_readers();
+    ev::attach_readers(vm);
     c_int::from(wake::available() && this_process().record.get().is_some())
 }
 
@@ -189,11 +211,18 @@ pub extern "C" fn workerbus_ev_head(zone_index: c_int) -> u64 {
     zone(zone_index).map_or(0, |z| ev::head_seq(&z))
 }
 
-/// This worker's next seq to read.
+/// VM `vm`'s next seq to read in this process (0: it has no reader).
 #[unsafe(no_mangle)]
-pub extern "C" fn workerbus_ev_cursor(zone_index: c_int) -> u64 {
-    let reader = this_process().record.get();
-    zone(zone_index).and_then(|z| ev::ring(&z)).and_then(|r| r.reader(reader?)).map_or(0, |rd| rd.cursor())
+pub extern "C" fn workerbus_ev_cursor(zone_index: c_int, vm: c_int) -> u64 {
+    let Ok(vm) = vm_arg(vm).map_err(|e| fail(-1, e)) else { return 0 };
+    zone(zone_index).and_then(|z| ev::my_reader(&z, vm)).map_or(0, |rd| rd.cursor())
+}
+
+/// 1 when this process is OpenResty's privileged agent (tracked by the
+/// lifecycle table as such), else 0.
+#[unsafe(no_mangle)]
+pub extern "C" fn workerbus_is_privileged_agent() -> c_int {
+    c_int::from(crate::module::process::is_privileged_agent())
 }
 
 /// The module's heartbeat period in ms: it wakes a poller that has events

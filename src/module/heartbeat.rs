@@ -64,7 +64,24 @@ pub fn report(log: *mut ngx_log_t, f: Finding, me: i32) {
         // Relaxed: a statistic; each finding is reported once (its state change is a CAS).
         counter.fetch_add(1, Ordering::Relaxed);
     }
+    let agent = |slot: u32| slot == crate::shm::lifecycle::AGENT_SLOT;
     match f {
+        Finding::Crashed { pid, slot, generation } if agent(slot) => {
+            ngx::ngx_log_error!(
+                NGX_LOG_ERR,
+                log,
+                "workerbus: privileged agent process {pid} (generation {generation}) crashed: \
+                 gone without exiting, seen by {me}"
+            );
+        }
+        Finding::Hung { pid, slot, generation, late_ms } if agent(slot) => {
+            ngx::ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "workerbus: privileged agent process {pid} (generation {generation}) hung: \
+                 no heartbeat for {late_ms} ms, seen by {me}"
+            );
+        }
         Finding::Crashed { pid, slot, generation } => {
             ngx::ngx_log_error!(
                 NGX_LOG_ERR,

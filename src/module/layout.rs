@@ -1,6 +1,6 @@
 //! Lays out a fresh zone's parts after its header: the worker records of
 //! the lifecycle table (sized from worker_processes), the unique-event claim
-//! table, the event ring (half of the zone, one reader per worker record),
+//! table, the event ring (half of the zone, one reader per worker record and Lua VM),
 //! and the PostgreSQL bridge's state and post queue (a 32nd of the zone);
 //! the rest is left to the slab allocator (resty.sync's table, made on the
 //! zone's first sync.new, and its updates live there). `estimate` tells
@@ -10,7 +10,7 @@ use nginx_sys::ngx_slab_pool_t;
 
 use crate::shm::claims::Claims;
 use crate::shm::header::ZoneHeader;
-use crate::shm::lifecycle::Lifecycle;
+use crate::shm::lifecycle::{Lifecycle, READERS_PER_RECORD};
 use crate::shm::pgbus::PgBus;
 use crate::shm::ring::Ring;
 
@@ -32,9 +32,17 @@ fn alloc(pool: *mut ngx_slab_pool_t, h: &ZoneHeader, len: usize, what: &str) -> 
     Ok((p, off))
 }
 
-/// The ring's capacity in a zone of `size` bytes: half of it, in whole pages.
-fn ring_capacity(size: usize) -> usize {
-    (size / 2) & !4095
+/// The ring's capacity in a zone of `size` bytes with `records` worker
+/// records: half of it in whole pages; in a zone too small for that and
+/// the readers beyond one per record (the stream VMs' ones), less their
+/// room, so that a zone holds what it held before they were added.
+fn ring_capacity(size: usize, records: usize) -> usize {
+    let half = (size / 2) & !4095;
+    if parts_size(size, records, half) <= size {
+        return half;
+    }
+    let extra = Ring::region_size(0, records * (READERS_PER_RECORD - 1));
+    (size / 2).saturating_sub(extra) & !4095
 }
 
 /// The PostgreSQL bridge's part: its state and a post queue of a 32nd of
@@ -47,11 +55,16 @@ fn pg_len(size: usize) -> usize {
 /// zone of `size` bytes with `records` worker records, counting its own
 /// bookkeeping (about 24 bytes per 4 KiB page) and whole pages per part.
 pub fn estimate(size: usize, records: usize) -> usize {
+    parts_size(size, records, ring_capacity(size, records))
+}
+
+/// `estimate` with a ring of `capacity` bytes.
+fn parts_size(size: usize, records: usize, capacity: usize) -> usize {
     let pages = |n: usize| n.div_ceil(4096) * 4096;
     pages(size_of::<ZoneHeader>())
         + pages(Lifecycle::records_size(records))
         + pages(Claims::region_size(claim_entries(size)))
-        + pages(Ring::region_size(ring_capacity(size), records))
+        + pages(Ring::region_size(capacity, records * READERS_PER_RECORD))
         + pages(pg_len(size))
         + pages(size / 4096 * 24 + 4096)
 }
@@ -100,13 +113,15 @@ pub fn lay_out(pool: *mut ngx_slab_pool_t, h: &mut ZoneHeader, records: usize) -
     h.claims_off = off;
     h.claims_len = claims_len as u64;
 
-    // Half the zone for the ring, one reader per worker record: workers of
-    // two generations sharing a slot number never share a cursor.
-    let capacity = ring_capacity(h.size as usize);
-    let ring_len = Ring::region_size(capacity, records);
+    // Half the zone for the ring, one reader per worker record and Lua VM:
+    // workers of two generations sharing a slot number never share a
+    // cursor, nor do a process's http and stream VMs.
+    let capacity = ring_capacity(h.size as usize, records);
+    let readers = records * READERS_PER_RECORD;
+    let ring_len = Ring::region_size(capacity, readers);
     let (p, off) = alloc(pool, h, ring_len, "event ring")?;
     // SAFETY: p is a zeroed region of ring_len bytes inside the zone.
-    unsafe { Ring::init(p, ring_len, capacity, records) }.map_err(|e| format!("event ring: {e}"))?;
+    unsafe { Ring::init(p, ring_len, capacity, readers) }.map_err(|e| format!("event ring: {e}"))?;
     h.ring_off = off;
     h.ring_len = ring_len as u64;
 

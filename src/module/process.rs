@@ -6,11 +6,11 @@
 use core::ffi::{c_char, c_void};
 
 use nginx_sys::{
-    NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER, ngx_cycle_t, ngx_int_t,
-    ngx_log_t,
+    NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_OK, NGX_PROCESS_HELPER, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
+    ngx_cycle_t, ngx_int_t, ngx_log_t, ngx_uint_t,
 };
 
-use crate::shm::lifecycle::pid_alive;
+use crate::shm::lifecycle::{AGENT_SLOT, pid_alive};
 
 use super::process_state::this_process;
 use super::time::{mono_ms, now_ms};
@@ -84,12 +84,31 @@ pub fn ensure_worker_started() {
     }
 }
 
+/// Whether this process is OpenResty's privileged agent: a helper process
+/// (like nginx's cache manager) for which OpenResty's nginx patch sets
+/// `ngx_is_privileged_agent`. Looked up with dlsym: nginx exports its
+/// symbols to dynamic modules, and an nginx without the patch has none.
+pub fn is_privileged_agent() -> bool {
+    // SAFETY: a global nginx sets at process start.
+    if unsafe { nginx_sys::ngx_process } as u32 != NGX_PROCESS_HELPER {
+        return false;
+    }
+    // SAFETY: dlsym with a NUL-terminated name.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"ngx_is_privileged_agent".as_ptr()) };
+    // SAFETY: the patch declares it `ngx_uint_t ngx_is_privileged_agent`,
+    // set before the agent runs any module's init_process.
+    !p.is_null() && unsafe { *(p as *const ngx_uint_t) } != 0
+}
+
 fn worker_start(cycle: *mut ngx_cycle_t) {
     // SAFETY: globals nginx sets before calling init_process.
     let (process, slot) = unsafe { (nginx_sys::ngx_process as u32, nginx_sys::ngx_worker as u32) };
-    if process != NGX_PROCESS_WORKER && process != NGX_PROCESS_SINGLE {
+    let agent = is_privileged_agent();
+    if process != NGX_PROCESS_WORKER && process != NGX_PROCESS_SINGLE && !agent {
         return;
     }
+    // The agent has no worker slot: its record says what it is.
+    let slot = if agent { AGENT_SLOT } else { slot };
     // init_by_lua in the master (or a single process) before init_module:
     // starting here would leave every forked worker believing it started.
     if preload::in_config_phase() {
@@ -106,34 +125,49 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
     let Some(primary) = l.primary() else { return };
     let lc = &primary.header().lifecycle;
     let generation = l.generation.get();
-    if process == NGX_PROCESS_WORKER {
-        // SAFETY: getppid has no preconditions; a worker's parent is its master.
+    if process == NGX_PROCESS_WORKER || agent {
+        // SAFETY: getppid has no preconditions; a worker's (and the agent's) parent is its master.
         let master = unsafe { libc::getppid() };
         lc.set_master_pid(generation, l.master_pid_seen.get(), master);
     }
     let registered = lc.register(generation, slot, pid(), mono_ms(), pid_alive, |f| heartbeat::report(log, f, pid()));
     let respawned = registered.is_some_and(|r| r.respawn);
     l.record.set(registered.map(|r| r.index));
+    let what = if agent { "privileged agent process" } else { "worker process" };
     if registered.is_none() {
         ngx::ngx_log_error!(
             NGX_LOG_ERR,
             log,
-            "workerbus: worker process {} not tracked: the lifecycle table is full of live workers",
+            "workerbus: {what} {} not tracked: the lifecycle table is full of live workers",
             pid()
         );
     }
-    ngx::ngx_log_error!(
-        NGX_LOG_INFO,
-        log,
-        "workerbus: worker process {} started in slot {slot}, generation {generation} ({} live)",
-        pid(),
-        lc.live_count(generation)
-    );
+    if agent {
+        ngx::ngx_log_error!(
+            NGX_LOG_INFO,
+            log,
+            "workerbus: privileged agent process {} started, generation {generation} ({} live workers)",
+            pid(),
+            lc.live_count(generation)
+        );
+    } else {
+        ngx::ngx_log_error!(
+            NGX_LOG_INFO,
+            log,
+            "workerbus: worker process {} started in slot {slot}, generation {generation} ({} live)",
+            pid(),
+            lc.live_count(generation)
+        );
+    }
     if l.record.get().is_some() {
         ring_glue::init_worker(respawned);
         wake::register(cycle);
     }
-    extension::each(|e| (e.worker_start)(cycle));
+    // The parts that run on a worker (the PostgreSQL bridge's holder) stay
+    // on workers: the agent only reads and posts events.
+    if !agent {
+        extension::each(|e| (e.worker_start)(cycle));
+    }
     heartbeat::start(log);
 }
 
@@ -141,7 +175,7 @@ fn worker_start(cycle: *mut ngx_cycle_t) {
 pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     extension::each(|e| (e.worker_exit)());
     // Stop reading (release the ring readers), close the wake-up socket.
-    ring_glue::release_readers();
+    ring_glue::release_all_readers();
     wake::unregister();
     let l = this_process();
     let Some(primary) = l.primary() else { return };
@@ -157,6 +191,16 @@ pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
         lc.live_count(l.generation.get())
     };
     l.record.set(None);
+    if l.slot.get() == AGENT_SLOT {
+        ngx::ngx_log_error!(
+            NGX_LOG_INFO,
+            cycle_log(cycle),
+            "workerbus: privileged agent process {} exited, generation {} ({live} live workers)",
+            pid(),
+            l.generation.get()
+        );
+        return;
+    }
     ngx::ngx_log_error!(
         NGX_LOG_INFO,
         cycle_log(cycle),

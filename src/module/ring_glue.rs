@@ -9,13 +9,14 @@ use nginx_sys::{NGX_LOG_WARN, ngx_log_t};
 use serde_json::{Value, json};
 
 use crate::shm::claims::Claims;
-use crate::shm::lifecycle::{MAX_GENERATIONS, pid_alive};
-use crate::shm::ring::{RecordIn, Ring};
+use crate::shm::lifecycle::{MAX_GENERATIONS, READERS_PER_RECORD, pid_alive};
+use crate::shm::ring::{Reader, RecordIn, Ring};
 
 use super::conf::{self, CoreConf};
 
 use super::pid;
 use super::process_state::this_process;
+use super::sema::Vm;
 use super::time::{mono_ms, mono_ms_now};
 use super::wake;
 use super::zone::Zone;
@@ -51,45 +52,71 @@ pub fn first_seq(zone: &Zone, generation: u64) -> u64 {
     zone.header().first_seq[(generation as usize) % MAX_GENERATIONS].load(Ordering::Relaxed)
 }
 
-/// Worker start: position this worker's cursor in every zone's ring (its
-/// reader is its lifecycle record's index). A worker replacing a crashed one starts at
-/// the head (replaying its predecessor's generation would repeat side
-/// effects); any other starts at its generation's first event, so it also
-/// sees what was posted before its Lua code configured.
+/// Record `record`'s reader for VM `vm` in a ring: the ring has
+/// READERS_PER_RECORD readers per worker record (layout.rs), the http ones
+/// first, at the record's own index.
+pub fn reader_of(r: &Ring, record: usize, vm: Vm) -> Option<Reader> {
+    let records = r.max_readers() / READERS_PER_RECORD;
+    if record >= records {
+        return None;
+    }
+    r.reader(vm.index() * records + record)
+}
+
+/// This process's reader for VM `vm` in a zone's ring.
+pub fn my_reader(zone: &Zone, vm: Vm) -> Option<Reader> {
+    let record = this_process().record.get()?;
+    reader_of(&ring(zone)?, record, vm)
+}
+
+/// Worker start: position this worker's cursors in every zone's ring, one
+/// per Lua VM (its readers belong to its lifecycle record). A worker
+/// replacing a crashed one starts at the head (replaying its predecessor's
+/// generation would repeat side effects); any other starts at its
+/// generation's first event, so it also sees what was posted before its
+/// Lua code configured.
 pub fn init_worker(respawned: bool) {
     let l = this_process();
-    let Some(reader) = l.record.get() else { return };
+    let Some(record) = l.record.get() else { return };
     for z in &l.zones() {
         let Some(r) = ring(z) else { continue };
-        let Some(rd) = r.reader(reader) else { continue };
         let start = if respawned { r.head_seq() } else { first_seq(z, l.generation.get()).max(1) };
-        rd.set_cursor(start);
+        for vm in Vm::ALL {
+            if let Some(rd) = reader_of(&r, record, vm) {
+                rd.set_cursor(start);
+            }
+        }
     }
 }
 
-/// The Lua poller started (its semaphore is registered): this worker's
+/// VM `vm`'s Lua poller started (its semaphore is registered): that VM's
 /// readers are read from now on, so their unread records are guarded and
 /// posters wake them at this process's address.
-pub fn attach_readers() {
+pub fn attach_readers(vm: Vm) {
     let l = this_process();
-    let Some(i) = l.record.get() else { return };
     let me = pid();
     let nonce = wake::nonce().unwrap_or(0);
     for z in &l.zones() {
-        if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
+        if let Some(rd) = my_reader(z, vm) {
             rd.attach(me, nonce, mono_ms_now());
         }
     }
 }
 
-/// Worker exit: its readers no longer guard anything.
-pub fn release_readers() {
-    let l = this_process();
-    let Some(i) = l.record.get() else { return };
-    for z in &l.zones() {
-        if let Some(rd) = z.ring.and_then(|r| r.reader(i)) {
+/// VM `vm` stopped reading (its poller stopped, or the worker exits): its
+/// readers no longer guard anything.
+pub fn release_readers(vm: Vm) {
+    for z in &this_process().zones() {
+        if let Some(rd) = my_reader(z, vm) {
             rd.release();
         }
+    }
+}
+
+/// Worker exit: no reader of this process guards anything any more.
+pub fn release_all_readers() {
+    for vm in Vm::ALL {
+        release_readers(vm);
     }
 }
 
@@ -143,13 +170,14 @@ pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreCo
 /// timeout), and accounting for writers that died mid-post, each logged
 /// once by whichever worker sees it first. Wake-ups do not depend on it.
 pub fn on_heartbeat(zone: &Zone, log: *mut ngx_log_t) {
-    let l = this_process();
     let Some(r) = ring(zone) else { return };
     let me = pid();
-    if let Some(rd) = l.record.get().and_then(|i| r.reader(i))
-        && rd.stats().owner == me
-    {
-        rd.beat(mono_ms_now());
+    for vm in Vm::ALL {
+        if let Some(rd) = my_reader(zone, vm)
+            && rd.stats().owner == me
+        {
+            rd.beat(mono_ms_now());
+        }
     }
     r.repair(&zone.lock());
     report_abandoned(zone, log);
@@ -180,21 +208,34 @@ pub fn status(zone: &Zone) -> Option<Value> {
     let head = st.head_seq;
     let mut readers = vec![];
     for w in lc.workers().filter(|w| w.state.is_live()) {
-        let Some(rd) = r.reader(w.index) else { continue };
-        let rs = rd.stats();
-        readers.push(json!({
-            "pid": w.pid,
-            "slot": w.slot,
-            "generation": w.generation,
-            "cursor": rs.cursor,
-            "lag": head.saturating_sub(rs.cursor),
-            "delivered": rs.delivered,
-            "missed": rs.missed,
-            "wakeups": rs.wakeups,
-            "idle": rs.idle,
-            // Read by a running poller: its unread events are guarded.
-            "poller": rs.owner != 0,
-        }));
+        for vm in Vm::ALL {
+            let Some(rd) = reader_of(&r, w.index, vm) else { continue };
+            let rs = rd.stats();
+            // A stream reader is shown once its VM reads (or has read).
+            if vm != Vm::Http && rs.owner == 0 && rs.delivered == 0 && rs.missed == 0 {
+                continue;
+            }
+            let mut x = json!({
+                "pid": w.pid,
+                "slot": if w.is_agent() { Value::Null } else { json!(w.slot) },
+                "generation": w.generation,
+                "cursor": rs.cursor,
+                "lag": head.saturating_sub(rs.cursor),
+                "delivered": rs.delivered,
+                "missed": rs.missed,
+                "wakeups": rs.wakeups,
+                "idle": rs.idle,
+                // Read by a running poller: its unread events are guarded.
+                "poller": rs.owner != 0,
+            });
+            if w.is_agent() {
+                x["role"] = json!("privileged agent");
+            }
+            if vm != Vm::Http {
+                x["subsystem"] = json!(vm.name());
+            }
+            readers.push(x);
+        }
     }
     let claims = claims(zone).map(|c| c.stats(mono_ms()));
     Some(json!({
@@ -219,7 +260,11 @@ pub fn status(zone: &Zone) -> Option<Value> {
         "delivered": readers.iter().map(|x| x["delivered"].as_u64().unwrap_or(0)).sum::<u64>(),
         "lagged_missed": readers.iter().map(|x| x["missed"].as_u64().unwrap_or(0)).sum::<u64>(),
         "wakeups_sent": st.wakeups,
-        "idle_slots": readers.iter().filter(|x| x["idle"] == true).map(|x| x["slot"].clone()).collect::<Vec<_>>(),
+        "idle_slots": readers
+            .iter()
+            .filter(|x| x["idle"] == true && x["slot"].is_number() && x.get("subsystem").is_none())
+            .map(|x| x["slot"].clone())
+            .collect::<Vec<_>>(),
         "workers": readers,
     }))
 }

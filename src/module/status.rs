@@ -79,7 +79,9 @@ fn lifecycle(primary: &Zone, now: u64) -> (Value, Value) {
         .iter()
         .map(|w| {
             let mut o = json!({
-                "slot": w.slot,
+                // The privileged agent has no slot: its role says what it is.
+                "slot": if w.is_agent() { Value::Null } else { json!(w.slot) },
+                "role": if w.is_agent() { "privileged agent" } else { "worker" },
                 "pid": w.pid,
                 "generation": w.generation,
                 "state": w.state.name(),

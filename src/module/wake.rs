@@ -291,5 +291,5 @@ pub fn unregister() {
         // SAFETY: the connection was made by register() in this process.
         unsafe { nginx_sys::ngx_close_connection(c) };
     }
-    sema::register(core::ptr::null_mut());
+    sema::forget_all();
 }

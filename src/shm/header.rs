@@ -10,7 +10,8 @@ use super::lifecycle::{Lifecycle, MAX_GENERATIONS};
 
 pub const MAGIC: u64 = u64::from_be_bytes(*b"wrkrbus\0");
 /// Bumped whenever any `#[repr(C)]` structure kept in a zone changes.
-pub const LAYOUT: u32 = 8;
+/// (9: the ring has a reader per worker record and Lua VM, see lifecycle::READERS_PER_RECORD.)
+pub const LAYOUT: u32 = 9;
 
 #[repr(C)]
 pub struct ZoneHeader {

@@ -20,6 +20,16 @@ pub const MAX_GENERATIONS: usize = 16;
 pub const MAX_WORKER_RECORDS: usize = 1024;
 /// Fewest worker records a table has, whatever the worker count: history.
 pub const MIN_WORKER_RECORDS: usize = 64;
+/// The `slot` of OpenResty's privileged agent's record: the agent is no
+/// worker slot (nginx gives it none), yet it is tracked like a worker
+/// (heartbeat, crash and hang, a ring reader), and a respawned agent is
+/// known as such by this slot. Never counted among a generation's workers.
+pub const AGENT_SLOT: u32 = u32::MAX;
+/// Event-ring readers per worker record: one per Lua VM a process can run
+/// (lua-nginx-module's for http, stream-lua's for stream), so that each VM
+/// reads the ring with its own cursor. Record `i`'s reader for VM `v` is
+/// `v * records + i` (the http readers keep the record's own index).
+pub const READERS_PER_RECORD: usize = 2;
 
 /// Worker records for `worker_processes`: four per worker (the running
 /// generation, one draining after a reload, and a second reload in flight),
@@ -184,6 +194,13 @@ pub struct WorkerView {
     pub ended_ms: u64,
     /// FLAG_* bits.
     pub flags: u32,
+}
+
+impl WorkerView {
+    /// The record of OpenResty's privileged agent, not of a worker.
+    pub fn is_agent(&self) -> bool {
+        self.slot == AGENT_SLOT
+    }
 }
 
 /// Copy of one generation record.
@@ -480,9 +497,9 @@ impl Lifecycle {
         }
     }
 
-    /// Live workers of `generation` (running or hung).
+    /// Live workers of `generation` (running or hung); the privileged agent is no worker.
     pub fn live_count(&self, generation: u64) -> u32 {
-        self.workers().filter(|w| w.generation == generation && w.state.is_live()).count() as u32
+        self.workers().filter(|w| w.generation == generation && w.state.is_live() && !w.is_agent()).count() as u32
     }
 
     /// Every record in use, in table order.
@@ -656,6 +673,30 @@ pub(crate) mod tests {
         let live = t.reserve_record(79, alive).unwrap();
         t.check(0, 5000, alive, |_| {});
         assert_eq!(WorkerState::from_u32(t.records()[live].state.load(Ordering::Relaxed)), WorkerState::Reserved);
+    }
+
+    #[test]
+    fn the_privileged_agent_is_tracked_but_not_counted_as_a_worker() {
+        let t = table();
+        let g = t.begin_generation(1, 2, 0);
+        t.register(g, 0, 10, 0, alive, |_| {}).unwrap();
+        t.register(g, 1, 11, 0, alive, |_| {}).unwrap();
+        let agent = t.register(g, AGENT_SLOT, 12, 0, alive, |_| {}).unwrap();
+        assert!(!agent.respawn);
+        assert_eq!(t.live_count(g), 2, "the agent is not a worker of the generation");
+        let v = t.workers().find(|w| w.pid == 12).unwrap();
+        assert!(v.is_agent() && v.state == WorkerState::Running);
+        // Gone without exiting: seen crashed like a worker, and its respawn
+        // (the master restarts the agent) is a respawn of the agent, not of slot 0.
+        let mut seen = vec![];
+        let heir = t.register(g, AGENT_SLOT, 13, 5, |p| p != 12, |f| seen.push(f)).unwrap();
+        assert!(heir.respawn);
+        assert_eq!(seen, vec![Finding::Crashed { pid: 12, slot: AGENT_SLOT, generation: g }]);
+        assert_eq!(t.live_count(g), 2);
+        // Hung like a worker.
+        let mut hung = vec![];
+        t.check(10_000, 5000, alive, |f| hung.push(f));
+        assert!(hung.iter().any(|f| matches!(f, Finding::Hung { pid: 13, slot: AGENT_SLOT, .. })));
     }
 
     #[test]

@@ -126,7 +126,8 @@ impl Lifecycle {
     }
 
     /// Workers running in generations that `include` selects: live in the
-    /// table, pid alive, and not gone through their manager exit.
+    /// table, pid alive, and not gone through their manager exit (the
+    /// privileged agent is no worker).
     fn running_where(&self, include: impl Fn(u64) -> bool, alive: impl Fn(i32) -> bool) -> u32 {
         let mut n = 0;
         for rec in self.records() {
@@ -134,6 +135,7 @@ impl Lifecycle {
             let st = WorkerState::from_u32(rec.state.load(Ordering::Acquire));
             // Relaxed: fields of a published record.
             if st.is_live()
+                && rec.slot.load(Ordering::Relaxed) != super::lifecycle::AGENT_SLOT
                 && include(rec.generation.load(Ordering::Relaxed))
                 && rec.flags.load(Ordering::Relaxed) & FLAG_LEFT == 0
                 && alive(rec.pid.load(Ordering::Relaxed))

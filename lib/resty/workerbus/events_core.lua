@@ -45,6 +45,9 @@ local claim = record.claim
 local rec_kind = record.kind
 local rec_api = record.api
 local rec_worker = record.worker_id
+local rec_bus = record.bus
+local from_stream = record.from_stream
+local where = record.where
 local ev_post = C.workerbus_ev_post
 local ev_next = C.workerbus_ev_next
 local ev_idle = C.workerbus_ev_idle
@@ -52,6 +55,11 @@ local ev_head = C.workerbus_ev_head
 
 local FLAG_EVENTS = record.FLAG_EVENTS
 local KEY_ROOM = record.KEY_ROOM
+-- This Lua VM (0 http, 1 stream): the module gives each VM of a process
+-- its own readers (cursors) and posts each VM's semaphore with its own
+-- subsystem's function. A record says which VM posted it.
+local VM = wb.VM
+local IS_STREAM = VM == 1
 local BATCH = 8192             -- events per poller turn before it yields (a few ms of work)
 local EXIT_WATCH = 3600        -- re-arm period of the exit watcher timer
 
@@ -72,6 +80,11 @@ local worker_id            -- ngx.worker.id(), put in the records' flags
 local ttl = { [0] = 2, [FLAG_EVENTS] = 5 }  -- unique claim timeout per API
 
 local sinks, lag_sinks, nsinks = {}, {}, 0
+-- Each sink's bus (resty.events: its `listening` path's number), false for
+-- a sink of no bus (resty.worker.events: every event of this VM's
+-- subsystem). Counts: sinks per bus, sinks of no bus.
+local sink_bus, bus_sinks, plain_sinks = {}, {}, 0
+local skipped = 0          -- records for other buses / the other subsystem
 local private = {}         -- source -> fn(data, event): such events go there only
 -- Taps (resty.workerbus.tail): see every ring record before any claim or
 -- decoding, and never change what the sinks get.
@@ -81,7 +94,7 @@ local exit_hooks = {}
 -- Local events: parallel arrays, head..tail. A poll handles them before
 -- the ring's events, as the original handles its local queue before the
 -- events waiting in the shm.
-local lq_src, lq_ev, lq_data = {}, {}, {}
+local lq_src, lq_ev, lq_data, lq_bus = {}, {}, {}, {}
 local lq_head, lq_tail = 1, 0
 
 local busy = false         -- a poll is running (a handler calling poll gets "recursive")
@@ -113,10 +126,18 @@ local SEMA_ANCHOR = "resty.workerbus.events_core: registered semaphore"
 local registry = debug.getregistry()
 
 local function register_sema(s)
-    local wakeable = C.workerbus_ev_set_sema(s and s.sem or nil) == 1
+    local rc = C.workerbus_ev_set_sema(VM, s and s.sem or nil)
+    if rc < 0 then
+        -- Nothing registered: this VM's poller polls at its interval.
+        log(ERR, "workerbus: ", last_error(), "; the event poller polls")
+        registry[SEMA_ANCHOR] = nil
+        return false
+    end
     registry[SEMA_ANCHOR] = s  -- the old object is let go only once its address is replaced
-    return wakeable
+    return rc == 1
 end
+
+local is_agent = C.workerbus_is_privileged_agent
 
 local function reset_if_forked()
     local pid = ngx.worker.pid()
@@ -125,8 +146,9 @@ local function reset_if_forked()
     end
     owner_pid = pid
     zone, zone_name, zone_explicit, max_payload = nil, "", false, 0
-    worker_id = ngx.worker.id()
-    lq_src, lq_ev, lq_data = {}, {}, {}
+    -- lua-resty-events' ids: the privileged agent is -1
+    worker_id = ngx.worker.id() or (is_agent() == 1 and -1 or nil)
+    lq_src, lq_ev, lq_data, lq_bus = {}, {}, {}, {}
     lq_head, lq_tail = 1, 0
     busy, ring_polled = false, false
     sema, loop_running, waiting, interval, wakeable = nil, false, false, 0, false
@@ -178,28 +200,58 @@ function _M.set_ttl(api, seconds)
     ttl[api] = seconds
 end
 
--- A sink: dispatch(data, event, source, pid, wid) for every event,
--- lagged(n) when the ring lapped this worker and n events were lost.
-function _M.add_sink(dispatch, lagged)
+-- A sink: dispatch(data, event, source, pid, wid) for every event meant
+-- for it, lagged(n) when the ring lapped this worker and n events were
+-- lost. `bus` (resty.events: its listening path's number) limits it to the
+-- events of that bus and those of no bus posted in this VM's subsystem;
+-- nil: every event posted in this VM's subsystem (resty.worker.events).
+function _M.add_sink(dispatch, lagged, bus)
     nsinks = nsinks + 1
     sinks[nsinks] = dispatch
     lag_sinks[nsinks] = lagged
+    sink_bus[nsinks] = bus or false
+    if bus then
+        bus_sinks[bus] = (bus_sinks[bus] or 0) + 1
+    else
+        plain_sinks = plain_sinks + 1
+    end
     return nsinks
 end
 
 function _M.remove_sink(dispatch)
     for i = 1, nsinks do
         if sinks[i] == dispatch then
+            local bus = sink_bus[i]
+            if bus then
+                bus_sinks[bus] = bus_sinks[bus] - 1
+                if bus_sinks[bus] == 0 then
+                    bus_sinks[bus] = nil
+                end
+            else
+                plain_sinks = plain_sinks - 1
+            end
             for j = i, nsinks - 1 do
                 sinks[j] = sinks[j + 1]
                 lag_sinks[j] = lag_sinks[j + 1]
+                sink_bus[j] = sink_bus[j + 1]
             end
-            sinks[nsinks], lag_sinks[nsinks] = nil, nil
+            sinks[nsinks], lag_sinks[nsinks], sink_bus[nsinks] = nil, nil, nil
             nsinks = nsinks - 1
             return true
         end
     end
     return false
+end
+
+-- Whether this process is OpenResty's privileged agent.
+function _M.is_agent()
+    return is_agent() == 1
+end
+
+-- Records this VM passed over: posted on another bus or from the other
+-- subsystem, for which it has no sink (they are another instance's).
+function _M.skipped()
+    return skipped
 end
 
 -- Events of `source` go to fn(data, event, seq) only, not to the sinks: the
@@ -255,15 +307,33 @@ function _M.on_exit(fn)
     exit_hooks[#exit_hooks + 1] = fn
 end
 
-local function deliver(data, event, source, pid, wid)
+-- To the sinks an event of bus `bus` (0: none) is meant for; `mine`: it
+-- was posted in this VM's subsystem.
+local function deliver(data, event, source, pid, wid, bus, mine)
     for i = 1, nsinks do
-        sinks[i](data, event, source, pid, wid)
+        local b = sink_bus[i]
+        if b then
+            if b == bus or (bus == 0 and mine) then
+                sinks[i](data, event, source, pid, wid)
+            end
+        elseif mine then
+            sinks[i](data, event, source, pid, wid)
+        end
     end
 end
 
+-- Whether any sink of this VM wants a record of bus `bus` (see deliver).
+local function wanted(bus, mine)
+    if bus == 0 then
+        return mine and nsinks > 0
+    end
+    return bus_sinks[bus] ~= nil or (mine and plain_sinks > 0)
+end
+
 -- Appends an event to the ring. api: 0 or FLAG_EVENTS. Returns seq, or
--- nil, err. `max_data` (optional) bounds the encoded data.
-function _M.post(source, event, data, unique, api, max_data)
+-- nil, err. `max_data` (optional) bounds the encoded data; `bus`
+-- (resty.events: its listening path's number) is the bus it is posted on.
+function _M.post(source, event, data, unique, api, max_data, bus)
     if not _M.attached() then
         return nil, "not configured"
     end
@@ -284,19 +354,20 @@ function _M.post(source, event, data, unique, api, max_data)
                     .. " bytes of workerbus zone \"" .. zone_name .. "\""
     end
     local seq = ev_post(zone, source, slen, event, elen, unique, ulen, d, dlen,
-                        record.flags(kind, api, worker_id))
+                        record.flags(kind, api, worker_id, where(VM, bus)))
     if seq < 0 then
         return nil, last_error()
     end
     return seq
 end
 
--- Queues an event for this worker only; data is passed as is.
-function _M.post_local(source, event, data)
+-- Queues an event for this worker only (this VM's sinks of `bus`, and
+-- those of no bus); data is passed as is.
+function _M.post_local(source, event, data, bus)
     reset_if_forked()
     local t = lq_tail + 1
     lq_tail = t
-    lq_src[t], lq_ev[t], lq_data[t] = source, event, data
+    lq_src[t], lq_ev[t], lq_data[t], lq_bus[t] = source, event, data, bus or 0
     if waiting then
         sema:post(1)
     end
@@ -307,10 +378,10 @@ end
 local function drain_local()
     while lq_head <= lq_tail do
         local i = lq_head
-        local s, e, d = lq_src[i], lq_ev[i], lq_data[i]
-        lq_src[i], lq_ev[i], lq_data[i] = nil, nil, nil
+        local s, e, d, b = lq_src[i], lq_ev[i], lq_data[i], lq_bus[i]
+        lq_src[i], lq_ev[i], lq_data[i], lq_bus[i] = nil, nil, nil, nil
         lq_head = i + 1
-        deliver(d, e, s, nil, nil)
+        deliver(d, e, s, nil, nil, b, true)
     end
     if lq_head > lq_tail then
         lq_head, lq_tail = 1, 0
@@ -324,6 +395,16 @@ local function handle_record(p)
     local slen, elen, ulen, dlen = rec.source_len, rec.event_len, rec.unique_len, rec.data_len
     local pid = rec.pid
     local source = ffi_string(p, slen)
+    local own = private[source]
+    -- Another bus's or subsystem's event, which this VM has no sink for:
+    -- passed over before any claim, so that a unique one is handled by a
+    -- reader it is meant for.
+    local bus = rec_bus(flags)
+    local mine = from_stream(flags) == IS_STREAM
+    if not own and not wanted(bus, mine) then
+        skipped = skipped + 1
+        return
+    end
     local event = ffi_string(p + slen, elen)
     if ulen > 0 then
         local api = rec_api(flags)
@@ -348,11 +429,10 @@ local function handle_record(p)
         log(ERR, "workerbus: dropping event; source=", source, ", event=", event, ": ", data)
         return
     end
-    local own = private[source]
     if own then
         return own(data, event, tonumber(rec.seq))
     end
-    deliver(data, event, source, pid, rec_worker(flags))
+    deliver(data, event, source, pid, rec_worker(flags), bus, mine)
 end
 
 -- One call per gap, with its whole count (the module adds up laps met
@@ -393,7 +473,7 @@ local function drain(max)
         end
         local b, cap = get_buf(0)
         local p = b + KEY_ROOM
-        local rc = ev_next(z, rec, p, cap - KEY_ROOM, sizes)
+        local rc = ev_next(z, VM, rec, p, cap - KEY_ROOM, sizes)
         if rc == 1 or rc == 3 then
             ring_polled = true
             if rc == 3 then
@@ -421,11 +501,11 @@ local function drain(max)
         elseif rc == -2 then
             get_buf(tonumber(sizes[0]) + KEY_ROOM)
         else
-            -- A process with no reader (the privileged agent, or a worker
-            -- the lifecycle table could not track: its cursor reads 0) has
+            -- A process with no reader (a worker the lifecycle table could
+            -- not track, or a helper process: its cursor reads 0) has
             -- nothing to read in init_worker, where the events APIs poll
             -- once; any other failure is the caller's to see.
-            if ngx.get_phase() == "init_worker" and tonumber(C.workerbus_ev_cursor(zone)) == 0 then
+            if ngx.get_phase() == "init_worker" and tonumber(C.workerbus_ev_cursor(zone, VM)) == 0 then
                 return "done"
             end
             return nil, "cannot read events: " .. last_error()
@@ -574,7 +654,7 @@ loop = function(premature)
             -- A handler's poll is draining (or reading failed): not idle, so
             -- nobody will wake us; look again shortly.
             sema:wait(0.05)
-        elseif zone == nil or ev_idle(zone) ~= 1 then
+        elseif zone == nil or ev_idle(zone, VM) ~= 1 then
             -- Idle: this worker's reader is flagged, and the next post wakes
             -- it. Wake-ups are reliable, so whatever the interval the
             -- poller waits for one (the interval only serves where the
@@ -641,7 +721,7 @@ function _M.position()
     if not zone then
         return nil
     end
-    return tonumber(C.workerbus_ev_cursor(zone)), tonumber(ev_head(zone))
+    return tonumber(C.workerbus_ev_cursor(zone, VM)), tonumber(ev_head(zone))
 end
 
 return _M

@@ -7,7 +7,10 @@
 --              KIND_NIL, KIND_SBUF (LuaJIT string.buffer, resty.events)
 --   bit 2      FLAG_EVENTS: posted through resty.events (its unique timeout,
 --              its unique keys kept apart from resty.worker.events' ones)
---   bits 16-31 poster's ngx.worker.id() + 1 (0: unknown)
+--   bit 3      FLAG_STREAM: posted from the stream subsystem's Lua VM
+--   bits 4-15  the resty.events bus (its `listening` path's number, 0: none)
+--   bits 16-31 poster's ngx.worker.id() + 1 (0: unknown, 0xffff: the
+--              privileged agent, id -1 as lua-resty-events names it)
 -- This module encodes and decodes data, builds the flags and makes the
 -- claim keys of unique events; resty.workerbus.events_core (the reader),
 -- resty.workerbus.cluster and resty.workerbus.tail use it.
@@ -37,11 +40,15 @@ local K = wb.K
 local KIND_MASK = K.KIND_MASK
 local KIND_RAW, KIND_JSON, KIND_NIL, KIND_SBUF = K.KIND_RAW, K.KIND_JSON, K.KIND_NIL, K.KIND_SBUF
 local FLAG_EVENTS = K.FLAG_EVENTS
+local FLAG_STREAM = K.FLAG_STREAM
+local BUS_SHIFT, BUS_MASK = K.BUS_SHIFT, K.BUS_MASK
 local WID_SHIFT = K.WID_SHIFT
+local WID_AGENT = 0xffff
 
 -- First byte of a claim key: whose key it is.
-local KEY_WORKER_EVENTS = 87   -- "W": a resty.worker.events unique key
-local KEY_EVENTS = 69          -- "E": a resty.events unique key
+local KEY_WORKER_EVENTS = 87   -- "W": a resty.worker.events unique key (http)
+local KEY_WORKER_EVENTS_STREAM = 119  -- "w": the same, posted from stream
+local KEY_EVENTS = 69          -- "E": a resty.events unique key (then its bus, 2 bytes)
 local KEY_RECORD = 83          -- "S": a resty.events record's own claim (its seq)
 local DAY_S = 86400
 
@@ -63,16 +70,38 @@ local _M = {
     KIND_NIL = KIND_NIL,
     KIND_SBUF = KIND_SBUF,
     FLAG_EVENTS = FLAG_EVENTS,
+    FLAG_STREAM = FLAG_STREAM,
+    BUS_MAX = rshift(BUS_MASK, BUS_SHIFT),
     has_string_buffer = sbuf_enc ~= nil,
     -- Bytes a reader leaves free before a record in its buffer: the claim
     -- keys are built there, in place (see claim).
     KEY_ROOM = 9,
 }
 
--- The flags of a record: data kind, API (0 or FLAG_EVENTS), and the
--- poster's worker id (nil: unknown).
-function _M.flags(kind, api, worker_id)
-    return kind + api + (worker_id and lshift(worker_id + 1, WID_SHIFT) or 0)
+-- The flags of a record: data kind, API (0 or FLAG_EVENTS), the poster's
+-- worker id (nil: unknown; -1: the privileged agent), and `where` (nil or
+-- 0 for records of no VM: cluster events), the poster's VM and bus bits
+-- from where(vm, bus).
+function _M.flags(kind, api, worker_id, where)
+    local w = 0
+    if worker_id then
+        w = lshift(worker_id >= 0 and worker_id + 1 or WID_AGENT, WID_SHIFT)
+    end
+    return kind + api + w + (where or 0)
+end
+
+-- The bits of flags that say which VM posted (vm 1: stream) on which bus.
+function _M.where(vm, bus)
+    return (vm == 1 and FLAG_STREAM or 0) + lshift(bus or 0, BUS_SHIFT)
+end
+
+-- The bus of a record (0: none) and whether stream posted it.
+function _M.bus(flags)
+    return rshift(band(flags, BUS_MASK), BUS_SHIFT)
+end
+
+function _M.from_stream(flags)
+    return band(flags, FLAG_STREAM) ~= 0
 end
 
 function _M.kind(flags)
@@ -83,9 +112,12 @@ function _M.api(flags)
     return band(flags, FLAG_EVENTS)
 end
 
--- The poster's ngx.worker.id(), or nil when unknown.
+-- The poster's ngx.worker.id() (-1: the privileged agent), or nil when unknown.
 function _M.worker_id(flags)
     local w = rshift(flags, WID_SHIFT)
+    if w == WID_AGENT then
+        return -1
+    end
     return w > 0 and w - 1 or nil
 end
 
@@ -150,7 +182,10 @@ end
 --
 -- The keys are built in place, in the KEY_ROOM bytes before the unique key
 -- (over the record's source and event names, which the caller has copied
--- out already): p - 1 .. p + ulen and p - 9 .. p - 1.
+-- out already): p - 3 .. p + ulen and p - 9 .. p - 1. A resty.events key
+-- carries the record's bus (two buses are two separate instances, as two
+-- brokers are in the original), a resty.worker.events key the poster's
+-- subsystem (http's and stream's are apart, as their shm dicts are).
 function _M.claim(zone, rec, p, ulen, api, ttl)
     if api ~= 0 then
         local k = p - 9
@@ -160,11 +195,14 @@ function _M.claim(zone, rec, p, ulen, api, ttl)
         if rc ~= 1 then
             return rc
         end
-        p[-1] = KEY_EVENTS
-        rc = ev_claim(zone, p - 1, ulen + 1, ttl)
+        local bus = rshift(band(rec.flags, BUS_MASK), BUS_SHIFT)
+        p[-3] = KEY_EVENTS
+        p[-2] = rshift(bus, 8)
+        p[-1] = band(bus, 255)
+        rc = ev_claim(zone, p - 3, ulen + 3, ttl)
         return rc == 0 and 2 or rc
     end
-    p[-1] = KEY_WORKER_EVENTS
+    p[-1] = band(rec.flags, FLAG_STREAM) ~= 0 and KEY_WORKER_EVENTS_STREAM or KEY_WORKER_EVENTS
     return ev_claim(zone, p - 1, ulen + 1, ttl)
 end
 

@@ -58,7 +58,7 @@ pub const RING_LAYOUT: u32 = 3;
 pub const ALIGN: usize = align_of::<CachePadded<u64>>();
 pub const MIN_CAPACITY: usize = 1024;
 pub const MAX_CAPACITY: usize = 1 << 32;
-pub const MAX_READERS: usize = 1024;
+pub const MAX_READERS: usize = 2048;
 
 /// No record written yet.
 const NO_POS: u64 = u64::MAX;
