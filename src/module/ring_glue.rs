@@ -14,6 +14,7 @@ use crate::shm::ring::{RecordIn, Ring};
 
 use super::conf::{self, CoreConf};
 
+use super::hop::{self, Hop};
 use super::pid;
 use super::process_state::this_process;
 use super::time::{mono_ms, mono_ms_now};
@@ -112,6 +113,7 @@ pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
 /// `post` under configuration `conf` (the master's init_module posts under
 /// the configuration it loads, not the running one it replaces).
 pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreConf>) -> Result<u64, String> {
+    hop::stamp_for(Hop::Post, None);
     let r = ring(zone).ok_or("the zone has no event ring")?;
     let hang = hang_ms(zone, conf);
     // Called only when the post would overwrite what an attached reader has

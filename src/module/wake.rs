@@ -16,6 +16,7 @@ use core::cell::Cell;
 use nginx_sys::{NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t};
 
 use super::event::Event;
+use super::hop::{self, Hop};
 use super::one_thread::OneThread;
 use super::process_state::this_process;
 use super::zone::Zone;
@@ -163,11 +164,13 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
         signal(pid(), WAKE.get().nonce.get());
         return;
     }
+    hop::stamp(Hop::Epoll);
     // SAFETY: as above.
     let fd = unsafe { (*c).fd };
     let mut b = [0u8; 8];
     // SAFETY: reading into a local buffer from our non-blocking socket; stops at EAGAIN.
     while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) } >= 0 {}
+    hop::stamp(Hop::Sema);
     sema::post();
     // Other parts (the PostgreSQL bridge's holder) are woken through the same descriptor.
     extension::each(|e| (e.on_wake)());
@@ -188,6 +191,7 @@ pub fn wake_later(index: usize) {
 }
 
 unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
+    hop::stamp_for(Hop::Deferred, None);
     let l = this_process();
     let bits = WAKE.get().zones.replace(0);
     // By index, copying one zone at a time: this runs once per event-loop
@@ -204,8 +208,9 @@ unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
 /// Wakes every idle reader of a zone's ring, now.
 pub fn wake_zone(z: &Zone) {
     let Some(r) = z.ring else { return };
-    r.wake_idle(|_, pid, nonce| {
+    r.wake_idle(|i, pid, nonce| {
         if pid != 0 {
+            hop::stamp_for(Hop::Send, Some(i));
             signal(pid, nonce);
         }
     });
