@@ -856,3 +856,60 @@ refused: 0
 this worker was told it lost events: true
 --- no_error_log
 [error]
+
+
+
+=== TEST 13: a worker's own post wakes its own sleeping poller through its semaphore, without a datagram: wakeups_sent counts the other workers' only
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function(data)
+            ngx.shared.got:set("got:" .. ngx.worker.pid(), data)
+        end, "own")
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local T = require "wbtest"
+            local wb = require "resty.workerbus"
+            local ev = require "resty.worker.events"
+            local got = ngx.shared.got
+            local me = ngx.worker.pid()
+            local function events() return wb.status().zones[1].events end
+            local function mine(s)
+                for _, w in ipairs(s.workers) do
+                    if w.pid == me then return w end
+                end
+            end
+            local function handled()
+                local s = events()
+                for _, w in ipairs(s.workers) do
+                    if got:get("got:" .. w.pid) ~= "hello" then return false end
+                end
+                return #s.idle_slots == 4
+            end
+            T.wait_for("4 sleeping pollers", function()
+                local s = events()
+                return #s.workers == 4 and #s.idle_slots == 4
+            end)
+            local s0 = events()
+            assert(ev.post("own", "e", "hello"))
+            T.wait_for("every worker's handler, then every poller asleep again", handled)
+            local s = events()
+            ngx.say("own handler got: ", got:get("got:" .. me))
+            ngx.say("datagrams sent: ", s.wakeups_sent - s0.wakeups_sent)
+            ngx.say("own poller woken: ", mine(s).wakeups - mine(s0).wakeups)
+        }
+    }
+--- request
+GET /t
+--- response_body
+own handler got: hello
+datagrams sent: 3
+own poller woken: 1
+--- no_error_log
+[error]

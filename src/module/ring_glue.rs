@@ -17,6 +17,7 @@ use super::conf::{self, CoreConf};
 use super::hop::{self, Hop};
 use super::pid;
 use super::process_state::this_process;
+use super::sema;
 use super::time::{mono_ms, mono_ms_now};
 use super::wake;
 use super::zone::Zone;
@@ -133,6 +134,19 @@ pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreCo
         m
     })?;
     if this_process().is_worker.get() {
+        // This worker's own poller, if it sleeps, is woken here and now by
+        // its semaphore (a posted event: it resumes at the end of this
+        // event-loop iteration, before the deferred wake-up below sends the
+        // other workers' datagrams unless an earlier post of the iteration
+        // queued that first), never by a datagram to itself: no syscall, no
+        // trip through epoll, and its handler runs before the woken workers
+        // take the machine's cores.
+        if let Some(rd) = this_process().record.get().and_then(|i| r.reader(i))
+            && rd.take_idle()
+        {
+            hop::stamp(Hop::Sema);
+            sema::post();
+        }
         wake::wake_later(index);
     } else {
         wake::wake_zone(zone);

@@ -167,9 +167,20 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     hop::stamp(Hop::Epoll);
     // SAFETY: as above.
     let fd = unsafe { (*c).fd };
-    let mut b = [0u8; 8];
-    // SAFETY: reading into a local buffer from our non-blocking socket; stops at EAGAIN.
-    while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) } >= 0 {}
+    // Up to 8 datagrams per recvmmsg() call: the usual one costs one call
+    // (non-blocking, it returns what is there), not a second that finds EAGAIN.
+    let mut b = [[0u8; 8]; 8];
+    // SAFETY: plain data; all zero is an empty message header.
+    let mut msgs: [libc::mmsghdr; 8] = unsafe { core::mem::zeroed() };
+    let mut iovs: [libc::iovec; 8] =
+        core::array::from_fn(|_| libc::iovec { iov_base: core::ptr::null_mut(), iov_len: 0 });
+    for ((m, iov), buf) in msgs.iter_mut().zip(iovs.iter_mut()).zip(b.iter_mut()) {
+        *iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: each header points at its own iovec and local buffer, alive for the call; non-blocking.
+    while unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), 8, libc::MSG_DONTWAIT, core::ptr::null_mut()) } == 8 {}
     hop::stamp(Hop::Sema);
     sema::post();
     // Other parts (the PostgreSQL bridge's holder) are woken through the same descriptor.
@@ -205,33 +216,78 @@ unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
     }
 }
 
-/// Wakes every idle reader of a zone's ring, now.
+/// Wake-ups sent by one sendmmsg() call at most.
+const BATCH: usize = 16;
+
+/// Wakes every idle reader of a zone's ring, now, except a worker's own
+/// (its posts wake its poller directly: ring_glue::post). The datagrams
+/// go out in one sendmmsg() per 16 readers: on a kernel without forced
+/// preemption a woken worker takes the poster's core only when the call
+/// returns, so the last reader's wake-up does not wait for the first
+/// ones' handlers.
 pub fn wake_zone(z: &Zone) {
     let Some(r) = z.ring else { return };
-    r.wake_idle(|i, pid, nonce| {
+    let l = this_process();
+    let own = if l.is_worker.get() { l.record.get() } else { None };
+    let mut batch: Vec<(libc::sockaddr_un, libc::socklen_t)> = Vec::new();
+    r.wake_idle_except(own, |i, pid, nonce| {
         if pid != 0 {
             hop::stamp_for(Hop::Send, Some(i));
-            signal(pid, nonce);
+            batch.push(address(pid, nonce));
+            if batch.len() == BATCH {
+                send_all(&batch);
+                batch.clear();
+            }
         }
     });
+    send_all(&batch);
+}
+
+/// One datagram of one byte to each address (at most BATCH), in as few
+/// sendmmsg() calls as the kernel allows: a full queue means wake-ups are
+/// already waiting there, a gone address that the worker is gone; both
+/// are skipped.
+fn send_all(to: &[(libc::sockaddr_un, libc::socklen_t)]) {
+    let n = to.len().min(BATCH);
+    if n == 0 {
+        return;
+    }
+    let Some(fd) = send_fd() else { return };
+    let mut byte = *b"w";
+    let mut iov = libc::iovec { iov_base: (&raw mut byte).cast(), iov_len: 1 };
+    // SAFETY: plain data; all zero is an empty message header.
+    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { core::mem::zeroed() };
+    for (m, (a, len)) in msgs.iter_mut().zip(to) {
+        m.msg_hdr.msg_name = (a as *const libc::sockaddr_un).cast_mut().cast();
+        m.msg_hdr.msg_namelen = *len;
+        m.msg_hdr.msg_iov = &raw mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut done = 0;
+    while done < n {
+        // SAFETY: msgs[done..n] point at live addresses and the one-byte
+        // buffer above (only read by the kernel); non-blocking.
+        let sent =
+            unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr().add(done), (n - done) as libc::c_uint, libc::MSG_DONTWAIT) };
+        // The message after the ones sent failed (or, on -1, the first): skip it.
+        done += sent.max(0) as usize + 1;
+    }
+}
+
+/// The unbound socket this process sends wake-ups from, made on first use.
+fn send_fd() -> Option<i32> {
+    let w = WAKE.get();
+    if w.send_fd.get() < 0 {
+        w.send_fd.set(datagram_socket());
+    }
+    (w.send_fd.get() >= 0).then(|| w.send_fd.get())
 }
 
 /// Sends one datagram to the worker that registered (pid, nonce). A full
 /// queue means wake-ups are already waiting there; a gone address, that
 /// the worker is gone: both are fine to ignore.
 pub fn signal(pid: i32, nonce: u64) {
-    let w = WAKE.get();
-    if w.send_fd.get() < 0 {
-        w.send_fd.set(datagram_socket());
-        if w.send_fd.get() < 0 {
-            return;
-        }
-    }
-    let (addr, len) = address(pid, nonce);
-    // SAFETY: one byte from a local to a valid address; non-blocking.
-    unsafe {
-        libc::sendto(w.send_fd.get(), c"w".as_ptr().cast(), 1, libc::MSG_DONTWAIT, (&raw const addr).cast(), len)
-    };
+    send_all(&[address(pid, nonce)]);
 }
 
 /// Worker exit (after the ring readers were released): close the socket and
