@@ -37,7 +37,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
 # server: deps stops and disables it again.
 TEST_PACKAGES := prometheus chromium
 
-.PHONY: all deps build build-test-hooks install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync bench-memory clean
+.PHONY: all deps build build-test-hooks build-hop-trace install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync bench-memory bench-hops clean
 .PHONY: deb
 
 all: build
@@ -94,14 +94,24 @@ build: deps $(NGX_TREE)/objs/ngx_auto_config.h
 	@mkdir -p $(dir $(MODULE))
 	cp $(TARGET_DIR)/release/libworkerbus.so $(MODULE).tmp && mv -f $(MODULE).tmp $(MODULE)   # a new inode: running nginx keeps its mapping
 	@echo "built $(MODULE)"
-	@if nm -D $(MODULE) | grep -q ' workerbus_test_'; then \
-	  echo "error: $(MODULE) exports test hooks" >&2; exit 1; fi
+	@if nm -D $(MODULE) | grep -q ' workerbus_\(test\|hop\)_'; then \
+	  echo "error: $(MODULE) exports test or trace hooks" >&2; exit 1; fi
 
 build-test-hooks: build
 	$(CARGO_ENV) cargo build --release --features test-hooks --target-dir target/test-hooks
 	@mkdir -p $(dir $(TEST_MODULE))
 	cp target/test-hooks/release/libworkerbus.so $(TEST_MODULE).tmp && mv -f $(TEST_MODULE).tmp $(TEST_MODULE)
 	@echo "built $(TEST_MODULE) (with test hooks)"
+
+# The module bench/hops loads: built with the `hop-trace` feature (a
+# timestamp at each hop of a wake-up, src/module/hop.rs), in its own target
+# directory; neither $(MODULE) nor $(TEST_MODULE) has it.
+HOP_MODULE := $(BUILD)/hop-trace/ngx_workerbus_module.so
+build-hop-trace: build
+	$(CARGO_ENV) cargo build --release --features hop-trace --target-dir target/hop-trace
+	@mkdir -p $(dir $(HOP_MODULE))
+	cp target/hop-trace/release/libworkerbus.so $(HOP_MODULE).tmp && mv -f $(HOP_MODULE).tmp $(HOP_MODULE)
+	@echo "built $(HOP_MODULE) (with hop trace)"
 
 # Puts the module and the Lua modules where Debian's nginx and LuaJIT look.
 install: build
@@ -162,6 +172,7 @@ lint: build
 	cargo clippy --release --all-targets --no-default-features -- -D warnings
 	$(CARGO_ENV) cargo clippy --release --all-targets -- -D warnings
 	$(CARGO_ENV) cargo clippy --release --all-targets --features test-hooks --target-dir target/test-hooks -- -D warnings
+	$(CARGO_ENV) cargo clippy --release --all-targets --features hop-trace --target-dir target/hop-trace -- -D warnings
 	python3 tools/check_layers.py   # core < glue < ffi, no core import cycle
 
 test-nginx: build-test-hooks
@@ -211,6 +222,10 @@ bench-sync: build
 # and the zone's parts (see bench/memory).
 bench-memory: build
 	bench/memory
+
+# Where a wake-up's time goes: the per-hop medians (see bench/hops).
+bench-hops: build-hop-trace
+	bench/hops
 
 clean:
 	rm -rf $(BUILD) target t/servroot*

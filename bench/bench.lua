@@ -12,6 +12,12 @@ ffi.cdef [[
 local ts = ffi.new("wb_bench_timespec")
 local CLOCK_REALTIME = 0
 
+-- The hop trace (bench/hops): only a module built with the `hop-trace`
+-- feature exports workerbus_hop_row; with any other the handler skips it.
+pcall(ffi.cdef, "int workerbus_hop_row(uint64_t *out);")
+local hop_row = pcall(function() return ffi.C.workerbus_hop_row end) and ffi.C.workerbus_hop_row or nil
+local hops = ffi.new("uint64_t[7]")
+
 -- Wall clock in nanoseconds, comparable across workers.
 local function now_ns()
     ffi.C.clock_gettime(CLOCK_REALTIME, ts)
@@ -31,9 +37,17 @@ function _M.init_worker()
                 dict:set("done:" .. ngx.worker.pid(), now_ns())
             end
         elseif event == "ping" then
+            local t = now_ns()
             local sent = type(data) == "table" and data.t or tonumber(data)
-            if sent and ngx.worker.pid() ~= dict:get("poster") then
-                dict:rpush("lat", now_ns() - sent)
+            -- The poster's own handler apart: its own post reaching it.
+            local own = ngx.worker.pid() == dict:get("poster")
+            if sent then
+                dict:rpush(own and "own" or "lat", t - sent)
+            end
+            if hop_row and hop_row(hops) == 7 then
+                local row = {}
+                for i = 0, 6 do row[i + 1] = tostring(hops[i]):gsub("ULL$", "") end
+                dict:rpush(own and "hops_own" or "hops", table.concat(row, " "))
             end
         elseif event == "reset" then
             handled, target = 0, data.n
@@ -99,32 +113,98 @@ function _M.collect()
     ngx.say(table.concat(out, "\n"))
 end
 
--- Posts `count` pings at `rate`/s; other workers record post-to-handler latency.
-function _M.latency()
-    local rate = tonumber(ngx.var.arg_rate) or 100
-    local count = tonumber(ngx.var.arg_count) or 500
-    local kind = ngx.var.arg_kind or "string"
-    dict:delete("lat")
-    dict:set("poster", ngx.worker.pid())
-    for _ = 1, count do
-        local t = now_ns()
-        if kind == "table" then
-            events.post("bench", "ping", { t = t, name = "upstream-a" })
-        else
-            events.post("bench", "ping", string.format("%-64.0f", t))
-        end
-        ngx.sleep(1 / rate)
+-- Gap before the next ping: uniform over 5-15 ms, as the floor's
+-- (examples/wake_floor) and as a health checker's or cache invalidator's.
+local function gap()
+    return 0.005 + math.random() * 0.010
+end
+
+local function ping(kind)
+    local t = now_ns()
+    if kind == "table" then
+        events.post("bench", "ping", { t = t, name = "upstream-a" })
+    else
+        events.post("bench", "ping", string.format("%-64.0f", t))
     end
-    ngx.sleep(0.5)
+end
+
+local function drain_list(key)
     local lat = {}
     while true do
-        local v = dict:lpop("lat")
+        local v = dict:lpop(key)
         if not v then break end
         lat[#lat + 1] = v
     end
+    return lat
+end
+
+local function pcts(lat)
     table.sort(lat)
     local function pct(p) return lat[math.max(1, math.ceil(#lat * p))] or 0 end
-    ngx.say(string.format("samples=%d p50_us=%.1f p99_us=%.1f", #lat, pct(0.5) / 1e3, pct(0.99) / 1e3))
+    return #lat, pct(0.5) / 1e3, pct(0.99) / 1e3
+end
+
+local WARM = 30   -- pings before the measure, as the floor drops its first tenth
+
+local function reset()
+    dict:delete("lat"); dict:delete("own"); dict:delete("hops"); dict:delete("hops_own")
+    dict:set("poster", ngx.worker.pid())
+end
+
+local function report()
+    ngx.sleep(0.5)
+    local n, p50, p99 = pcts(drain_list("lat"))
+    local on, o50, o99 = pcts(drain_list("own"))
+    ngx.say(string.format("samples=%d p50_us=%.1f p99_us=%.1f own_samples=%d own_p50_us=%.1f own_p99_us=%.1f",
+                          n, p50, p99, on, o50, o99))
+    for _, key in ipairs({ "hops", "hops_own" }) do
+        for _, row in ipairs(drain_list(key)) do
+            ngx.say(key, " ", row)
+        end
+    end
+end
+
+-- (a) A poster in a content handler: `count` pings (after WARM unmeasured
+-- ones), gaps of 5-15 ms; the other workers record post-to-handler
+-- latency, the poster its own post's.
+function _M.latency()
+    local count = tonumber(ngx.var.arg_count) or 300
+    local kind = ngx.var.arg_kind or "string"
+    dict:set("poster", -1)
+    for _ = 1, WARM do
+        ping(kind)
+        ngx.sleep(gap())
+    end
+    ngx.sleep(0.05)
+    reset()
+    for _ = 1, count do
+        ping(kind)
+        ngx.sleep(gap())
+    end
+    report()
+end
+
+-- (b) A poster in an nginx timer (a health checker, a cache invalidator):
+-- each ping from its own timer, the next one 5-15 ms later.
+function _M.latency_timer()
+    local count = tonumber(ngx.var.arg_count) or 300
+    local kind = ngx.var.arg_kind or "table"
+    local left = WARM + count
+    local function tick(premature)
+        if premature then return end
+        if left == count then reset() end
+        ping(kind)
+        left = left - 1
+        if left > 0 then
+            ngx.timer.at(gap(), tick)
+        end
+    end
+    dict:set("poster", -1)
+    ngx.timer.at(gap(), tick)
+    while left > 0 do
+        ngx.sleep(0.05)
+    end
+    report()
 end
 
 return _M

@@ -860,49 +860,58 @@ this worker was told it lost events: true
 
 
 
-=== TEST 13: a worker's own post wakes its own sleeping poller in place (its semaphore posted, no datagram to itself), and the other workers by datagram as before
+=== TEST 13: a worker's own post wakes its own sleeping poller in place, through its semaphore, without a datagram (local_wakeups): wakeups_sent counts the other workers' only
+--- main_config
+    workerbus_zone ev 4m;
 --- http_config
     lua_shared_dict got 1m;
     init_worker_by_lua_block {
         local ev = require "resty.worker.events"
-        local d = ngx.shared.got
-        ev.register(function() d:incr("n" .. ngx.worker.pid(), 1, 0) d:incr("all", 1, 0) end, "self", "e")
-        assert(ev.configure { shm = "workerbus", interval = 0.01 })
+        ev.register(function(data)
+            ngx.shared.got:set("got:" .. ngx.worker.pid(), data)
+        end, "own")
+        assert(ev.configure { shm = "ev", interval = 0.01 })
     }
 --- config
     location = /t {
         content_by_lua_block {
-            local ev = require "resty.worker.events"
+            local T = require "wbtest"
             local wb = require "resty.workerbus"
-            local d = ngx.shared.got
-            local me = "n" .. ngx.worker.pid()
-            local N = 20
-            local before = wb.status()
-            local in_place0 = before.local_wakeups
-            local sent0 = before.zones[1].events.wakeups_sent
-            for i = 1, N do
-                ngx.sleep(0.02)  -- every poller is asleep again
-                assert(ev.post("self", "e", i))
-                ngx.update_time()
-                local deadline = ngx.now() + 5
-                while ((d:get(me) or 0) < i or (d:get("all") or 0) < 4 * i) and ngx.now() < deadline do
-                    ngx.sleep(0.002)
-                    ngx.update_time()
+            local ev = require "resty.worker.events"
+            local got = ngx.shared.got
+            local me = ngx.worker.pid()
+            local function events() return wb.status().zones[1].events end
+            local function mine(s)
+                for _, w in ipairs(s.workers) do
+                    if w.pid == me then return w end
                 end
             end
-            local after = wb.status()
-            ngx.say("this worker handled: ", d:get(me), ", all workers: ", d:get("all"))
-            local in_place = after.local_wakeups - in_place0
-            ngx.say("own poller woken in place for most posts: ", in_place >= N / 2, " (", in_place >= N / 2 or in_place, ")")
-            ngx.say("others woken too: ", after.zones[1].events.wakeups_sent - sent0 > in_place)
+            local function handled()
+                local s = events()
+                for _, w in ipairs(s.workers) do
+                    if got:get("got:" .. w.pid) ~= "hello" then return false end
+                end
+                return #s.idle_slots == 4
+            end
+            T.wait_for("4 sleeping pollers", function()
+                local s = events()
+                return #s.workers == 4 and #s.idle_slots == 4
+            end)
+            local s0, local0 = events(), wb.status().local_wakeups
+            assert(ev.post("own", "e", "hello"))
+            T.wait_for("every worker's handler, then every poller asleep again", handled)
+            local s = events()
+            ngx.say("own handler got: ", got:get("got:" .. me))
+            ngx.say("datagrams sent: ", s.wakeups_sent - s0.wakeups_sent)
+            ngx.say("own poller woken: ", mine(s).wakeups - mine(s0).wakeups,
+                    ", in place: ", wb.status().local_wakeups - local0)
         }
     }
 --- request
 GET /t
---- timeout: 20
 --- response_body
-this worker handled: 20, all workers: 80
-own poller woken in place for most posts: true (true)
-others woken too: true
+own handler got: hello
+datagrams sent: 3
+own poller woken: 1, in place: 1
 --- no_error_log
 [error]

@@ -4,6 +4,7 @@
 
 use core::ffi::{c_int, c_void};
 
+use crate::module::hop;
 use crate::module::pid;
 use crate::module::process_state::this_process;
 use crate::module::ring_glue as ev;
@@ -97,6 +98,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
     let (out, buf, need) = unsafe {
         (arg!(abi::out(out, "out"), -1), arg!(abi::output(buf, cap, "buf"), -1), arg!(abi::out(need, "need"), -1))
     };
+    hop::on_read();
     let vm = match vm_arg(vm) {
         Ok(vm) => vm,
         Err(e) => return fail(-1, e),
@@ -177,6 +179,29 @@ pub extern "C" fn workerbus_test_die_mid_post(zone_index: c_int) -> c_int {
     // SAFETY: kill has no memory preconditions; this process dies here.
     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     -1
+}
+
+/// Trace hook (bench/hops): stamps "handler called" for this worker's
+/// reader and writes its last wake-up's hop times (CLOCK_MONOTONIC ns, 0
+/// where a hop was not passed; module::hop lists them) into `out[0..7]`,
+/// then clears them. Returns 7, or 0 when nothing is traced. Only in a
+/// module built with the `hop-trace` feature (`make bench-hops`).
+///
+/// # Safety
+/// `out` writable for 7 values.
+#[cfg(feature = "hop-trace")]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn workerbus_hop_row(out: *mut u64) -> c_int {
+    // SAFETY: guaranteed by the caller; checked by abi.
+    let out = arg!(unsafe { abi::output(out.cast::<u8>(), 8 * hop::HOPS, "out") }, -1);
+    let mut row = [0u64; hop::HOPS];
+    if !hop::take_row(&mut row) {
+        return 0;
+    }
+    for (d, v) in out.chunks_exact_mut(8).zip(row) {
+        d.copy_from_slice(&v.to_ne_bytes());
+    }
+    hop::HOPS as c_int
 }
 
 /// Unique events: 1 first claimer, 0 already claimed within ttl, -1 error.

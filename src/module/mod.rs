@@ -13,6 +13,7 @@ pub mod conf;
 pub mod event;
 pub mod extension;
 pub mod heartbeat;
+pub mod hop;
 pub mod http;
 pub mod layout;
 pub mod metrics;

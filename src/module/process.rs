@@ -14,7 +14,7 @@ use crate::shm::lifecycle::{AGENT_SLOT, pid_alive};
 
 use super::process_state::this_process;
 use super::time::{mono_ms, now_ms};
-use super::{conf, extension, heartbeat, pid, preload, ring_glue, wake, zone};
+use super::{conf, extension, heartbeat, hop, pid, preload, ring_glue, wake, zone};
 
 fn cycle_log(cycle: *mut ngx_cycle_t) -> *mut ngx_log_t {
     // SAFETY: nginx passes a live cycle to every process hook.
@@ -41,6 +41,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     if unsafe { nginx_sys::ngx_test_config } != 0 {
         return NGX_OK as ngx_int_t;
     }
+    hop::init();
     let zones = zone::of_cycle(cycle);
     let Some(primary) = zones.first().copied() else {
         preload::flush(&[], cycle);

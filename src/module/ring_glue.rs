@@ -14,9 +14,10 @@ use crate::shm::ring::{Reader, RecordIn, Ring};
 
 use super::conf::{self, CoreConf};
 
+use super::hop::{self, Hop};
 use super::pid;
 use super::process_state::this_process;
-use super::sema::Vm;
+use super::sema::{self, Vm};
 use super::time::{mono_ms, mono_ms_now};
 use super::wake;
 use super::zone::Zone;
@@ -139,6 +140,7 @@ pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
 /// `post` under configuration `conf` (the master's init_module posts under
 /// the configuration it loads, not the running one it replaces).
 pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreConf>) -> Result<u64, String> {
+    hop::stamp_for(Hop::Post, None);
     let r = ring(zone).ok_or("the zone has no event ring")?;
     let hang = hang_ms(zone, conf);
     // Called only when the post would overwrite what an attached reader has
@@ -158,6 +160,24 @@ pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreCo
         m
     })?;
     if this_process().is_worker.get() {
+        // This worker's own poller, if it sleeps, is woken here and now by
+        // its semaphore (a posted event: it resumes at the end of this
+        // event-loop iteration, before the deferred wake-up below sends the
+        // other workers' datagrams unless an earlier post of the iteration
+        // queued that first), never by a datagram to itself: no syscall, no
+        // trip through epoll, and its handler runs before the woken workers
+        // take the machine's cores.
+        let mut woke = false;
+        if let Some(i) = this_process().record.get() {
+            for vm in Vm::ALL {
+                woke |= reader_of(&r, i, vm).is_some_and(|rd| rd.take_idle());
+            }
+        }
+        if woke {
+            hop::stamp(Hop::Sema);
+            wake::count_local();
+            sema::post();
+        }
         wake::wake_later(index);
     } else {
         wake::wake_zone(zone);

@@ -20,10 +20,12 @@ use core::cell::Cell;
 use nginx_sys::{NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t};
 
 use super::event::Event;
+use super::hop::{self, Hop};
 use super::one_thread::OneThread;
 use super::process_state::this_process;
 use super::zone::Zone;
 use super::{extension, pid, sema};
+use crate::shm::lifecycle::READERS_PER_RECORD;
 
 /// This process's wake-up state.
 struct Wake {
@@ -170,18 +172,31 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
         signal(pid(), WAKE.get().nonce.get());
         return;
     }
+    hop::stamp(Hop::Epoll);
     // SAFETY: as above.
     let fd = unsafe { (*c).fd };
-    let mut b = [0u8; 8];
+    // Up to 8 datagrams per recvmmsg() call: the usual one costs one call
+    // (non-blocking, it returns what is there), not a second that finds EAGAIN.
+    let mut b = [[0u8; 8]; 8];
+    // SAFETY: plain data; all zero is an empty message header.
+    let mut msgs: [libc::mmsghdr; 8] = unsafe { core::mem::zeroed() };
+    let mut iovs: [libc::iovec; 8] =
+        core::array::from_fn(|_| libc::iovec { iov_base: core::ptr::null_mut(), iov_len: 0 });
+    for ((m, iov), buf) in msgs.iter_mut().zip(iovs.iter_mut()).zip(b.iter_mut()) {
+        *iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
     let mut ring = false;
     loop {
-        // SAFETY: reading into a local buffer from our non-blocking socket; stops at EAGAIN.
-        let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
-        if n < 0 {
+        // SAFETY: each header points at its own iovec and local buffer, alive for the call; non-blocking.
+        let n = unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), 8, libc::MSG_DONTWAIT, core::ptr::null_mut()) };
+        let got = n.max(0) as usize;
+        // Anything but an extension's byte is the ring's (an empty datagram too).
+        ring |= msgs[..got].iter().zip(&b).any(|(m, buf)| m.msg_len == 0 || buf[0] != FOR_EXTENSIONS);
+        if got < 8 {
             break;
         }
-        // Anything but an extension's byte is the ring's (an empty datagram too).
-        ring |= n == 0 || b[0] != FOR_EXTENSIONS;
     }
     // Other parts (the PostgreSQL bridge's holder) are woken through the
     // same descriptor; first, so that their posted event (the holder's
@@ -190,6 +205,7 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     // Only a ring wake-up resumes the poller: a wake-up meant for the holder
     // alone (`signal_extensions`) would resume it to find nothing.
     if ring {
+        hop::stamp(Hop::Sema);
         sema::post();
     }
 }
@@ -209,6 +225,7 @@ pub fn wake_later(index: usize) {
 }
 
 unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
+    hop::stamp_for(Hop::Deferred, None);
     let l = this_process();
     let bits = WAKE.get().zones.replace(0);
     // By index, copying one zone at a time: this runs once per event-loop
@@ -222,30 +239,86 @@ unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
     }
 }
 
-/// Wakes every idle reader of a zone's ring, now. This worker's own reader
-/// is woken in place (its poller's semaphore posted), not by a datagram to
-/// itself: that would cost a sendto, one more trip through epoll and a
-/// recv before the same post, and it is what the bridge's holder does with
-/// every notification it receives.
+/// Wake-ups sent by one sendmmsg() call at most.
+const BATCH: usize = 16;
+
+/// Wakes every idle reader of a zone's ring, now, except a worker's own
+/// (its posts wake its poller directly: ring_glue::post). The datagrams
+/// go out in one sendmmsg() per 16 readers: on a kernel without forced
+/// preemption a woken worker takes the poster's core only when the call
+/// returns, so the last reader's wake-up does not wait for the first
+/// ones' handlers.
 pub fn wake_zone(z: &Zone) {
     let Some(r) = z.ring else { return };
-    let w = WAKE.get();
-    let (me, mine) = (pid(), w.nonce.get());
-    let here = available();
-    r.wake_idle(|_, pid, nonce| {
-        if here && pid == me && nonce == mine {
-            w.local.set(w.local.get() + 1);
-            sema::post();
-        } else if pid != 0 {
-            signal(pid, nonce);
+    let l = this_process();
+    // This process's readers (one per Lua VM), skipped: its own posts wake them in place.
+    let own = if l.is_worker.get() { l.record.get() } else { None };
+    let records = r.max_readers() / READERS_PER_RECORD;
+    let mine = |i: usize| own.is_some_and(|rec| records > 0 && i % records == rec);
+    let mut batch: Vec<(libc::sockaddr_un, libc::socklen_t)> = Vec::new();
+    r.wake_idle_except(mine, |i, pid, nonce| {
+        if pid != 0 {
+            hop::stamp_for(Hop::Send, Some(i));
+            batch.push(address(pid, nonce));
+            if batch.len() == BATCH {
+                send_all(&batch, FOR_RING);
+                batch.clear();
+            }
         }
     });
+    send_all(&batch, FOR_RING);
+}
+
+/// One datagram of one byte to each address (at most BATCH), in as few
+/// sendmmsg() calls as the kernel allows: a full queue means wake-ups are
+/// already waiting there, a gone address that the worker is gone; both
+/// are skipped.
+fn send_all(to: &[(libc::sockaddr_un, libc::socklen_t)], what: u8) {
+    let n = to.len().min(BATCH);
+    if n == 0 {
+        return;
+    }
+    let Some(fd) = send_fd() else { return };
+    let mut byte = what;
+    let mut iov = libc::iovec { iov_base: (&raw mut byte).cast(), iov_len: 1 };
+    // SAFETY: plain data; all zero is an empty message header.
+    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { core::mem::zeroed() };
+    for (m, (a, len)) in msgs.iter_mut().zip(to) {
+        m.msg_hdr.msg_name = (a as *const libc::sockaddr_un).cast_mut().cast();
+        m.msg_hdr.msg_namelen = *len;
+        m.msg_hdr.msg_iov = &raw mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut done = 0;
+    while done < n {
+        // SAFETY: msgs[done..n] point at live addresses and the one-byte
+        // buffer above (only read by the kernel); non-blocking.
+        let sent =
+            unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr().add(done), (n - done) as libc::c_uint, libc::MSG_DONTWAIT) };
+        // The message after the ones sent failed (or, on -1, the first): skip it.
+        done += sent.max(0) as usize + 1;
+    }
+}
+
+/// The unbound socket this process sends wake-ups from, made on first use.
+fn send_fd() -> Option<i32> {
+    let w = WAKE.get();
+    if w.send_fd.get() < 0 {
+        w.send_fd.set(datagram_socket());
+    }
+    (w.send_fd.get() >= 0).then(|| w.send_fd.get())
 }
 
 /// How many wake-ups this worker gave its own poller in place (status:
 /// `wakeups_local` of the worker that answers).
 pub fn local_wakeups() -> u64 {
     WAKE.get().local.get()
+}
+
+/// A post woke this worker's own poller in place (ring_glue::post).
+pub fn count_local() {
+    let w = WAKE.get();
+    w.local.set(w.local.get() + 1);
 }
 
 /// The byte of a wake-up for the other parts only (not the ring's poller).
@@ -269,18 +342,7 @@ pub fn signal_extensions(pid: i32, nonce: u64) {
 /// queue means wake-ups are already waiting there; a gone address, that
 /// the worker is gone: both are fine to ignore.
 fn send(pid: i32, nonce: u64, what: u8) {
-    let w = WAKE.get();
-    if w.send_fd.get() < 0 {
-        w.send_fd.set(datagram_socket());
-        if w.send_fd.get() < 0 {
-            return;
-        }
-    }
-    let (addr, len) = address(pid, nonce);
-    // SAFETY: one byte from a local to a valid address; non-blocking.
-    unsafe {
-        libc::sendto(w.send_fd.get(), (&raw const what).cast(), 1, libc::MSG_DONTWAIT, (&raw const addr).cast(), len)
-    };
+    send_all(&[address(pid, nonce)], what);
 }
 
 /// Worker exit (after the ring readers were released): close the socket and
