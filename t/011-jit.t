@@ -137,7 +137,7 @@ posted: 300
             local J = package.loaded.J
             J.start("poll")
             ev.poll()   -- no yield since the posts: the 300 events wait for this worker
-            J.check { "events_core.lua", "record.lua", "handlers.lua", "worker/events.lua" }
+            J.check { "events_core.lua", "sinks.lua", "record.lua", "handlers.lua", "worker/events.lua" }
             ngx.say("handled: ", n)
         }
     }
@@ -145,7 +145,7 @@ posted: 300
 GET /t
 --- response_body
 trace recorded: true
-aborts and NYI in events_core.lua, record.lua, handlers.lua, worker/events.lua: 0
+aborts and NYI in events_core.lua, sinks.lua, record.lua, handlers.lua, worker/events.lua: 0
 handled: 600
 --- no_error_log
 [error]
@@ -176,7 +176,7 @@ handled: 600
                 assert(ev:publish("all", "jit", "e", "data"))
             end
             core.poll()
-            J.check { "resty/events.lua", "events_core.lua", "record.lua", "handlers.lua" }
+            J.check { "resty/events.lua", "events_core.lua", "sinks.lua", "record.lua", "handlers.lua" }
             ngx.say("handled: ", n)
         }
     }
@@ -184,7 +184,7 @@ handled: 600
 GET /t
 --- response_body
 trace recorded: true
-aborts and NYI in resty/events.lua, events_core.lua, record.lua, handlers.lua: 0
+aborts and NYI in resty/events.lua, events_core.lua, sinks.lua, record.lua, handlers.lua: 0
 handled: 300
 --- no_error_log
 [error]

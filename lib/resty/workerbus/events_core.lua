@@ -1,13 +1,14 @@
--- resty.workerbus.events_core: the one event reader of a worker process.
+-- resty.workerbus.events_core: the event reader of a Lua VM (http or
+-- stream) in a worker process or the privileged agent.
 --
 -- resty.worker.events and resty.events are two faces of this module. Each
--- worker has one cursor in one zone's event ring, one background poller
--- (a timer light thread sleeping on an ngx.semaphore that the nginx module
--- posts when an event arrives), and a list of "sinks": one per API (or per
--- resty.events object) in use. Every event read from the ring, and every
--- local event, is decoded once and handed to every sink in the same order,
--- so both APIs can be used in one worker without taking each other's
--- events.
+-- VM has one cursor in one zone's event ring, one background poller (a
+-- timer light thread sleeping on an ngx.semaphore that the nginx module
+-- posts when an event arrives), and sinks (resty.workerbus.sinks): one per
+-- API or resty.events object in use. Every event read from the ring, and
+-- every local event, is decoded once and handed to the sinks it is meant
+-- for in the same order, so both APIs can be used in one worker without
+-- taking each other's events.
 --
 -- What a record holds and how its data, flags and unique keys are encoded
 -- is resty.workerbus.record's; the handler lists are
@@ -19,6 +20,7 @@ local need = require "resty.workerbus.need"
 
 local wb = need "resty.workerbus"
 local record = need "resty.workerbus.record"
+local sinks = need "resty.workerbus.sinks"
 
 local C = ffi.C
 local ffi_string = ffi.string
@@ -79,16 +81,9 @@ local max_payload = 0
 local worker_id            -- ngx.worker.id(), put in the records' flags
 local ttl = { [0] = 2, [FLAG_EVENTS] = 5 }  -- unique claim timeout per API
 
-local sinks, lag_sinks, nsinks = {}, {}, 0
--- Each sink's bus (resty.events: its `listening` path's number), false for
--- a sink of no bus (resty.worker.events: every event of this VM's
--- subsystem). Counts: sinks per bus, sinks of no bus.
-local sink_bus, bus_sinks, plain_sinks = {}, {}, 0
-local skipped = 0          -- records for other buses / the other subsystem
-local private = {}         -- source -> fn(data, event): such events go there only
--- Taps (resty.workerbus.tail): see every ring record before any claim or
--- decoding, and never change what the sinks get.
-local taps, ntaps = {}, 0
+local private = sinks.private  -- source -> fn(data, event, seq): such events go there only
+local deliver, wanted = sinks.deliver, sinks.wanted
+local tap_record, tap_lagged = sinks.tap_record, sinks.tap_lagged
 local exit_hooks = {}
 
 -- Local events: parallel arrays, head..tail. A poll handles them before
@@ -200,134 +195,14 @@ function _M.set_ttl(api, seconds)
     ttl[api] = seconds
 end
 
--- A sink: dispatch(data, event, source, pid, wid) for every event meant
--- for it, lagged(n) when the ring lapped this worker and n events were
--- lost. `bus` (resty.events: its listening path's number) limits it to the
--- events of that bus and those of no bus posted in this VM's subsystem;
--- nil: every event posted in this VM's subsystem (resty.worker.events).
-function _M.add_sink(dispatch, lagged, bus)
-    nsinks = nsinks + 1
-    sinks[nsinks] = dispatch
-    lag_sinks[nsinks] = lagged
-    sink_bus[nsinks] = bus or false
-    if bus then
-        bus_sinks[bus] = (bus_sinks[bus] or 0) + 1
-    else
-        plain_sinks = plain_sinks + 1
-    end
-    return nsinks
-end
-
-function _M.remove_sink(dispatch)
-    for i = 1, nsinks do
-        if sinks[i] == dispatch then
-            local bus = sink_bus[i]
-            if bus then
-                bus_sinks[bus] = bus_sinks[bus] - 1
-                if bus_sinks[bus] == 0 then
-                    bus_sinks[bus] = nil
-                end
-            else
-                plain_sinks = plain_sinks - 1
-            end
-            for j = i, nsinks - 1 do
-                sinks[j] = sinks[j + 1]
-                lag_sinks[j] = lag_sinks[j + 1]
-                sink_bus[j] = sink_bus[j + 1]
-            end
-            sinks[nsinks], lag_sinks[nsinks], sink_bus[nsinks] = nil, nil, nil
-            nsinks = nsinks - 1
-            return true
-        end
-    end
-    return false
-end
-
 -- Whether this process is OpenResty's privileged agent.
 function _M.is_agent()
     return is_agent() == 1
 end
 
--- Records this VM passed over: posted on another bus or from the other
--- subsystem, for which it has no sink (they are another instance's).
-function _M.skipped()
-    return skipped
-end
-
--- Events of `source` go to fn(data, event, seq) only, not to the sinks: the
--- PostgreSQL bus (resty.workerbus.pg) keeps its notifications to itself.
--- seq is the record's place in the ring (see head()).
-function _M.add_private_source(source, fn)
-    private[source] = fn
-end
-
--- A tap: tap.record(seq, pid, source, event, unique_len, data_len, data_ptr,
--- data_kind) for every ring record this worker reads (data_ptr is valid
--- during the call only), tap.lagged(n) when the ring lapped this worker.
-function _M.add_tap(tap)
-    ntaps = ntaps + 1
-    taps[ntaps] = tap
-end
-
-function _M.remove_tap(tap)
-    for i = 1, ntaps do
-        if taps[i] == tap then
-            taps[i] = taps[ntaps]
-            taps[ntaps] = nil
-            ntaps = ntaps - 1
-            return true
-        end
-    end
-    return false
-end
-
--- p: the record's bytes in the scratch buffer.
-local function tap_record(p)
-    local slen, elen, ulen = rec.source_len, rec.event_len, rec.unique_len
-    local seq, pid, source = tonumber(rec.seq), rec.pid, ffi_string(p, slen)
-    local event = ffi_string(p + slen, elen)
-    local kind = rec_kind(rec.flags)
-    for i = ntaps, 1, -1 do  -- backwards: a tap may remove itself
-        local ok, err = pcall(taps[i].record, seq, pid, source, event, ulen, rec.data_len,
-                              p + slen + elen + ulen, kind)
-        if not ok then
-            log(ERR, "worker-events: event tap failed: ", err)
-        end
-    end
-end
-
-local function tap_lagged(n)
-    for i = ntaps, 1, -1 do
-        pcall(taps[i].lagged, n)
-    end
-end
-
 -- Called once when the worker exits, before the poller's last poll.
 function _M.on_exit(fn)
     exit_hooks[#exit_hooks + 1] = fn
-end
-
--- To the sinks an event of bus `bus` (0: none) is meant for; `mine`: it
--- was posted in this VM's subsystem.
-local function deliver(data, event, source, pid, wid, bus, mine)
-    for i = 1, nsinks do
-        local b = sink_bus[i]
-        if b then
-            if b == bus or (bus == 0 and mine) then
-                sinks[i](data, event, source, pid, wid)
-            end
-        elseif mine then
-            sinks[i](data, event, source, pid, wid)
-        end
-    end
-end
-
--- Whether any sink of this VM wants a record of bus `bus` (see deliver).
-local function wanted(bus, mine)
-    if bus == 0 then
-        return mine and nsinks > 0
-    end
-    return bus_sinks[bus] ~= nil or (mine and plain_sinks > 0)
 end
 
 -- Appends an event to the ring. api: 0 or FLAG_EVENTS. Returns seq, or
@@ -390,6 +265,11 @@ end
 
 -- One ring record at p in the scratch buffer (KEY_ROOM bytes after its
 -- start): unique claim, decoding, delivery.
+-- Who gets what this VM reads: resty.workerbus.sinks.
+_M.add_sink, _M.remove_sink = sinks.add_sink, sinks.remove_sink
+_M.add_private_source, _M.skipped = sinks.add_private_source, sinks.skipped
+_M.add_tap, _M.remove_tap = sinks.add_tap, sinks.remove_tap
+
 local function handle_record(p)
     local flags = rec.flags
     local slen, elen, ulen, dlen = rec.source_len, rec.event_len, rec.unique_len, rec.data_len
@@ -402,7 +282,7 @@ local function handle_record(p)
     local bus = rec_bus(flags)
     local mine = from_stream(flags) == IS_STREAM
     if not own and not wanted(bus, mine) then
-        skipped = skipped + 1
+        sinks.skip()
         return
     end
     local event = ffi_string(p + slen, elen)
@@ -451,12 +331,7 @@ local function lagged(n)
                   zone_name, "\" and lost ", n, " events", also)
         lag_logged_at, lag_held, lag_held_events = now, 0, 0
     end
-    for i = 1, nsinks do
-        local f = lag_sinks[i]
-        if f then
-            f(n)
-        end
-    end
+    sinks.lagged(n)
 end
 
 -- Reads and dispatches events until none is left, or `max` ring events.
@@ -479,7 +354,7 @@ local function drain(max)
             if rc == 3 then
                 lagged(tonumber(rec.missed))  -- lost right before this record
             end
-            if ntaps > 0 then
+            if sinks.ntaps > 0 then
                 tap_record(p)
             end
             handle_record(p)
@@ -494,7 +369,7 @@ local function drain(max)
             end
             -- local events queued by handlers: the loop delivers them, then reads again
         elseif rc == 2 then
-            if ntaps > 0 then
+            if sinks.ntaps > 0 then
                 tap_lagged(tonumber(rec.missed))
             end
             lagged(tonumber(rec.missed))
