@@ -85,7 +85,7 @@ agent reader: privileged agent, poller true, delivered 4
 
 
 
-=== TEST 2: enable_privileged_agent = false: the agent's init_worker succeeds, it reads nothing, nothing is logged
+=== TEST 2: enable_privileged_agent = false, or unset: the agent's init_worker succeeds, it reads nothing, nothing is logged
 --- http_config
     lua_shared_dict got 1m;
     init_by_lua_block {
@@ -94,18 +94,23 @@ agent reader: privileged agent, poller true, delivered 4
             listening = "unix:$TEST_NGINX_HTML_DIR/events.sock",
             enable_privileged_agent = false,
         }
+        _G.ev2 = require("resty.events").new {   -- the option unset
+            listening = "unix:$TEST_NGINX_HTML_DIR/events2.sock",
+        }
     }
     init_worker_by_lua_block {
         local d = ngx.shared.got
         local agent = require("ngx.process").type() == "privileged agent"
         local who = agent and "agent" or "w" .. ngx.worker.id()
-        ev:subscribe("*", "*", function(data, event, source)
-            d:incr(who .. ":" .. event, 1, 0)
-        end)
-        local ok, err = ev:init_worker()
-        if agent then
-            d:set("agent-pid", ngx.worker.pid())
-            d:set("agent-init", tostring(ok) .. " " .. tostring(err))
+        for name, e in pairs { [""] = ev, ["2"] = ev2 } do
+            e:subscribe("*", "*", function(data, event, source)
+                d:incr(who .. ":" .. event .. name, 1, 0)
+            end)
+            local ok, err = e:init_worker()
+            if agent then
+                d:set("agent-pid", ngx.worker.pid())
+                d:set("agent-init" .. name, tostring(ok) .. " " .. tostring(err))
+            end
         end
     }
 --- config
@@ -113,13 +118,17 @@ agent reader: privileged agent, poller true, delivered 4
         content_by_lua_block {
             local d = ngx.shared.got
             local wait = require("wbtest").wait
-            ngx.say("agent init_worker: ", wait(function() return d:get("agent-init") end))
-            for i = 1, 3 do assert(ev:publish("all", "req", "e", i)) end
-            assert(ev:publish("all", "req", "marker"))
+            ngx.say("agent init_worker: ", wait(function() return d:get("agent-init") end),
+                    ", unset: ", wait(function() return d:get("agent-init2") end))
+            for _, e in ipairs { ev, ev2 } do
+                for i = 1, 3 do assert(e:publish("all", "req", "e", i)) end
+                assert(e:publish("all", "req", "marker"))
+            end
             ngx.say("the workers got everything: ", wait(function()
                 return d:get("w0:marker") == 1 and d:get("w1:marker") == 1
+                       and d:get("w0:marker2") == 1 and d:get("w1:marker2") == 1
             end))
-            ngx.say("the agent got: ", d:get("agent:e") or 0)
+            ngx.say("the agent got: ", d:get("agent:e") or 0, ", unset: ", d:get("agent:e2") or 0)
             local apid = d:get("agent-pid")
             local st = require("resty.workerbus").status()
             for _, r in ipairs(st.zones[1].events.workers) do
@@ -132,9 +141,9 @@ agent reader: privileged agent, poller true, delivered 4
 --- request
 GET /t
 --- response_body
-agent init_worker: true nil
+agent init_worker: true nil, unset: true nil
 the workers got everything: true
-the agent got: 0
+the agent got: 0, unset: 0
 agent reader: poller false, delivered 0
 --- no_error_log
 [error]

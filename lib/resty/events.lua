@@ -245,19 +245,19 @@ local function mark_ready(premature, self)
     end
 end
 
--- The privileged agent reads events unless the option says false, as in
--- the original (whose agent connects to the broker when it is true, and
--- also when it is unset: then the broker makes its queue on connection).
+-- The privileged agent reads events only when the option says true
+-- (unset or false: it reads nothing; the original's agent also connected
+-- when the option was unset, and then missed what came before its queue).
 local function agent_reads(opts)
-    return opts.enable_privileged_agent ~= false
+    return opts.enable_privileged_agent == true
 end
 
 function _M:init_worker()
     local opts = self.opts
     self._ready = false
     if worker_id() == nil and core.is_agent() and not agent_reads(opts) then
-        -- The original's agent with enable_privileged_agent = false: no
-        -- connection, no events; init_worker succeeds.
+        -- enable_privileged_agent false or unset: no reader, no events;
+        -- init_worker succeeds.
         return true
     end
     if not opts.testing then
