@@ -3,10 +3,14 @@
 //! another that sleeps in epoll_wait (as an idle nginx worker does), which
 //! takes the time it woke. The gaps between sends are spread uniformly over
 //! `gap_ms` ± half (a poster in a timer); the first tenth is warm-up.
-//! bench/run runs it in the same run as its latency scenarios and prints
-//! each latency as a ratio to this floor.
+//! With `receivers` > 1 the sender wakes that many processes with one
+//! sendmmsg() each time, as a poster wakes every other idle worker (the
+//! module's fan-out: on 2 cores, 3 woken processes share them), and every
+//! receiver's latency counts. bench/run runs it in the same run as its
+//! latency scenarios and prints each latency as a ratio to this floor.
 //!
-//! Usage: wake_floor [count] [gap_ms]   → `floor p50_us=.. p99_us=.. n=..`
+//! Usage: wake_floor [count] [gap_ms] [receivers]
+//!   → `floor p50_us=.. p99_us=.. n=..`
 
 use std::time::Duration;
 
@@ -65,28 +69,50 @@ fn receive(fd: i32, count: usize, out: i32) -> ! {
     unsafe { libc::_exit(0) }
 }
 
+/// One datagram with the time in it to each address, in one sendmmsg() call.
+fn send_to_all(tx: i32, to: &[(libc::sockaddr_un, libc::socklen_t)]) {
+    let mut b = mono_ns().to_le_bytes();
+    let mut iov = libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 8 };
+    // SAFETY: plain data; all zero is an empty message header.
+    let mut msgs: Vec<libc::mmsghdr> = to.iter().map(|_| unsafe { core::mem::zeroed() }).collect();
+    for (m, (a, len)) in msgs.iter_mut().zip(to) {
+        m.msg_hdr.msg_name = (a as *const libc::sockaddr_un).cast_mut().cast();
+        m.msg_hdr.msg_namelen = *len;
+        m.msg_hdr.msg_iov = &raw mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: each header points at a live address and the 8-byte buffer above.
+    unsafe { libc::sendmmsg(tx, msgs.as_mut_ptr(), msgs.len() as libc::c_uint, 0) };
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let count: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(300);
     let gap_ms: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10.0);
-    let name = format!("workerbus-floor/{}", std::process::id());
-    let (addr, len) = address(&name);
-    let rx = socket();
-    // SAFETY: addr is a valid abstract address of `len` bytes.
-    let rc = unsafe { libc::bind(rx, (&raw const addr).cast(), len) };
-    assert!(rc == 0, "bind: {}", std::io::Error::last_os_error());
-    let mut pipe = [0i32; 2];
-    // SAFETY: pipe writes two descriptors.
-    unsafe { libc::pipe(pipe.as_mut_ptr()) };
-    // SAFETY: this program has one thread; the child only runs `receive`.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        receive(rx, count, pipe[1]);
-    }
-    // SAFETY: closes our copies of the child's ends.
-    unsafe {
-        libc::close(rx);
-        libc::close(pipe[1]);
+    let receivers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1).max(1);
+    let mut addrs = Vec::new();
+    let mut children = Vec::new();
+    for r in 0..receivers {
+        let (addr, len) = address(&format!("workerbus-floor/{}/{r}", std::process::id()));
+        let rx = socket();
+        // SAFETY: addr is a valid abstract address of `len` bytes.
+        let rc = unsafe { libc::bind(rx, (&raw const addr).cast(), len) };
+        assert!(rc == 0, "bind: {}", std::io::Error::last_os_error());
+        let mut pipe = [0i32; 2];
+        // SAFETY: pipe writes two descriptors.
+        unsafe { libc::pipe(pipe.as_mut_ptr()) };
+        // SAFETY: this program has one thread; the child only runs `receive`.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            receive(rx, count, pipe[1]);
+        }
+        // SAFETY: closes our copies of the child's ends.
+        unsafe {
+            libc::close(rx);
+            libc::close(pipe[1]);
+        }
+        addrs.push((addr, len));
+        children.push((pid, pipe[0]));
     }
     let tx = socket();
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64;
@@ -96,26 +122,27 @@ fn main() {
         rng ^= rng << 17;
         let gap = gap_ms * (0.5 + (rng % 1000) as f64 / 1000.0);
         std::thread::sleep(Duration::from_secs_f64(gap / 1000.0));
-        let b = mono_ns().to_le_bytes();
-        // SAFETY: sends 8 bytes to the receiver's address.
-        unsafe { libc::sendto(tx, b.as_ptr().cast(), 8, 0, (&raw const addr).cast(), len) };
+        send_to_all(tx, &addrs);
     }
-    let mut text = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        // SAFETY: reads into buf from our pipe end.
-        let n = unsafe { libc::read(pipe[0], buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            break;
+    let mut lat: Vec<u64> = Vec::new();
+    for (pid, fd) in children {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            // SAFETY: reads into buf from our pipe end.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n as usize]);
         }
-        text.extend_from_slice(&buf[..n as usize]);
+        let mut status = 0;
+        // SAFETY: reaps our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let mine: Vec<u64> = String::from_utf8_lossy(&text).lines().filter_map(|l| l.parse().ok()).collect();
+        // Each receiver's first tenth is warm-up.
+        lat.extend(mine.iter().skip(mine.len() / 10));
     }
-    let mut status = 0;
-    // SAFETY: reaps our child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    let mut lat: Vec<u64> = String::from_utf8_lossy(&text).lines().filter_map(|l| l.parse().ok()).collect();
-    let warm = lat.len() / 10;
-    lat.drain(..warm);
     lat.sort_unstable();
     if lat.is_empty() {
         println!("floor p50_us=0 p99_us=0 n=0");

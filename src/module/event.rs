@@ -77,6 +77,12 @@ impl Event {
         unsafe { nginx_sys::ngx_add_timer(self.0.get(), ms) }
     }
 
+    /// Whether the event waits in nginx's posted queue.
+    pub fn is_posted(&'static self) -> bool {
+        // SAFETY: as in is_set_up.
+        unsafe { (*self.0.get()).posted() != 0 }
+    }
+
     /// Posts the event to nginx's queue, unless it is already there.
     pub fn post(&'static self) {
         let ev = self.0.get();

@@ -131,8 +131,8 @@ fn hang_ms(zone: &Zone, conf: Option<&CoreConf>) -> u64 {
     }
 }
 
-/// Appends an event to zone `index`; the workers whose pollers sleep are
-/// woken when this event-loop iteration ends.
+/// Appends an event to zone `index` and wakes the workers whose pollers
+/// sleep (wake::wake_after_post).
 pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
     post_with(index, zone, rec, conf::running())
 }
@@ -162,11 +162,10 @@ pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreCo
     if this_process().is_worker.get() {
         // This worker's own poller, if it sleeps, is woken here and now by
         // its semaphore (a posted event: it resumes at the end of this
-        // event-loop iteration, before the deferred wake-up below sends the
-        // other workers' datagrams unless an earlier post of the iteration
-        // queued that first), never by a datagram to itself: no syscall, no
-        // trip through epoll, and its handler runs before the woken workers
-        // take the machine's cores.
+        // event-loop iteration), never by a datagram to itself: no syscall
+        // and no trip through epoll. The other workers' datagrams go out
+        // right after (wake_after_post), so their handlers need not wait
+        // for this one's.
         let mut woke = false;
         if let Some(i) = this_process().record.get() {
             for vm in Vm::ALL {
@@ -178,7 +177,7 @@ pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreCo
             wake::count_local();
             sema::post();
         }
-        wake::wake_later(index);
+        wake::wake_after_post(index, zone);
     } else {
         wake::wake_zone(zone);
     }

@@ -210,17 +210,25 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     }
 }
 
-/// Wakes the idle workers of zone `index` at the end of this event-loop
-/// iteration rather than at once: a handler posting a burst then pays for
-/// one wake-up per idle worker in all, not one each time a fast reader
-/// drained the ring and went idle again.
-pub fn wake_later(index: usize) {
+/// Wakes the idle workers of zone `index` after a post: at once for the
+/// first post of an event-loop iteration (a sparse poster's event reaches
+/// the other workers without waiting for the rest of its iteration, its
+/// own handler included), at the iteration's end for the posts after it (a
+/// handler posting a burst pays for two wake-ups per idle worker in all,
+/// not one each time a fast reader drained the ring and went idle again).
+pub fn wake_after_post(index: usize, zone: &Zone) {
     let w = WAKE.get();
-    w.zones.set(w.zones.get() | 1u32 << (index % 32));
     if !w.deferred.is_set_up() {
         // SAFETY: ngx_cycle is the running cycle, whose log lives as long as it.
         w.deferred.init(unsafe { (*nginx_sys::ngx_cycle).log }, on_deferred_wake);
     }
+    if w.deferred.is_posted() {
+        w.zones.set(w.zones.get() | 1u32 << (index % 32));
+        return;
+    }
+    wake_zone(zone);
+    // Posted with no zone yet: it marks this iteration's wake-up as made,
+    // and the posts after this one add their zones.
     w.deferred.post();
 }
 
