@@ -1165,6 +1165,10 @@ qr/\A\[notice\] \d+#\d+: \*?\d* ?\[lua\] events.lua:\d+: \w+\(\): workerbus: shm
                 end
                 return #new == n
             end, 10), "no new workers")
+            -- the master tells the old workers to quit 100 ms after it
+            -- started the new ones: the wake-ups below go out while this
+            -- worker shuts down, as in a real reload
+            wait(function() return ngx.worker.exiting() end, 10)
             local function new_idle()
                 local idle = 0
                 for _, w in ipairs(wb.status().zones[1].events.workers) do

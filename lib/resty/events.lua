@@ -12,6 +12,7 @@ local record = require "resty.workerbus.record"
 local ngx = ngx
 local log = ngx.log
 local DEBUG = ngx.DEBUG
+local debug_on = require "resty.workerbus.debug_log"
 local type = type
 local tostring = tostring
 local assert = assert
@@ -355,8 +356,10 @@ function _M:publish(target, source, event, data)
     -- the event (one of them handles a unique one), and the privileged
     -- agent when the option is true (the original's broker then counts its
     -- queue too).
-    log(DEBUG, "event published to ", unique and 1
-               or worker_count() + (opts.enable_privileged_agent == true and 1 or 0), " workers")
+    if debug_on() then
+        log(DEBUG, "event published to ", unique and 1
+                   or worker_count() + (opts.enable_privileged_agent == true and 1 or 0), " workers")
+    end
     return true
 end
 

@@ -99,6 +99,7 @@ pub unsafe extern "C" fn workerbus_ev_next(
         (arg!(abi::out(out, "out"), -1), arg!(abi::output(buf, cap, "buf"), -1), arg!(abi::out(need, "need"), -1))
     };
     hop::on_read();
+    crate::module::wake::on_read();
     let vm = match vm_arg(vm) {
         Ok(vm) => vm,
         Err(e) => return fail(-1, e),

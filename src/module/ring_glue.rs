@@ -176,8 +176,10 @@ pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreCo
             hop::stamp(Hop::Sema);
             wake::count_local();
             sema::post();
+            wake::wake_after_own(index);
+        } else {
+            wake::wake_after_post(index, zone);
         }
-        wake::wake_after_post(index, zone);
     } else {
         wake::wake_zone(zone);
     }

@@ -40,6 +40,9 @@ struct Wake {
     zones: Cell<u32>,
     /// Wake-ups of this worker's own reader, made in place (wake_zone).
     local: Cell<u64>,
+    /// The other workers' wake-ups wait for this worker's own handler
+    /// (wake_after_own): ring reads since, this process's.
+    after_own: Cell<Option<u8>>,
 }
 
 static WAKE: OneThread<Wake> = OneThread::new(Wake {
@@ -49,6 +52,7 @@ static WAKE: OneThread<Wake> = OneThread::new(Wake {
     deferred: Event::new(),
     zones: Cell::new(0),
     local: Cell::new(0),
+    after_own: Cell::new(None),
 });
 
 /// The abstract socket address of (pid, nonce), and its length.
@@ -232,10 +236,47 @@ pub fn wake_after_post(index: usize, zone: &Zone) {
     w.deferred.post();
 }
 
-unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
-    hop::stamp_for(Hop::Deferred, None);
+/// As wake_after_post, when the post also woke this worker's own poller:
+/// the other workers' wake-ups go out once its first handler has run (its
+/// next ring read, `on_read`), or at the iteration's end if it reads
+/// nothing. On 2 cores the woken workers would otherwise take the poster's
+/// core before its own handler; this way the own handler runs at once and
+/// the others wait for it alone, not for the rest of the iteration.
+pub fn wake_after_own(index: usize) {
+    let w = WAKE.get();
+    if !w.deferred.is_set_up() {
+        // SAFETY: ngx_cycle is the running cycle, whose log lives as long as it.
+        w.deferred.init(unsafe { (*nginx_sys::ngx_cycle).log }, on_deferred_wake);
+    }
+    w.zones.set(w.zones.get() | 1u32 << (index % 32));
+    if !w.deferred.is_posted() && w.after_own.get().is_none() {
+        w.after_own.set(Some(0));
+    }
+    w.deferred.post();
+}
+
+/// A ring read by this process (the FFI's next record): the second one
+/// after wake_after_own sends the wake-ups it held, its first handler
+/// having run.
+pub fn on_read() {
+    let w = WAKE.get();
+    match w.after_own.get() {
+        None => {}
+        Some(0) => w.after_own.set(Some(1)),
+        Some(_) => {
+            w.after_own.set(None);
+            wake_held();
+        }
+    }
+}
+
+/// Sends the wake-ups held for the zones in `zones`.
+fn wake_held() {
     let l = this_process();
     let bits = WAKE.get().zones.replace(0);
+    if bits != 0 {
+        hop::stamp_for(Hop::Deferred, None);
+    }
     // By index, copying one zone at a time: this runs once per event-loop
     // iteration with posts, and needs no copy of the whole list.
     let mut i = 0;
@@ -245,6 +286,11 @@ unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
         }
         i += 1;
     }
+}
+
+unsafe extern "C" fn on_deferred_wake(_ev: *mut ngx_event_t) {
+    WAKE.get().after_own.set(None);
+    wake_held();
 }
 
 /// Wake-ups sent by one sendmmsg() call at most.

@@ -16,6 +16,7 @@ local ngx = ngx
 local log = ngx.log
 local ERR = ngx.ERR
 local DEBUG = ngx.DEBUG
+local debug_on = require "resty.workerbus.debug_log"
 local type = type
 local tostring = tostring
 local xpcall = xpcall
@@ -137,8 +138,10 @@ end
 -- Calls the handlers of an event: those of every source and event, of
 -- every source and this event, of this source, of this source and event.
 function _M:dispatch(funcs, data, event, source, who, id)
-    log(DEBUG, "worker-events: handling event; source=", source,
-               ", event=", event, ", ", who, "=", id)
+    if debug_on() then
+        log(DEBUG, "worker-events: handling event; source=", source,
+                   ", event=", event, ", ", who, "=", id)
+    end
     local any, by_source = self.any, self.by_source
     local by_event = by_source[any]
     if by_event then
