@@ -7,7 +7,8 @@
 # reasons are LuaJIT choosing where a trace starts, not code it cannot
 # compile, and are allowed: "inner loop in root trace" and "leaving loop in
 # root trace" (a function that got hot first meets a loop; the loop then
-# gets its own trace). Nothing here depends on timing: the loops run
+# gets its own trace), and "loop unroll limit reached" (a side trace of the
+# dispatch loop meets that loop again and LuaJIT declines to unroll it). Nothing here depends on timing: the loops run
 # inside one request, and the log is read once logging is off.
 
 use Workerbus::TestCore 'no_plan';
@@ -19,7 +20,8 @@ our $Helpers = <<'_EOC_';
     init_by_lua_block {
         local J = {}
         local LOOP_ABORTS = { ["inner loop in root trace"] = true,
-                              ["leaving loop in root trace"] = true }
+                              ["leaving loop in root trace"] = true,
+                              ["loop unroll limit reached"] = true }
         local path
 
         -- Starts logging traces of whatever runs from now on.
@@ -68,6 +70,23 @@ our $Helpers = <<'_EOC_';
             if #bad > 0 or not traced then
                 ngx.log(ngx.ERR, "jit log:\n", log)
             end
+        end
+        -- After check: the traces of `files` stitched around a C function
+        -- (ngx.log is one: a debug line built per event cuts the loop's trace).
+        function J.stitched(files)
+            local f = assert(io.open(path))
+            local n = 0
+            for line in f:read("*a"):gmatch("[^\n]+") do
+                for _, file in ipairs(files) do
+                    if line:find(file, 1, true) and line:find("stitch", 1, true) then
+                        n = n + 1
+                        ngx.log(ngx.ERR, "stitched: ", line)
+                        break
+                    end
+                end
+            end
+            f:close()
+            ngx.say("stitched traces in ", table.concat(files, ", "), ": ", n)
         end
         package.loaded.J = J
     }
@@ -147,6 +166,48 @@ GET /t
 trace recorded: true
 aborts and NYI in events_core.lua, sinks.lua, record.lua, handlers.lua, worker/events.lua: 0
 handled: 600
+--- error_log
+worker-events: handling event; source=jit, event=e
+--- no_error_log
+[error]
+
+
+
+=== TEST 5: error_log above debug: the dispatch loop builds no debug line, so no trace is stitched around ngx.log, and none is logged
+--- log_level: info
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        assert(require("resty.worker.events").configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local n = 0
+            ev.register(function() n = n + 1 end, "jit")
+            ev.poll()
+            for i = 1, 300 do
+                assert(ev.post("jit", "e", "data"))
+            end
+            local J = package.loaded.J
+            J.start("poll-info")
+            ev.poll()
+            J.check { "events_core.lua", "sinks.lua", "record.lua", "handlers.lua", "worker/events.lua" }
+            J.stitched { "events_core.lua", "sinks.lua", "handlers.lua" }
+            ngx.say("debug lines: ", require("resty.workerbus.debug_log")())
+            ngx.say("handled: ", n)
+        }
+    }
+--- request
+GET /t
+--- response_body
+trace recorded: true
+aborts and NYI in events_core.lua, sinks.lua, record.lua, handlers.lua, worker/events.lua: 0
+stitched traces in events_core.lua, sinks.lua, handlers.lua: 0
+debug lines: false
+handled: 300
 --- no_error_log
 [error]
 

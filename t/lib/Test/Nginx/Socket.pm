@@ -476,7 +476,10 @@ sub _build_config ($) {
     $c .= 'master_process ' . ($MasterOn ? 'on' : 'off') . ";\n";
     $c .= "daemon off;\n";
     $c .= "pid logs/nginx.pid;\n";
-    $c .= "error_log logs/error.log $LogLevel;\n";
+    # --- log_level (Test::Nginx's section): this block's level, else the file's.
+    my $level = $block->log_level // $LogLevel;
+    $level =~ s/^\s+|\s+$//g;
+    $c .= "error_log logs/error.log $level;\n";
     $c .= "user root;\n" if $> == 0 && $main !~ /^\s*user\s/m;
     for my $e (@EnvToNginx) {
         $c .= "env $e;\n";
