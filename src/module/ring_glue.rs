@@ -132,7 +132,7 @@ fn hang_ms(zone: &Zone, conf: Option<&CoreConf>) -> u64 {
 }
 
 /// Appends an event to zone `index` and wakes the workers whose pollers
-/// sleep (wake::wake_after_post).
+/// sleep (wake::wake_after_post, wake::wake_after_own).
 pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
     post_with(index, zone, rec, conf::running())
 }
@@ -163,9 +163,9 @@ pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreCo
         // This worker's own poller, if it sleeps, is woken here and now by
         // its semaphore (a posted event: it resumes at the end of this
         // event-loop iteration), never by a datagram to itself: no syscall
-        // and no trip through epoll. The other workers' datagrams go out
-        // right after (wake_after_post), so their handlers need not wait
-        // for this one's.
+        // and no trip through epoll. The other workers' datagrams then wait
+        // for its first handler (wake_after_own), so that they do not take
+        // its core first; without it they go out now (wake_after_post).
         let mut woke = false;
         if let Some(i) = this_process().record.get() {
             for vm in Vm::ALL {
