@@ -915,3 +915,92 @@ datagrams sent: 3
 own poller woken: 1, in place: 1
 --- no_error_log
 [error]
+
+
+
+=== TEST 14: a post that wakes its own poller holds the other workers' wake-ups until its first handler returned, unless the last one ran longer than 50 us (own_handler_us): then they go out at once
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ffi = require "ffi"
+        pcall(ffi.cdef, [[
+            typedef struct { long tv_sec; long tv_nsec; } t102_ts;
+            int clock_gettime(int clk, t102_ts *ts);
+        ]])
+        local ts = ffi.new("t102_ts")
+        local function now_us()   -- CLOCK_MONOTONIC: one clock for every process
+            ffi.C.clock_gettime(1, ts)
+            return tonumber(ts.tv_sec) * 1e6 + tonumber(ts.tv_nsec) / 1e3
+        end
+        package.loaded.t102_now_us = now_us
+        local ev = require "resty.worker.events"
+        ev.register(function(data)
+            local got = ngx.shared.got
+            if ngx.worker.pid() == got:get("poster") then
+                got:set("own_start:" .. data.round, now_us())
+                local stop = now_us() + data.busy_ms * 1000
+                while now_us() < stop do end
+                got:set("own_end:" .. data.round, now_us())
+            else
+                got:set("other:" .. data.round .. ":" .. ngx.worker.pid(), now_us())
+            end
+        end, "hold")
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local T = require "wbtest"
+            local wb = require "resty.workerbus"
+            local ev = require "resty.worker.events"
+            local got = ngx.shared.got
+            local me = ngx.worker.pid()
+            got:set("poster", me)
+            local function events() return wb.status().zones[1].events end
+            local function asleep()
+                local s = events()
+                return #s.workers == 4 and #s.idle_slots == 4
+            end
+            -- The other workers' handlers of a round: how many started
+            -- after the own handler ended, and how many before.
+            local function round(r, busy_ms)
+                T.wait_for("4 sleeping pollers", asleep)
+                assert(ev.post("hold", "e", { round = r, busy_ms = busy_ms }))
+                local others = {}
+                T.wait_for("round " .. r .. " handled everywhere", function()
+                    others = {}
+                    for _, w in ipairs(events().workers) do
+                        if w.pid ~= me then
+                            others[#others + 1] = got:get("other:" .. r .. ":" .. w.pid)
+                        end
+                    end
+                    return #others == 3 and got:get("own_end:" .. r) ~= nil
+                end)
+                local after, before = 0, 0
+                for _, t in ipairs(others) do
+                    if t > got:get("own_end:" .. r) then after = after + 1 else before = before + 1 end
+                end
+                return after, before
+            end
+            ngx.say("fast: started after the own handler: ", (round(1, 0)))
+            ngx.say("slow, after a fast one: started after the own handler: ", (round(2, 300)))
+            ngx.say("own_handler_us at least 300000: ", wb.status().own_handler_us >= 300000)
+            local _, before = round(3, 300)
+            ngx.say("slow, after a slow one: started before the own handler ended: ", before)
+            round(4, 0)   -- not held (the last was slow); timed again: fast
+            ngx.say("own_handler_us under 300000: ", wb.status().own_handler_us < 300000)
+        }
+    }
+--- request
+GET /t
+--- timeout: 30
+--- response_body
+fast: started after the own handler: 3
+slow, after a fast one: started after the own handler: 3
+own_handler_us at least 300000: true
+slow, after a slow one: started before the own handler ended: 3
+own_handler_us under 300000: true
+--- no_error_log
+[error]

@@ -176,7 +176,7 @@ pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreCo
             hop::stamp(Hop::Sema);
             wake::count_local();
             sema::post();
-            wake::wake_after_own(index);
+            wake::wake_after_own(index, zone);
         } else {
             wake::wake_after_post(index, zone);
         }

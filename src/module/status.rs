@@ -140,6 +140,7 @@ pub fn snapshot() -> Value {
         "pid": pid(),
         "generation": l.generation.get(),
         "local_wakeups": super::wake::local_wakeups(),
+        "own_handler_us": super::wake::own_handler_us(),
         "zones": zones,
     });
     if let Some(primary) = l.primary() {

@@ -23,6 +23,7 @@ use super::event::Event;
 use super::hop::{self, Hop};
 use super::one_thread::OneThread;
 use super::process_state::this_process;
+use super::time::mono_us_now;
 use super::zone::Zone;
 use super::{extension, pid, sema};
 use crate::shm::lifecycle::READERS_PER_RECORD;
@@ -40,10 +41,26 @@ struct Wake {
     zones: Cell<u32>,
     /// Wake-ups of this worker's own reader, made in place (wake_zone).
     local: Cell<u64>,
-    /// The other workers' wake-ups wait for this worker's own handler
-    /// (wake_after_own): ring reads since, this process's.
-    after_own: Cell<Option<u8>>,
+    /// A post woke this worker's own poller: its first handler is being
+    /// timed (wake_after_own, on_read).
+    after_own: Cell<Option<OwnRun>>,
+    /// How long this worker's own first handler ran last time it was timed.
+    own_handler_us: Cell<u64>,
 }
+
+/// The own poller's run after a post that woke it.
+#[derive(Clone, Copy)]
+struct OwnRun {
+    /// When its first ring read came (0: not yet).
+    first_read_us: u64,
+    /// Whether the other workers' wake-ups wait for its first handler.
+    held: bool,
+}
+
+/// The longest own handler the other workers' wake-ups wait for: after a
+/// longer one they go out at once (the woken workers may then take this
+/// worker's core, which costs it less than they would wait).
+const HOLD_MAX_US: u64 = 50;
 
 static WAKE: OneThread<Wake> = OneThread::new(Wake {
     conn: Cell::new(core::ptr::null_mut()),
@@ -53,6 +70,7 @@ static WAKE: OneThread<Wake> = OneThread::new(Wake {
     zones: Cell::new(0),
     local: Cell::new(0),
     after_own: Cell::new(None),
+    own_handler_us: Cell::new(0),
 });
 
 /// The abstract socket address of (pid, nonce), and its length.
@@ -241,33 +259,48 @@ pub fn wake_after_post(index: usize, zone: &Zone) {
 /// next ring read, `on_read`), or at the iteration's end if it reads
 /// nothing. On 2 cores the woken workers would otherwise take the poster's
 /// core before its own handler; this way the own handler runs at once and
-/// the others wait for it alone, not for the rest of the iteration.
-pub fn wake_after_own(index: usize) {
+/// the others wait for it alone, not for the rest of the iteration. After
+/// an own handler that ran longer than HOLD_MAX_US they are not held (the
+/// handler is still timed, so a faster one brings the hold back).
+pub fn wake_after_own(index: usize, zone: &Zone) {
     let w = WAKE.get();
     if !w.deferred.is_set_up() {
         // SAFETY: ngx_cycle is the running cycle, whose log lives as long as it.
         w.deferred.init(unsafe { (*nginx_sys::ngx_cycle).log }, on_deferred_wake);
     }
-    w.zones.set(w.zones.get() | 1u32 << (index % 32));
-    if !w.deferred.is_posted() && w.after_own.get().is_none() {
-        w.after_own.set(Some(0));
+    let first = !w.deferred.is_posted() && w.after_own.get().is_none();
+    let hold = w.own_handler_us.get() <= HOLD_MAX_US;
+    if first {
+        w.after_own.set(Some(OwnRun { first_read_us: 0, held: hold }));
     }
+    if !hold {
+        return wake_after_post(index, zone);
+    }
+    w.zones.set(w.zones.get() | 1u32 << (index % 32));
     w.deferred.post();
 }
 
-/// A ring read by this process (the FFI's next record): the second one
-/// after wake_after_own sends the wake-ups it held, its first handler
-/// having run.
+/// A ring read by this process (the FFI's next record). After
+/// wake_after_own, the first one starts the own handler's clock and the
+/// second one stops it, and sends the wake-ups held for it.
 pub fn on_read() {
     let w = WAKE.get();
-    match w.after_own.get() {
-        None => {}
-        Some(0) => w.after_own.set(Some(1)),
-        Some(_) => {
-            w.after_own.set(None);
-            wake_held();
-        }
+    let Some(run) = w.after_own.get() else { return };
+    let now = mono_us_now();
+    if run.first_read_us == 0 {
+        w.after_own.set(Some(OwnRun { first_read_us: now, ..run }));
+        return;
     }
+    w.after_own.set(None);
+    w.own_handler_us.set(now.saturating_sub(run.first_read_us));
+    if run.held {
+        wake_held();
+    }
+}
+
+/// How long this worker's own first handler ran when last timed (status).
+pub fn own_handler_us() -> u64 {
+    WAKE.get().own_handler_us.get()
 }
 
 /// Sends the wake-ups held for the zones in `zones`.
