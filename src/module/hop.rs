@@ -61,12 +61,7 @@ mod trace {
     /// The semaphore was posted and the poller has not read since.
     static AWAITING_RESUME: OneThread<Cell<bool>> = OneThread::new(Cell::new(false));
 
-    fn now_ns() -> u64 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: ts is a valid timespec to write.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-    }
+    use crate::module::time::mono_ns_now as now_ns;
 
     fn stamps() -> Option<&'static Stamps> {
         // Relaxed: written once in the master before fork.

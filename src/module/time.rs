@@ -26,19 +26,21 @@ pub fn wall_of(mono: u64) -> u64 {
     now_ms().saturating_sub(mono_ms().saturating_sub(mono))
 }
 
-/// Monotonic milliseconds read now (clock_gettime per call, CLOCK_MONOTONIC:
-/// the same clock in every process of the host, immune to wall-clock steps).
-pub fn mono_ms_now() -> u64 {
+/// CLOCK_MONOTONIC read now, in nanoseconds (clock_gettime per call: the
+/// same clock in every process of the host, immune to wall-clock steps).
+pub fn mono_ns_now() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1000).saturating_add(ts.tv_nsec as u64 / 1_000_000)
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
 }
 
-/// Monotonic microseconds read now (as mono_ms_now).
+/// Monotonic milliseconds read now (mono_ns_now).
+pub fn mono_ms_now() -> u64 {
+    mono_ns_now() / 1_000_000
+}
+
+/// Monotonic microseconds read now (mono_ns_now).
 pub fn mono_us_now() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000).saturating_add(ts.tv_nsec as u64 / 1000)
+    mono_ns_now() / 1000
 }

@@ -232,6 +232,16 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
     }
 }
 
+/// This process's wake-up state, its end-of-iteration event set up.
+fn wake_state() -> &'static Wake {
+    let w = WAKE.get();
+    if !w.deferred.is_set_up() {
+        // SAFETY: ngx_cycle is the running cycle, whose log lives as long as it.
+        w.deferred.init(unsafe { (*nginx_sys::ngx_cycle).log }, on_deferred_wake);
+    }
+    w
+}
+
 /// Wakes the idle workers of zone `index` after a post: at once for the
 /// first post of an event-loop iteration (a sparse poster's event reaches
 /// the other workers without waiting for the rest of its iteration, its
@@ -239,11 +249,7 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
 /// handler posting a burst pays for two wake-ups per idle worker in all,
 /// not one each time a fast reader drained the ring and went idle again).
 pub fn wake_after_post(index: usize, zone: &Zone) {
-    let w = WAKE.get();
-    if !w.deferred.is_set_up() {
-        // SAFETY: ngx_cycle is the running cycle, whose log lives as long as it.
-        w.deferred.init(unsafe { (*nginx_sys::ngx_cycle).log }, on_deferred_wake);
-    }
+    let w = wake_state();
     if w.deferred.is_posted() {
         w.zones.set(w.zones.get() | 1u32 << (index % 32));
         return;
@@ -263,11 +269,7 @@ pub fn wake_after_post(index: usize, zone: &Zone) {
 /// an own handler that ran longer than HOLD_MAX_US they are not held (the
 /// handler is still timed, so a faster one brings the hold back).
 pub fn wake_after_own(index: usize, zone: &Zone) {
-    let w = WAKE.get();
-    if !w.deferred.is_set_up() {
-        // SAFETY: ngx_cycle is the running cycle, whose log lives as long as it.
-        w.deferred.init(unsafe { (*nginx_sys::ngx_cycle).log }, on_deferred_wake);
-    }
+    let w = wake_state();
     let first = !w.deferred.is_posted() && w.after_own.get().is_none();
     let hold = w.own_handler_us.get() <= HOLD_MAX_US;
     if first {
