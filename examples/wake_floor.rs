@@ -1,15 +1,18 @@
 //! The machine's floor for a wake-up, measured the way the module wakes a
-//! worker: one process sends a datagram on an abstract unix socket to
-//! another that sleeps in epoll_wait (as an idle nginx worker does), which
-//! takes the time it woke. The gaps between sends are spread uniformly over
-//! `gap_ms` ± half (a poster in a timer); the first tenth is warm-up.
-//! With `receivers` > 1 the sender wakes that many processes with one
-//! sendmmsg() each time, as a poster wakes every other idle worker (the
-//! module's fan-out: on 2 cores, 3 woken processes share them), and every
+//! worker: one process writes to the eventfd of another that sleeps in
+//! epoll_wait (as an idle nginx worker does, src/module/wake_fd.rs), which
+//! takes the time it woke; with `datagram` as the mechanism, a datagram on
+//! an abstract unix socket instead (the module's way to wake a worker of
+//! another generation, and its only way before eventfds). The gaps between
+//! wake-ups are spread uniformly over `gap_ms` ± half (a poster in a
+//! timer); the first tenth is warm-up. With `receivers` > 1 the sender
+//! wakes that many processes each time, as a poster wakes every other idle
+//! worker (the module's fan-out: one write() each, or one sendmmsg() for
+//! datagrams; on 2 cores, 3 woken processes share them), and every
 //! receiver's latency counts. bench/run runs it in the same run as its
 //! latency scenarios and prints each latency as a ratio to this floor.
 //!
-//! Usage: wake_floor [count] [gap_ms] [receivers]
+//! Usage: wake_floor [count] [gap_ms] [receivers] [eventfd|datagram]
 //!   → `floor p50_us=.. p99_us=.. n=..`
 
 use std::time::Duration;
@@ -40,9 +43,17 @@ fn socket() -> i32 {
     fd
 }
 
-/// The receiving side: epoll on the socket, one latency per datagram, then
-/// the sorted latencies (ns) written to `out` as text.
-fn receive(fd: i32, count: usize, out: i32) -> ! {
+fn eventfd() -> i32 {
+    // SAFETY: no memory preconditions.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// The receiving side: epoll on the descriptor, one latency per wake-up
+/// (the send time is the datagram, or what was added to the eventfd's
+/// counter), then the latencies (ns) written to `out` as text.
+fn receive(fd: i32, datagram: bool, count: usize, out: i32) -> ! {
     // SAFETY: no memory preconditions.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
@@ -56,10 +67,16 @@ fn receive(fd: i32, count: usize, out: i32) -> ! {
         if n <= 0 {
             break;
         }
+        let now = mono_ns();
         let mut b = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into b; non-blocking socket.
-        while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 8, 0) } == 8 {
-            lat.push(mono_ns().saturating_sub(u64::from_le_bytes(b)));
+        if datagram {
+            // SAFETY: reads at most 8 bytes into b; non-blocking socket.
+            while unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 8, 0) } == 8 {
+                lat.push(now.saturating_sub(u64::from_le_bytes(b)));
+            }
+        // SAFETY: reads the 8-byte counter into b (back to zero); non-blocking.
+        } else if unsafe { libc::read(fd, b.as_mut_ptr().cast(), 8) } == 8 {
+            lat.push(now.saturating_sub(u64::from_ne_bytes(b)));
         }
     }
     let text: String = lat.iter().map(|l| format!("{l}\n")).collect();
@@ -85,18 +102,36 @@ fn send_to_all(tx: i32, to: &[(libc::sockaddr_un, libc::socklen_t)]) {
     unsafe { libc::sendmmsg(tx, msgs.as_mut_ptr(), msgs.len() as libc::c_uint, 0) };
 }
 
+/// The send time added to each receiver's eventfd, one write() each.
+fn write_to_all(fds: &[i32]) {
+    let t = mono_ns();
+    for &fd in fds {
+        // SAFETY: writes the 8 bytes of t; non-blocking.
+        unsafe { libc::write(fd, (&raw const t).cast(), 8) };
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let count: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(300);
     let gap_ms: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10.0);
     let receivers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1).max(1);
+    let datagram = match args.next().as_deref() {
+        None | Some("eventfd") => false,
+        Some("datagram") => true,
+        Some(other) => {
+            eprintln!("wake_floor: unknown mechanism {other:?} (eventfd or datagram)");
+            std::process::exit(2);
+        }
+    };
     let mut addrs = Vec::new();
+    let mut efds = Vec::new();
     let mut children = Vec::new();
     for r in 0..receivers {
         let (addr, len) = address(&format!("workerbus-floor/{}/{r}", std::process::id()));
-        let rx = socket();
+        let rx = if datagram { socket() } else { eventfd() };
         // SAFETY: addr is a valid abstract address of `len` bytes.
-        let rc = unsafe { libc::bind(rx, (&raw const addr).cast(), len) };
+        let rc = if datagram { unsafe { libc::bind(rx, (&raw const addr).cast(), len) } } else { 0 };
         assert!(rc == 0, "bind: {}", std::io::Error::last_os_error());
         let mut pipe = [0i32; 2];
         // SAFETY: pipe writes two descriptors.
@@ -104,14 +139,21 @@ fn main() {
         // SAFETY: this program has one thread; the child only runs `receive`.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            receive(rx, count, pipe[1]);
+            receive(rx, datagram, count, pipe[1]);
         }
-        // SAFETY: closes our copies of the child's ends.
+        // SAFETY: closes our copy of the child's pipe end (and of its socket;
+        // an eventfd is kept: it is what the sender writes to).
         unsafe {
-            libc::close(rx);
+            if datagram {
+                libc::close(rx);
+            }
             libc::close(pipe[1]);
         }
-        addrs.push((addr, len));
+        if datagram {
+            addrs.push((addr, len));
+        } else {
+            efds.push(rx);
+        }
         children.push((pid, pipe[0]));
     }
     let tx = socket();
@@ -122,7 +164,11 @@ fn main() {
         rng ^= rng << 17;
         let gap = gap_ms * (0.5 + (rng % 1000) as f64 / 1000.0);
         std::thread::sleep(Duration::from_secs_f64(gap / 1000.0));
-        send_to_all(tx, &addrs);
+        if datagram {
+            send_to_all(tx, &addrs);
+        } else {
+            write_to_all(&efds);
+        }
     }
     let mut lat: Vec<u64> = Vec::new();
     for (pid, fd) in children {

@@ -1144,14 +1144,7 @@ qr/\A\[notice\] \d+#\d+: \*?\d* ?\[lua\] events.lua:\d+: \w+\(\): workerbus: shm
             local wb = require "resty.workerbus"
             local d = ngx.shared.got
             local me = ngx.worker.id()
-            local function get(path)
-                local sock = ngx.socket.tcp()
-                assert(sock:connect("127.0.0.1", ngx.var.server_port))
-                assert(sock:send("GET " .. path .. " HTTP/1.0\r\nHost: x\r\n\r\n"))
-                local body = sock:receive("*a")
-                sock:close()
-                return body
-            end
+            local get = require("wbtest").get
             local wait = require("wbtest").wait
             ngx.sleep(0.2)
             local n = #wb.status().workers

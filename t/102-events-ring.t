@@ -860,7 +860,7 @@ this worker was told it lost events: true
 
 
 
-=== TEST 13: a worker's own post wakes its own sleeping poller in place, through its semaphore, without a datagram (local_wakeups): wakeups_sent counts the other workers' only
+=== TEST 13: a worker's own post wakes its own sleeping poller in place, through its semaphore, without a datagram (local_wakeups): wakeups_sent counts the other workers' only, each woken through its slot's eventfd
 --- main_config
     workerbus_zone ev 4m;
 --- http_config
@@ -897,12 +897,15 @@ this worker was told it lost events: true
                 local s = events()
                 return #s.workers == 4 and #s.idle_slots == 4
             end)
-            local s0, local0 = events(), wb.status().local_wakeups
+            local st0 = wb.status()
+            local s0, local0 = events(), st0.local_wakeups
             assert(ev.post("own", "e", "hello"))
             T.wait_for("every worker's handler, then every poller asleep again", handled)
-            local s = events()
+            local s, st = events(), wb.status()
             ngx.say("own handler got: ", got:get("got:" .. me))
-            ngx.say("datagrams sent: ", s.wakeups_sent - s0.wakeups_sent)
+            ngx.say("wake-ups sent: ", s.wakeups_sent - s0.wakeups_sent,
+                    ", by eventfd: ", st.wakeups_by_eventfd - st0.wakeups_by_eventfd,
+                    ", by datagram: ", st.wakeups_by_datagram - st0.wakeups_by_datagram)
             ngx.say("own poller woken: ", mine(s).wakeups - mine(s0).wakeups,
                     ", in place: ", wb.status().local_wakeups - local0)
         }
@@ -911,7 +914,7 @@ this worker was told it lost events: true
 GET /t
 --- response_body
 own handler got: hello
-datagrams sent: 3
+wake-ups sent: 3, by eventfd: 3, by datagram: 0
 own poller woken: 1, in place: 1
 --- no_error_log
 [error]
@@ -1020,3 +1023,130 @@ a fast own handler timed again: true
 slow, after it: started after the own handler: 3
 --- no_error_log
 [error]
+
+
+
+=== TEST 15: workers of one generation wake each other through their slots' eventfds, a respawned worker too (it inherits its slot's); an old generation's worker wakes the new one's by datagram
+--- main_config
+    workerbus_zone ev 4m;
+    workerbus_heartbeat 1h;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local g = require("resty.workerbus").generation()
+        ev.register(function(data)
+            ngx.shared.got:set(data .. ":" .. g .. ":" .. ngx.worker.pid(), true)
+        end, "efd")
+        assert(ev.configure { shm = "ev", interval = 0.01 })
+    }
+--- config
+    location = /post {
+        content_by_lua_block {
+            local wb = require "resty.workerbus"
+            if ngx.worker.pid() == tonumber(ngx.var.arg_not) then
+                return ngx.say("again")
+            end
+            local T = require "wbtest"
+            local g = wb.generation()
+            -- every poller of this generation asleep (the reload's and the
+            -- respawn's own events are handled by then)
+            T.wait_for("4 sleeping pollers", function()
+                local k = 0
+                for _, w in ipairs(wb.status().zones[1].events.workers) do
+                    if w.generation == g and w.idle == true then k = k + 1 end
+                end
+                return k == 4
+            end)
+            local st0 = wb.status()
+            assert(require("resty.worker.events").post("efd", "e", ngx.var.arg_i))
+            T.wait_for("every worker of this generation", function()
+                for _, w in ipairs(T.running()) do
+                    if w.generation == g and not ngx.shared.got:get(ngx.var.arg_i .. ":" .. g .. ":" .. w.pid) then
+                        return false
+                    end
+                end
+                return true
+            end)
+            local st = wb.status()
+            ngx.say("generation ", g, ": by eventfd ", st.wakeups_by_eventfd - st0.wakeups_by_eventfd,
+                    ", by datagram ", st.wakeups_by_datagram - st0.wakeups_by_datagram)
+        }
+    }
+    location = /t {
+        content_by_lua_block {
+            local T = require "wbtest"
+            local wb = require "resty.workerbus"
+            local me = ngx.worker.pid()
+            local get = require("wbtest").get
+            local function idle(g, n)
+                return function()
+                    local k = 0
+                    for _, w in ipairs(wb.status().zones[1].events.workers) do
+                        if w.generation == g and w.idle == true then k = k + 1 end
+                    end
+                    return k == n
+                end
+            end
+            T.wait_for("4 sleeping pollers", idle(1, 4))
+            ngx.print(get("/post?i=1"))
+            -- a worker of another slot killed: the master forks its successor,
+            -- which inherits the generation's eventfds
+            local victim
+            for _, w in ipairs(T.running()) do
+                if w.pid ~= me then victim = w.pid break end
+            end
+            T.kill(victim, 9)
+            T.wait_for("the respawned worker", function()
+                local r = T.running()
+                if #r ~= 4 then return false end
+                for _, w in ipairs(r) do
+                    if w.pid == victim then return false end
+                end
+                return true
+            end)
+            T.wait_for("4 sleeping pollers again", idle(1, 4))
+            ngx.print(get("/post?i=2&not=" .. victim))
+            -- a reload: this worker (generation 1) keeps serving this request
+            T.kill(require("ngx.process").get_master_pid(), 1)
+            T.wait_for("the new generation asleep", idle(2, 4))
+            T.wait_for("this worker told to quit", function() return ngx.worker.exiting() end)
+            T.wait_for("the old generation's other workers gone", function()
+                for _, w in ipairs(T.running()) do
+                    if w.generation == 1 and w.pid ~= me then return false end
+                end
+                return true
+            end)
+            local body
+            repeat body = get("/post?i=3&not=" .. me) until body ~= "again\n"
+            ngx.print(body)
+            -- this old worker posts: the new generation's 4 are woken by datagram
+            T.wait_for("the new generation asleep again", idle(2, 4))
+            local st0 = wb.status()
+            assert(require("resty.worker.events").post("efd", "e", "4"))
+            T.wait_for("the new generation's handlers", function()
+                local k = 0
+                for _, w in ipairs(T.running()) do
+                    if w.generation == 2 and ngx.shared.got:get("4:2:" .. w.pid) then k = k + 1 end
+                end
+                return k == 4
+            end)
+            local st = wb.status()
+            ngx.say("old generation 1: by eventfd ", st.wakeups_by_eventfd - st0.wakeups_by_eventfd,
+                    ", by datagram ", st.wakeups_by_datagram - st0.wakeups_by_datagram)
+        }
+    }
+--- request
+GET /t
+--- timeout: 60
+--- response_body
+generation 1: by eventfd 3, by datagram 0
+generation 1: by eventfd 3, by datagram 0
+generation 2: by eventfd 3, by datagram 0
+old generation 1: by eventfd 0, by datagram 4
+--- error_log
+crashed: gone without exiting
+--- no_error_log
+[crit]
+[emerg]
+open socket

@@ -27,6 +27,7 @@ pub mod status;
 pub mod sync;
 pub mod time;
 pub mod wake;
+pub mod wake_fd;
 pub mod zone;
 
 use core::ffi::{c_char, c_void};

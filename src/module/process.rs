@@ -14,7 +14,7 @@ use crate::shm::lifecycle::{AGENT_SLOT, pid_alive};
 
 use super::process_state::this_process;
 use super::time::{mono_ms, now_ms};
-use super::{conf, extension, heartbeat, hop, pid, preload, ring_glue, wake, zone};
+use super::{conf, extension, heartbeat, hop, pid, preload, ring_glue, wake, wake_fd, zone};
 
 fn cycle_log(cycle: *mut ngx_cycle_t) -> *mut ngx_log_t {
     // SAFETY: nginx passes a live cycle to every process hook.
@@ -49,6 +49,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     };
     let workers = conf::worker_processes(cycle);
     let generation = primary.header().lifecycle.begin_generation(pid(), workers, now_ms());
+    wake_fd::begin_generation(cycle, generation, workers);
     let names: Vec<String> =
         zones.iter().map(|z| format!("\"{}\" {}k", String::from_utf8_lossy(z.name()), z.size() / 1024)).collect();
     ngx::ngx_log_error!(

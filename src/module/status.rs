@@ -140,6 +140,8 @@ pub fn snapshot() -> Value {
         "pid": pid(),
         "generation": l.generation.get(),
         "local_wakeups": super::wake::local_wakeups(),
+        "wakeups_by_eventfd": super::wake::sent_wakeups().0,
+        "wakeups_by_datagram": super::wake::sent_wakeups().1,
         "own_handler_us": super::wake::own_handler_us(),
         "zones": zones,
     });

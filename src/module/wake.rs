@@ -1,21 +1,23 @@
 //! Wake-ups instead of polling. Each worker binds its own datagram socket
 //! in the abstract unix namespace, named after its pid and a random nonce,
-//! and watches it from its event loop. A worker whose Lua poller is about
-//! to sleep sets the idle flag of its own ring reader (one per worker
-//! process, never shared between generations); a poster clears the flags
-//! and sends one datagram to each reader that was idle, at the address the
-//! reader registered when it attached. So a burst of posts costs one atomic
-//! load each and no syscall, and no worker can take another's wake-up:
-//! during a reload the two generations' workers of a slot have separate
-//! readers, flags and sockets (with an eventfd per slot shared by both, one
-//! could drain the other's wake-up). The handler posts the Lua poller's
+//! and watches it from its event loop, beside its slot's eventfd
+//! (wake_fd.rs). A worker whose Lua poller is about to sleep sets the idle
+//! flag of its own ring reader (one per worker process, never shared
+//! between generations); a poster clears the flags and wakes each reader
+//! that was idle: a worker of its own generation through that worker's
+//! slot's eventfd, any other by one datagram to the address the reader
+//! registered when it attached. So a burst of posts costs one atomic load
+//! each and no syscall, and no worker can take another's wake-up: during a
+//! reload the two generations' workers of a slot have separate readers,
+//! flags, sockets and eventfd tables. The handler posts the Lua poller's
 //! ngx.semaphore. A poster's own reader is woken in place (its semaphore
-//! posted, no datagram). The same socket wakes the other parts (the
+//! posted, nothing sent). The socket also wakes the other parts (the
 //! PostgreSQL bridge's holder): a datagram of one byte says for whom, so a
 //! wake-up meant only for the holder runs its flush first and does not
 //! resume the poller for nothing.
 
 use core::cell::Cell;
+use core::sync::atomic::Ordering;
 
 use nginx_sys::{NGX_LOG_ERR, ngx_connection_t, ngx_cycle_t, ngx_event_t};
 
@@ -25,7 +27,7 @@ use super::one_thread::OneThread;
 use super::process_state::this_process;
 use super::time::mono_us_now;
 use super::zone::Zone;
-use super::{extension, pid, sema};
+use super::{extension, pid, sema, wake_fd};
 use crate::shm::lifecycle::READERS_PER_RECORD;
 
 /// This process's wake-up state.
@@ -41,6 +43,9 @@ struct Wake {
     zones: Cell<u32>,
     /// Wake-ups of this worker's own reader, made in place (wake_zone).
     local: Cell<u64>,
+    /// Wake-ups this process sent other workers: by eventfd, by datagram.
+    by_eventfd: Cell<u64>,
+    by_datagram: Cell<u64>,
     /// A post woke this worker's own poller: its first handler is being
     /// timed (wake_after_own, on_read).
     after_own: Cell<Option<OwnRun>>,
@@ -69,6 +74,8 @@ static WAKE: OneThread<Wake> = OneThread::new(Wake {
     deferred: Event::new(),
     zones: Cell::new(0),
     local: Cell::new(0),
+    by_eventfd: Cell::new(0),
+    by_datagram: Cell::new(0),
     after_own: Cell::new(None),
     own_handler_us: Cell::new(0),
 });
@@ -162,6 +169,9 @@ pub fn register(cycle: *mut ngx_cycle_t) {
     }
     w.conn.set(c);
     w.nonce.set(nonce);
+    // The other workers of this generation wake this one by eventfd when
+    // they can (wake_fd.rs); the socket stays for the rest.
+    wake_fd::register(cycle, on_wake_fd);
 }
 
 /// Whether posters can wake this worker.
@@ -220,8 +230,21 @@ unsafe extern "C" fn on_wake(ev: *mut ngx_event_t) {
             break;
         }
     }
+    woken(ring);
+}
+
+/// The eventfd of this worker's slot (wake_fd.rs) is readable: a ring
+/// wake-up from another worker of its generation.
+unsafe extern "C" fn on_wake_fd(ev: *mut ngx_event_t) {
+    hop::stamp(Hop::Epoll);
+    wake_fd::drain(ev);
+    woken(true);
+}
+
+/// After a wake-up was read: the other parts, then the poller.
+fn woken(ring: bool) {
     // Other parts (the PostgreSQL bridge's holder) are woken through the
-    // same descriptor; first, so that their posted event (the holder's
+    // same descriptors; first, so that their posted event (the holder's
     // flush) runs before the poller's resumption.
     extension::each(|e| (e.on_wake)());
     // Only a ring wake-up resumes the poller: a wake-up meant for the holder
@@ -344,10 +367,24 @@ pub fn wake_zone(z: &Zone) {
     let own = if l.is_worker.get() { l.record.get() } else { None };
     let records = r.max_readers() / READERS_PER_RECORD;
     let mine = |i: usize| own.is_some_and(|rec| records > 0 && i % records == rec);
+    let lc = l.primary().map(|p| p.header().lifecycle.records());
+    // The generation and slot of reader i's worker, when its record is
+    // still that worker's (the eventfd is the slot's, whoever holds it).
+    let worker_of = |i: usize, pid: i32| {
+        let rec = lc?.get(i % records.max(1))?;
+        (rec.pid.load(Ordering::Acquire) == pid)
+            .then(|| (rec.generation.load(Ordering::Relaxed), rec.slot.load(Ordering::Relaxed)))
+    };
     let mut batch: Vec<(libc::sockaddr_un, libc::socklen_t)> = Vec::new();
     r.wake_idle_except(mine, |i, pid, nonce| {
         if pid != 0 {
             hop::stamp_for(Hop::Send, Some(i));
+            let w = WAKE.get();
+            if worker_of(i, pid).is_some_and(|(g, slot)| wake_fd::wake(g, slot)) {
+                w.by_eventfd.set(w.by_eventfd.get() + 1);
+                return;
+            }
+            w.by_datagram.set(w.by_datagram.get() + 1);
             batch.push(address(pid, nonce));
             if batch.len() == BATCH {
                 send_all(&batch, FOR_RING);
@@ -404,6 +441,13 @@ pub fn local_wakeups() -> u64 {
     WAKE.get().local.get()
 }
 
+/// The ring wake-ups this process sent other workers, by eventfd and by
+/// datagram (status: `wakeups_by_eventfd`, `wakeups_by_datagram`).
+pub fn sent_wakeups() -> (u64, u64) {
+    let w = WAKE.get();
+    (w.by_eventfd.get(), w.by_datagram.get())
+}
+
 /// A post woke this worker's own poller in place (ring_glue::post).
 pub fn count_local() {
     let w = WAKE.get();
@@ -437,6 +481,7 @@ fn send(pid: i32, nonce: u64, what: u8) {
 /// Worker exit (after the ring readers were released): close the socket and
 /// forget the poller's semaphore.
 pub fn unregister() {
+    wake_fd::unregister();
     let c = WAKE.get().conn.replace(core::ptr::null_mut());
     if !c.is_null() {
         // SAFETY: the connection was made by register() in this process.

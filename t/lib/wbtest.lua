@@ -63,6 +63,17 @@ function _M.logged(pat)
     return false
 end
 
+-- GET `path` from this nginx over a new connection (so that any worker may
+-- serve it); returns the response body.
+function _M.get(path)
+    local sock = ngx.socket.tcp()
+    assert(sock:connect("127.0.0.1", ngx.var.server_port))
+    assert(sock:send("GET " .. path .. " HTTP/1.0\r\nHost: x\r\n\r\n"))
+    local res = assert(sock:receive("*a"))
+    sock:close()
+    return res:match("\r\n\r\n(.*)$")
+end
+
 -- Sends signal `sig` (a number: 1 for SIGHUP, 9 for SIGKILL) to `pid`;
 -- returns kill(2)'s result.
 function _M.kill(pid, sig)
