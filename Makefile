@@ -225,6 +225,7 @@ bench-memory: build
 
 # Where a wake-up's time goes: the per-hop medians (see bench/hops).
 bench-hops: build-hop-trace
+	$(CARGO_ENV) cargo build --release --example wake_floor
 	bench/hops
 
 clean:

@@ -26,6 +26,14 @@ end
 
 local _M = {}
 local dict = ngx.shared.bench_stats
+
+-- A delivery's hop stamps (ns, CLOCK_MONOTONIC: exact as Lua numbers), as
+-- one line of the list `key`.
+local function push_hops(premature, key, row)
+    if premature then return end
+    for i = 1, #row do row[i] = string.format("%.0f", row[i]) end
+    dict:rpush(key, table.concat(row, " "))
+end
 local handled = 0
 local target = 0
 
@@ -45,9 +53,12 @@ function _M.init_worker()
                 dict:rpush(own and "own" or "lat", t - sent)
             end
             if hop_row and hop_row(hops) == 7 then
+                -- Copied now, written out later: formatting the row here
+                -- would lengthen the own handler the trace times (and its
+                -- hold of the other workers' wake-ups, src/module/wake.rs).
                 local row = {}
-                for i = 0, 6 do row[i + 1] = tostring(hops[i]):gsub("ULL$", "") end
-                dict:rpush(own and "hops_own" or "hops", table.concat(row, " "))
+                for i = 0, 6 do row[i + 1] = tonumber(hops[i]) end
+                ngx.timer.at(0, push_hops, own and "hops_own" or "hops", row)
             end
         elseif event == "reset" then
             handled, target = 0, data.n

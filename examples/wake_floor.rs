@@ -13,7 +13,8 @@
 //! latency scenarios and prints each latency as a ratio to this floor.
 //!
 //! Usage: wake_floor [count] [gap_ms] [receivers] [eventfd|datagram]
-//!   → `floor p50_us=.. p99_us=.. n=..`
+//!   → `floor p50_us=.. p99_us=.. n=.. cpu_per_wake_us=..` (the receivers'
+//!   CPU time, start-up included, per wake-up)
 
 use std::time::Duration;
 
@@ -79,7 +80,14 @@ fn receive(fd: i32, datagram: bool, count: usize, out: i32) -> ! {
             lat.push(now.saturating_sub(u64::from_ne_bytes(b)));
         }
     }
-    let text: String = lat.iter().map(|l| format!("{l}\n")).collect();
+    // This receiver's CPU time (user and system) over all its wake-ups,
+    // first, as `cpu <ns>`: what a wake-up costs a process that does nothing
+    // else (bench/hops sets a worker's beside it).
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    let cpu = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let text: String = format!("cpu {cpu}\n") + &lat.iter().map(|l| format!("{l}\n")).collect::<String>();
     // SAFETY: writes the buffer to our pipe end.
     unsafe { libc::write(out, text.as_ptr().cast(), text.len()) };
     // SAFETY: ends this child at once, as a forked child should.
@@ -171,6 +179,7 @@ fn main() {
         }
     }
     let mut lat: Vec<u64> = Vec::new();
+    let (mut cpu, mut wakes) = (0u64, 0usize);
     for (pid, fd) in children {
         let mut text = Vec::new();
         let mut buf = [0u8; 65536];
@@ -185,15 +194,24 @@ fn main() {
         let mut status = 0;
         // SAFETY: reaps our child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        let mine: Vec<u64> = String::from_utf8_lossy(&text).lines().filter_map(|l| l.parse().ok()).collect();
+        let text = String::from_utf8_lossy(&text);
+        cpu += text.lines().find_map(|l| l.strip_prefix("cpu ")?.parse::<u64>().ok()).unwrap_or(0);
+        let mine: Vec<u64> = text.lines().filter_map(|l| l.parse().ok()).collect();
+        wakes += mine.len();
         // Each receiver's first tenth is warm-up.
         lat.extend(mine.iter().skip(mine.len() / 10));
     }
     lat.sort_unstable();
     if lat.is_empty() {
-        println!("floor p50_us=0 p99_us=0 n=0");
+        println!("floor p50_us=0 p99_us=0 n=0 cpu_per_wake_us=0");
         return;
     }
     let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
-    println!("floor p50_us={:.1} p99_us={:.1} n={}", q(0.5), q(0.99), lat.len());
+    println!(
+        "floor p50_us={:.1} p99_us={:.1} n={} cpu_per_wake_us={:.1}",
+        q(0.5),
+        q(0.99),
+        lat.len(),
+        cpu as f64 / 1000.0 / wakes.max(1) as f64
+    );
 }

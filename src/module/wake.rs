@@ -25,7 +25,7 @@ use super::event::Event;
 use super::hop::{self, Hop};
 use super::one_thread::OneThread;
 use super::process_state::this_process;
-use super::time::mono_us_now;
+use super::time::thread_cpu_us;
 use super::zone::Zone;
 use super::{extension, pid, sema, wake_fd};
 use crate::shm::lifecycle::READERS_PER_RECORD;
@@ -49,21 +49,21 @@ struct Wake {
     /// A post woke this worker's own poller: its first handler is being
     /// timed (wake_after_own, on_read).
     after_own: Cell<Option<OwnRun>>,
-    /// How long this worker's own first handler ran last time it was timed.
+    /// The CPU time this worker's own first handler took last time it was timed.
     own_handler_us: Cell<u64>,
 }
 
 /// The own poller's run after a post that woke it.
 #[derive(Clone, Copy)]
 struct OwnRun {
-    /// When its first ring read came (0: not yet).
+    /// This thread's CPU time at its first ring read (0: not yet).
     first_read_us: u64,
     /// Whether the other workers' wake-ups wait for its first handler.
     held: bool,
 }
 
-/// The longest own handler the other workers' wake-ups wait for: after a
-/// longer one they go out at once (the woken workers may then take this
+/// The most CPU time an own handler may take for the other workers'
+/// wake-ups to wait for it: after a longer one they go out at once (the woken workers may then take this
 /// worker's core, which costs it less than they would wait).
 const HOLD_MAX_US: u64 = 50;
 
@@ -289,8 +289,8 @@ pub fn wake_after_post(index: usize, zone: &Zone) {
 /// nothing. On 2 cores the woken workers would otherwise take the poster's
 /// core before its own handler; this way the own handler runs at once and
 /// the others wait for it alone, not for the rest of the iteration. After
-/// an own handler that ran longer than HOLD_MAX_US they are not held (the
-/// handler is still timed, so a faster one brings the hold back).
+/// an own handler that took more than HOLD_MAX_US of CPU time they are not
+/// held (the handler is still timed, so a faster one brings the hold back).
 pub fn wake_after_own(index: usize, zone: &Zone) {
     let w = wake_state();
     let first = !w.deferred.is_posted() && w.after_own.get().is_none();
@@ -311,7 +311,11 @@ pub fn wake_after_own(index: usize, zone: &Zone) {
 pub fn on_read() {
     let w = WAKE.get();
     let Some(run) = w.after_own.get() else { return };
-    let now = mono_us_now();
+    // CPU time, not the clock: the other workers, once woken, may take this
+    // worker's core in the middle of its handler, and that time must not
+    // count against the handler (it would then lose the hold, and be
+    // interrupted again).
+    let now = thread_cpu_us().max(1);
     if run.first_read_us == 0 {
         w.after_own.set(Some(OwnRun { first_read_us: now, ..run }));
         return;
@@ -323,7 +327,7 @@ pub fn on_read() {
     }
 }
 
-/// How long this worker's own first handler ran when last timed (status).
+/// The CPU time this worker's own first handler took when last timed (status).
 pub fn own_handler_us() -> u64 {
     WAKE.get().own_handler_us.get()
 }
