@@ -63,8 +63,9 @@ struct OwnRun {
 }
 
 /// The most CPU time an own handler may take for the other workers'
-/// wake-ups to wait for it: after a longer one they go out at once (the woken workers may then take this
-/// worker's core, which costs it less than they would wait).
+/// wake-ups to wait for it: after a longer one they go out at once (the
+/// woken workers may then take this worker's core, which costs it less
+/// than they would wait).
 const HOLD_MAX_US: u64 = 50;
 
 static WAKE: OneThread<Wake> = OneThread::new(Wake {

@@ -4,13 +4,14 @@
 //! them inherits the whole table: a worker watches its own slot's eventfd
 //! from its event loop, and a poster wakes another worker of its generation
 //! with one write() to that worker's slot. Cheaper than the datagram
-//! (wake.rs) for both sides, and the kernel does not take it as a sign
-//! that the poster is about to sleep: a unix socket's wake-up is a "sync"
-//! one, which places the woken worker on the poster's core while the other
-//! core may be idle (docs/event-ring.md). A reader of another generation (a
-//! reload in progress), a helper process, or a table that could not be
-//! made, is woken by datagram as before; so are the other parts (the
-//! PostgreSQL bridge's holder), whose wake-ups say for whom.
+//! (wake.rs) for both sides (docs/event-ring.md: about half the wake-up
+//! time, a third of the sender's cost), and not a "sync" wake-up, which a
+//! unix socket's is: the kernel takes that as a sign that the sender is
+//! about to sleep, and may put the woken worker on its core. A reader of
+//! another generation (a reload in progress), a helper process, or a table
+//! that could not be made, is woken by datagram as before; so are the
+//! other parts (the PostgreSQL bridge's holder), whose wake-ups say for
+//! whom.
 //!
 //! One table per generation: a respawned worker inherits its slot's
 //! eventfd with the rest (what its dead predecessor left unread is one
