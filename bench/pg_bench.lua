@@ -107,15 +107,27 @@ function _M.init_worker(role)
         end
         pg_query(sock, "LISTEN " .. BASE_CH)
         stats:incr("base_ready", 1, 0)
-        sock:settimeout(3600 * 1000)
+        -- Woken once a second with nothing read, to see whether the worker
+        -- is shutting down: a read that waited longer would hold it up.
+        sock:settimeout(1000)
         while not ngx.worker.exiting() do
-            local t, b = read_msg(sock)
-            if not t then break end
+            local head, err, partial = sock:receive(5)
+            if not head and err == "timeout" and partial == "" then
+                goto continue
+            end
+            if not head then break end
+            local t, b = head:sub(1, 1), ""
+            local len = get32(head, 2)
+            if len > 4 then
+                b = sock:receive(len - 4)
+                if not b then break end
+            end
             if t == "A" then
                 -- pid (4 bytes), channel\0, payload\0
                 local z = b:find("\0", 5, true)
                 record("base", b:sub(z + 1, -2))
             end
+            ::continue::
         end
         sock:close()
     end
