@@ -1163,11 +1163,7 @@ qr/\A\[notice\] \d+#\d+: \*?\d* ?\[lua\] events.lua:\d+: \w+\(\): workerbus: shm
             -- worker shuts down, as in a real reload
             wait(function() return ngx.worker.exiting() end, 10)
             local function new_idle()
-                local idle = 0
-                for _, w in ipairs(wb.status().zones[1].events.workers) do
-                    if w.generation == 2 and w.idle == true then idle = idle + 1 end
-                end
-                return idle == n
+                return require("wbtest").sleeping(2) == n
             end
             local delivered = 0
             for i = 1, 20 do

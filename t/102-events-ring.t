@@ -1057,13 +1057,7 @@ slow, after it: started after the own handler: 3
             local g = wb.generation()
             -- every poller of this generation asleep (the reload's and the
             -- respawn's own events are handled by then)
-            T.wait_for("4 sleeping pollers", function()
-                local k = 0
-                for _, w in ipairs(wb.status().zones[1].events.workers) do
-                    if w.generation == g and w.idle == true then k = k + 1 end
-                end
-                return k == 4
-            end)
+            T.wait_for("4 sleeping pollers", function() return T.sleeping(g) == 4 end)
             local st0 = wb.status()
             assert(require("resty.worker.events").post("efd", "e", ngx.var.arg_i))
             T.wait_for("every worker of this generation", function()
@@ -1086,13 +1080,7 @@ slow, after it: started after the own handler: 3
             local me = ngx.worker.pid()
             local get = require("wbtest").get
             local function idle(g, n)
-                return function()
-                    local k = 0
-                    for _, w in ipairs(wb.status().zones[1].events.workers) do
-                        if w.generation == g and w.idle == true then k = k + 1 end
-                    end
-                    return k == n
-                end
+                return function() return T.sleeping(g) == n end
             end
             T.wait_for("4 sleeping pollers", idle(1, 4))
             ngx.print(get("/post?i=1"))

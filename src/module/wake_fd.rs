@@ -49,12 +49,7 @@ const MAX_SLOTS: u32 = 256;
 pub fn begin_generation(cycle: *mut ngx_cycle_t, generation: u64, workers: u32) {
     let t = TABLE.get();
     let mut fds = t.fds.borrow_mut();
-    for fd in fds.drain(..) {
-        if fd >= 0 {
-            // SAFETY: the table's descriptors are this process's own.
-            unsafe { libc::close(fd) };
-        }
-    }
+    close_all(&mut fds);
     t.generation.set(0);
     if workers > MAX_SLOTS {
         // Every worker would hold them all: past this, datagrams.
@@ -72,15 +67,22 @@ pub fn begin_generation(cycle: *mut ngx_cycle_t, generation: u64, workers: u32) 
                 log,
                 "workerbus: wake-up eventfd: {err}; workers wake each other by datagram"
             );
-            for fd in fds.drain(..) {
-                // SAFETY: as above.
-                unsafe { libc::close(fd) };
-            }
+            close_all(&mut fds);
             return;
         }
         fds.push(fd);
     }
     t.generation.set(generation);
+}
+
+/// Closes the table's descriptors (this process's copies) and empties it.
+fn close_all(fds: &mut Vec<i32>) {
+    for fd in fds.drain(..) {
+        if fd >= 0 {
+            // SAFETY: the table's descriptors are this process's own.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 /// Worker start: watches this worker's own slot's eventfd (false: it has

@@ -63,6 +63,16 @@ function _M.logged(pat)
     return false
 end
 
+-- How many event pollers of the first zone sleep (their readers flagged
+-- idle), of generation `g` only when it is given.
+function _M.sleeping(g)
+    local k = 0
+    for _, w in ipairs(require("resty.workerbus").status().zones[1].events.workers) do
+        if w.idle == true and (g == nil or w.generation == g) then k = k + 1 end
+    end
+    return k
+end
+
 -- GET `path` from this nginx over a new connection (so that any worker may
 -- serve it); returns the response body.
 function _M.get(path)
