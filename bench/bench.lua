@@ -36,6 +36,13 @@ local function push_hops(premature, key, row)
 end
 local handled = 0
 local target = 0
+-- Where this worker's ping samples go: the poster's own apart. Set by the
+-- "poster" event at a scenario's start, never decided per ping: a branch
+-- that flips between the warm-up and the measure is a side exit of the
+-- poller's trace, and LuaJIT may fail to compile its side trace ("register
+-- coalescing too complex") and retry at each of the next ~245 pings, each
+-- attempt costing the worker tens of microseconds (docs/event-ring.md).
+local lat_key, hops_key = "lat", "hops"
 
 function _M.init_worker()
     events.register(function(data, event)
@@ -47,10 +54,8 @@ function _M.init_worker()
         elseif event == "ping" then
             local t = now_ns()
             local sent = type(data) == "table" and data.t or tonumber(data)
-            -- The poster's own handler apart: its own post reaching it.
-            local own = ngx.worker.pid() == dict:get("poster")
             if sent then
-                dict:rpush(own and "own" or "lat", t - sent)
+                dict:rpush(lat_key, t - sent)
             end
             if hop_row and hop_row(hops) == 7 then
                 -- Copied now, written out later: formatting the row here
@@ -58,8 +63,12 @@ function _M.init_worker()
                 -- hold of the other workers' wake-ups, src/module/wake.rs).
                 local row = {}
                 for i = 0, 6 do row[i + 1] = tonumber(hops[i]) end
-                ngx.timer.at(0, push_hops, own and "hops_own" or "hops", row)
+                ngx.timer.at(0, push_hops, hops_key, row)
             end
+        elseif event == "poster" then
+            local own = data == ngx.worker.pid()
+            lat_key, hops_key = own and "own" or "lat", own and "hops_own" or "hops"
+            dict:incr("poster_acks", 1, 0)
         elseif event == "reset" then
             handled, target = 0, data.n
             dict:set("handled:" .. ngx.worker.pid(), 0)
@@ -157,9 +166,19 @@ end
 
 local WARM = 30   -- pings before the measure, as the floor drops its first tenth
 
+-- Tells every worker that this one posts the next scenario's pings, and
+-- waits (at most 2 s) until all of them know.
+local function set_poster()
+    dict:set("poster_acks", 0)
+    events.post("bench", "poster", ngx.worker.pid())
+    local deadline = ngx.now() + 2
+    while (dict:get("poster_acks") or 0) < ngx.worker.count() and ngx.now() < deadline do
+        ngx.sleep(0.01)
+    end
+end
+
 local function reset()
     dict:delete("lat"); dict:delete("own"); dict:delete("hops"); dict:delete("hops_own")
-    dict:set("poster", ngx.worker.pid())
 end
 
 local function report()
@@ -181,7 +200,7 @@ end
 function _M.latency()
     local count = tonumber(ngx.var.arg_count) or 300
     local kind = ngx.var.arg_kind or "string"
-    dict:set("poster", -1)
+    set_poster()
     for _ = 1, WARM do
         ping(kind)
         ngx.sleep(gap())
@@ -210,7 +229,7 @@ function _M.latency_timer()
             ngx.timer.at(gap(), tick)
         end
     end
-    dict:set("poster", -1)
+    set_poster()
     ngx.timer.at(gap(), tick)
     while left > 0 do
         ngx.sleep(0.05)
