@@ -37,7 +37,7 @@ PACKAGES := nginx nginx-dev libnginx-mod-http-lua libnginx-mod-http-ndk \
 # server: deps stops and disables it again.
 TEST_PACKAGES := prometheus chromium
 
-.PHONY: all deps build build-test-hooks build-hop-trace install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync bench-memory bench-hops clean
+.PHONY: all deps build build-test-hooks build-hop-trace install run test test-core test-nginx test-other-nginx lint fuzz bench bench-pg bench-sync bench-memory bench-hops bench-instr clean
 .PHONY: deb
 
 all: build
@@ -227,6 +227,12 @@ bench-memory: build
 bench-hops: build-hop-trace
 	$(CARGO_ENV) cargo build --release --example wake_floor
 	bench/hops
+
+# Instructions per delivery, poster and woken worker, by callgrind: a count
+# that a loaded machine does not move (see bench/instructions).
+bench-instr: build
+	@command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null; }
+	bench/instructions
 
 clean:
 	rm -rf $(BUILD) target t/servroot*

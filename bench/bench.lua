@@ -170,6 +170,7 @@ local WARM = 30   -- pings before the measure, as the floor drops its first tent
 -- waits (at most 2 s) until all of them know.
 local function set_poster()
     dict:set("poster_acks", 0)
+    dict:set("poster", ngx.worker.pid())   -- for bench/instructions, read by no handler
     events.post("bench", "poster", ngx.worker.pid())
     local deadline = ngx.now() + 2
     while (dict:get("poster_acks") or 0) < ngx.worker.count() and ngx.now() < deadline do
