@@ -53,7 +53,7 @@ function _M.init_worker()
             end
         elseif event == "ping" then
             local t = now_ns()
-            local sent = type(data) == "table" and data.t or tonumber(data)
+            local sent = type(data) == "table" and data.s * 1e9 + data.ns or tonumber(data)
             if sent then
                 dict:rpush(lat_key, t - sent)
             end
@@ -139,12 +139,15 @@ local function gap()
     return 0.005 + math.random() * 0.010
 end
 
+-- A table's timestamp goes as seconds and nanoseconds: resty.worker.events
+-- sends tables as JSON, and cjson writes numbers with 14 significant
+-- digits, which would round a nanosecond timestamp to 100 us.
 local function ping(kind)
-    local t = now_ns()
     if kind == "table" then
-        events.post("bench", "ping", { t = t, name = "upstream-a" })
+        ffi.C.clock_gettime(CLOCK_REALTIME, ts)
+        events.post("bench", "ping", { s = tonumber(ts.tv_sec), ns = tonumber(ts.tv_nsec), name = "upstream-a" })
     else
-        events.post("bench", "ping", string.format("%-64.0f", t))
+        events.post("bench", "ping", string.format("%-64.0f", now_ns()))
     end
 end
 
