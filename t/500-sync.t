@@ -53,6 +53,16 @@ __DATA__
     }
 --- config
     location = /t {
+        # Not the synopsis: the worker that answers may start before the
+        # runner's first run is done (the original runs its callbacks later,
+        # in a light thread, and says "no data" until then): wait for it,
+        # with a deadline, as a client would retry.
+        access_by_lua_block {
+            local deadline = ngx.now() + 5
+            while not SYNCER:get_version("ex1") and ngx.now() < deadline do
+                ngx.sleep(0.01)
+            end
+        }
         content_by_lua_block {
             local sync = require "resty.sync"
 
@@ -94,7 +104,7 @@ __DATA__
     }
 --- request
 GET /t
---- timeout: 10
+--- timeout: 15
 --- response_body_like
 ^task ex1, data: data \d+ and version: version \d+
 after 5s, task ex1, data: data \d+ and version: version \d+
