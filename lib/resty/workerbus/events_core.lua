@@ -212,9 +212,7 @@ function _M.post(source, event, data, unique, api, max_data, bus)
     if not _M.attached() then
         return nil, "not configured"
     end
-    -- resty.worker.events' tables go as JSON, as in the original, unless
-    -- cjson would give them back unchanged (record.encode)
-    local d, dlen, kind = encode(data, api == FLAG_EVENTS, true)
+    local d, dlen, kind = encode(data, api == FLAG_EVENTS)
     if not dlen then
         return nil, kind
     end
