@@ -3,17 +3,29 @@
 # theirs. Each path runs 300 times in a loop with jit.v logging to a file
 # (traces flushed first, so everything is recorded anew under the log);
 # the log must show a trace started by the loop or inside the path's files,
-# and no aborted trace ("TRACE ---") and no "NYI" in those files. Two abort
-# reasons are LuaJIT choosing where a trace starts, not code it cannot
-# compile, and are allowed: "inner loop in root trace" and "leaving loop in
+# and no aborted trace ("TRACE ---") and no "NYI" in those files. Four abort
+# reasons are LuaJIT choosing how to trace, not code it cannot compile,
+# and are allowed: "inner loop in root trace" and "leaving loop in
 # root trace" (a function that got hot first meets a loop; the loop then
-# gets its own trace), and "loop unroll limit reached" (a side trace of the
-# dispatch loop meets that loop again and LuaJIT declines to unroll it). Nothing here depends on timing: the loops run
-# inside one request, and the log is read once logging is off.
+# gets its own trace), "loop unroll limit reached" (a side trace of the
+# dispatch loop meets that loop again and LuaJIT declines to unroll it),
+# and "persistent type instability" (a loop over a payload whose values
+# differ in type, string.buffer's check of a table: LuaJIT gives up one
+# loop trace for a side trace per type).
+# Every test runs at the info level, as nginx's users log, and the loops
+# carry no data that needs a C function to decode: a C function that
+# LuaJIT cannot compile (ngx.log for the debug line, cjson.decode) has the
+# traces around it stitched, and where the root trace starts varies from
+# run to run (LuaJIT's hot counters are shared by bytecode addresses), so
+# a chain of stitched traces sometimes ends in "NYI: return to lower
+# frame" (1 run in 70 to 150 with two busy loops beside it).
+# Nothing here depends on timing: the loops run inside one request,
+# and the log is read once logging is off.
 
 use Workerbus::TestCore 'no_plan';
 
 workers(1);
+log_level('info');
 no_long_string();
 
 our $Helpers = <<'_EOC_';
@@ -21,7 +33,8 @@ our $Helpers = <<'_EOC_';
         local J = {}
         local LOOP_ABORTS = { ["inner loop in root trace"] = true,
                               ["leaving loop in root trace"] = true,
-                              ["loop unroll limit reached"] = true }
+                              ["loop unroll limit reached"] = true,
+                              ["persistent type instability"] = true }
         local path
 
         -- Starts logging traces of whatever runs from now on.
@@ -72,13 +85,16 @@ our $Helpers = <<'_EOC_';
             end
         end
         -- After check: the traces of `files` stitched around a C function
-        -- (ngx.log is one: a debug line built per event cuts the loop's trace).
+        -- (ngx.log is one: a debug line built per event cuts the loop's
+        -- trace); jit.v names it "C:<address>". LuaJIT's own functions
+        -- that it does not compile (coroutine.running, once per poll) are
+        -- named, and not counted.
         function J.stitched(files)
             local f = assert(io.open(path))
             local n = 0
             for line in f:read("*a"):gmatch("[^\n]+") do
                 for _, file in ipairs(files) do
-                    if line:find(file, 1, true) and line:find("stitch", 1, true) then
+                    if line:find(file, 1, true) and line:find("stitch C:", 1, true) then
                         n = n + 1
                         ngx.log(ngx.ERR, "stitched: ", line)
                         break
@@ -166,8 +182,6 @@ GET /t
 trace recorded: true
 aborts and NYI in events_core.lua, sinks.lua, record.lua, handlers.lua, worker/events.lua: 0
 handled: 600
---- error_log
-worker-events: handling event; source=jit, event=e
 --- no_error_log
 [error]
 
@@ -292,5 +306,41 @@ GET /t
 trace recorded: true
 aborts and NYI in sync.lua, sync_value.lua, workerbus.lua: 0
 same table: 300
+--- no_error_log
+[error]
+
+
+
+=== TEST 6: resty.worker.events post of a table that cjson gives back unchanged: the check and string.buffer's encoding are compiled
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        assert(require("resty.worker.events").configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local record = require "resty.workerbus.record"
+            local J = package.loaded.J
+            J.start("post-table")
+            local ok = 0
+            for i = 1, 300 do
+                local data = { target = "10.0.0.1:8080", healthy = i % 2 == 0, n = i, tags = { "a", "b" } }
+                if ev.post("jit", "e", data) and record.json_exact(data) then
+                    ok = ok + 1
+                end
+            end
+            J.check { "worker/events.lua", "events_core.lua", "record.lua", "workerbus.lua" }
+            ngx.say("posted by string.buffer: ", ok)
+        }
+    }
+--- request
+GET /t
+--- response_body
+trace recorded: true
+aborts and NYI in worker/events.lua, events_core.lua, record.lua, workerbus.lua: 0
+posted by string.buffer: 300
 --- no_error_log
 [error]

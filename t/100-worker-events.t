@@ -1334,3 +1334,120 @@ poller killed by the test
 [alert]
 [crit]
 exited on signal
+
+
+
+=== TEST 33: a table reaches the handlers exactly as a cjson round trip gives it back, whether it travels as JSON or (when cjson would give it back unchanged) by string.buffer
+--- main_config
+    workerbus_zone ev 4m;
+--- http_config
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        local seen = {}
+        package.loaded.t_seen = seen
+        ev.register(function(data, event)
+            seen[tonumber(event)] = data
+        end, "t")
+        assert(ev.configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local cjson = require "cjson.safe"
+            local record = require "resty.workerbus.record"
+            -- a canonical form that tells key types and every bit of a number apart
+            local function canon(v)
+                local t = type(v)
+                if t == "number" then return string.format("n%.17g", v) end
+                if t ~= "table" then return t:sub(1, 1) .. tostring(v) end
+                local parts = {}
+                for k, x in pairs(v) do parts[#parts + 1] = canon(k) .. "=" .. canon(x) end
+                table.sort(parts)
+                return "{" .. table.concat(parts, ",") .. "}"
+            end
+            local deep = { "bottom" }
+            for _ = 1, 9 do deep = { deep } end
+            local values = {
+                -- cjson gives these back unchanged
+                { name = "upstream-a", port = 8080, healthy = true, weight = 0 },
+                { 1, 2, { 3, { 4 } } }, {}, { k = {} }, { n = 99999999999999, m = -99999999999999 },
+                { ["1"] = "a string key", s = "with\0nul and \"quotes\" / \\ \226\130\172", bad = "\255\254 not UTF-8" },
+                42, true,
+                -- cjson changes these: a mixed table's integer keys become
+                -- strings, a sparse array gets nulls, numbers keep 14 digits
+                { 1, x = 2 }, { [1] = "a", [3] = "c" }, { f = 0.1 + 0.2 }, { big = 123456789012345678 },
+                { n = 100000000000000 }, { z = -0.0 }, { [1.5] = true }, { n = cjson.null },
+                setmetatable({ k = 1 }, {}), deep, 1.5, { a = { ok = true, b = { 1, 0.5 } } },
+            }
+            for i = 1, #values do
+                assert(ev.post("t", tostring(i), values[i]))
+            end
+            assert(ev.poll() == "done")
+            local seen = package.loaded.t_seen
+            for i = 1, #values do
+                local want = cjson.decode(cjson.encode(values[i]))
+                ngx.say(i, " ", record.json_exact(values[i]) and "exact" or "json", " ",
+                        canon(seen[i]) == canon(want) and "same" or ("DIFFERENT: " .. canon(seen[i]) .. " vs " .. canon(want)))
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+1 exact same
+2 exact same
+3 exact same
+4 exact same
+5 exact same
+6 exact same
+7 exact same
+8 exact same
+9 json same
+10 json same
+11 json same
+12 json same
+13 json same
+14 json same
+15 json same
+16 json same
+17 json same
+18 json same
+19 json same
+20 json same
+--- no_error_log
+[error]
+
+
+
+=== TEST 34: at the debug level every worker logs each event it hands to its handlers, with source, event and the poster's pid
+--- main_config
+    workerbus_zone ev 1m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function() ngx.shared.got:incr("n", 1, 0) end, "dbg")
+        assert(ev.configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            assert(ev.post("dbg", "e", "x"))
+            ngx.update_time()
+            local deadline = ngx.now() + 10
+            while (ngx.shared.got:get("n") or 0) < 4 and ngx.now() < deadline do
+                ngx.sleep(0.01)
+                ngx.update_time()
+            end
+            ngx.say("handled: ", ngx.shared.got:get("n"), ", poster ", ngx.worker.pid())
+        }
+    }
+--- request
+GET /t
+--- response_body_like
+^handled: 4, poster \d+$
+--- grep_error_log eval: qr/worker-events: handling event; source=dbg, event=e, pid=\d+/
+--- grep_error_log_out eval
+qr/\A(?:worker-events: handling event; source=dbg, event=e, pid=\d+\n){4}\z/

@@ -209,6 +209,17 @@ $ng = Workerbus::Nginx->start(
             local ok, err = require("resty.workerbus").tail { payload = true }
             if not ok then ngx.say(err) end
         } }
+        location = /post-tables { content_by_lua_block {
+            local core = require "resty.workerbus.events_core"
+            local record = require "resty.workerbus.record"
+            assert(core.attach())
+            -- cjson gives this one back unchanged: it travels by string.buffer
+            assert(core.post("raw", "exact", { name = "a", port = 8080, up = true, tags = { "x", "y" } }, nil, 0))
+            -- this one it changes (its integer key becomes "1"): JSON
+            assert(core.post("raw", "mixed", { 1, x = 2 }, nil, 0))
+            assert(core.post("raw", "events", { name = "a" }, nil, record.FLAG_EVENTS))
+            ngx.say("posted")
+        } }
         location = /post-raw { content_by_lua_block {
             local core = require "resty.workerbus.events_core"   -- no poller is started
             assert(core.attach())
@@ -231,6 +242,16 @@ ok(Workerbus::Nginx::wait_for(10, sub { $ng->status->{zones}[0]{events}{workers}
 read_until($late, sub { 0 }, 0.3);   # anything more that would arrive
 is_deeply([map { decode_json($_->{data})->{payload} } @{ frames($late) }], [qw(after1 after2 after3)],
           "the client sees only the events posted after it connected");
+
+# Tables: resty.worker.events' payloads show as the JSON text the original
+# would have sent, whichever way they travelled; resty.events' in base64.
+$ng->get("/post-tables");
+read_until($late, sub { @{ frames($late) } >= 6 }, 20);
+my @tf = map { decode_json($_->{data}) } @{ frames($late) }[3 .. 5];
+is_deeply(decode_json($tf[0]{payload}), { name => "a", port => 8080, up => JSON::PP::true, tags => ["x", "y"] },
+          "a table cjson gives back unchanged: its JSON text");
+is_deeply(decode_json($tf[1]{payload}), { 1 => 1, x => 2 }, "a table cjson changes: the JSON sent");
+ok(exists $tf[2]{payload_base64} && !exists $tf[2]{payload}, "a resty.events table: base64 of its string.buffer bytes");
 
 # A graceful stop (QUIT) ends the stream with an "end" event, without waiting
 # for the keep-alive period (15 s) to pass.

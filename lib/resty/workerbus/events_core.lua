@@ -212,7 +212,9 @@ function _M.post(source, event, data, unique, api, max_data, bus)
     if not _M.attached() then
         return nil, "not configured"
     end
-    local d, dlen, kind = encode(data, api == FLAG_EVENTS)
+    -- resty.worker.events' tables go as JSON, as in the original, unless
+    -- cjson would give them back unchanged (record.encode)
+    local d, dlen, kind = encode(data, api == FLAG_EVENTS, true)
     if not dlen then
         return nil, kind
     end

@@ -32,6 +32,9 @@ local lshift = bit.lshift
 local type = type
 local pcall = pcall
 local tostring = tostring
+local pairs = pairs
+local getmetatable = getmetatable
+local floor = math.floor
 local cjson_encode = cjson.encode
 local cjson_decode = cjson.decode
 local ev_claim = C.workerbus_ev_claim
@@ -121,17 +124,73 @@ function _M.worker_id(flags)
     return w > 0 and w - 1 or nil
 end
 
+-- Whether a cjson round trip gives v back as it is, so that string.buffer
+-- may carry it instead: booleans, strings, integers below 1e14 (cjson
+-- writes 14 significant digits) and tables without a metatable that are
+-- either all string keys or an array 1..n of such values, at most
+-- EXACT_DEPTH deep. Anything else (floats, nulls, mixed or sparse tables,
+-- whose integer keys or holes cjson changes) answers false.
+local EXACT_DEPTH = 8
+
+local function number_exact(v)
+    return v == floor(v) and v < 1e14 and v > -1e14 and (v ~= 0 or 1 / v > 0)
+end
+
+-- The walk calls itself for nested tables only: a flat table's values are
+-- judged in the loop, so the usual payload traces as one loop.
+local function table_exact(v, depth)
+    if depth >= EXACT_DEPTH or getmetatable(v) ~= nil then
+        return false
+    end
+    local n, max, strings = 0, 0, nil
+    for k, x in pairs(v) do
+        local kt = type(k)
+        if kt == "string" then
+            if strings == false then return false end
+            strings = true
+        elseif kt == "number" and strings ~= true and k >= 1 and k == floor(k) then
+            strings = false
+            if k > max then max = k end
+        else
+            return false
+        end
+        local xt = type(x)
+        if xt == "number" then
+            if not number_exact(x) then return false end
+        elseif xt == "table" then
+            if not table_exact(x, depth + 1) then return false end
+        elseif xt ~= "string" and xt ~= "boolean" then
+            return false
+        end
+        n = n + 1
+    end
+    return strings ~= false or max == n
+end
+
+local function json_exact(v)
+    local t = type(v)
+    if t == "table" then
+        return table_exact(v, 0)
+    elseif t == "number" then
+        return number_exact(v)
+    end
+    return t == "string" or t == "boolean"
+end
+_M.json_exact = json_exact
+
 -- Encodes data for a record: value (string or pointer), length, kind; on
 -- failure nil, nil, err. Tables go through string.buffer when `use_sbuf`
--- (and this LuaJIT has it), else cjson.
-function _M.encode(data, use_sbuf)
+-- (and this LuaJIT has it), else cjson; with `sbuf_if_exact`, through
+-- string.buffer too when cjson would give them back unchanged (json_exact):
+-- the same value reaches the handler, at a fraction of cjson's cost.
+function _M.encode(data, use_sbuf, sbuf_if_exact)
     local t = type(data)
     if t == "string" then
         return data, #data, KIND_RAW
     elseif t == "nil" then
         return nil, 0, KIND_NIL
     end
-    if use_sbuf and sbuf_enc then
+    if sbuf_enc and (use_sbuf or sbuf_if_exact and json_exact(data)) then
         sbuf_enc:reset()
         local ok, err = pcall(sbuf_enc.encode, sbuf_enc, data)
         if not ok then

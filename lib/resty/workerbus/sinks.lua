@@ -16,6 +16,7 @@ local log = ngx.log
 local ERR = ngx.ERR
 local rec = wb.record          -- the scratch set's record
 local rec_kind = record.kind
+local rec_api = record.api
 
 local _M = {
     ntaps = 0,
@@ -94,8 +95,9 @@ function _M.add_private_source(source, fn)
 end
 
 -- A tap: tap.record(seq, pid, source, event, unique_len, data_len, data_ptr,
--- data_kind) for every ring record this worker reads (data_ptr is valid
--- during the call only), tap.lagged(n) when the ring lapped this worker.
+-- data_kind, api) for every ring record this worker reads (data_ptr is
+-- valid during the call only; api: 0 resty.worker.events, FLAG_EVENTS
+-- resty.events), tap.lagged(n) when the ring lapped this worker.
 function _M.add_tap(tap)
     local n = _M.ntaps + 1
     taps[n] = tap
@@ -120,10 +122,10 @@ function _M.tap_record(p)
     local slen, elen, ulen = rec.source_len, rec.event_len, rec.unique_len
     local seq, pid, source = tonumber(rec.seq), rec.pid, ffi_string(p, slen)
     local event = ffi_string(p + slen, elen)
-    local kind = rec_kind(rec.flags)
+    local kind, api = rec_kind(rec.flags), rec_api(rec.flags)
     for i = _M.ntaps, 1, -1 do  -- backwards: a tap may remove itself
         local ok, err = pcall(taps[i].record, seq, pid, source, event, ulen, rec.data_len,
-                              p + slen + elen + ulen, kind)
+                              p + slen + elen + ulen, kind, api)
         if not ok then
             log(ERR, "worker-events: event tap failed: ", err)
         end

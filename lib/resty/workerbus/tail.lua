@@ -84,10 +84,17 @@ local function name_json(s)
 end
 
 -- One SSE frame for a record; its JSON fields in a fixed order, for people.
-local function frame(seq, pid, source, event, ulen, dlen, p, kind, with_payload)
+local function frame(seq, pid, source, event, ulen, dlen, p, kind, api, with_payload)
     local payload = ""
     if with_payload then
-        if kind == record.KIND_SBUF then   -- LuaJIT string.buffer serialization: binary
+        if kind == record.KIND_SBUF and api == 0 then
+            -- a resty.worker.events table that cjson gives back unchanged
+            -- (record.encode): shown as the JSON text it would have been
+            local ok, data = record.decode(kind, p, dlen)
+            local json = ok and encode(data)
+            payload = json and ',"payload":' .. encode(json)
+                      or ',"payload_base64":"' .. ngx.encode_base64(ffi_string(p, dlen)) .. '"'
+        elseif kind == record.KIND_SBUF then   -- LuaJIT string.buffer serialization: binary
             payload = ',"payload_base64":"' .. ngx.encode_base64(ffi_string(p, dlen)) .. '"'
         elseif kind == record.KIND_NIL then
             payload = ',"payload":null'
@@ -124,11 +131,11 @@ function _M.tail(opts)
     local q, qn, qbytes, qfirst = {}, 0, 0, nil
     local waiting, cut = false, nil
     local tap = {}
-    function tap.record(seq, pid, source, event, ulen, dlen, p, kind)
+    function tap.record(seq, pid, source, event, ulen, dlen, p, kind, api)
         if cut or seq < from_seq then
             return
         end
-        local f = frame(seq, pid, source, event, ulen, dlen, p, kind, o.payload)
+        local f = frame(seq, pid, source, event, ulen, dlen, p, kind, api, o.payload)
         if qn + 1 > o.max_pending or qbytes + #f > o.max_bytes then
             cut = { seq = qfirst or seq, pending = qn, bytes = qbytes }
             q, qn, qbytes, qfirst = {}, 0, 0, nil   -- let the memory go now
