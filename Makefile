@@ -203,7 +203,7 @@ test-other-nginx: deps $(OTHER_NGINX)
 	  prove -I t/lib t/008-no-lua.t t/400-pg-config.t
 
 bench: build
-	$(CARGO_ENV) cargo build --release --example wake_floor
+	$(CARGO_ENV) cargo build --release --example wake_floor --example idle_floor
 	bench/run
 	bench/scrape
 	bench/tail
