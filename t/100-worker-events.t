@@ -1198,6 +1198,10 @@ delivered to the new worker of this slot by wake-ups: 20 of 20
     init_worker_by_lua_block {
         local ev = require "resty.worker.events"
         ev.register(function() error("boom") end, "t")
+        -- Runs after the failing handler (handlers run in order), once its
+        -- error is in the log.
+        package.loaded.t30 = { done = false }
+        ev.register(function() package.loaded.t30.done = true end, "t")
         assert(ev.configure { shm = "ev", interval = 0.01 })
     }
 --- config
@@ -1206,7 +1210,11 @@ delivered to the new worker of this slot by wake-ups: 20 of 20
             local ev = require "resty.worker.events"
             assert(ev.post("t", "e", "x"))
             ngx.say(ev.post("t", "big", string.rep("x", 1024 * 1024)))
-            ngx.sleep(0.3)
+            local deadline = ngx.now() + 10
+            while not package.loaded.t30.done and ngx.now() < deadline do
+                ngx.sleep(0.01)
+                ngx.update_time()
+            end
         }
     }
 --- request
