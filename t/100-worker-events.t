@@ -1210,11 +1210,7 @@ delivered to the new worker of this slot by wake-ups: 20 of 20
             local ev = require "resty.worker.events"
             assert(ev.post("t", "e", "x"))
             ngx.say(ev.post("t", "big", string.rep("x", 1024 * 1024)))
-            local deadline = ngx.now() + 10
-            while not package.loaded.t30.done and ngx.now() < deadline do
-                ngx.sleep(0.01)
-                ngx.update_time()
-            end
+            require("wbtest").wait(function() return package.loaded.t30.done end)
         }
     }
 --- request
