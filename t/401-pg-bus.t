@@ -3,7 +3,7 @@
 # a real PostgreSQL: wait on A woken by post on B, 1,000 posts reaching every
 # worker of A in order, posts from SQL, hostile names and payloads, the
 # status section, UNLISTEN of unused channels, a wait getting only what was
-# posted after it began.
+# posted after it began, a notification's deliveries not held for the holder.
 use strict;
 use warnings;
 use FindBin;
@@ -17,7 +17,24 @@ my $url = "postgresql://$pg->{user}\@$pg->{host}:$pg->{port}/$pg->{db}?sslmode=d
 my $tag = "t401_$$";
 my $SUB = "${tag}_sub";
 
-my $http = bus_http($SUB);
+my $HOLD = "${tag}_hold";
+# Section 6: the holder's subscriber busies itself until another worker of
+# its node has the same notification (at most 3 s), then says which came first.
+my $http = bus_http($SUB, <<"EOF_LUA");
+    wb.subscribe("$HOLD", function(payload)
+        local me = ngx.worker.pid()
+        if me ~= wb.status().postgres.holder_pid then
+            got:set("hold_other:" .. payload, me)
+            return
+        end
+        ngx.update_time()
+        local deadline = ngx.now() + 3
+        while not got:get("hold_other:" .. payload) and ngx.now() < deadline do
+            ngx.update_time()
+        end
+        got:set("hold:" .. payload, got:get("hold_other:" .. payload) and "the other worker first" or "the holder first")
+    end)
+EOF_LUA
 my $server = bus_server();
 
 my $main = "workerbus_postgres \"$url\" backoff_min=50ms backoff_max=2s unlisten_after=2s;";
@@ -125,7 +142,15 @@ ok(wait_until(20, sub { !grep { $_->{name} eq $ch3 } @{ pgst($A)->{channels} } }
 ok(listening($A, $SUB), "a subscribed channel stays");
 ok(listening($A, "workerbus_events"), "the cluster events channel stays");
 
-# 6. A wait returns only what entered the node's event ring after it began
+# 6. A notification's other deliveries do not wait for the holder's own
+# subscriber (its wake-ups are not held as a worker's own post's are): the
+# holder's subscriber is still running when the other worker of A has it.
+ok(wait_until(15, sub { listening($A, $HOLD) }), "A listens to the hold channel");
+is(node_get($B, "/post?c=$HOLD&p=h1"), "true nil\n", "post on B to the hold channel");
+ok(wait_until(15, sub { node_get($A, "/flag?k=hold:h1") ne "nil\n" }), "the holder's subscriber ran");
+is(node_get($A, "/flag?k=hold:h1"), "the other worker first\n", "A's other worker had the notification while the holder's subscriber ran");
+
+# 7. A wait returns only what entered the node's event ring after it began
 # (issue 16): in a worker whose first wait starts its event poller late, and
 # in a worker that waited before. Node C (two workers, nothing subscribed:
 # no worker reads its ring before its first wait) takes A's port; its
@@ -216,7 +241,7 @@ for my $pid ($holderC, $otherC) {
     is($res->(), "new$pid|$nodeB|$pid\n", "worker $pid gets the post made after its wait began");
 }
 
-# 7. A post from a worker that does not hold the connection wakes the
+# 8. A post from a worker that does not hold the connection wakes the
 # holder for its flush only: the holder's event poller (running, asleep)
 # is not resumed by it. Node D: two workers, resty.worker.events configured
 # in each (so each has a poller asleep on its semaphore), nothing

@@ -134,12 +134,33 @@ fn hang_ms(zone: &Zone, conf: Option<&CoreConf>) -> u64 {
 /// Appends an event to zone `index` and wakes the workers whose pollers
 /// sleep (wake::wake_after_post, wake::wake_after_own).
 pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
-    post_with(index, zone, rec, conf::running())
+    post_as(index, zone, rec, conf::running(), Hold::ForOwnHandler)
+}
+
+/// `post` for a record that came from elsewhere (the PostgreSQL bridge's
+/// deliveries): the other workers' wake-ups go out at once, never held for
+/// this worker's own handler. The hold trades their latency for the
+/// poster's own, which only matters to a poster that reads its own events
+/// first; a notification is nobody's own post.
+pub fn post_relayed(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
+    post_as(index, zone, rec, conf::running(), Hold::Never)
+}
+
+/// Whether the other workers' wake-ups may wait for this worker's own
+/// handler when the post woke its own poller (src/module/wake.rs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    ForOwnHandler,
+    Never,
 }
 
 /// `post` under configuration `conf` (the master's init_module posts under
 /// the configuration it loads, not the running one it replaces).
 pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreConf>) -> Result<u64, String> {
+    post_as(index, zone, rec, conf, Hold::ForOwnHandler)
+}
+
+fn post_as(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreConf>, hold: Hold) -> Result<u64, String> {
     hop::stamp_for(Hop::Post, None);
     let r = ring(zone).ok_or("the zone has no event ring")?;
     let hang = hang_ms(zone, conf);
@@ -176,7 +197,11 @@ pub fn post_with(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreCo
             hop::stamp(Hop::Sema);
             wake::count_local();
             sema::post();
-            wake::wake_after_own(index, zone);
+            if hold == Hold::ForOwnHandler {
+                wake::wake_after_own(index, zone);
+            } else {
+                wake::wake_after_post(index, zone);
+            }
         } else {
             wake::wake_after_post(index, zone);
         }

@@ -56,7 +56,7 @@ impl Node for NginxNode<'_> {
         let res = match d {
             Delivery::Event { flags, source, event, data } => {
                 let rec = RecordIn { source, event, unique: b"", data, pid: 0, flags };
-                ring_glue::post(0, &self.0.zone, &rec)
+                ring_glue::post_relayed(0, &self.0.zone, &rec)
             }
             Delivery::Bus { channel, origin, payload } => {
                 let mut data = Vec::with_capacity(origin.len() + 1 + payload.len());
@@ -65,7 +65,7 @@ impl Node for NginxNode<'_> {
                 data.extend_from_slice(payload);
                 let rec =
                     RecordIn { source: wire::RING_SOURCE, event: channel, unique: b"", data: &data, pid: 0, flags: 0 };
-                ring_glue::post(0, &self.0.zone, &rec)
+                ring_glue::post_relayed(0, &self.0.zone, &rec)
             }
         };
         res.map(|_| ())

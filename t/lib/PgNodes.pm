@@ -268,9 +268,11 @@ sub node_log {
 
 
 # init_worker code: every worker subscribes to $sub and keeps what it gets
-# in the "got" shared dict (list "sub:<pid>", last origin "origin:<pid>").
+# in the "got" shared dict (list "sub:<pid>", last origin "origin:<pid>"),
+# then runs the Lua in $more (optional).
 sub bus_http {
-    my ($sub) = @_;
+    my ($sub, $more) = @_;
+    $more //= "";
     return <<"EOF_HTTP";
 init_worker_by_lua_block {
     local wb = require "resty.workerbus"
@@ -281,6 +283,7 @@ init_worker_by_lua_block {
         got:set("channel", channel)
     end)
     if not id then ngx.log(ngx.ERR, "subscribe failed: ", err) end
+    $more
 }
 EOF_HTTP
 }
