@@ -44,23 +44,30 @@ function _M.running()
     return r
 end
 
+-- How many lines of the error log match the Lua pattern `pat`. The runner
+-- appends every block of a file to one error.log: a pattern for this
+-- block's lines names something of this nginx (its master's pid, say).
+function _M.count_logged(pat)
+    local f = io.open(ngx.config.prefix() .. "logs/error.log")
+    if not f then
+        return 0
+    end
+    local n = 0
+    for line in f:lines() do
+        if line:find(pat) then
+            n = n + 1
+        end
+    end
+    f:close()
+    return n
+end
+
 -- Whether a line of this nginx's error log matches the Lua pattern `pat`.
 -- For a multi-request block whose later request expects a line: the real
 -- Test::Nginx checks `--- error_log` after every request of the block, so
 -- such a line is asserted in the last response instead.
 function _M.logged(pat)
-    local f = io.open(ngx.config.prefix() .. "logs/error.log")
-    if not f then
-        return false
-    end
-    for line in f:lines() do
-        if line:find(pat) then
-            f:close()
-            return true
-        end
-    end
-    f:close()
-    return false
+    return _M.count_logged(pat) > 0
 end
 
 -- How many event pollers of the first zone sleep (their readers flagged
@@ -71,6 +78,23 @@ function _M.sleeping(g)
         if w.idle == true and (g == nil or w.generation == g) then k = k + 1 end
     end
     return k
+end
+
+-- Whether the first zone's event ring has `n` readers and each has read
+-- every event posted so far (lag 0). A worker's poller runs an event's
+-- handlers (and its unique claim) right after reading it, in the same turn:
+-- for handlers that do not yield, every worker has handled all of it.
+function _M.caught_up(n)
+    local readers = require("resty.workerbus").status().zones[1].events.workers
+    if #readers ~= n then
+        return false
+    end
+    for _, r in ipairs(readers) do
+        if r.lag ~= 0 then
+            return false
+        end
+    end
+    return true
 end
 
 -- GET `path` from this nginx over a new connection (so that any worker may
