@@ -334,7 +334,11 @@ signal 3 (SIGQUIT) received
     }
     location = /after {
         content_by_lua_block {
-            ngx.sleep(1)  -- the master reloads meanwhile
+            -- until this master has started the reload's 2 workers (after
+            -- the 2 it started first)
+            local pat = " " .. require("ngx.process").get_master_pid() .. "#%d+: start worker process %d+"
+            local T = require "wbtest"
+            T.wait(function() return T.count_logged(pat) >= 4 end, 2)
             ngx.say("after")
         }
     }
@@ -363,11 +367,12 @@ qr/\A(?:start worker process \d+\n){4}\z/
 --- config
     location = /kill {
         content_by_lua_block {
-            ngx.sleep(0.2)  -- both workers have run init_worker by now
             local ffi = require "ffi"
             pcall(ffi.cdef, "int kill(int pid, int sig);")
             local pids = ngx.shared.pids
             local id = 1 - ngx.worker.id()
+            -- until the other worker has run init_worker
+            require("wbtest").wait(function() return pids:get(id) end, 2)
             local other = pids:get(id)
             pids:set("victim", id .. " " .. other)
             ngx.say("killed the other worker: ", ffi.C.kill(other, 9) == 0)  -- SIGKILL
@@ -375,9 +380,10 @@ qr/\A(?:start worker process \d+\n){4}\z/
     }
     location = /after {
         content_by_lua_block {
-            ngx.sleep(0.5)  -- the master has respawned it meanwhile
             local pids = ngx.shared.pids
             local id, old = pids:get("victim"):match("(%d) (%d+)")
+            -- until the master's respawn has run init_worker
+            require("wbtest").wait(function() return pids:get(tonumber(id)) ~= tonumber(old) end, 2)
             local new = pids:get(tonumber(id))
             ngx.say("slot ", id, " has a new pid: ", new ~= tonumber(old))
         }
