@@ -32,7 +32,14 @@ __DATA__
         content_by_lua_block {
             local ev = require "resty.worker.events"
             ngx.say("post: ", ev.post("t", "hello", { a = 1, list = { "x", "y" } }))
-            ngx.sleep(0.3)
+            local T = require "wbtest"
+            -- until every worker's handler has run, and every worker has read all
+            T.wait(function()
+                for w = 0, 3 do
+                    if not ngx.shared.got:get("args" .. w) then return false end
+                end
+                return T.caught_up(4)
+            end, 2)
             local cjson = require "cjson"
             for w = 0, 3 do
                 local a = cjson.decode(ngx.shared.got:get("args" .. w))
@@ -201,7 +208,12 @@ the posters' events are interleaved: true
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.5)
+            local T = require "wbtest"
+            -- until both keys are handled, and every worker has read every
+            -- copy (so that a second handling would show)
+            T.wait(function()
+                return ngx.shared.got:get("key-a") and ngx.shared.got:get("key-b") and T.caught_up(4)
+            end, 2)
             for _, k in ipairs { "key-a", "key-b" } do
                 ngx.say(k, " handled ", ngx.shared.got:get(k), " time(s)")
             end
@@ -345,8 +357,12 @@ $::HelloFromEveryWorkerBody
                 ngx.say(s.event, ": pid ", s.pid == ngx.worker.pid() and "of the poster" or tostring(s.pid),
                         ", same table: ", s.data == payload)
             end
-            ngx.sleep(0.3)
             local d = ngx.shared.got
+            local T = require "wbtest"
+            -- until a and c reached every worker, and every worker has read all
+            T.wait(function()
+                return (d:get("saw_a") or 0) >= 4 and (d:get("saw_c") or 0) >= 4 and T.caught_up(4)
+            end, 2)
             ngx.say("workers that saw a, b, c: ", d:get("saw_a"), " ", d:get("saw_b"), " ", d:get("saw_c"))
         }
     }
@@ -487,7 +503,14 @@ handled after poll: 1
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.3)
+            -- until every worker's handler has counted 4 "started" events
+            require("wbtest").wait(function()
+                for w = 0, 3 do
+                    local n = (ngx.shared.got:get("started" .. w) or ""):match("^%d+")
+                    if not n or tonumber(n) < 4 then return false end
+                end
+                return true
+            end, 2)
             for w = 0, 3 do
                 ngx.say("worker ", w, ": ", ngx.shared.got:get("started" .. w))
             end
@@ -529,13 +552,17 @@ worker 3: 4 from 4 pids, data nil
     }
     location = /after {
         content_by_lua_block {
-            ngx.sleep(1.5)
+            -- until the four old workers have handled their own "stopping"
+            require("wbtest").wait(function()
+                return (ngx.shared.got:get("own_stopping") or 0) >= 4
+            end, 10)
             ngx.say("old workers that handled their own stopping event: ",
                     ngx.shared.got:get("own_stopping"))
         }
     }
 --- request eval
 ["GET /hup", "GET /after"]
+--- timeout: 15
 --- response_body eval
 ["HUP sent: true\n", "old workers that handled their own stopping event: 4\n"]
 --- no_error_log
@@ -578,7 +605,10 @@ post unique: nilnot configured
         content_by_lua_block {
             local ev = require "resty.worker.events"
             local core = require "resty.workerbus.events_core"
-            ngx.sleep(0.2)  -- every worker has posted its "started" event
+            -- until every worker has posted its "started" event
+            require("wbtest").wait(function()
+                return require("resty.workerbus").status().zones[1].events.posted >= 4
+            end, 2)
             local _, head = core.position()
             local cases = {
                 { "post", nil, "e" }, { "post", "", "e" }, { "post", 1, "e" },
@@ -944,7 +974,9 @@ again, no shm: true
         content_by_lua_block {
             local ev = require "resty.worker.events"
             assert(ev.post("t", "x"))
-            ngx.sleep(0.3)
+            local T = require "wbtest"
+            -- until every worker's handler has run, and every worker has read all
+            T.wait(function() return (ngx.shared.got:get("n") or 0) >= 4 and T.caught_up(4) end, 2)
             ngx.say("handled by ", ngx.shared.got:get("n"), " workers")
             ngx.say("zone: ", require("resty.workerbus.events_core").zone_name())
             ngx.say("keys in the dict: ", #ngx.shared.process_events:get_keys(0))
@@ -981,7 +1013,8 @@ workerbus: shm "process_events" is a lua_shared_dict, not a workerbus zone; even
     location = /t {
         content_by_lua_block {
             local ev = require "resty.worker.events"
-            ngx.sleep(0.5)   -- every poller is asleep by now
+            local T = require "wbtest"
+            T.wait_for("every poller asleep", function() return T.sleeping() == 4 end, 4)
             assert(ev.post("lat", "ping"))
             local me, n = ngx.worker.id(), 0
             ngx.update_time()
@@ -1066,12 +1099,13 @@ respawned saw its own started: true, its own hello: true
     location = /t {
         content_by_lua_block {
             local core = require "resty.workerbus.events_core"
-            ngx.sleep(0.5)
+            local T = require "wbtest"
+            T.wait_for("every poller asleep", function() return T.sleeping() == 4 end, 2)
             local w0 = core.poller_wakes()
             ngx.sleep(3.5)
             ngx.say("idle wake-ups in 3.5 s: ", core.poller_wakes() - w0)
             require("resty.worker.events").post("x", "y", "z")
-            ngx.sleep(0.2)
+            T.wait(function() return core.poller_wakes() - w0 >= 1 end, 1)
             ngx.say("after one event: ", core.poller_wakes() - w0 >= 1)
         }
     }
@@ -1095,7 +1129,10 @@ after one event: true
 --- config
     location = /t {
         content_by_lua_block {
-            ngx.sleep(0.3)
+            -- until every worker has configured (and read the others'
+            -- "started" events): a second notice would be logged by then
+            local T = require "wbtest"
+            T.wait(function() return T.caught_up(4) end, 2)
             ngx.say(require("resty.worker.events").configured())
         }
     }
@@ -1146,7 +1183,7 @@ qr/\A\[notice\] \d+#\d+: \*?\d* ?\[lua\] events.lua:\d+: \w+\(\): workerbus: shm
             local me = ngx.worker.id()
             local get = require("wbtest").get
             local wait = require("wbtest").wait
-            ngx.sleep(0.2)
+            wait(function() return #require("wbtest").running() == 4 end, 10)
             local n = #wb.status().workers
             ffi.C.kill(require("ngx.process").get_master_pid(), 1)   -- HUP
             -- this worker (generation 1) keeps serving us; wait for the new ones
