@@ -121,7 +121,8 @@ lost: 0
             local ev = require "resty.worker.events"
             local wb = require "resty.workerbus"
             local d = ngx.shared.got
-            ngx.sleep(0.3)   -- every worker has read the "started" events
+            local T = require "wbtest"
+            T.wait_for('every worker to read the "started" events', function() return T.caught_up(4) end, 3)
 
             local victim = (ngx.worker.id() + 1) % 4
             local vpid = d:get("pid" .. victim)
@@ -137,7 +138,16 @@ lost: 0
                 end
             end
             ffi.C.kill(vpid, 18)   -- SIGCONT
-            ngx.sleep(1)
+            -- until every worker has accounted for every event, through both APIs
+            T.wait(function()
+                for w = 0, 3 do
+                    local lost = d:get("lost" .. w) or 0
+                    if (d:get("handled" .. w) or 0) + lost ~= n or (d:get("rlost" .. w) or 0) ~= lost then
+                        return false
+                    end
+                end
+                return true
+            end, 8)
 
             for w = 0, 3 do
                 local handled, lost = d:get("handled" .. w) or 0, d:get("lost" .. w) or 0
@@ -207,7 +217,24 @@ qr/workerbus: this worker was lapped by the event ring of workerbus zone "ev" an
             local ffi = require "ffi"
             pcall(ffi.cdef, "int kill(int pid, int sig);")
             ngx.say("HUP sent: ", ffi.C.kill(require("ngx.process").get_master_pid(), 1) == 0)
-            ngx.sleep(1.5)  -- this old worker keeps serving us while new ones start
+            -- this old worker keeps serving us while new ones start, until
+            -- none of its generation but it is left to take /after
+            local T = require "wbtest"
+            local me = ngx.worker.pid()
+            T.wait(function()
+                local new = 0
+                for _, w in ipairs(T.running()) do
+                    if w.generation == 2 then new = new + 1 end
+                end
+                return new == 4
+            end, 5)
+            T.wait(function() return ngx.worker.exiting() end, 2)
+            T.wait(function()
+                for _, w in ipairs(T.running()) do
+                    if w.generation == 1 and w.pid ~= me then return false end
+                end
+                return true
+            end, 5)
         }
     }
     location = /after {
@@ -224,6 +251,7 @@ qr/workerbus: this worker was lapped by the event ring of workerbus zone "ev" an
 ["GET /hup", "GET /after"]
 --- response_body eval
 ["HUP sent: true\n", "generation: 2\nhandled: true, twice: 0, out of order: 0, failed posts: 0\n"]
+--- timeout: 15
 --- no_error_log
 [error]
 [alert]
@@ -247,14 +275,25 @@ exited on signal
             local function events()
                 return cjson.decode(ngx.location.capture("/status").body).zones[1].events
             end
-            ngx.sleep(0.3)
+            local T = require "wbtest"
+            T.wait_for("every poller asleep", function() return T.sleeping() == 4 end, 4)
             local s0 = events()
             local before = {}
             for _, w in ipairs(s0.workers) do before[w.pid] = w.delivered end
             for i = 1, 10 do assert(ev.post("s", "e", i)) end
             assert(ev.post("s", "e", "once", "key-1"))
-            ngx.sleep(0.3)
-            local s = events()
+            -- until every worker has read the 11 (and claimed the unique
+            -- one or been refused), and every poller is asleep again
+            local s
+            T.wait(function()
+                s = events()
+                if #s.idle_slots ~= 4 then return false end
+                for _, w in ipairs(s.workers) do
+                    if w.delivered - before[w.pid] < 11 or w.lag ~= 0 then return false end
+                end
+                return s.unique_claims.won + s.unique_claims.refused
+                       - s0.unique_claims.won - s0.unique_claims.refused >= 4
+            end, 4)
             local all = true
             for _, w in ipairs(s.workers) do
                 all = all and w.delivered - before[w.pid] == 11 and w.lag == 0
@@ -269,6 +308,7 @@ exited on signal
     }
 --- request
 GET /t
+--- timeout: 10
 --- response_body
 posted 11, head moved 11, workers 4 each delivered 11 with no lag: true
 claims won 1, refused 3
@@ -364,7 +404,8 @@ lost: 0 0
         content_by_lua_block {
             local ev = require "resty.worker.events"
             local d = ngx.shared.got
-            ngx.sleep(0.2)
+            local T = require "wbtest"
+            T.wait_for("every worker reading", function() return T.caught_up(4) end, 5)
             local data = string.rep("x", 64)
             local accepted, first_err = 0, nil
             -- more than the ring holds, without yielding: this worker's own
@@ -449,8 +490,9 @@ refused counted: true, overflow: refuse
             local ev = require "resty.worker.events"
             local wb = require "resty.workerbus"
             local d = ngx.shared.got
-            local wait = require("wbtest").wait
-            ngx.sleep(0.3)
+            local T = require "wbtest"
+            local wait = T.wait
+            T.wait_for("every worker reading", function() return T.caught_up(4) end, 5)
             local victim = (ngx.worker.id() + 1) % 4
             local vpid = d:get("pid" .. victim)
             ffi.C.kill(vpid, 19)   -- SIGSTOP
@@ -535,7 +577,8 @@ the others lost: 0
             pcall(ffi.cdef, "int kill(int pid, int sig);")
             local ev = require "resty.worker.events"
             local d = ngx.shared.got
-            ngx.sleep(0.3)
+            local T = require "wbtest"
+            T.wait_for("every worker reading", function() return T.caught_up(4) end, 5)
             local victim = (ngx.worker.id() + 1) % 4
             local vpid = d:get("pid" .. victim)
             ffi.C.kill(vpid, 19)   -- SIGSTOP
@@ -713,7 +756,8 @@ victim was another worker: true
             pcall(ffi.cdef, "int kill(int pid, int sig);")
             local wb = require "resty.workerbus"
             local d = ngx.shared.got
-            ngx.sleep(0.2)
+            local T = require "wbtest"
+            T.wait_for("4 running workers", function() return #T.running() == 4 end, 5)
             local n = #wb.status().workers
             ffi.C.kill(require("ngx.process").get_master_pid(), 1)   -- HUP
             ngx.update_time()
@@ -768,7 +812,8 @@ refused_for_old=0
             pcall(ffi.cdef, "int kill(int pid, int sig);")
             local ev = require "resty.worker.events"
             local d = ngx.shared.got
-            ngx.sleep(0.3)
+            local T = require "wbtest"
+            T.wait_for("every worker reading", function() return T.caught_up(4) end, 5)
             local victim = d:get("pid" .. (ngx.worker.id() + 1) % 4)
             ffi.C.kill(victim, 19)   -- SIGSTOP: it stops reading, its heartbeat cannot tell (1h)
             local data = string.rep("x", 200)
