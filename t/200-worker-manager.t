@@ -359,6 +359,7 @@ resty.worker.manager: on_init_by_lua must be called first, in init_by_lua
                     ngx.sleep(0.05)
                 end
                 ngx.log(ngx.NOTICE, kind, " id=", id, " n_mine=", n_mine)
+                ngx.shared.inside:incr("done " .. kind, 1, 0)
                 ngx.shared.inside:incr("n", -1)
             end
         end
@@ -371,7 +372,13 @@ resty.worker.manager: on_init_by_lua must be called first, in init_by_lua
     }
 --- config
     location = /t {
-        content_by_lua_block { ngx.sleep(0.6) ngx.say("ok") }
+        content_by_lua_block {
+            -- until the four (serialized) worker starts are done
+            require("wbtest").wait(function()
+                return (ngx.shared.inside:get("done worker start") or 0) >= 4
+            end, 2)
+            ngx.say("ok")
+        }
     }
 --- request
 GET /t
