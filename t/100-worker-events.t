@@ -239,20 +239,24 @@ key-b handled 1 time(s)
         ev.register(function(data)
             ngx.shared.got:incr("handled", 1, 0)
         end, "cache")
-        assert(ev.configure { shm = "ev", timeout = 0.3 })
+        assert(ev.configure { shm = "ev", timeout = 1 })
     }
 --- config
     location = /t {
         content_by_lua_block {
+            local T = require "wbtest"
             local ev = require "resty.worker.events"
+            local got = ngx.shared.got
+            -- every worker has read both posts, well within the timeout
             assert(ev.post("cache", "refresh", nil, "k1"))
             assert(ev.post("cache", "refresh", nil, "k1"))
-            ngx.sleep(0.1)
-            ngx.say("within the timeout: ", ngx.shared.got:get("handled"))
-            ngx.sleep(0.5)
+            T.wait(function() return got:get("handled") and T.caught_up(4) end, 0.8)
+            ngx.say("within the timeout: ", got:get("handled"))
+            -- the claim, made before the wait ended, has expired
+            ngx.sleep(1.1)
             assert(ev.post("cache", "refresh", nil, "k1"))
-            ngx.sleep(0.1)
-            ngx.say("after the timeout: ", ngx.shared.got:get("handled"))
+            T.wait(function() return (got:get("handled") or 0) >= 2 and T.caught_up(4) end, 0.8)
+            ngx.say("after the timeout: ", got:get("handled"))
         }
     }
 --- request
