@@ -9,6 +9,11 @@ ffi.cdef [[
     int clock_gettime(int clk, wb_bench_timespec *ts);
 ]]
 
+-- bench/instructions runs callgrind with --zero-before=getpgrp and
+-- --dump-before=getsid: calling them is how a worker zeroes and dumps its
+-- own counts (nginx never calls either).
+pcall(ffi.cdef, "int getpgrp(void); int getsid(int pid);")
+
 local ts = ffi.new("wb_bench_timespec")
 local CLOCK_REALTIME = 0
 
@@ -69,6 +74,9 @@ function _M.init_worker()
             local own = data == ngx.worker.pid()
             lat_key, hops_key = own and "own" or "lat", own and "hops_own" or "hops"
             dict:incr("poster_acks", 1, 0)
+        elseif event == "instr" then
+            if data == "zero" then ffi.C.getpgrp() else ffi.C.getsid(0) end
+            dict:incr("instr_acks", 1, 0)
         elseif event == "reset" then
             handled, target = 0, data.n
             dict:set("handled:" .. ngx.worker.pid(), 0)
@@ -196,6 +204,18 @@ local function report()
             ngx.say(key, " ", row)
         end
     end
+end
+
+-- bench/instructions: every worker zeroes (?op=zero) or dumps (?op=dump)
+-- its callgrind counts; answers once all of them have.
+function _M.instr()
+    dict:set("instr_acks", 0)
+    events.post("bench", "instr", ngx.var.arg_op == "zero" and "zero" or "dump")
+    local deadline = ngx.now() + 30
+    while (dict:get("instr_acks") or 0) < ngx.worker.count() and ngx.now() < deadline do
+        ngx.sleep(0.01)
+    end
+    ngx.say(dict:get("instr_acks"))
 end
 
 -- (a) A poster in a content handler: `count` pings (after WARM unmeasured

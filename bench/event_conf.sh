@@ -28,6 +28,7 @@ http {
         location = /burst   { content_by_lua_block { require("bench").burst() } }
         location = /collect { content_by_lua_block { require("bench").collect() } }
         location = /poster  { content_by_lua_block { ngx.say(ngx.shared.bench_stats:get("poster")) } }
+        location = /instr   { content_by_lua_block { require("bench").instr() } }
         location = /latency { content_by_lua_block { require("bench").latency() } }
         location = /latency_timer { content_by_lua_block { require("bench").latency_timer() } }
     }
