@@ -134,7 +134,7 @@ fn hang_ms(zone: &Zone, conf: Option<&CoreConf>) -> u64 {
 /// Appends an event to zone `index` and wakes the workers whose pollers
 /// sleep (wake::wake_after_post, wake::wake_after_own).
 pub fn post(index: usize, zone: &Zone, rec: &RecordIn) -> Result<u64, String> {
-    post_as(index, zone, rec, conf::running(), Hold::ForOwnHandler)
+    post_with(index, zone, rec, conf::running())
 }
 
 /// `post` for a record that came from elsewhere (the PostgreSQL bridge's
