@@ -48,7 +48,7 @@ unsafe extern "C" fn beat(_ev: *mut ngx_event_t) {
         lc.check(now, hang_ms, pid_alive, |f| report(log, f, pid()));
     }
     for z in &l.zones() {
-        ring_glue::on_heartbeat(z, log);
+        ring_glue::on_heartbeat(z, log, now);
     }
     HEARTBEAT.get().add_timer(conf::heartbeat_ms());
 }

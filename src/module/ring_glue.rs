@@ -92,14 +92,19 @@ pub fn init_worker(respawned: bool) {
 
 /// VM `vm`'s Lua poller started (its semaphore is registered): that VM's
 /// readers are read from now on, so their unread records are guarded and
-/// posters wake them at this process's address.
+/// posters wake them at this process's address. A reader's beat is always
+/// a copy of this worker's lifecycle heartbeat (here, and in on_heartbeat),
+/// never fresher: a worker the lifecycle check reports hung is then one no
+/// post waits for, even if it stopped before its first heartbeat.
 pub fn attach_readers(vm: Vm) {
     let l = this_process();
     let me = pid();
     let nonce = wake::nonce().unwrap_or(0);
+    let beat =
+        l.primary().zip(l.record.get()).and_then(|(p, i)| p.header().lifecycle.heartbeat_of(i)).unwrap_or_else(mono_ms);
     for z in &l.zones() {
         if let Some(rd) = my_reader(z, vm) {
-            rd.attach(me, nonce, mono_ms_now());
+            rd.attach(me, nonce, beat);
         }
     }
 }
@@ -215,14 +220,18 @@ fn post_as(index: usize, zone: &Zone, rec: &RecordIn, conf: Option<&CoreConf>, h
 /// worker whose event loop stalls stops blocking posts after the hang
 /// timeout), and accounting for writers that died mid-post, each logged
 /// once by whichever worker sees it first. Wake-ups do not depend on it.
-pub fn on_heartbeat(zone: &Zone, log: *mut ngx_log_t) {
+/// `now_ms` is the stamp the heartbeat gave this worker's lifecycle record
+/// (see attach_readers: a fresher clock read here would keep a worker
+/// reported hung responsive to posters for as long as nginx's cached time
+/// lagged behind).
+pub fn on_heartbeat(zone: &Zone, log: *mut ngx_log_t, now_ms: u64) {
     let Some(r) = ring(zone) else { return };
     let me = pid();
     for vm in Vm::ALL {
         if let Some(rd) = my_reader(zone, vm)
             && rd.stats().owner == me
         {
-            rd.beat(mono_ms_now());
+            rd.beat(now_ms);
         }
     }
     r.repair(&zone.lock());

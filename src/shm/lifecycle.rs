@@ -448,6 +448,12 @@ impl Lifecycle {
             .is_ok()
     }
 
+    /// The heartbeat last stamped in record `index`.
+    pub fn heartbeat_of(&self, index: usize) -> Option<u64> {
+        // Relaxed: a single timestamp (see heartbeat).
+        self.records().get(index).map(|rec| rec.heartbeat_ms.load(Ordering::Relaxed))
+    }
+
     /// The worker leaves through exit_process.
     pub fn exit_worker(&self, index: usize, pid: i32, now_ms: u64) {
         let Some(rec) = self.records().get(index) else { return };
