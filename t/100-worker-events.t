@@ -1496,3 +1496,59 @@ GET /t
 --- grep_error_log eval: qr/worker-events: handling event; source=dbg, event=e, pid=\d+/
 --- grep_error_log_out eval
 qr/\A(?:worker-events: handling event; source=dbg, event=e, pid=\d+\n){4}\z/
+
+
+
+=== TEST 35: records read back to back keep their own source and event names: same lengths with other bytes, names that grow and shrink, and names too long to be kept for the next record
+--- main_config
+    workerbus_zone ev 1m;
+--- http_config
+    lua_shared_dict got 1m;
+    init_worker_by_lua_block {
+        local ev = require "resty.worker.events"
+        ev.register(function(data, event, source)
+            if ngx.worker.id() == 0 and source ~= "resty-worker-events" then
+                ngx.shared.got:rpush("seen", source .. " " .. event .. " " .. data)
+            end
+        end)
+        assert(ev.configure { shm = "ev" })
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local ev = require "resty.worker.events"
+            local long = string.rep("s", 200)
+            local longer = string.rep("e", 100)
+            local posts = {
+                { "s1", "e1" }, { "s2", "e1" }, { "s1", "e2" }, { "s2", "e2" }, { "s2", "e2" },
+                { "s1x", "e" }, { "s1", "xe" }, { long, longer }, { long, longer },
+                { long, "e" }, { "s", "e" }, { long .. "t", longer }, { "s", "e" },
+            }
+            for i, p in ipairs(posts) do
+                assert(ev.post(p[1], p[2], tostring(i)))
+            end
+            local T = require "wbtest"
+            T.wait(function() return ngx.shared.got:llen("seen") == #posts end, 5)
+            for i, p in ipairs(posts) do
+                local got = ngx.shared.got:lpop("seen")
+                local want = p[1] .. " " .. p[2] .. " " .. i
+                ngx.say(i, ": ", got == want and "ok" or ("got " .. tostring(got)))
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+1: ok
+2: ok
+3: ok
+4: ok
+5: ok
+6: ok
+7: ok
+8: ok
+9: ok
+10: ok
+11: ok
+12: ok
+13: ok
