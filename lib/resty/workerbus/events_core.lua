@@ -273,7 +273,7 @@ _M.add_tap, _M.remove_tap = sinks.add_tap, sinks.remove_tap
 -- The source and event names of the last record read, and their bytes: a
 -- run of records with the same names (a burst, a health checker's posts)
 -- takes the same strings instead of having LuaJIT hash and look up the
--- same bytes twice per record (about a tenth of what a burst event costs
+-- same bytes twice per record (about a sixth of what a burst event cost
 -- its reader: bench/instructions). Names longer than NAMES_ROOM in all are
 -- made each time.
 local NAMES_ROOM = 256
